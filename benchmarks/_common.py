@@ -1,0 +1,77 @@
+"""Shared pieces of the benchmarks: a hook-free llama.cpp context and a table printer."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import time
+
+import llama_cpp
+
+
+def machine_line() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}, {time.strftime('%Y-%m-%d')}"
+
+
+class BareContext:
+    """A llama.cpp context on the same model and settings as a SteeredModel, with no eval callback."""
+
+    def __init__(self, steered_model):
+        params = llama_cpp.llama_context_default_params()
+        src = steered_model.context_params
+        for name in ("n_ctx", "n_batch", "n_ubatch", "n_seq_max", "n_threads", "n_threads_batch", "kv_unified",
+                     "flash_attn_type", "type_k", "type_v"):
+            setattr(params, name, getattr(src, name))
+        self.ctx = llama_cpp.llama_init_from_model(steered_model._model.model, params)
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.n_batch = params.n_batch
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+
+    def decode_prompts(self, token_lists: list[list[int]], max_sequences: int) -> None:
+        """Every prompt in full, packed like ggsteer's unshared capture: <= max_sequences and n_batch tokens."""
+        i = 0
+        while i < len(token_lists):
+            n_tokens, seq = 0, 0
+            while i < len(token_lists) and seq < max_sequences and n_tokens + len(token_lists[i]) <= self.n_batch:
+                tokens = token_lists[i]
+                for pos, token in enumerate(tokens):
+                    self.batch.token[n_tokens] = token
+                    self.batch.pos[n_tokens] = pos
+                    self.batch.n_seq_id[n_tokens] = 1
+                    self.batch.seq_id[n_tokens][0] = seq
+                    self.batch.logits[n_tokens] = pos == len(tokens) - 1
+                    n_tokens += 1
+                seq += 1
+                i += 1
+            self.batch.n_tokens = n_tokens
+            if llama_cpp.llama_decode(self.ctx, self.batch) != 0:
+                raise RuntimeError("llama_decode failed")
+            llama_cpp.llama_memory_clear(self.memory, True)
+
+    def close(self) -> None:
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
+
+
+def best_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    print(f"\n{title}\n")
+    print(line(header))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print(line(row))
+    print()
+
+
+_ = ctypes  # keeps ctypes imported for users extending BareContext

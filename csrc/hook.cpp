@@ -1,0 +1,87 @@
+#include "hook.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#include "ggml.h"
+#include "ggml-backend.h"
+
+int32_t hook_layer_of(const ggml_tensor * t) {
+    static const char prefix[] = "l_out-";
+    if (std::strncmp(t->name, prefix, sizeof(prefix) - 1) != 0) {
+        return -1;
+    }
+    const char * digits = t->name + sizeof(prefix) - 1;
+    if (*digits < '0' || *digits > '9') {
+        return -1;
+    }
+    char * end = nullptr;
+    const long il = std::strtol(digits, &end, 10);
+    return *end == '\0' ? (int32_t) il : -1;
+}
+
+static bool capture_wants(const hook_state & state, int32_t il) {
+    return state.capturing && il >= 0 && il < state.n_layer && state.plan.slot_of_layer[il] >= 0;
+}
+
+static void capture_fail(hook_state & state, std::string message) {
+    if (state.error.empty()) {
+        state.error = std::move(message);
+    }
+}
+
+// Copies the planned rows of one l_out tensor into the caller's buffer.
+static void capture_copy_rows(hook_state & state, const ggml_tensor * t, int32_t il) {
+    const capture_plan & plan = state.plan;
+    if (t->type != GGML_TYPE_F32 || t->ne[0] != state.n_embd || t->nb[0] != sizeof(float)) {
+        capture_fail(state, std::string("unexpected layout of ") + t->name);
+        return;
+    }
+    // The last block keeps only the rows that produce outputs (llama.cpp drops the rest).
+    const bool all_rows = t->ne[1] == plan.n_tokens;
+    if (!all_rows && t->ne[1] != plan.n_outputs) {
+        capture_fail(state, std::string(t->name) + " has " + std::to_string(t->ne[1]) +
+                     " rows, expected the batch's " + std::to_string(plan.n_tokens) +
+                     " tokens or " + std::to_string(plan.n_outputs) + " outputs (was the batch split?)");
+        return;
+    }
+    const size_t row_bytes = state.n_embd * sizeof(float);
+    const int32_t slot = plan.slot_of_layer[il];
+    for (size_t k = 0; k < plan.rows.size(); ++k) {
+        const int32_t src_row = all_rows ? plan.rows[k] : plan.out_rows[k];
+        if (src_row < 0 || src_row >= t->ne[1]) {
+            capture_fail(state, std::string("row ") + std::to_string(plan.rows[k]) +
+                         " is not an output row of " + t->name);
+            return;
+        }
+        float * dst = plan.out + (k * plan.n_slots + slot) * state.n_embd;
+        ggml_backend_tensor_get(t, dst, src_row * t->nb[1], row_bytes);
+    }
+    state.seen[il] += 1;
+}
+
+bool hook_eval_callback(ggml_tensor * t, bool ask, void * user_data) {
+    auto * state = static_cast<hook_state *>(user_data);
+    const int32_t il = hook_layer_of(t);
+    const bool wanted = capture_wants(*state, il);
+    if (ask) {
+        return wanted;
+    }
+    if (wanted) {
+        capture_copy_rows(*state, t, il);
+    }
+    // false here would cancel the rest of the graph
+    return true;
+}
+
+void hook_set_capture(hook_state & state, capture_plan plan) {
+    state.plan = std::move(plan);
+    state.seen.assign(state.n_layer, 0);
+    state.error.clear();
+    state.capturing = true;
+}
+
+void hook_clear_capture(hook_state & state) {
+    state.capturing = false;
+    state.plan = capture_plan{};
+}

@@ -1,0 +1,219 @@
+"""SteeredModel: a llama_cpp.Llama whose context carries ggsteer's native eval callback.
+
+How the callback gets in (no patching of llama_cpp): `Llama.__init__` builds the model and a
+context from `self.context_params`. llama.cpp only takes `cb_eval` when a context is created, so
+SteeredModel lets `Llama` finish, then sets `cb_eval`/`cb_eval_user_data` (and the batch settings
+capture needs) on `self.context_params` and replaces `self._ctx` with a new
+`llama_cpp._internals.LlamaContext` made from them, freeing the first one. Everything else
+(`__call__`, `create_completion`, `create_chat_completion`, tokenizer, sampler) is Llama's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import llama_cpp
+import numpy as np
+from llama_cpp import _internals
+
+from ggsteer._native_check import native
+from ggsteer.default_model import default_model_path
+
+DEFAULT_N_CTX = 4096
+DEFAULT_N_BATCH = 512
+# Sequences decoded side by side during capture; llama.cpp allows at most 256.
+DEFAULT_N_SEQ_MAX = 64
+
+
+def check_model_path(model_path: str | os.PathLike) -> Path:
+    """Fail early, naming the file, on a missing or non-GGUF model."""
+    path = Path(model_path)
+    if not path.exists():
+        raise FileNotFoundError(f"model file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"model path is not a file: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"not a GGUF model file (bad magic {magic!r}): {path}")
+    return path
+
+
+class SteeredModel(llama_cpp.Llama):
+    """A `llama_cpp.Llama` that ggsteer can read and steer.
+
+    `model_path=None` opens the embedded default model (Gemma 3 270M Q4_K_M). Other keyword
+    arguments pass through to `Llama` (`n_gpu_layers`, `n_threads`, `n_ctx`, `verbose`, ...).
+    `n_seq_max` bounds how many prompts run side by side in one decode.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike | None = None,
+        *,
+        n_ctx: int = DEFAULT_N_CTX,
+        n_batch: int = DEFAULT_N_BATCH,
+        n_seq_max: int = DEFAULT_N_SEQ_MAX,
+        verbose: bool = False,
+        **llama_kwargs,
+    ):
+        path = check_model_path(default_model_path() if model_path is None else model_path)
+        if not 1 <= n_seq_max <= llama_cpp.llama_max_parallel_sequences():
+            raise ValueError(
+                f"n_seq_max={n_seq_max} must be between 1 and {llama_cpp.llama_max_parallel_sequences()}"
+            )
+        # one ubatch per decode keeps the callback's batch rows equal to ours
+        llama_kwargs["n_ubatch"] = n_batch
+        super().__init__(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, verbose=verbose, **llama_kwargs)
+        self.n_layer = llama_cpp.llama_model_n_layer(self._model.model)
+        self.n_embd = llama_cpp.llama_model_n_embd(self._model.model)
+        self._hook = native.Hook(self.n_layer, self.n_embd)
+        self._controls: list = []
+        self._replace_context_with_hooked(n_seq_max)
+
+    def _replace_context_with_hooked(self, n_seq_max: int) -> None:
+        params = self.context_params
+        params.n_seq_max = n_seq_max
+        # one KV pool shared by all sequences: prefix copies are free and batches split in order
+        params.kv_unified = True
+        self._cb_eval = llama_cpp.ggml_backend_sched_eval_callback(self._hook.callback_address)
+        params.cb_eval = self._cb_eval
+        params.cb_eval_user_data = ctypes.c_void_p(self._hook.user_data_address)
+        old_ctx = self._ctx
+        self._ctx = self._stack.enter_context(
+            contextlib.closing(_internals.LlamaContext(model=self._model, params=params, verbose=self.verbose))
+        )
+        old_ctx.close()
+        if self._lora_adapter is not None:
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._lora_adapter)
+            scales = (ctypes.c_float * 1)(self.lora_scale)
+            if llama_cpp.llama_set_adapters_lora(self._ctx.ctx, adapters, 1, scales):
+                raise RuntimeError(f"failed to set LoRA adapter {self.lora_path} on the hooked context")
+        self.reset()
+
+    def close(self) -> None:
+        # __init__ may fail on a bad path before Llama has built anything to close
+        if hasattr(self, "_stack"):
+            super().close()
+
+    @property
+    def n_seq_max(self) -> int:
+        return llama_cpp.llama_n_seq_max(self._ctx.ctx)
+
+    @property
+    def model_hint(self) -> str:
+        """The architecture name llama.cpp uses for this model (e.g. "gemma3")."""
+        return str(self.metadata.get("general.architecture", "unknown"))
+
+    @property
+    def model_name(self) -> str:
+        return str(self.metadata.get("general.name", Path(self.model_path).stem))
+
+    # -- steering -------------------------------------------------------------------------
+    def set_control(self, vector, strength: float | None = None, *, layers=None, raw: bool = False) -> None:
+        """Steer every following generation.
+
+        `vector` is a ControlVector (with `strength`, default its recommended strength or 1.0) or a
+        list of `(vector, strength)` pairs, summed. Strength 1.0 is the trained mean gap between
+        positive and negative activations at each layer; `raw=True` makes it a plain coefficient.
+        `layers` defaults to the vector's recommended layers.
+        """
+        from ggsteer.steer import make_control
+
+        pairs = vector if isinstance(vector, (list, tuple)) else [(vector, strength)]
+        controls = []
+        for item in pairs:
+            if not isinstance(item, (list, tuple)) or len(item) != 2:
+                raise TypeError("set_control takes a ControlVector or a list of (ControlVector, strength) pairs")
+            vec, value = item
+            if value is None:
+                value = getattr(vec, "recommended_strength", None) or 1.0
+            controls.append(make_control(vec, value, self.n_layer, self.n_embd, layers, raw))
+        self._apply_controls(controls)
+
+    def reset_control(self) -> None:
+        """Back to the unsteered model."""
+        self._apply_controls([])
+
+    @property
+    def controls(self) -> list:
+        return list(self._controls)
+
+    @contextlib.contextmanager
+    def steer(self, vector, strength: float | None = None, *, layers=None, raw: bool = False):
+        """`with model.steer(vector, 0.5): ...` steers inside the block, then restores the previous controls."""
+        previous = list(self._controls)
+        self.set_control(vector, strength, layers=layers, raw=raw)
+        try:
+            yield self
+        finally:
+            self._apply_controls(previous)
+
+    @contextlib.contextmanager
+    def unsteered(self):
+        """Run the block without steering (training reads the plain model), then restore."""
+        previous = list(self._controls)
+        self._apply_controls([])
+        try:
+            yield self
+        finally:
+            self._apply_controls(previous)
+
+    def _apply_controls(self, controls: list) -> None:
+        from ggsteer.steer import cvec_buffer
+
+        if not controls and not self._controls:
+            return
+        buffer, first, last = cvec_buffer(controls, self.n_layer, self.n_embd)
+        if first < 0:
+            status = llama_cpp.llama_set_adapter_cvec(self._ctx.ctx, None, 0, self.n_embd, -1, -1)
+        else:
+            pointer = buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            status = llama_cpp.llama_set_adapter_cvec(self._ctx.ctx, pointer, buffer.size, self.n_embd, first, last)
+        if status != 0:
+            raise RuntimeError(f"llama_set_adapter_cvec failed with status {status}")
+        self._controls = list(controls)
+        # KV computed under other steering must not be reused as a cached prefix
+        self.reset()
+        if self.cache is not None:
+            warnings.warn("the prompt cache was dropped: it held states computed under other steering", stacklevel=3)
+            self.set_cache(None)
+
+    def tokenize_prompt(self, prompt: str) -> list[int]:
+        """Tokens of a prompt exactly as `create_completion` would decode them (BOS as the model wants)."""
+        return self.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+
+    def hidden_states(
+        self,
+        prompts: Sequence[str],
+        layers: Sequence[int] | None = None,
+        pool: str = "last",
+        batch_size: int | None = None,
+        *,
+        share_prefixes: bool = True,
+        progress: bool | None = None,
+    ) -> np.ndarray | list[np.ndarray]:
+        """Residual stream (output of block i, llama.cpp's `l_out-i`) for each prompt and layer.
+
+        Returns float32 `[len(prompts), len(layers), n_embd]` for `pool="last"` (the final token)
+        or `"mean"` (mean over the prompt's tokens), and for `pool="all"` a list of
+        `[n_tokens, len(layers), n_embd]` arrays. `layers` defaults to every layer, in order.
+        `batch_size` caps the sequences decoded together (default: the context's n_seq_max);
+        with `share_prefixes`, text shared between prompts is decoded once.
+        """
+        from ggsteer.capture import capture_hidden_states
+
+        return capture_hidden_states(
+            self,
+            prompts,
+            layers=layers,
+            pool=pool,
+            batch_size=batch_size,
+            share_prefixes=share_prefixes,
+            progress=progress,
+        )

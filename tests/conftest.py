@@ -1,0 +1,56 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+# ---- tiny reference llama model (tests/reference_model.py) -------------------------------
+# Make tests/reference_model.py importable whatever pytest import mode is configured.
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
+
+from reference_model import TinyWeights, write_tiny_llama_gguf  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def _tiny_model(tmp_path_factory) -> tuple[Path, TinyWeights]:
+    # Written once per session: the GGUF and the numpy weights it was built from.
+    path = tmp_path_factory.mktemp("tiny_llama") / "tiny-llama-f32.gguf"
+    weights = write_tiny_llama_gguf(path)
+    return path, weights
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(_tiny_model) -> Path:
+    return _tiny_model[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(_tiny_model) -> TinyWeights:
+    return _tiny_model[1]
+# ---- end tiny reference llama model -------------------------------------------------------
+
+
+# ---- ggsteer models ----------------------------------------------------------------------
+# Settings under which llama.cpp's CPU path matches the float64 reference to float32 round-off:
+# F32 KV cache and no flash attention (see test_reference_model.py for the measured errors).
+TIGHT_LLAMA_KWARGS = dict(flash_attn=False, type_k=0, type_v=0, n_threads=2)  # 0 = GGML_TYPE_F32
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_path):
+    from ggsteer import SteeredModel
+
+    model = SteeredModel(tiny_model_path, n_ctx=256, n_batch=128, n_seq_max=16, **TIGHT_LLAMA_KWARGS)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from ggsteer import SteeredModel
+
+    model = SteeredModel(n_ctx=2048, n_threads=2)
+    yield model
+    model.close()
+# ---- end ggsteer models ------------------------------------------------------------------

@@ -1,0 +1,169 @@
+"""Captured hidden states against the numpy reference forward pass of the tiny model."""
+
+import numpy as np
+import pytest
+from reference_model import reference_forward
+
+import ggsteer
+from ggsteer import SteeredModel
+
+# float32 round-off: the reference runs in float64; llama.cpp accumulates float32 dot products of
+# length n_embd=48..96 over 3 blocks. Residual entries are O(1), so errors are ~1e-6; 1e-4 leaves
+# room while a wrong row, layer or position (errors O(1)) cannot pass.
+ATOL = 1e-4
+
+PROMPTS = [
+    "the happy dog",
+    "a sad cat and the happy dog went home",
+    "the",
+    "the happy dog ran",  # the first prompt is a token-prefix of this one
+    "Zebra! 42?",
+]
+
+
+def reference_states(model, weights, prompt):
+    tokens = model.tokenize_prompt(prompt)
+    hidden, _ = reference_forward(weights, tokens, kv_f16=False)
+    return hidden.transpose(1, 0, 2)  # [n_tokens, n_layer, n_embd]
+
+
+def test_tokenization_matches_llama(tiny_model):
+    assert tiny_model.tokenize_prompt("the happy dog") == tiny_model.tokenize(b"the happy dog")
+    assert tiny_model.tokenize_prompt("the")[0] == tiny_model.token_bos()
+
+
+def test_last_token_matches_reference(tiny_model, tiny_weights):
+    states = tiny_model.hidden_states(PROMPTS)
+    assert states.shape == (len(PROMPTS), tiny_model.n_layer, tiny_model.n_embd)
+    assert states.dtype == np.float32
+    for i, prompt in enumerate(PROMPTS):
+        expected = reference_states(tiny_model, tiny_weights, prompt)[-1]
+        np.testing.assert_allclose(states[i], expected, atol=ATOL, rtol=0)
+
+
+def test_mean_and_all_match_reference(tiny_model, tiny_weights):
+    means = tiny_model.hidden_states(PROMPTS, pool="mean")
+    everything = tiny_model.hidden_states(PROMPTS, pool="all")
+    assert isinstance(everything, list) and len(everything) == len(PROMPTS)
+    for i, prompt in enumerate(PROMPTS):
+        expected = reference_states(tiny_model, tiny_weights, prompt)
+        assert everything[i].shape == expected.shape
+        np.testing.assert_allclose(everything[i], expected, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(means[i], expected.mean(axis=0), atol=ATOL, rtol=0)
+
+
+def test_layer_subset_in_requested_order(tiny_model):
+    full = tiny_model.hidden_states(PROMPTS)
+    subset = tiny_model.hidden_states(PROMPTS, layers=[2, 0])
+    assert subset.shape == (len(PROMPTS), 2, tiny_model.n_embd)
+    np.testing.assert_array_equal(subset[:, 0], full[:, 2])
+    np.testing.assert_array_equal(subset[:, 1], full[:, 0])
+
+
+def test_last_layer_alone(tiny_model, tiny_weights):
+    # the last block holds only output rows: capture it without any other layer
+    last = tiny_model.n_layer - 1
+    states = tiny_model.hidden_states(PROMPTS, layers=[last], pool="all")
+    for i, prompt in enumerate(PROMPTS):
+        expected = reference_states(tiny_model, tiny_weights, prompt)[:, last]
+        np.testing.assert_allclose(states[i][:, 0], expected, atol=ATOL, rtol=0)
+
+
+def test_batched_equals_one_at_a_time(tiny_model):
+    batched = tiny_model.hidden_states(PROMPTS, pool="mean")
+    single = np.stack([tiny_model.hidden_states([p], pool="mean")[0] for p in PROMPTS])
+    np.testing.assert_allclose(batched, single, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 16])
+def test_prefix_sharing_equals_full_decodes(tiny_model, batch_size):
+    prompts = [f"the {w} dog and a cat" for w in ("happy", "sad")] + [f"the {w} dog" for w in ("happy", "sad")] + PROMPTS
+    shared = tiny_model.hidden_states(prompts, pool="all", batch_size=batch_size)
+    unshared = tiny_model.hidden_states(prompts, pool="all", batch_size=batch_size, share_prefixes=False)
+    for a, b in zip(shared, unshared):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_prompt_longer_than_a_batch(tiny_weights, tiny_model_path):
+    # 100-token prompt over n_batch=32: decoded in chunks that continue the same sequence
+    model = SteeredModel(tiny_model_path, n_ctx=256, n_batch=32, n_seq_max=4, flash_attn=False, type_k=0, type_v=0)
+    prompt = " ".join(["the happy dog"] * 33)
+    states = model.hidden_states([prompt, "the sad cat"], pool="all")
+    expected = reference_states(model, tiny_weights, prompt)
+    assert len(expected) > 32
+    np.testing.assert_allclose(states[0], expected, atol=ATOL, rtol=0)
+    model.close()
+
+
+def test_capture_leaves_generation_unchanged(tiny_model):
+    before = tiny_model("the happy", max_tokens=5, temperature=0)["choices"][0]["text"]
+    tiny_model.hidden_states(PROMPTS)
+    after = tiny_model("the happy", max_tokens=5, temperature=0)["choices"][0]["text"]
+    assert before == after
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+def test_missing_model_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere.gguf"):
+        SteeredModel(tmp_path / "nothere.gguf")
+
+
+def test_non_gguf_model(tmp_path):
+    path = tmp_path / "fake.gguf"
+    path.write_bytes(b"not a model at all")
+    with pytest.raises(ValueError, match="not a GGUF.*fake.gguf"):
+        SteeredModel(path)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(layers=[3]), "layer 3 is out of range.*0..2"),
+        (dict(layers=[-1]), "layer -1 is out of range"),
+        (dict(layers=[]), "layers is empty"),
+        (dict(layers=[1, 1]), "layers repeat"),
+        (dict(pool="max"), "unknown pool 'max'"),
+        (dict(batch_size=0), "batch_size=0"),
+    ],
+)
+def test_bad_arguments(tiny_model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model.hidden_states(["the dog"], **kwargs)
+
+
+def test_empty_prompt_list(tiny_model):
+    with pytest.raises(ValueError, match="prompt list is empty"):
+        tiny_model.hidden_states([])
+
+
+def test_empty_prompt(tiny_model):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        tiny_model.hidden_states(["the dog", ""])
+
+
+def test_single_string_rejected(tiny_model):
+    with pytest.raises(TypeError, match="list of strings"):
+        tiny_model.hidden_states("the dog")
+
+
+def test_prompt_longer_than_context(tiny_model):
+    with pytest.raises(ValueError, match=r"prompt 0 has \d+ tokens, more than the context holds \(n_ctx=256\)"):
+        tiny_model.hidden_states([" ".join(["the dog"] * 200)])
+
+
+# -- the default model ----------------------------------------------------------------------
+
+
+@pytest.mark.default_model
+def test_default_model_states(default_model):
+    prompts = ["The weather today is", "Act as if you are extremely happy. I think that", "Hello"]
+    states = default_model.hidden_states(prompts)
+    assert states.shape == (3, 18, 640)
+    assert np.isfinite(states).all()
+    norms = np.linalg.norm(states, axis=-1).mean(axis=0)
+    # residual norms grow with depth: from hundreds at block 0 to tens of thousands at the end
+    assert norms[-1] > 10 * norms[0]
+    assert np.corrcoef(np.arange(18), norms)[0, 1] > 0.9
+    assert ggsteer.default_model_path().exists()
