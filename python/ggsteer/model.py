@@ -184,6 +184,24 @@ class SteeredModel(llama_cpp.Llama):
             warnings.warn("the prompt cache was dropped: it held states computed under other steering", stacklevel=3)
             self.set_cache(None)
 
+    def chat_instruction_formatter(self):
+        """A function wrapping one user instruction in the model's chat template, or None for base models."""
+        template = self.metadata.get("tokenizer.chat_template")
+        if not template:
+            return None
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        bos = self.detokenize([self.token_bos()], special=True).decode("utf-8", "replace")
+        eos = self.detokenize([self.token_eos()], special=True).decode("utf-8", "replace")
+        formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+
+        def format_instruction(text: str) -> str:
+            prompt = formatter(messages=[{"role": "user", "content": text}]).prompt
+            # tokenize_prompt adds BOS itself
+            return prompt[len(bos):] if bos and prompt.startswith(bos) else prompt
+
+        return format_instruction
+
     def tokenize_prompt(self, prompt: str) -> list[int]:
         """Tokens of a prompt exactly as `create_completion` would decode them (BOS as the model wants)."""
         return self.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)

@@ -1,0 +1,36 @@
+"""`ggsteer export --for-llama-cpp`: bake strength and layers into a plain control-vector file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ggsteer.cli import CliError, layers_argument
+from ggsteer.vector import UNIT_RAW, ControlVector
+
+
+def baked_vector(vector: ControlVector, strength: float, layers: list[int] | None, raw: bool) -> ControlVector:
+    if vector.unit == UNIT_RAW and not raw:
+        raise CliError("this vector has no trained gap (not written by ggsteer): pass --raw to use the strength as a coefficient")
+    chosen = layers or vector.recommended_layers or vector.layers
+    chosen = [il for il in chosen if il != 0]
+    baked = vector.select_layers(chosen) * strength
+    baked.metadata = {"method": "exported", "unit": UNIT_RAW}
+    return baked
+
+
+def export_command(args) -> int:
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise CliError(f"{output} already exists: pass --force to overwrite it")
+    source = ControlVector.load(args.file)
+    baked = baked_vector(source, args.strength, layers_argument(args.layers), args.raw)
+    baked.save(output, overwrite=args.force)
+    first, last = baked.layers[0], baked.layers[-1]
+    print(f"wrote {output}: strength {args.strength:g} baked into layers {first}..{last}")
+    print(f"llama-cli -m MODEL.gguf --control-vector {output}")
+    if baked.layers == list(range(first, last + 1)):
+        print(
+            f"same as: llama-cli -m MODEL.gguf --control-vector-scaled {args.file} {args.strength:g} "
+            f"--control-vector-layer-range {first} {last}"
+        )
+    return 0

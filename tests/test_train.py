@@ -1,0 +1,133 @@
+"""Training: each method against an independent numpy computation on the reference states."""
+
+import warnings
+
+import numpy as np
+import pytest
+from reference_model import reference_forward
+from sklearn.linear_model import LogisticRegression
+
+from ggsteer import methods
+from ggsteer.dataset import DatasetEntry, make_dataset
+from ggsteer.vector import ControlVector, TrainingWarning
+
+SUFFIXES = ["i feel", "the dog is", "you am very", "today i", "a cat and the dog", "i love the", "the", "good"]
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return make_dataset("i am very {persona} and", ["happy", "good", "happy"], ["sad", "bad", "sad"], SUFFIXES)
+
+
+def reference_last_states(model, weights, prompts):
+    states = []
+    for prompt in prompts:
+        hidden, _ = reference_forward(weights, model.tokenize_prompt(prompt), kv_f16=False)
+        states.append(hidden[:, -1])
+    return np.stack(states)  # [n_prompts, n_layer, n_embd]
+
+
+def numpy_direction(method, pos, neg):
+    """Each method written independently of ggsteer.methods (eigh instead of SVD, sklearn probe)."""
+    diffs = pos - neg
+    if method == "mean_diff":
+        d = diffs.mean(axis=0)
+    elif method == "pca_diff":
+        centred = diffs - diffs.mean(axis=0)
+        d = np.linalg.eigh(centred.T @ centred)[1][:, -1]
+    elif method == "pca_center":
+        halves = np.concatenate([diffs / 2, -diffs / 2])
+        d = np.linalg.eigh(halves.T @ halves)[1][:, -1]
+    else:
+        x = np.concatenate([pos, neg])
+        y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+        d = LogisticRegression(C=1.0, max_iter=5000, tol=1e-8).fit(x / np.linalg.norm(x, axis=1).mean(), y).coef_[0]
+    d = d / np.linalg.norm(d)
+    # sign: most pairs project higher on the positive side
+    return d if np.sign(diffs @ d).sum() >= 0 else -d
+
+
+@pytest.mark.parametrize("method", methods.METHODS)
+def test_method_matches_numpy_on_reference_states(tiny_model, tiny_weights, pairs, method):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        vector = ControlVector.train(tiny_model, pairs, method=method)
+    assert vector.layers == [1, 2]
+    pos = reference_last_states(tiny_model, tiny_weights, [e.positive for e in pairs])
+    neg = reference_last_states(tiny_model, tiny_weights, [e.negative for e in pairs])
+    gaps = vector.layer_stat("gap")
+    for il in vector.layers:
+        expected = numpy_direction(method, pos[:, il], neg[:, il])
+        got = vector.directions[il] / np.linalg.norm(vector.directions[il])
+        assert float(got @ expected) >= 0.999, f"layer {il}: cos {float(got @ expected):.5f}"
+        # stored length is the mean gap along the direction: the strength unit
+        expected_gap = abs(float(((pos[:, il] - neg[:, il]) @ expected).mean()))
+        assert gaps[il] == pytest.approx(expected_gap, rel=1e-3)
+        assert np.linalg.norm(vector.directions[il]) == pytest.approx(gaps[il], rel=1e-5)
+
+
+def test_mean_diff_is_the_raw_mean_difference(tiny_model, tiny_weights, pairs):
+    vector = ControlVector.train(tiny_model, pairs, method="mean_diff")
+    pos = reference_last_states(tiny_model, tiny_weights, [e.positive for e in pairs])
+    neg = reference_last_states(tiny_model, tiny_weights, [e.negative for e in pairs])
+    for il in vector.layers:
+        np.testing.assert_allclose(vector.directions[il], (pos[:, il] - neg[:, il]).mean(axis=0), atol=2e-4)
+
+
+def test_statistics_recorded(tiny_model, tiny_weights, pairs):
+    vector = ControlVector.train(tiny_model, pairs, method="mean_diff", layers=[0, 1, 2])
+    pos = reference_last_states(tiny_model, tiny_weights, [e.positive for e in pairs])
+    neg = reference_last_states(tiny_model, tiny_weights, [e.negative for e in pairs])
+    separation = vector.layer_stat("separation")
+    norms = vector.layer_stat("residual_norm")
+    for il in (0, 1, 2):
+        d = vector.directions[il] / np.linalg.norm(vector.directions[il])
+        assert separation[il] == pytest.approx(float((((pos[:, il] - neg[:, il]) @ d) > 0).mean()))
+        both = np.concatenate([pos[:, il], neg[:, il]])
+        assert norms[il] == pytest.approx(float(np.linalg.norm(both, axis=1).mean()), rel=1e-4)
+    assert vector.metadata["dataset_size"] == len(pairs)
+    assert vector.metadata["method"] == "mean_diff"
+
+
+@pytest.mark.parametrize("method", methods.METHODS)
+def test_sign_points_to_positive_on_known_direction(method):
+    rng = np.random.default_rng(3)
+    truth = rng.normal(size=32)
+    truth /= np.linalg.norm(truth)
+    base = rng.normal(size=(40, 32)) * 3.0
+    # pairs differ along `truth` by a varying positive amount, plus small noise
+    shift = rng.uniform(0.5, 2.0, size=(40, 1)) * truth
+    pos = base + shift + rng.normal(size=base.shape) * 0.05
+    neg = base - shift + rng.normal(size=base.shape) * 0.05
+    fit = methods.fit_layer(pos, neg, method)
+    assert float(fit.direction @ truth) > 0.95
+    assert fit.separation == 1.0
+    assert fit.gap > 0
+    flipped = methods.fit_layer(neg, pos, method)
+    assert float(flipped.direction @ truth) < -0.95
+
+
+def test_training_is_deterministic(tiny_model, pairs):
+    a = ControlVector.train(tiny_model, pairs, method="pca_diff")
+    b = ControlVector.train(tiny_model, pairs, method="pca_diff")
+    for il in a.layers:
+        np.testing.assert_array_equal(a.directions[il], b.directions[il])
+
+
+def test_near_chance_layer_warns(tiny_model):
+    # positives and negatives drawn from the same texts: no direction separates them
+    texts = ["the dog", "a cat", "i feel good", "the sad cat", "you am happy", "today i hate", "the bad dog", "a good cat"]
+    shuffled = [DatasetEntry(texts[i], texts[(i + 3) % len(texts)]) for i in range(len(texts))]
+    with pytest.warns(TrainingWarning, match="barely better than chance"):
+        ControlVector.train(tiny_model, shuffled, method="pca_diff")
+
+
+def test_bad_training_input(tiny_model, pairs):
+    with pytest.raises(ValueError, match="dataset is empty"):
+        ControlVector.train(tiny_model, [])
+    with pytest.raises(ValueError, match="unknown method 'umap'"):
+        ControlVector.train(tiny_model, pairs, method="umap")
+    with pytest.raises(ValueError, match="layer 7 is out of range"):
+        ControlVector.train(tiny_model, pairs, layers=[1, 7])
+    with pytest.raises(TypeError, match="not DatasetEntry"):
+        ControlVector.train(tiny_model, [("a", "b")])
