@@ -9,6 +9,7 @@
 
 #include "ggml.h"
 #include "hook.h"
+#include "ops.h"
 
 namespace py = pybind11;
 
@@ -16,6 +17,34 @@ namespace {
 
 using int_array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 using float_array = py::array_t<float, py::array::c_style>;
+using float_in = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using int64_in = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+using uint8_in = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+
+#ifdef GGSTEER_CUDA
+constexpr bool cuda_compiled = true;
+#else
+constexpr bool cuda_compiled = false;
+#endif
+
+void check_op_fields(const hook_op & op, int32_t n_layer, size_t n_vectors, int64_t n_embd, size_t n_conditions) {
+    if (op.kind < 0 || op.kind >= OPS_KIND_COUNT) {
+        throw std::invalid_argument("unknown op kind " + std::to_string(op.kind));
+    }
+    if (op.layer < 0 || op.layer >= n_layer) {
+        throw std::out_of_range("op layer " + std::to_string(op.layer) + " out of range");
+    }
+    if (op.when < HOOK_WHEN_ALL || op.when > HOOK_WHEN_GENERATED) {
+        throw std::invalid_argument("unknown when " + std::to_string(op.when));
+    }
+    if (op.n_vector_rows < 1 || op.vector_offset < 0 ||
+        (size_t) (op.vector_offset + (int64_t) op.n_vector_rows * n_embd) > n_vectors) {
+        throw std::out_of_range("op vector outside the vector pool");
+    }
+    if (op.condition >= (int32_t) n_conditions) {
+        throw std::out_of_range("op condition index out of range");
+    }
+}
 
 class Hook {
   public:
@@ -72,6 +101,76 @@ class Hook {
         return state_.seen;
     }
 
+    // ops: int32 [n_ops, 7] = kind, layer, slot, when, first_k, condition, n_vector_rows
+    void set_program(int_array ops, float_in coeffs, int64_in vector_offsets, int_array condition_layers,
+                     float_in condition_thresholds, int64_in condition_offsets, float_in vectors, int32_t n_slots) {
+        if (ops.ndim() != 2 || ops.shape(1) != 7 || coeffs.size() != ops.shape(0) || vector_offsets.size() != ops.shape(0)) {
+            throw std::invalid_argument("ops must be int32 [n_ops, 7] with one coeff and vector offset per op");
+        }
+        if (condition_thresholds.size() != condition_layers.size() || condition_offsets.size() != condition_layers.size()) {
+            throw std::invalid_argument("condition arrays differ in length");
+        }
+        hook_program prog;
+        prog.n_slots = n_slots;
+        prog.vectors.assign(vectors.data(), vectors.data() + vectors.size());
+        for (py::ssize_t c = 0; c < condition_layers.size(); ++c) {
+            hook_condition cond;
+            cond.layer = condition_layers.data()[c];
+            cond.threshold = condition_thresholds.data()[c];
+            cond.vector_offset = condition_offsets.data()[c];
+            if (cond.layer < 0 || cond.layer >= state_.n_layer || cond.vector_offset < 0 ||
+                (size_t) (cond.vector_offset + state_.n_embd) > prog.vectors.size()) {
+                throw std::out_of_range("condition layer or vector out of range");
+            }
+            prog.conditions.push_back(cond);
+        }
+        const int32_t * fields = ops.data();
+        for (py::ssize_t i = 0; i < ops.shape(0); ++i) {
+            const int32_t * f = fields + i * 7;
+            hook_op op;
+            op.kind = f[0];
+            op.layer = f[1];
+            op.slot = f[2];
+            op.when = f[3];
+            op.first_k = f[4];
+            op.condition = f[5];
+            op.n_vector_rows = f[6];
+            op.coeff = coeffs.data()[i];
+            op.vector_offset = vector_offsets.data()[i];
+            check_op_fields(op, state_.n_layer, prog.vectors.size(), state_.n_embd, prog.conditions.size());
+            if (op.condition >= 0 && prog.conditions[op.condition].layer >= op.layer) {
+                throw std::invalid_argument("a conditioned op must come after its condition layer");
+            }
+            prog.ops.push_back(op);
+        }
+        hook_set_program(state_, std::move(prog));
+    }
+
+    void clear_program() { hook_clear_program(state_); }
+
+    // Who the rows of the next decode are (needed whenever a program is set).
+    void set_rows(int_array slots, int_array positions, uint8_in generated, int_array output_rows) {
+        if (slots.size() != positions.size() || slots.size() != generated.size()) {
+            throw std::invalid_argument("slots, positions and generated differ in length");
+        }
+        state_.rows.slot.assign(slots.data(), slots.data() + slots.size());
+        state_.rows.pos.assign(positions.data(), positions.data() + positions.size());
+        state_.rows.generated.assign(generated.data(), generated.data() + generated.size());
+        state_.rows.output_rows.assign(output_rows.data(), output_rows.data() + output_rows.size());
+    }
+
+    // The first error the callback met since the last call, or "".
+    std::string take_error() {
+        std::string error = std::move(state_.error);
+        state_.error.clear();
+        return error;
+    }
+
+    std::vector<int8_t> condition_states() const { return state_.program.cond_on; }
+    bool intervening() const { return state_.intervening; }
+
+    ~Hook() { hook_free(state_); }
+
     int32_t n_layer() const { return state_.n_layer; }
     int64_t n_embd() const { return state_.n_embd; }
 
@@ -96,6 +195,16 @@ PYBIND11_MODULE(_native, m) {
         .def("set_capture", &Hook::set_capture, py::arg("layers"), py::arg("rows"), py::arg("out_rows"),
              py::arg("n_tokens"), py::arg("n_outputs"), py::arg("out"),
              "Plan the copy of `rows` of each layer's l_out into `out` during the next decode.")
+        .def("set_program", &Hook::set_program, py::arg("ops"), py::arg("coeffs"), py::arg("vector_offsets"),
+             py::arg("condition_layers"), py::arg("condition_thresholds"), py::arg("condition_offsets"),
+             py::arg("vectors"), py::arg("n_slots"),
+             "Install interventions: ops int32 [n, 7] (kind, layer, slot, when, first_k, condition, n_vector_rows).")
+        .def("clear_program", &Hook::clear_program, "Remove every intervention.")
+        .def("set_rows", &Hook::set_rows, py::arg("slots"), py::arg("positions"), py::arg("generated"),
+             py::arg("output_rows"), "Describe the rows of the next decode: sequence slot, position, phase, outputs.")
+        .def("take_error", &Hook::take_error, "The first error met by the callback since the last call, or ''.")
+        .def("condition_states", &Hook::condition_states, "Per (condition, slot): 1 when the condition holds.")
+        .def_property_readonly("intervening", &Hook::intervening)
         .def("finish_capture", &Hook::finish_capture,
              "End the capture; return per-layer copy counts, raise RuntimeError on a capture error.");
 
@@ -104,6 +213,43 @@ PYBIND11_MODULE(_native, m) {
         std::snprintf(t.name, sizeof(t.name), "%s", name.c_str());
         return hook_layer_of(&t);
     }, "Layer index parsed from a graph tensor name like 'l_out-3', or -1.");
+
+    m.attr("OP_KINDS") = py::make_tuple("add", "ablate", "clamp", "add_normalized");
+    m.attr("CUDA_COMPILED") = cuda_compiled;
+
+    m.def("apply_op_cpu", [](int32_t kind, float_array data, float_in vectors, float coeff) {
+        if (data.ndim() != 2 || vectors.ndim() != 2 || vectors.shape(0) != data.shape(0) || vectors.shape(1) != data.shape(1)) {
+            throw std::invalid_argument("data and vectors must both be float32 [n_rows, n]");
+        }
+        if (kind < 0 || kind >= OPS_KIND_COUNT) {
+            throw std::invalid_argument("unknown op kind");
+        }
+        const int64_t n_rows = data.shape(0), n = data.shape(1);
+        std::vector<int32_t> rows(n_rows);
+        std::vector<int64_t> offsets(n_rows);
+        for (int64_t i = 0; i < n_rows; ++i) {
+            rows[i] = (int32_t) i;
+            offsets[i] = i * n;
+        }
+        ops_cpu_apply(kind, data.mutable_data(), n, rows.data(), n_rows, vectors.data(), offsets.data(), coeff, n);
+    }, py::arg("kind"), py::arg("data"), py::arg("vectors"), py::arg("coeff"),
+       "Apply op `kind` in place to each row of `data` with the matching row of `vectors` (CPU kernel).");
+
+#ifdef GGSTEER_CUDA
+    m.def("cuda_device_available", []() { return ops_cuda_device_available(); }, "Whether a CUDA device is visible.");
+    m.def("apply_op_cuda", [](int32_t kind, float_array data, float_in vectors, float coeff) {
+        if (data.ndim() != 2 || vectors.ndim() != 2 || vectors.shape(0) != data.shape(0) || vectors.shape(1) != data.shape(1)) {
+            throw std::invalid_argument("data and vectors must both be float32 [n_rows, n]");
+        }
+        std::string error;
+        if (!ops_cuda_roundtrip(kind, data.mutable_data(), data.shape(0), vectors.data(), coeff, data.shape(1), error)) {
+            throw std::runtime_error(error);
+        }
+    }, py::arg("kind"), py::arg("data"), py::arg("vectors"), py::arg("coeff"),
+       "Apply op `kind` like apply_op_cpu, through the CUDA kernel on device copies.");
+#else
+    m.def("cuda_device_available", []() { return false; }, "Whether a CUDA device is visible (never: built without CUDA).");
+#endif
 
     m.def("build_info", []() {
         py::dict info;

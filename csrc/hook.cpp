@@ -6,6 +6,7 @@
 #include "ggml.h"
 #include "ggml-backend.h"
 
+
 int32_t hook_layer_of(const ggml_tensor * t) {
     static const char prefix[] = "l_out-";
     if (std::strncmp(t->name, prefix, sizeof(prefix) - 1) != 0) {
@@ -24,7 +25,7 @@ static bool capture_wants(const hook_state & state, int32_t il) {
     return state.capturing && il >= 0 && il < state.n_layer && state.plan.slot_of_layer[il] >= 0;
 }
 
-static void capture_fail(hook_state & state, std::string message) {
+void hook_fail(hook_state & state, std::string message) {
     if (state.error.empty()) {
         state.error = std::move(message);
     }
@@ -34,13 +35,13 @@ static void capture_fail(hook_state & state, std::string message) {
 static void capture_copy_rows(hook_state & state, const ggml_tensor * t, int32_t il) {
     const capture_plan & plan = state.plan;
     if (t->type != GGML_TYPE_F32 || t->ne[0] != state.n_embd || t->nb[0] != sizeof(float)) {
-        capture_fail(state, std::string("unexpected layout of ") + t->name);
+        hook_fail(state, std::string("unexpected layout of ") + t->name);
         return;
     }
     // The last block keeps only the rows that produce outputs (llama.cpp drops the rest).
     const bool all_rows = t->ne[1] == plan.n_tokens;
     if (!all_rows && t->ne[1] != plan.n_outputs) {
-        capture_fail(state, std::string(t->name) + " has " + std::to_string(t->ne[1]) +
+        hook_fail(state, std::string(t->name) + " has " + std::to_string(t->ne[1]) +
                      " rows, expected the batch's " + std::to_string(plan.n_tokens) +
                      " tokens or " + std::to_string(plan.n_outputs) + " outputs (was the batch split?)");
         return;
@@ -50,7 +51,7 @@ static void capture_copy_rows(hook_state & state, const ggml_tensor * t, int32_t
     for (size_t k = 0; k < plan.rows.size(); ++k) {
         const int32_t src_row = all_rows ? plan.rows[k] : plan.out_rows[k];
         if (src_row < 0 || src_row >= t->ne[1]) {
-            capture_fail(state, std::string("row ") + std::to_string(plan.rows[k]) +
+            hook_fail(state, std::string("row ") + std::to_string(plan.rows[k]) +
                          " is not an output row of " + t->name);
             return;
         }
@@ -60,14 +61,23 @@ static void capture_copy_rows(hook_state & state, const ggml_tensor * t, int32_t
     state.seen[il] += 1;
 }
 
+static bool program_wants(const hook_state & state, int32_t il) {
+    return state.intervening && il >= 0 && il < state.n_layer && state.program.layer_active[il];
+}
+
 bool hook_eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     auto * state = static_cast<hook_state *>(user_data);
     const int32_t il = hook_layer_of(t);
-    const bool wanted = capture_wants(*state, il);
+    const bool capture = capture_wants(*state, il);
+    const bool intervene = program_wants(*state, il);
     if (ask) {
-        return wanted;
+        return capture || intervene;
     }
-    if (wanted) {
+    // interventions first: a capture reads what the next block will read
+    if (intervene) {
+        hook_intervene(*state, t, il);
+    }
+    if (capture) {
         capture_copy_rows(*state, t, il);
     }
     // false here would cancel the rest of the graph
@@ -84,4 +94,38 @@ void hook_set_capture(hook_state & state, capture_plan plan) {
 void hook_clear_capture(hook_state & state) {
     state.capturing = false;
     state.plan = capture_plan{};
+}
+
+void hook_set_program(hook_state & state, hook_program program) {
+    const uint64_t version = state.program.version + 1;
+    state.program = std::move(program);
+    state.program.version = version;
+    const size_t n_cond = state.program.conditions.size() * (size_t) state.program.n_slots;
+    state.program.cond_sum.assign(n_cond * state.n_embd, 0.0);
+    state.program.cond_count.assign(n_cond, 0);
+    state.program.cond_on.assign(n_cond, 0);
+    state.program.layer_active.assign(state.n_layer, 0);
+    for (const hook_op & op : state.program.ops) {
+        state.program.layer_active[op.layer] = 1;
+    }
+    for (const hook_condition & cond : state.program.conditions) {
+        state.program.layer_active[cond.layer] = 1;
+    }
+    state.intervening = !state.program.ops.empty() || !state.program.conditions.empty();
+}
+
+#ifdef GGSTEER_CUDA
+void hook_cuda_free(hook_state & state);
+#endif
+
+void hook_free(hook_state & state) {
+#ifdef GGSTEER_CUDA
+    hook_cuda_free(state);
+#endif
+    state.cuda = nullptr;
+}
+
+void hook_clear_program(hook_state & state) {
+    hook_set_program(state, hook_program{});
+    state.rows = hook_rows{};
 }

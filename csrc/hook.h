@@ -1,5 +1,6 @@
 // ggsteer's eval callback: sees every node of llama.cpp's compute graph and acts on the
-// residual-stream outputs `l_out-<il>` (capture now; interventions build on the same state).
+// residual-stream outputs `l_out-<il>`: it copies rows out (capture) and modifies rows in place
+// (interventions that llama.cpp's additive control vector cannot express).
 #pragma once
 
 #include <cstdint>
@@ -22,6 +23,56 @@ struct capture_plan {
     int64_t n_outputs = 0;
 };
 
+enum hook_when : int32_t {
+    HOOK_WHEN_ALL = 0,
+    HOOK_WHEN_PROMPT = 1,
+    HOOK_WHEN_GENERATED = 2,
+};
+
+// One intervention: an ops_kind applied at one layer to the rows of one sequence slot (or all).
+struct hook_op {
+    int32_t kind = 0;
+    int32_t layer = 0;
+    int32_t slot = -1;       // -1: every row
+    int32_t when = HOOK_WHEN_ALL;
+    int32_t first_k = -1;    // >= 0: only positions < first_k
+    int32_t condition = -1;  // index into hook_program::conditions, -1: unconditional
+    float coeff = 0.0f;
+    int64_t vector_offset = 0;  // into hook_program::vectors
+    int32_t n_vector_rows = 1;  // > 1: position p uses vector row p (token-aligned, ActAdd)
+};
+
+// CAST-style condition: the cosine between the mean of a sequence's prompt rows at `layer` and
+// a unit direction, compared with `threshold`, switches the ops that name it on or off.
+struct hook_condition {
+    int32_t layer = 0;
+    float threshold = 0.0f;
+    int64_t vector_offset = 0;
+};
+
+struct hook_program {
+    std::vector<hook_op> ops;
+    std::vector<hook_condition> conditions;
+    std::vector<float> vectors;
+    std::vector<uint8_t> layer_active;  // per layer: any op or condition there
+    int32_t n_slots = 0;
+    // per (condition, slot): running sum of prompt rows, their count, and the decision
+    std::vector<double> cond_sum;
+    std::vector<int64_t> cond_count;
+    std::vector<int8_t> cond_on;
+    uint64_t version = 0;  // bumped on every change, so device copies know when to refresh
+};
+
+// Who each row of the current batch is: its sequence slot, position and phase.
+struct hook_rows {
+    std::vector<int32_t> slot;
+    std::vector<int32_t> pos;
+    std::vector<uint8_t> generated;
+    std::vector<int32_t> output_rows;  // batch rows that produce outputs, in order
+};
+
+struct hook_cuda_scratch;
+
 struct hook_state {
     int32_t n_layer = 0;
     int64_t n_embd = 0;
@@ -30,6 +81,12 @@ struct hook_state {
     capture_plan plan;
     // per-layer count of captured tensors since the plan was set
     std::vector<int32_t> seen;
+
+    bool intervening = false;
+    hook_program program;
+    hook_rows rows;
+    hook_cuda_scratch * cuda = nullptr;
+
     // first error met inside the callback (the callback cannot throw into C)
     std::string error;
 };
@@ -42,3 +99,12 @@ bool hook_eval_callback(ggml_tensor * t, bool ask, void * user_data);
 
 void hook_set_capture(hook_state & state, capture_plan plan);
 void hook_clear_capture(hook_state & state);
+void hook_set_program(hook_state & state, hook_program program);
+void hook_clear_program(hook_state & state);
+void hook_free(hook_state & state);
+
+// Records the first error met inside the callback.
+void hook_fail(hook_state & state, std::string message);
+
+// Runs the program's ops on the rows of one l_out tensor (defined in hook-interventions.cpp).
+void hook_intervene(hook_state & state, ggml_tensor * t, int32_t il);

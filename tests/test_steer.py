@@ -125,8 +125,14 @@ def test_non_finite_strength(tiny_model, strength):
 def test_layers_beyond_model(tiny_model):
     with pytest.raises(ValueError, match="layer 5 is beyond the model: it has layers 0..2"):
         tiny_model.set_control(random_vector(tiny_model, 0), 1.0, layers=[1, 5])
-    with pytest.raises(ValueError, match="layer 0 cannot be steered"):
-        tiny_model.set_control(random_vector(tiny_model, 0, layers=(0, 1)), 1.0, layers=[0, 1])
+
+
+def test_layer_zero_goes_through_the_hook(tiny_model, tiny_weights):
+    # llama.cpp's adapter cannot reach block 0; ggsteer's hook can
+    vector = random_vector(tiny_model, 0, layers=(0, 1))
+    tiny_model.set_control(vector, 0.9, layers=[0, 1])
+    expected = reference_logits(tiny_model, tiny_weights, {il: 0.9 * vector.directions[il] for il in (0, 1)})
+    np.testing.assert_allclose(last_logits(tiny_model), expected, atol=ATOL, rtol=0)
 
 
 def test_raw_vector_needs_raw_mode(tiny_model, tiny_weights):

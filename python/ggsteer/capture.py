@@ -296,6 +296,8 @@ def capture_hidden_states(
     progress: bool | None = None,
 ):
     resolved = validate_request(model, prompts, layers, pool)
+    if model._hook.intervening:
+        raise ValueError("hidden_states reads the model with plain additive steering only: call reset_control() first")
     max_sequences = model.n_seq_max if batch_size is None else int(batch_size)
     if not 1 <= max_sequences <= model.n_seq_max:
         raise ValueError(f"batch_size={batch_size} must be between 1 and the context's n_seq_max={model.n_seq_max}")

@@ -228,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", required=True)
     export.add_argument("--force", action="store_true", help="overwrite an existing output file")
     export.set_defaults(func=cmd_export)
+
+    from ggsteer.eval_cli import add_eval_commands
+
+    add_eval_commands(sub)
     return parser
 
 

@@ -74,6 +74,7 @@ class SteeredModel(llama_cpp.Llama):
         self.n_embd = llama_cpp.llama_model_n_embd(self._model.model)
         self._hook = native.Hook(self.n_layer, self.n_embd)
         self._controls: list = []
+        self._generating = False
         self._replace_context_with_hooked(n_seq_max)
 
     def _replace_context_with_hooked(self, n_seq_max: int) -> None:
@@ -115,26 +116,42 @@ class SteeredModel(llama_cpp.Llama):
         return str(self.metadata.get("general.name", Path(self.model_path).stem))
 
     # -- steering -------------------------------------------------------------------------
-    def set_control(self, vector, strength: float | None = None, *, layers=None, raw: bool = False) -> None:
+    def set_control(
+        self,
+        vector,
+        strength: float | None = None,
+        *,
+        layers=None,
+        raw: bool = False,
+        op: str = "add",
+        when: str = "all",
+        first_k: int | None = None,
+        condition=None,
+    ) -> None:
         """Steer every following generation.
 
         `vector` is a ControlVector (with `strength`, default its recommended strength or 1.0) or a
         list of `(vector, strength)` pairs, summed. Strength 1.0 is the trained mean gap between
         positive and negative activations at each layer; `raw=True` makes it a plain coefficient.
-        `layers` defaults to the vector's recommended layers.
+        `layers` defaults to the vector's recommended layers. `op` is "add", "ablate", "clamp" or
+        "add_normalized"; `when` is "all", "prompt" or "generated"; `first_k` limits steering to the
+        first k positions; `condition=(vector, threshold, layer)` steers only prompts whose mean state
+        at `layer` has at least that cosine with the condition vector. Plain addition on every token
+        goes through llama.cpp's adapter (no cost); the rest runs in ggsteer's native hook.
         """
-        from ggsteer.steer import make_control
+        from ggsteer.interventions import make_intervention
 
         pairs = vector if isinstance(vector, (list, tuple)) else [(vector, strength)]
-        controls = []
-        for item in pairs:
-            if not isinstance(item, (list, tuple)) or len(item) != 2:
+        items = []
+        for pair in pairs:
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                 raise TypeError("set_control takes a ControlVector or a list of (ControlVector, strength) pairs")
-            vec, value = item
+            vec, value = pair
             if value is None:
                 value = getattr(vec, "recommended_strength", None) or 1.0
-            controls.append(make_control(vec, value, self.n_layer, self.n_embd, layers, raw))
-        self._apply_controls(controls)
+            items.append(make_intervention(vec, value, self.n_layer, self.n_embd, op=op, layers=layers, raw=raw,
+                                           when=when, first_k=first_k, condition=condition))
+        self._apply_controls(items)
 
     def reset_control(self) -> None:
         """Back to the unsteered model."""
@@ -145,10 +162,10 @@ class SteeredModel(llama_cpp.Llama):
         return list(self._controls)
 
     @contextlib.contextmanager
-    def steer(self, vector, strength: float | None = None, *, layers=None, raw: bool = False):
+    def steer(self, vector, strength: float | None = None, **options):
         """`with model.steer(vector, 0.5): ...` steers inside the block, then restores the previous controls."""
         previous = list(self._controls)
-        self.set_control(vector, strength, layers=layers, raw=raw)
+        self.set_control(vector, strength, **options)
         try:
             yield self
         finally:
@@ -164,12 +181,15 @@ class SteeredModel(llama_cpp.Llama):
         finally:
             self._apply_controls(previous)
 
-    def _apply_controls(self, controls: list) -> None:
-        from ggsteer.steer import cvec_buffer
+    def _apply_controls(self, items: list) -> None:
+        from ggsteer.interventions import compile_program
+        from ggsteer.steer import Control, cvec_buffer
 
-        if not controls and not self._controls:
+        if not items and not self._controls:
             return
-        buffer, first, last = cvec_buffer(controls, self.n_layer, self.n_embd)
+        additive = [Control(i.vector, i.strength, i.layers) for i in items if i.is_plain_add]
+        hooked = [i for i in items if not i.is_plain_add]
+        buffer, first, last = cvec_buffer(additive, self.n_layer, self.n_embd)
         if first < 0:
             status = llama_cpp.llama_set_adapter_cvec(self._ctx.ctx, None, 0, self.n_embd, -1, -1)
         else:
@@ -177,12 +197,56 @@ class SteeredModel(llama_cpp.Llama):
             status = llama_cpp.llama_set_adapter_cvec(self._ctx.ctx, pointer, buffer.size, self.n_embd, first, last)
         if status != 0:
             raise RuntimeError(f"llama_set_adapter_cvec failed with status {status}")
-        self._controls = list(controls)
+        if hooked:
+            compile_program([], hooked).install(self._hook)
+        else:
+            self._hook.clear_program()
+        self._controls = list(items)
         # KV computed under other steering must not be reused as a cached prefix
         self.reset()
         if self.cache is not None:
             warnings.warn("the prompt cache was dropped: it held states computed under other steering", stacklevel=3)
             self.set_cache(None)
+
+    # -- the hook's view of Llama's own decoding ------------------------------------------
+    def generate(self, tokens, *args, **kwargs):
+        """Llama.generate, telling the hook which evaluated tokens are prompt and which generated."""
+        self._generating = False
+        inner = super().generate(tokens, *args, **kwargs)
+        try:
+            for token in inner:
+                self._generating = True
+                yield token
+        finally:
+            self._generating = False
+            inner.close()
+
+    def eval(self, tokens) -> None:
+        """Llama.eval; with hook interventions active, each decode's rows are described to the hook first."""
+        if not self._hook.intervening:
+            return super().eval(tokens)
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = list(tokens[start : start + self.n_batch])
+            n = len(chunk)
+            positions = np.arange(self.n_tokens, self.n_tokens + n, dtype=np.int32)
+            outputs = np.arange(n, dtype=np.int32) if self._logits_all else np.array([n - 1], np.int32)
+            generated = np.full(n, self._generating, dtype=np.uint8)
+            self._hook.set_rows(np.zeros(n, np.int32), positions, generated, outputs)
+            super().eval(chunk)
+            error = self._hook.take_error()
+            if error:
+                raise RuntimeError(f"ggsteer hook: {error}")
+
+    def generate_batch(self, prompts, controls=None, max_tokens: int = 64, **sampling) -> list[str]:
+        """Complete several prompts side by side, each with its own controls, in shared decodes.
+
+        `controls[i]` steers prompt i: None, a ControlVector, a `(vector, strength)` pair, an
+        `Intervention`, or a list of those. Sampling: `temperature` (0 = greedy), `top_p`, `seed`,
+        `stop` (strings), `on_token(i, text)` called with each new piece of text.
+        """
+        from ggsteer.batch_generate import generate_batch
+
+        return generate_batch(self, prompts, controls, max_tokens, **sampling)
 
     def chat_instruction_formatter(self):
         """A function wrapping one user instruction in the model's chat template, or None for base models."""

@@ -64,7 +64,7 @@ def make_control(
     return Control(vector, strength, tuple(chosen))
 
 
-def _choose_layers(vector: ControlVector, n_layer: int, layers: Iterable[int] | None) -> list[int]:
+def _choose_layers(vector: ControlVector, n_layer: int, layers: Iterable[int] | None, allow_layer_zero: bool = False) -> list[int]:
     if layers is None:
         preferred = vector.recommended_layers or default_steering_layers(n_layer)
         chosen = [il for il in preferred if il in vector.directions] or [il for il in vector.layers if il >= 1]
@@ -73,7 +73,7 @@ def _choose_layers(vector: ControlVector, n_layer: int, layers: Iterable[int] | 
     for il in chosen:
         if not 0 <= il < n_layer:
             raise ValueError(f"layer {il} is beyond the model: it has layers 0..{n_layer - 1}")
-        if il == 0:
+        if il == 0 and not allow_layer_zero:
             raise ValueError("layer 0 cannot be steered by llama.cpp's control-vector adapter (it starts at block 1)")
     missing = [il for il in chosen if il not in vector.directions]
     if missing:

@@ -1,0 +1,247 @@
+"""Native interventions (ablate, clamp, add_normalized, gating, conditions, per-sequence) vs numpy."""
+
+import numpy as np
+import pytest
+from reference_model import reference_forward
+from test_steer import ATOL, last_logits, random_vector
+
+from ggsteer._native_check import native
+from ggsteer.interventions import OPS, Condition
+from ggsteer.vector import ControlVector
+
+PROMPT = "i am very happy and the dog"
+
+
+# -- kernels ------------------------------------------------------------------------------
+
+
+def numpy_op(kind, h, v, c):
+    h = h.astype(np.float64)
+    v = v.astype(np.float64)
+    if kind == "add":
+        return h + c * v
+    if kind == "ablate":
+        return h - (h * v).sum(1, keepdims=True) * v
+    if kind == "clamp":
+        return h + (c - (h * v).sum(1, keepdims=True)) * v
+    out = h + c * v
+    return out * (np.linalg.norm(h, axis=1, keepdims=True) / np.linalg.norm(out, axis=1, keepdims=True))
+
+
+def random_rows(n_rows, n, seed):
+    rng = np.random.default_rng(seed)
+    h = (rng.normal(size=(n_rows, n)) * rng.uniform(1, 3000, size=(n_rows, 1))).astype(np.float32)
+    v = rng.normal(size=(n_rows, n)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return h, v
+
+
+@pytest.mark.parametrize("kind", range(len(OPS)))
+@pytest.mark.parametrize("n", [1, 7, 33, 640, 1001])
+def test_cpu_kernel_matches_numpy(kind, n):
+    h, v = random_rows(5, n, seed=n + kind)
+    expected = numpy_op(OPS[kind], h, v, 2.5)
+    got = h.copy()
+    native.apply_op_cpu(kind, got, v, 2.5)
+    # float32 storage of values up to ~1e4: relative 1e-6 of the row norm
+    scale = np.linalg.norm(h, axis=1, keepdims=True)
+    assert np.abs(got - expected).max() <= 1e-6 * scale.max() + 1e-6
+
+
+@pytest.mark.skipif(not native.cuda_device_available(), reason="no CUDA device here: CUDA kernels are compiled but not run")
+@pytest.mark.parametrize("kind", range(len(OPS)))
+@pytest.mark.parametrize("n", [1, 7, 33, 640, 1001, 4096])
+def test_cuda_kernel_matches_cpu(kind, n):
+    h, v = random_rows(9, n, seed=n * 3 + kind)
+    cpu, gpu = h.copy(), h.copy()
+    native.apply_op_cpu(kind, cpu, v, -1.5)
+    native.apply_op_cuda(kind, gpu, v, -1.5)
+    scale = np.linalg.norm(h, axis=1, keepdims=True).max()
+    assert np.abs(cpu - gpu).max() <= 2e-6 * scale + 1e-6
+
+
+def test_cuda_kernels_compiled_when_nvcc_present():
+    import shutil
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not on PATH: the CUDA kernels are not compiled on this machine")
+    assert native.CUDA_COMPILED
+
+
+# -- ops in the model, against the reference --------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def unsteer(tiny_model):
+    tiny_model.reset_control()
+    yield
+    tiny_model.reset_control()
+
+
+def reference_with(model, weights, tokens, edit_rows):
+    """Reference logits with `edit_rows(il, h, positions) -> h` applied to each block output."""
+    positions = np.arange(len(tokens))
+    _, logits = reference_forward(weights, tokens, kv_f16=False, block_output_hook=lambda il, h: edit_rows(il, h, positions))
+    return logits
+
+
+def unit(v):
+    return v / np.linalg.norm(v)
+
+
+@pytest.mark.parametrize("op, strength", [("ablate", 1.0), ("clamp", 0.7), ("clamp", -2.0), ("add_normalized", 1.3)])
+def test_op_matches_reference(tiny_model, tiny_weights, op, strength):
+    vector = random_vector(tiny_model, 11)
+    tiny_model.set_control(vector, strength, layers=[1, 2], op=op)
+    tokens = tiny_model.tokenize_prompt(PROMPT)
+
+    def edit(il, h, positions):
+        if il not in (1, 2):
+            return h
+        v = vector.directions[il].astype(np.float64)
+        if op == "add_normalized":
+            return numpy_op(op, h, np.broadcast_to(v, h.shape), strength)
+        target = strength * np.linalg.norm(v) if op == "clamp" else 0.0
+        return numpy_op("clamp", h, np.broadcast_to(unit(v), h.shape), target)
+
+    expected = reference_with(tiny_model, tiny_weights, tokens, edit)[-1]
+    np.testing.assert_allclose(last_logits(tiny_model), expected, atol=ATOL, rtol=0)
+
+
+def test_clamp_zero_equals_ablate(tiny_model):
+    vector = random_vector(tiny_model, 12)
+    tiny_model.set_control(vector, 0.0, layers=[1, 2], op="clamp")
+    clamped = last_logits(tiny_model)
+    tiny_model.set_control(vector, 1.0, layers=[1, 2], op="ablate")
+    np.testing.assert_allclose(last_logits(tiny_model), clamped, atol=1e-6)
+
+
+def steered_decode(model, prompt_tokens, generated_tokens):
+    """Decode like Llama.generate: the prompt, then generated tokens one at a time."""
+    model.reset()
+    model._generating = False
+    model.eval(prompt_tokens)
+    model._generating = True
+    for token in generated_tokens:
+        model.eval([token])
+    model._generating = False
+    import llama_cpp
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(model.ctx, -1), shape=(model.n_vocab(),)).copy()
+
+
+@pytest.mark.parametrize(
+    "options, applies",
+    [
+        (dict(when="generated"), lambda pos, n_prompt: pos >= n_prompt),
+        (dict(when="prompt"), lambda pos, n_prompt: pos < n_prompt),
+        (dict(first_k=3), lambda pos, n_prompt: pos < 3),
+        (dict(when="generated", first_k=9), lambda pos, n_prompt: n_prompt <= pos < 9),
+    ],
+)
+def test_position_gating_matches_reference(tiny_model, tiny_weights, options, applies):
+    vector = random_vector(tiny_model, 13, scale=3.0)
+    tiny_model.set_control(vector, 1.0, layers=[1, 2], **options)
+    prompt = tiny_model.tokenize_prompt(PROMPT)
+    generated = tiny_model.tokenize("the happy cat".encode(), add_bos=False)
+    got = steered_decode(tiny_model, prompt, generated)
+
+    def edit(il, h, positions):
+        if il not in (1, 2):
+            return h
+        mask = np.array([applies(p, len(prompt)) for p in positions])[:, None]
+        return h + mask * vector.directions[il]
+
+    expected = reference_with(tiny_model, tiny_weights, prompt + generated, edit)[-1]
+    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+
+
+def test_when_generated_leaves_prompt_untouched(tiny_model):
+    prompt = tiny_model.tokenize_prompt(PROMPT)
+    plain = steered_decode(tiny_model, prompt, [])
+    tiny_model.set_control(random_vector(tiny_model, 14, scale=5.0), 1.0, layers=[1, 2], when="generated")
+    np.testing.assert_array_equal(steered_decode(tiny_model, prompt, []), plain)
+
+
+def prompt_mean_cosine(model, weights, prompt, layer, direction):
+    hidden, _ = reference_forward(weights, model.tokenize_prompt(prompt), kv_f16=False)
+    mean = hidden[layer].mean(axis=0)
+    return float(mean @ unit(direction) / np.linalg.norm(mean))
+
+
+def test_condition_switches_steering_per_prompt(tiny_model, tiny_weights):
+    cond_vector = random_vector(tiny_model, 15, layers=(0, 1, 2))
+    steer = random_vector(tiny_model, 16, scale=3.0)
+    prompts = ["i am very happy and the dog", "a sad cat and the bad dog today"]
+    cosines = [prompt_mean_cosine(tiny_model, tiny_weights, p, 0, cond_vector.directions[0]) for p in prompts]
+    assert abs(cosines[0] - cosines[1]) > 0.02
+    threshold = float(np.mean(cosines))
+    high = int(np.argmax(cosines))
+    for index, prompt in enumerate(prompts):
+        tiny_model.set_control(steer, 1.0, layers=[1, 2], condition=Condition(cond_vector, threshold, 0))
+        got = last_logits(tiny_model, prompt)
+        tokens = tiny_model.tokenize_prompt(prompt)
+        active = index == high
+        expected = reference_with(
+            tiny_model, tiny_weights, tokens, lambda il, h, _: h + steer.directions[il] if active and il in (1, 2) else h
+        )[-1]
+        np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+
+
+# -- several sequences, each with its own controls ---------------------------------------
+
+
+def test_generate_batch_equals_each_sequence_alone(tiny_model):
+    a, b = random_vector(tiny_model, 17, scale=4.0), random_vector(tiny_model, 18, scale=4.0)
+    prompts = ["i am very happy and", "the dog is", "a cat and the sad dog", "today i feel"]
+    controls = [[(a, 1.0)], None, [(b, -1.0)], [(a, 0.5), (b, 0.5)]]
+    together = tiny_model.generate_batch(prompts, controls, max_tokens=12)
+    for prompt, control, text in zip(prompts, controls, together):
+        assert tiny_model.generate_batch([prompt], [control], max_tokens=12) == [text]
+    assert len(set(together)) == 4
+
+
+def test_generate_batch_matches_llama_path(tiny_model):
+    vector = random_vector(tiny_model, 19, scale=4.0)
+    batch = tiny_model.generate_batch(["i am very happy and", "the dog is"], [[(vector, 1.0)], None], max_tokens=10)
+    with tiny_model.steer(vector, 1.0):
+        steered = tiny_model.create_completion("i am very happy and", max_tokens=10, temperature=0)["choices"][0]["text"]
+    plain = tiny_model.create_completion("the dog is", max_tokens=10, temperature=0)["choices"][0]["text"]
+    assert batch == [steered, plain]
+
+
+def test_unsteered_sequence_unaffected_by_its_neighbours(tiny_model):
+    vector = random_vector(tiny_model, 20, scale=8.0)
+    prompts = ["i am very happy and", "the dog is"]
+    alone = tiny_model.generate_batch(prompts, [None, None], max_tokens=16)
+    mixed = tiny_model.generate_batch(prompts, [[(vector, 1.0)], None], max_tokens=16)
+    assert mixed[1] == alone[1]
+    assert mixed[0] != alone[0]
+
+
+def test_generate_batch_streams_pieces(tiny_model):
+    pieces = {0: [], 1: []}
+    texts = tiny_model.generate_batch(["the dog is", "a cat"], None, max_tokens=6, on_token=lambda i, t: pieces[i].append(t))
+    assert ["".join(pieces[0]), "".join(pieces[1])] == texts
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+def test_bad_intervention_arguments(tiny_model):
+    vector = random_vector(tiny_model, 21)
+    with pytest.raises(ValueError, match="unknown op 'subtract'"):
+        tiny_model.set_control(vector, 1.0, op="subtract")
+    with pytest.raises(ValueError, match="unknown when 'later'"):
+        tiny_model.set_control(vector, 1.0, when="later")
+    with pytest.raises(ValueError, match="first_k must be a positive integer"):
+        tiny_model.set_control(vector, 1.0, first_k=0)
+    with pytest.raises(ValueError, match="condition layer 1 must come before every steered layer"):
+        tiny_model.set_control(vector, 1.0, layers=[1, 2], condition=(vector, 0.1, 1))
+    with pytest.raises(ValueError, match="must lie in"):
+        tiny_model.set_control(vector, 1.0, layers=[2], condition=(vector, 1.5, 1))
+    with pytest.raises(ValueError, match="2 prompts but 1 controls"):
+        tiny_model.generate_batch(["a", "b"], [None])
+    zero = ControlVector({1: np.zeros(48, np.float32)}, "llama", {"unit": "gap"})
+    with pytest.raises(ValueError, match="zero vector"):
+        tiny_model.set_control(zero, 1.0, layers=[1], op="ablate")
