@@ -159,6 +159,9 @@ class Hook {
         state_.rows.output_rows.assign(output_rows.data(), output_rows.data() + output_rows.size());
     }
 
+    // Forget the rows: a decode nobody described fails loudly instead of using stale rows.
+    void clear_rows() { state_.rows = hook_rows{}; }
+
     // The first error the callback met since the last call, or "".
     std::string take_error() {
         std::string error = std::move(state_.error);
@@ -202,6 +205,7 @@ PYBIND11_MODULE(_native, m) {
         .def("clear_program", &Hook::clear_program, "Remove every intervention.")
         .def("set_rows", &Hook::set_rows, py::arg("slots"), py::arg("positions"), py::arg("generated"),
              py::arg("output_rows"), "Describe the rows of the next decode: sequence slot, position, phase, outputs.")
+        .def("clear_rows", &Hook::clear_rows, "Forget the rows set for the last decode.")
         .def("take_error", &Hook::take_error, "The first error met by the callback since the last call, or ''.")
         .def("condition_states", &Hook::condition_states, "Per (condition, slot): 1 when the condition holds.")
         .def_property_readonly("intervening", &Hook::intervening)

@@ -245,3 +245,45 @@ def test_bad_intervention_arguments(tiny_model):
     zero = ControlVector({1: np.zeros(48, np.float32)}, "llama", {"unit": "gap"})
     with pytest.raises(ValueError, match="zero vector"):
         tiny_model.set_control(zero, 1.0, layers=[1], op="ablate")
+
+
+# -- ActAdd and memory vectors ------------------------------------------------------------
+
+
+def test_actadd_rows_and_injection_match_reference(tiny_model, tiny_weights):
+    from ggsteer.vector import _pad_to_same_length
+
+    actadd = ControlVector.from_prompts(tiny_model, "i love the dog", "i hate", layer=1)
+    love_text, hate_text = _pad_to_same_length(tiny_model, "i love the dog", "i hate")
+    assert hate_text.startswith("i hate ") and love_text == "i love the dog"  # the shorter prompt was padded
+    love, hate = tiny_model.tokenize_prompt(love_text), tiny_model.tokenize_prompt(hate_text)
+    k = len(love)
+    assert actadd.rows.shape == (k, tiny_model.n_embd) and len(hate) == k
+    hidden_love, _ = reference_forward(tiny_weights, love, kv_f16=False)
+    hidden_hate, _ = reference_forward(tiny_weights, hate, kv_f16=False)
+    np.testing.assert_allclose(actadd.rows, hidden_love[1] - hidden_hate[1], atol=1e-4)
+    np.testing.assert_allclose(actadd.rows[0], 0.0, atol=1e-6)  # BOS: the same token at the same place
+
+    tiny_model.set_control(actadd, 2.0)
+    tokens = tiny_model.tokenize_prompt(PROMPT)
+    got = last_logits(tiny_model)
+
+    def edit(il, h, positions):
+        if il != 1:
+            return h
+        out = h.copy()
+        n = min(k, len(positions))
+        out[:n] += 2.0 * actadd.rows[:n]
+        return out
+
+    np.testing.assert_allclose(got, reference_with(tiny_model, tiny_weights, tokens, edit)[-1], atol=ATOL, rtol=0)
+
+
+def test_memory_vector_is_mean_activation(tiny_model, tiny_weights):
+    memory = ControlVector.from_phrase(tiny_model, "the happy dog", layer=2)
+    hidden, _ = reference_forward(tiny_weights, tiny_model.tokenize_prompt("the happy dog"), kv_f16=False)
+    np.testing.assert_allclose(memory.directions[2], hidden[2].mean(axis=0), atol=1e-4)
+    assert memory.unit == "raw"
+    with pytest.raises(ValueError, match="raw=True"):
+        tiny_model.set_control(memory, 0.1, when="generated")
+    tiny_model.set_control(memory, 0.1, raw=True, when="generated")

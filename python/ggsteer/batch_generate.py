@@ -102,7 +102,10 @@ class BatchRunner:
             np.array([row[3] for row in rows], np.uint8),
             np.array(outputs, np.int32),
         )
-        status = llama_cpp.llama_decode(self.model.ctx, batch)
+        try:
+            status = llama_cpp.llama_decode(self.model.ctx, batch)
+        finally:
+            hook.clear_rows()
         error = hook.take_error()
         if status != 0 or error:
             raise RuntimeError(f"batched decode failed (status {status}){': ' + error if error else ''}")

@@ -8,29 +8,25 @@ from __future__ import annotations
 
 import sys
 
-from ggsteer.cli import CliError, layers_argument, load_model, load_vectors, sampling_kwargs
+from ggsteer.cli import CliError, load_model, load_vectors, sampling_kwargs, steering_interventions
 
 TRANSCRIPT_HEADER = "A conversation between a curious user and a helpful assistant.\n\n"
 HELP = "commands: /strength NAME VALUE, /vectors, /reset, /clear, /help, /quit"
 
 
 class ChatSession:
-    def __init__(self, model, vectors, layers, raw: bool, sampling: dict):
+    def __init__(self, model, vectors, args, sampling: dict):
         self.model = model
         self.strengths = {name: strength for name, _, strength in vectors}
         self.vectors = {name: vector for name, vector, _ in vectors}
-        self.layers = layers
-        self.raw = raw
+        self.args = args
         self.sampling = sampling
         self.history: list[dict[str, str]] = []
         self.apply_steering()
 
     def apply_steering(self) -> None:
-        active = [(self.vectors[name], s) for name, s in self.strengths.items() if s != 0.0]
-        if active:
-            self.model.set_control(active, layers=self.layers, raw=self.raw)
-        else:
-            self.model.reset_control()
+        active = [(name, self.vectors[name], s) for name, s in self.strengths.items() if s != 0.0]
+        self.model.set_interventions(steering_interventions(self.model, self.args, active))
 
     def command(self, line: str) -> str:
         """Run a /command; returns what to print."""
@@ -101,7 +97,7 @@ def chat_command(args) -> int:
     vectors = load_vectors(args.vector)
     model = load_model(args)
     try:
-        session = ChatSession(model, vectors, layers_argument(args.layers), args.raw, sampling_kwargs(args))
+        session = ChatSession(model, vectors, args, sampling_kwargs(args))
     except ValueError as error:
         raise CliError(str(error)) from None
     print(f"chatting with {model.model_name}. {HELP}")

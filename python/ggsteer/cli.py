@@ -53,6 +53,12 @@ def add_steering_arguments(parser: argparse.ArgumentParser) -> None:
                         help="control vector and strength (default: its recommended strength, else 1.0); repeatable")
     parser.add_argument("--layers", default=None, help="layers to steer, e.g. 3-14 (default: the vector's recommended layers)")
     parser.add_argument("--raw", action="store_true", help="strength is a plain coefficient (files without a trained gap)")
+    parser.add_argument("--ablate", action="append", default=[], metavar="FILE",
+                        help="project this vector's direction out of the residual stream; repeatable")
+    parser.add_argument("--clamp", action="append", default=[], metavar="FILE:VALUE",
+                        help="hold the projection on this vector at VALUE (in strength units; 0 = ablate); repeatable")
+    parser.add_argument("--when", choices=("all", "prompt", "generated"), default="all",
+                        help="steer every token (default), only the prompt, or only generated tokens")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, n_default: int) -> None:
@@ -74,6 +80,23 @@ def load_vectors(specs: list[str]):
             strength = vector.recommended_strength or 1.0
         loaded.append((path.stem, vector, strength))
     return loaded
+
+
+def steering_interventions(model, args, vectors) -> list:
+    """Interventions from --vector/--ablate/--clamp/--when/--layers/--raw."""
+    from ggsteer.vector import ControlVector
+
+    layers = layers_argument(args.layers)
+    common = dict(layers=layers, raw=args.raw, when=args.when)
+    items = [model.intervention(vector, strength, **common) for _, vector, strength in vectors]
+    for path in args.ablate:
+        items.append(model.intervention(ControlVector.load(path), 1.0, op="ablate", **common))
+    for spec in args.clamp:
+        path, value = parse_vector_spec(spec)
+        if value is None:
+            raise CliError(f"bad --clamp {spec!r}: expected FILE:VALUE")
+        items.append(model.intervention(ControlVector.load(path), value, op="clamp", **common))
+    return items
 
 
 def layers_argument(text: str | None):
@@ -232,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ggsteer.eval_cli import add_eval_commands
 
     add_eval_commands(sub)
+
+    from ggsteer.server_cli import add_serve_command
+
+    add_serve_command(sub)
     return parser
 
 

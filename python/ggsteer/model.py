@@ -153,6 +153,22 @@ class SteeredModel(llama_cpp.Llama):
                                            when=when, first_k=first_k, condition=condition))
         self._apply_controls(items)
 
+    def intervention(self, vector, strength: float = 1.0, **options):
+        """One Intervention for this model (see set_control for the options), to combine with others."""
+        from ggsteer.interventions import make_intervention
+
+        return make_intervention(vector, strength, self.n_layer, self.n_embd, **options)
+
+    def set_interventions(self, items) -> None:
+        """Steer with several Interventions at once (e.g. add one vector while ablating another)."""
+        from ggsteer.interventions import Intervention
+
+        items = list(items)
+        for item in items:
+            if not isinstance(item, Intervention):
+                raise TypeError(f"expected Intervention objects (model.intervention(...)), got {type(item).__name__}")
+        self._apply_controls(items)
+
     def reset_control(self) -> None:
         """Back to the unsteered model."""
         self._apply_controls([])
@@ -232,7 +248,10 @@ class SteeredModel(llama_cpp.Llama):
             outputs = np.arange(n, dtype=np.int32) if self._logits_all else np.array([n - 1], np.int32)
             generated = np.full(n, self._generating, dtype=np.uint8)
             self._hook.set_rows(np.zeros(n, np.int32), positions, generated, outputs)
-            super().eval(chunk)
+            try:
+                super().eval(chunk)
+            finally:
+                self._hook.clear_rows()
             error = self._hook.take_error()
             if error:
                 raise RuntimeError(f"ggsteer hook: {error}")

@@ -148,6 +148,33 @@ class ControlVector:
         }
         return cls(directions, model_hint=model.model_hint, metadata=metadata)
 
+    @classmethod
+    def from_prompts(cls, model: "SteeredModel", positive: str, negative: str, layer: int):
+        """ActAdd: the per-token activation difference of two prompts at one layer.
+
+        The shorter prompt is padded with spaces until both have the same number of tokens. Steering
+        with the result (`model.set_control(v, coefficient)`) adds row p to position p of each
+        sequence, for the first positions only, as the ActAdd paper does.
+        """
+        from ggsteer.interventions import TokenAlignedVector
+
+        pos_text, neg_text = _pad_to_same_length(model, positive, negative)
+        with model.unsteered():
+            states = model.hidden_states([pos_text, neg_text], layers=[layer], pool="all")
+        rows = (states[0][:, 0] - states[1][:, 0]).astype(np.float32)
+        return TokenAlignedVector(layer=int(layer), rows=rows, model_hint=model.model_hint)
+
+    @classmethod
+    def from_phrase(cls, model: "SteeredModel", phrase: str, layer: int) -> "ControlVector":
+        """A "memory vector": the mean activation of a phrase at one layer (raw unit).
+
+        Inject it while generating, e.g. `model.set_control(v, 0.2, raw=True, when="generated")`.
+        """
+        with model.unsteered():
+            mean = model.hidden_states([phrase], layers=[layer], pool="mean")[0, 0]
+        metadata = {"unit": UNIT_RAW, "method": "memory", "model_name": model.model_name}
+        return cls({int(layer): mean}, model.model_hint, metadata)
+
     # -- layer selection and arithmetic ---------------------------------------------------
     def select_layers(self, layers: Iterable[int]) -> "ControlVector":
         wanted = [int(il) for il in layers]
@@ -258,6 +285,18 @@ class ControlVector:
         span = f"{self.layers[0]}..{self.layers[-1]}" if self.layers else "-"
         method = self.metadata.get("method", "?")
         return f"ControlVector(model_hint={self.model_hint!r}, layers={span} ({len(self.layers)}), n_embd={self.n_embd}, method={method}, unit={self.unit})"
+
+
+def _pad_to_same_length(model: "SteeredModel", a: str, b: str, max_pad: int = 64) -> tuple[str, str]:
+    for _ in range(max_pad):
+        na, nb = len(model.tokenize_prompt(a)), len(model.tokenize_prompt(b))
+        if na == nb:
+            return a, b
+        if na < nb:
+            a += " "
+        else:
+            b += " "
+    raise ValueError(f"could not pad {a!r} and {b!r} to the same number of tokens with spaces")
 
 
 def _warn_near_chance(layers: list[int], fits: list[methods.LayerFit]) -> None:

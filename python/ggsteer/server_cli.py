@@ -1,0 +1,60 @@
+"""`ggsteer serve`: the OpenAI-compatible steering server (python/ggsteer/server.py) on uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+
+from ggsteer.cli import CliError, add_model_arguments, load_model
+
+DEFAULT_CTX = 4096
+
+
+def add_serve_command(subparsers) -> None:
+    """Register `ggsteer serve` on the `ggsteer` parser."""
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve /v1/completions and /v1/chat/completions with per-request steering, and a chat page at /",
+    )
+    add_model_arguments(serve)
+    serve.add_argument("--vectors", required=True, metavar="DIR",
+                       help="directory of *.gguf control vectors; requests steer by file stem")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (default 8)")
+    serve.add_argument("--ctx-size", type=int, default=DEFAULT_CTX,
+                       help=f"KV cells shared by one batch's requests (default {DEFAULT_CTX})")
+    serve.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from ggsteer.server import ServerConfig, VectorRegistry, create_app
+
+    if not 1 <= args.max_batch <= 256:
+        raise CliError(f"--max-batch must be between 1 and 256, got {args.max_batch}")
+    model = load_model(args, n_ctx=args.ctx_size, n_seq_max=args.max_batch)
+    registry = VectorRegistry.load(args.vectors, model)
+    warn_if_exposed(args.host, args.api_key)
+    app = create_app(model, registry, ServerConfig(api_key=args.api_key, max_batch=args.max_batch))
+    print(f"serving {model.model_name} with vectors {', '.join(registry.names)} on http://{args.host}:{args.port}/",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def warn_if_exposed(host: str, api_key: str | None) -> None:
+    if api_key is None and not is_loopback(host):
+        print(f"ggsteer: warning: listening on {host} without --api-key: anyone who can reach it can use the model",
+              file=sys.stderr)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
