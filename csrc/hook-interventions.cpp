@@ -1,5 +1,6 @@
 // Interventions on l_out rows: pick the rows each op applies to, then run the op family on the
 // tensor's backend (host memory: CPU kernel; CUDA: CUDA kernel; anything else: copy out and back).
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -54,6 +55,17 @@ void update_conditions(hook_state & state, const ggml_tensor * t, int32_t il, co
             continue;
         }
         std::vector<uint8_t> touched(prog.n_slots, 0);
+        // a row at position 0 starts a new sequence in its slot: forget the previous one
+        for (size_t r = 0; r < batch_rows.size(); ++r) {
+            const int32_t b = batch_rows[r];
+            const int32_t slot = state.rows.slot[b];
+            if (slot >= 0 && slot < prog.n_slots && state.rows.pos[b] == 0) {
+                const size_t at = c * prog.n_slots + slot;
+                std::fill(prog.cond_sum.begin() + at * n, prog.cond_sum.begin() + (at + 1) * n, 0.0);
+                prog.cond_count[at] = 0;
+                prog.cond_on[at] = 0;
+            }
+        }
         for (size_t r = 0; r < batch_rows.size(); ++r) {
             const int32_t b = batch_rows[r];
             const int32_t slot = state.rows.slot[b];

@@ -177,8 +177,10 @@ def test_condition_switches_steering_per_prompt(tiny_model, tiny_weights):
     assert abs(cosines[0] - cosines[1]) > 0.02
     threshold = float(np.mean(cosines))
     high = int(np.argmax(cosines))
-    for index, prompt in enumerate(prompts):
-        tiny_model.set_control(steer, 1.0, layers=[1, 2], condition=Condition(cond_vector, threshold, 0))
+    # one setting for both prompts: the decision must be remade for each new sequence
+    tiny_model.set_control(steer, 1.0, layers=[1, 2], condition=Condition(cond_vector, threshold, 0))
+    for index, prompt in enumerate(prompts if high == 0 else prompts[::-1]):
+        index = prompts.index(prompt)
         got = last_logits(tiny_model, prompt)
         tokens = tiny_model.tokenize_prompt(prompt)
         active = index == high
@@ -217,6 +219,23 @@ def test_unsteered_sequence_unaffected_by_its_neighbours(tiny_model):
     mixed = tiny_model.generate_batch(prompts, [[(vector, 1.0)], None], max_tokens=16)
     assert mixed[1] == alone[1]
     assert mixed[0] != alone[0]
+
+
+def test_generate_batch_conditions_per_sequence(tiny_model, tiny_weights):
+    cond_vector = random_vector(tiny_model, 15, layers=(0, 1, 2))
+    steer = random_vector(tiny_model, 16, scale=6.0)
+    prompts = ["i am very happy and the dog", "a sad cat and the bad dog today"]
+    cosines = [prompt_mean_cosine(tiny_model, tiny_weights, p, 0, cond_vector.directions[0]) for p in prompts]
+    condition = Condition(cond_vector, float(np.mean(cosines)), 0)
+    conditioned = tiny_model.intervention(steer, 1.0, layers=[1, 2], condition=condition)
+    always = tiny_model.intervention(steer, 1.0, layers=[1, 2])
+    together = tiny_model.generate_batch(prompts, [[conditioned], [conditioned]], max_tokens=10)
+    high = int(np.argmax(cosines))
+    for i, prompt in enumerate(prompts):
+        expected = tiny_model.generate_batch([prompt], [[always] if i == high else None], max_tokens=10)
+        assert together[i] == expected[0]
+    # the check can tell: steering changes the high prompt's completion
+    assert tiny_model.generate_batch([prompts[high]], None, max_tokens=10) != tiny_model.generate_batch([prompts[high]], [[always]], max_tokens=10)
 
 
 def test_generate_batch_streams_pieces(tiny_model):

@@ -90,25 +90,12 @@ class BatchRunner:
             batch.token[r] = token
             batch.pos[r] = pos
             batch.n_seq_id[r] = 1
-            batch.seq_id[r][0] = state.index
+            batch.seq_id[r][0] = state.index  # also the sequence's slot in the hook's program
             batch.logits[r] = wants
             if wants:
                 outputs.append(r)
         batch.n_tokens = n
-        hook = self.model._hook
-        hook.set_rows(
-            np.array([row[0].index for row in rows], np.int32),
-            np.array([row[2] for row in rows], np.int32),
-            np.array([row[3] for row in rows], np.uint8),
-            np.array(outputs, np.int32),
-        )
-        try:
-            status = llama_cpp.llama_decode(self.model.ctx, batch)
-        finally:
-            hook.clear_rows()
-        error = hook.take_error()
-        if status != 0 or error:
-            raise RuntimeError(f"batched decode failed (status {status}){': ' + error if error else ''}")
+        self.model.decode_batch(batch, generated=np.array([row[3] for row in rows], np.uint8))
         # a later decode overwrites llama.cpp's logits: keep each sequence's own
         for r in outputs:
             rows[r][0].next_logits = self.logits_at(r)

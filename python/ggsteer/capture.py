@@ -224,14 +224,11 @@ class BatchDecoder:
                 self.layers, np.asarray(rows, np.int32), np.asarray(out_rows, np.int32), n_tokens, len(rows), buffer
             )
         try:
-            status = llama_cpp.llama_decode(self.model.ctx, batch)
+            self.model.decode_batch(batch)
+        except RuntimeError as error:
+            raise CaptureError(f"{error} (batch of {n_tokens} tokens in {len(segs)} sequences)") from None
         finally:
             seen = self.model._hook.finish_capture() if rows else None
-        if status != 0:
-            raise CaptureError(
-                f"llama_decode failed with status {status} on a batch of {n_tokens} tokens in {len(segs)} "
-                f"sequences (status 1 means the KV cache is full: raise n_ctx or lower batch_size)"
-            )
         if seen is not None:
             missing = [il for il in self.layers if seen[il] != 1]
             if missing:
@@ -296,8 +293,6 @@ def capture_hidden_states(
     progress: bool | None = None,
 ):
     resolved = validate_request(model, prompts, layers, pool)
-    if model._hook.intervening:
-        raise ValueError("hidden_states reads the model with plain additive steering only: call reset_control() first")
     max_sequences = model.n_seq_max if batch_size is None else int(batch_size)
     if not 1 <= max_sequences <= model.n_seq_max:
         raise ValueError(f"batch_size={batch_size} must be between 1 and the context's n_seq_max={model.n_seq_max}")

@@ -152,8 +152,13 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return (v / norm).astype(np.float32)
 
 
-def compile_program(per_slot: Sequence[Sequence[Intervention]], global_interventions: Sequence[Intervention] = ()) -> Program:
-    """Lay interventions out for the hook: slot i gets per_slot[i]; globals apply to every row."""
+def compile_program(
+    per_slot: Sequence[Sequence[Intervention]], global_interventions: Sequence[Intervention] = (), n_slots: int = 1
+) -> Program:
+    """Lay interventions out for the hook: slot i gets per_slot[i]; globals apply to every row.
+
+    `n_slots` sequence slots keep their own condition state (a sequence's slot is its seq id).
+    """
     pool: list[np.ndarray] = []
     size = 0
     ops, coeffs, offsets = [], [], []
@@ -192,7 +197,7 @@ def compile_program(per_slot: Sequence[Sequence[Intervention]], global_intervent
         condition_thresholds=np.asarray([c[2] for c in ordered], dtype=np.float32),
         condition_offsets=np.asarray([c[3] for c in ordered], dtype=np.int64),
         vectors=np.concatenate(pool) if pool else np.zeros(0, np.float32),
-        n_slots=max(1, len(per_slot)),
+        n_slots=max(1, len(per_slot), n_slots),
     )
 
 

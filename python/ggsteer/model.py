@@ -214,7 +214,7 @@ class SteeredModel(llama_cpp.Llama):
         if status != 0:
             raise RuntimeError(f"llama_set_adapter_cvec failed with status {status}")
         if hooked:
-            compile_program([], hooked).install(self._hook)
+            compile_program([], hooked, n_slots=self.n_seq_max).install(self._hook)
         else:
             self._hook.clear_program()
         self._controls = list(items)
@@ -255,6 +255,27 @@ class SteeredModel(llama_cpp.Llama):
             error = self._hook.take_error()
             if error:
                 raise RuntimeError(f"ggsteer hook: {error}")
+
+    def decode_batch(self, batch, generated=False) -> None:
+        """llama_decode on a filled llama_batch, describing its rows to the hook first.
+
+        Rows are taken from the batch itself: slot = sequence id, position, outputs where logits
+        are requested; `generated` (bool or per-row array) marks generated tokens.
+        """
+        n = batch.n_tokens
+        positions = np.ctypeslib.as_array(batch.pos, shape=(n,)).astype(np.int32)
+        slots = np.array([batch.seq_id[i][0] for i in range(n)], dtype=np.int32)
+        outputs = np.flatnonzero(np.ctypeslib.as_array(batch.logits, shape=(n,))).astype(np.int32)
+        flags = np.broadcast_to(np.asarray(generated, dtype=np.uint8), (n,))
+        self._hook.set_rows(slots, positions, np.ascontiguousarray(flags), outputs)
+        try:
+            status = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        finally:
+            self._hook.clear_rows()
+        error = self._hook.take_error()
+        if status != 0 or error:
+            detail = f": {error}" if error else " (status 1: the KV cache is full; raise n_ctx or use smaller batches)"
+            raise RuntimeError(f"llama_decode failed with status {status}{detail}")
 
     def generate_batch(self, prompts, controls=None, max_tokens: int = 64, **sampling) -> list[str]:
         """Complete several prompts side by side, each with its own controls, in shared decodes.
