@@ -13,6 +13,7 @@ import llama_cpp
 import numpy as np
 
 from ggsteer.interventions import Intervention, compile_program, make_intervention
+from ggsteer.llama_batch import OwnedBatch
 
 if TYPE_CHECKING:
     from ggsteer.model import SteeredModel
@@ -75,27 +76,23 @@ class BatchRunner:
     def __init__(self, model: "SteeredModel", states: list[SequenceState]):
         self.model = model
         self.states = states
-        self.batch = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
+        self.batch = OwnedBatch(model.n_batch)
         self.memory = llama_cpp.llama_get_memory(model.ctx)
 
     def close(self) -> None:
-        llama_cpp.llama_batch_free(self.batch)
+        self.batch.close()
 
     def decode(self, rows: list[tuple[SequenceState, int, int, bool, bool]]) -> None:
         """rows: (state, token, position, is_generated, wants_logits)."""
-        n = len(rows)
         batch = self.batch
+        batch.clear()
         outputs = []
-        for r, (state, token, pos, _, wants) in enumerate(rows):
-            batch.token[r] = token
-            batch.pos[r] = pos
-            batch.n_seq_id[r] = 1
-            batch.seq_id[r][0] = state.index  # also the sequence's slot in the hook's program
-            batch.logits[r] = wants
+        for state, token, pos, _, wants in rows:
+            # the sequence id is also the sequence's slot in the hook's program
+            row = batch.add(token, pos, state.index, wants)
             if wants:
-                outputs.append(r)
-        batch.n_tokens = n
-        self.model.decode_batch(batch, generated=np.array([row[3] for row in rows], np.uint8))
+                outputs.append(row)
+        self.model.decode_batch(batch.batch, generated=np.array([row[3] for row in rows], np.uint8))
         # a later decode overwrites llama.cpp's logits: keep each sequence's own
         for r in outputs:
             rows[r][0].next_logits = self.logits_at(r)

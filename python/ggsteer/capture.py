@@ -17,6 +17,8 @@ import llama_cpp
 import numpy as np
 from tqdm.auto import tqdm
 
+from ggsteer.llama_batch import OwnedBatch
+
 if TYPE_CHECKING:
     from ggsteer.model import SteeredModel
 
@@ -172,11 +174,11 @@ class BatchDecoder:
         self.n_batch = model.n_batch
         self.max_sequences = max_sequences
         self.memory = llama_cpp.llama_get_memory(model.ctx)
-        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.batch = OwnedBatch(self.n_batch)
         self.free_seqs = list(range(model.n_seq_max - 1, -1, -1))
 
     def close(self) -> None:
-        llama_cpp.llama_batch_free(self.batch)
+        self.batch.close()
         llama_cpp.llama_memory_clear(self.memory, True)
 
     def take_sequence(self, plan: CapturePlan, seg: Segment) -> bool:
@@ -201,22 +203,17 @@ class BatchDecoder:
 
     def decode(self, segs: list[Segment], store: np.ndarray) -> None:
         rows, out_rows, captures = [], [], []
-        n_tokens = 0
         batch = self.batch
+        batch.clear()
         for seg in segs:
             for offset, token in enumerate(seg.tokens):
-                batch.token[n_tokens] = token
-                batch.pos[n_tokens] = seg.start + offset
-                batch.n_seq_id[n_tokens] = 1
-                batch.seq_id[n_tokens][0] = seg.seq
                 is_wanted = offset in seg.wanted
-                batch.logits[n_tokens] = is_wanted
+                row = batch.add(token, seg.start + offset, seg.seq, is_wanted)
                 if is_wanted:
-                    rows.append(n_tokens)
+                    rows.append(row)
                     out_rows.append(len(out_rows))
                     captures.append(seg.wanted[offset])
-                n_tokens += 1
-        batch.n_tokens = n_tokens
+        n_tokens = batch.n_rows
         buffer = None
         if rows:
             buffer = np.empty((len(rows), len(self.layers), self.model.n_embd), dtype=np.float32)
@@ -224,7 +221,7 @@ class BatchDecoder:
                 self.layers, np.asarray(rows, np.int32), np.asarray(out_rows, np.int32), n_tokens, len(rows), buffer
             )
         try:
-            self.model.decode_batch(batch)
+            self.model.decode_batch(batch.batch)
         except RuntimeError as error:
             raise CaptureError(f"{error} (batch of {n_tokens} tokens in {len(segs)} sequences)") from None
         finally:
