@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import sys
 
 from ggsteer.cli import CliError, add_model_arguments, load_model
 
 DEFAULT_CTX = 4096
+API_KEY_ENV = "GGSTEER_API_KEY"
 
 
 def add_serve_command(subparsers) -> None:
@@ -21,8 +23,12 @@ def add_serve_command(subparsers) -> None:
                        help="directory of *.gguf control vectors; requests steer by file stem")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    serve.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                       help=f"require 'Authorization: Bearer KEY' on /v1 requests (default: ${API_KEY_ENV}, "
+                            "which keeps the key out of the process list)")
     serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (default 8)")
+    serve.add_argument("--batch-wait-ms", type=float, default=20.0,
+                       help="wait this long for more requests before starting a batch that is not full (default 20)")
     serve.add_argument("--ctx-size", type=int, default=DEFAULT_CTX,
                        help=f"KV cells shared by one batch's requests (default {DEFAULT_CTX})")
     serve.set_defaults(func=cmd_serve)
@@ -35,10 +41,18 @@ def cmd_serve(args) -> int:
 
     if not 1 <= args.max_batch <= 256:
         raise CliError(f"--max-batch must be between 1 and 256, got {args.max_batch}")
+    if not 0 <= args.batch_wait_ms <= 1000:
+        raise CliError(f"--batch-wait-ms must be between 0 and 1000, got {args.batch_wait_ms}")
     model = load_model(args, n_ctx=args.ctx_size, n_seq_max=args.max_batch)
-    registry = VectorRegistry.load(args.vectors, model)
-    warn_if_exposed(args.host, args.api_key)
-    app = create_app(model, registry, ServerConfig(api_key=args.api_key, max_batch=args.max_batch))
+    try:
+        registry = VectorRegistry.load(args.vectors, model)
+    except ValueError:
+        model.close()
+        raise
+    api_key = args.api_key or None  # an empty key would accept "Bearer " alone
+    warn_if_exposed(args.host, api_key)
+    config = ServerConfig(api_key=api_key, max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000)
+    app = create_app(model, registry, config)
     print(f"serving {model.model_name} with vectors {', '.join(registry.names)} on http://{args.host}:{args.port}/",
           file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

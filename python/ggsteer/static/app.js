@@ -1,0 +1,221 @@
+// ggsteer chat page: sliders for the server's vectors, a conversation that streams from
+// /v1/chat/completions with the "steering" field. Plain JS, no build step.
+"use strict";
+
+const SLIDER_MIN = -2;
+const SLIDER_MAX = 2;
+const SLIDER_STEP = 0.05;
+
+const state = { history: [], strengths: {}, busy: false };
+const $ = (id) => document.getElementById(id);
+
+function authHeaders() {
+  const key = $("api-key").value.trim();
+  const headers = { "Content-Type": "application/json" };
+  if (key) headers.Authorization = `Bearer ${key}`;
+  return headers;
+}
+
+function setStatus(text) {
+  $("status").textContent = text;
+}
+
+async function errorText(response) {
+  try {
+    const body = await response.json();
+    return body.error ? body.error.message : JSON.stringify(body);
+  } catch (_) {
+    return `HTTP ${response.status}`;
+  }
+}
+
+// -- sliders -----------------------------------------------------------------------------
+
+async function loadVectors() {
+  const box = $("sliders");
+  const response = await fetch("/v1/vectors", { headers: authHeaders() });
+  if (!response.ok) {
+    box.innerHTML = "";
+    box.append(hint(`could not list vectors: ${await errorText(response)}`));
+    return;
+  }
+  const vectors = (await response.json()).data;
+  box.innerHTML = "";
+  if (!vectors.length) box.append(hint("the server has no vectors"));
+  for (const vector of vectors) box.append(buildSlider(vector));
+}
+
+function hint(text) {
+  const p = document.createElement("p");
+  p.className = "hint";
+  p.textContent = text;
+  return p;
+}
+
+function buildSlider(vector) {
+  const name = vector.id;
+  if (!(name in state.strengths)) state.strengths[name] = 0;
+  const wrap = document.createElement("div");
+  wrap.className = "slider";
+  wrap.innerHTML = `
+    <div class="slider-head"><span class="name"></span><span class="value"></span></div>
+    <div class="track"><input type="range"><span class="recommended" hidden>▲</span></div>
+    <div class="meta"></div>`;
+  wrap.querySelector(".name").textContent = name;
+  const input = wrap.querySelector("input");
+  Object.assign(input, { id: `strength-${name}`, min: SLIDER_MIN, max: SLIDER_MAX, step: SLIDER_STEP });
+  input.value = state.strengths[name];
+  input.setAttribute("aria-label", `${name} strength`);
+  input.dataset.vector = name;
+  const value = wrap.querySelector(".value");
+  const show = () => {
+    const strength = Number(input.value);
+    state.strengths[name] = strength;
+    value.textContent = (strength > 0 ? "+" : "") + strength.toFixed(2);
+    value.classList.toggle("active", strength !== 0);
+  };
+  input.addEventListener("input", show);
+  show();
+  markRecommended(wrap, vector.recommended_strength);
+  const unit = vector.unit === "raw" ? "raw coefficient" : "gap units";
+  const layers = vector.recommended_layers || vector.layers;
+  wrap.querySelector(".meta").textContent =
+    `${vector.method || "?"}, layers ${layers[0]}–${layers[layers.length - 1]}, ${unit}` +
+    (vector.recommended_strength != null ? `, recommended ${vector.recommended_strength}` : "");
+  return wrap;
+}
+
+function markRecommended(wrap, recommended) {
+  if (recommended == null || recommended < SLIDER_MIN || recommended > SLIDER_MAX) return;
+  const mark = wrap.querySelector(".recommended");
+  // approximate: the thumb's travel is slightly narrower than the track
+  mark.style.left = `${((recommended - SLIDER_MIN) / (SLIDER_MAX - SLIDER_MIN)) * 100}%`;
+  mark.title = `recommended ${recommended}`;
+  mark.hidden = false;
+}
+
+function activeSteering() {
+  const steering = {};
+  for (const [name, strength] of Object.entries(state.strengths)) {
+    if (strength !== 0) steering[name] = strength;
+  }
+  return steering;
+}
+
+function describeSteering(steering) {
+  const parts = Object.entries(steering).map(([n, s]) => `${n} ${s > 0 ? "+" : ""}${s.toFixed(2)}`);
+  return parts.length ? `steering: ${parts.join(", ")}` : "steering: off";
+}
+
+// -- conversation ------------------------------------------------------------------------
+
+function addMessage(role, text) {
+  const div = document.createElement("div");
+  div.className = `message ${role}`;
+  const body = document.createElement("span");
+  body.className = "text";
+  body.textContent = text;
+  div.append(body);
+  $("conversation").append(div);
+  div.scrollIntoView({ block: "end" });
+  return div;
+}
+
+async function send(text) {
+  const steering = activeSteering();
+  state.history.push({ role: "user", content: text });
+  addMessage("user", text);
+  const reply = addMessage("assistant", "");
+  const note = document.createElement("span");
+  note.className = "steering";
+  note.textContent = describeSteering(steering);
+  reply.append(note);
+  const request = {
+    messages: state.history,
+    steering,
+    stream: true,
+    max_tokens: Number($("max-tokens").value) || 128,
+    temperature: Number($("temperature").value),
+  };
+  setStatus("generating…");
+  try {
+    const content = await streamChat(request, reply.querySelector(".text"));
+    state.history.push({ role: "assistant", content });
+    setStatus("");
+  } catch (error) {
+    state.history.pop(); // the failed turn is not part of the conversation
+    reply.classList.add("error");
+    reply.querySelector(".text").textContent = String(error.message || error);
+    setStatus("");
+  }
+  reply.dataset.done = "true";
+}
+
+// Reads the SSE stream ("data: {...}\n\n" ... "data: [DONE]") into `target`; returns the full reply.
+async function streamChat(request, target) {
+  const response = await fetch("/v1/chat/completions", {
+    method: "POST", headers: authHeaders(), body: JSON.stringify(request),
+  });
+  if (!response.ok) throw new Error(await errorText(response));
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffered = "";
+  let content = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffered += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffered.indexOf("\n\n")) >= 0) {
+      const event = buffered.slice(0, end);
+      buffered = buffered.slice(end + 2);
+      if (!event.startsWith("data: ")) continue;
+      const data = event.slice(6);
+      if (data === "[DONE]") return content;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new Error(chunk.error.message);
+      content += chunk.choices[0].delta.content || "";
+      target.textContent = content;
+    }
+  }
+  return content;
+}
+
+// -- wiring ------------------------------------------------------------------------------
+
+$("composer").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const text = $("message").value.trim();
+  if (!text || state.busy) return;
+  $("message").value = "";
+  state.busy = true;
+  $("send").disabled = true;
+  try {
+    await send(text);
+  } finally {
+    state.busy = false;
+    $("send").disabled = false;
+  }
+});
+
+$("message").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey) {
+    event.preventDefault();
+    $("composer").requestSubmit();
+  }
+});
+
+$("reset-steering").addEventListener("click", () => {
+  for (const input of document.querySelectorAll("#sliders input[type=range]")) {
+    input.value = 0;
+    input.dispatchEvent(new Event("input"));
+  }
+});
+
+$("new-chat").addEventListener("click", () => {
+  state.history = [];
+  $("conversation").innerHTML = "";
+});
+
+$("reload-vectors").addEventListener("click", loadVectors);
+loadVectors();

@@ -1,0 +1,476 @@
+"""`ggsteer serve`: the real server (uvicorn on a free loopback port) with the tiny reference model.
+
+Every generated text is compared with `SteeredModel.generate_batch` for the same prompt and
+controls, alone, at temperature 0, on a second model instance with the same settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from conftest import TIGHT_LLAMA_KWARGS
+
+from ggsteer import SteeredModel
+from ggsteer.chat import TRANSCRIPT_HEADER
+from ggsteer.server import MAX_BODY_BYTES, ChatMessage, ServerConfig, VectorRegistry, chat_prompt, create_app
+from ggsteer.vector import ControlVector
+
+MAX_BATCH = 8
+SERVER_MODEL_KWARGS = dict(n_ctx=512, n_batch=128, n_seq_max=MAX_BATCH, **TIGHT_LLAMA_KWARGS)
+TOKENS = 12
+GREEDY = {"temperature": 0, "max_tokens": TOKENS}
+
+
+def make_vector(n_embd: int, seed: int, unit: str = "gap", recommended: float | None = 0.5) -> ControlVector:
+    rng = np.random.default_rng(seed)
+    directions = {il: rng.normal(size=n_embd).astype(np.float32) * 1.5 for il in (1, 2)}
+    metadata = {"unit": unit, "method": "mean_diff", "model_name": "tiny"}
+    if recommended is not None:
+        metadata["recommended_strength"] = recommended
+    return ControlVector(directions, "llama", metadata)
+
+
+def write_vectors(directory, n_embd: int = 48) -> dict[str, ControlVector]:
+    """happy and honest (gap unit, as trained by ggsteer) and plain (raw unit, as from repeng)."""
+    vectors = {"happy": make_vector(n_embd, 10), "honest": make_vector(n_embd, 11, recommended=None),
+               "plain": make_vector(n_embd, 12, unit="raw", recommended=None)}
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, vector in vectors.items():
+        vector.save(directory / f"{name}.gguf")
+    return {name: ControlVector.load(directory / f"{name}.gguf") for name in vectors}
+
+
+@contextlib.contextmanager
+def running_server(app):
+    """uvicorn in a background thread on a free 127.0.0.1 port; yields the base URL, stops on exit."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "uvicorn did not stop"
+
+
+@pytest.fixture(scope="module")
+def vector_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("vectors")
+
+
+@pytest.fixture(scope="module")
+def vectors(vector_dir) -> dict[str, ControlVector]:
+    return write_vectors(vector_dir)
+
+
+@pytest.fixture(scope="module")
+def server_model(tiny_model_path):
+    model = SteeredModel(tiny_model_path, **SERVER_MODEL_KWARGS)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_path):
+    model = SteeredModel(tiny_model_path, **SERVER_MODEL_KWARGS)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def app(server_model, vector_dir, vectors):
+    registry = VectorRegistry.load(vector_dir, server_model)
+    return create_app(server_model, registry, ServerConfig(max_batch=MAX_BATCH))
+
+
+@pytest.fixture(scope="module")
+def base_url(app):
+    with running_server(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    with httpx.Client(base_url=base_url, timeout=60) as c:
+        yield c
+
+
+def expected_text(reference, vectors, prompt, steering=None, stop=None, max_tokens=TOKENS) -> str:
+    """The same request through generate_batch alone (raw-unit vectors as plain coefficients)."""
+    controls = []
+    for name, strength in (steering or {}).items():
+        vector = vectors[name]
+        as_gap = ControlVector(vector.directions, vector.model_hint, {**vector.metadata, "unit": "gap"})
+        controls.append((as_gap, strength))
+    return reference.generate_batch([prompt], [controls], max_tokens, temperature=0.0, stop=stop)[0]
+
+
+def transcript(user_text: str) -> str:
+    return TRANSCRIPT_HEADER + f"User: {user_text}" + "\nAssistant:"
+
+
+def stream_events(client, path: str, body: dict) -> list:
+    events = []
+    with client.stream("POST", path, json={**body, "stream": True}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                data = line[len("data: "):]
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+# -- completions ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steering", [None, {"happy": 0.8}, {"happy": -1.5, "honest": 0.7}, {"plain": 1.2}])
+def test_completion_equals_generate_batch(client, reference, vectors, steering):
+    body = {"prompt": "the cat sat on", **GREEDY}
+    if steering is not None:
+        body["steering"] = steering
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["object"] == "text_completion"
+    assert result["choices"][0]["text"] == expected_text(reference, vectors, "the cat sat on", steering)
+    assert result["choices"][0]["finish_reason"] in ("stop", "length")
+    assert result["usage"]["prompt_tokens"] == len(reference.tokenize_prompt("the cat sat on"))
+
+
+def test_steering_changes_the_text(client):
+    texts = {client.post("/v1/completions", json={"prompt": "hello", **GREEDY, "steering": s}).json()["choices"][0]["text"]
+             for s in ({}, {"happy": 2.0}, {"happy": -2.0})}
+    assert len(texts) == 3
+
+
+def test_raw_vector_strength_is_a_plain_coefficient(client, reference, vectors):
+    # "plain" has no trained gap: strength 0.6 must mean 0.6 x its stored directions
+    plain = vectors["plain"]
+    assert plain.unit == "raw"
+    scaled = ControlVector({il: 0.6 * d for il, d in plain.directions.items()}, "llama", {"unit": "gap"})
+    expected = reference.generate_batch(["a dog"], [[(scaled, 1.0)]], TOKENS, temperature=0.0)[0]
+    steered = client.post("/v1/completions", json={"prompt": "a dog", **GREEDY, "steering": {"plain": 0.6}}).json()
+    assert steered["choices"][0]["text"] == expected
+    assert expected != expected_text(reference, vectors, "a dog")
+
+
+def test_seeded_sampling_is_reproducible_under_concurrency(base_url, reference, vectors):
+    # seeded sampled requests run alone: generate_batch seeds sequence i with seed + i
+    body = {"prompt": "the cat", "max_tokens": TOKENS, "temperature": 0.9, "seed": 7, "steering": {"happy": 0.5}}
+    expected = reference.generate_batch(["the cat"], [[(vectors["happy"], 0.5)]], TOKENS, temperature=0.9, seed=7)[0]
+
+    def post(_):
+        with httpx.Client(base_url=base_url, timeout=60) as c:
+            return c.post("/v1/completions", json=body).json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(post, range(3))) == [expected] * 3
+
+
+def test_stop_strings_are_cut(client, reference, vectors):
+    full = expected_text(reference, vectors, "the dog")
+    stop = full.strip()[2:5] or full[1:3]
+    response = client.post("/v1/completions", json={"prompt": "the dog", **GREEDY, "stop": [stop]})
+    text = response.json()["choices"][0]["text"]
+    assert text == expected_text(reference, vectors, "the dog", stop=[stop])
+    assert stop not in text
+
+
+def test_streamed_completion_concatenates_to_the_full_text(client):
+    body = {"prompt": "you are very", **GREEDY, "steering": {"honest": -0.9}}
+    full = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    events = stream_events(client, "/v1/completions", body)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert len(chunks) > 2  # streamed in pieces, not as one block
+
+
+def test_streaming_holds_back_a_stop_string(client, reference, vectors):
+    full = expected_text(reference, vectors, "the dog")
+    stop = full.strip()[2:5] or full[1:3]
+    body = {"prompt": "the dog", **GREEDY, "stop": [stop]}
+    events = stream_events(client, "/v1/completions", body)
+    streamed = "".join(c["choices"][0]["text"] for c in events[:-1])
+    assert streamed == client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+
+
+# -- chat -----------------------------------------------------------------------------------------
+
+
+def test_chat_uses_the_transcript_for_base_models(client, reference, vectors):
+    body = {"messages": [{"role": "user", "content": "hello there"}], **GREEDY, "steering": {"happy": 1.0}}
+    result = client.post("/v1/chat/completions", json=body).json()
+    assert result["object"] == "chat.completion"
+    message = result["choices"][0]["message"]
+    assert message["role"] == "assistant"
+    expected = expected_text(reference, vectors, transcript("hello there"), {"happy": 1.0}, stop=["\nUser:", "\n\n\n"])
+    assert message["content"] == expected.lstrip()
+
+
+def test_streamed_chat_concatenates_to_the_full_reply(client):
+    body = {"messages": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "you"}],
+            **GREEDY, "steering": {"happy": -0.4, "honest": 0.3}}
+    full = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    events = stream_events(client, "/v1/chat/completions", body)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == full
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_chat_template_is_used_when_the_model_has_one():
+    class TemplatedModel:  # the parts of SteeredModel that chat_prompt reads
+        metadata = {"tokenizer.chat_template":
+                    "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}<|assistant|>"}
+
+        def token_bos(self):
+            return 1
+
+        def token_eos(self):
+            return 2
+
+        def detokenize(self, tokens, special=False):
+            return {1: b"<s>", 2: b"</s>"}[tokens[0]]
+
+    messages = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi")]
+    prompt, stops, strip_leading = chat_prompt(TemplatedModel(), messages)
+    assert prompt == "<|system|>Be brief.</s><|user|>Hi</s><|assistant|>"  # BOS left to the tokenizer
+    assert stops == ["</s>"]
+    assert not strip_leading
+
+
+# -- vectors --------------------------------------------------------------------------------------
+
+
+def test_vectors_lists_the_registry_with_metadata(client):
+    result = client.get("/v1/vectors").json()
+    by_name = {v["id"]: v for v in result["data"]}
+    assert set(by_name) == {"happy", "honest", "plain"}
+    happy = by_name["happy"]
+    assert happy["layers"] == [1, 2]
+    assert happy["method"] == "mean_diff"
+    assert happy["model_hint"] == "llama"
+    assert happy["recommended_strength"] == 0.5
+    assert happy["unit"] == "gap"
+    assert by_name["honest"]["recommended_strength"] is None
+    assert by_name["plain"]["unit"] == "raw"
+
+
+def test_vectors_that_do_not_fit_the_model_are_refused_at_start_up(tmp_path, server_model):
+    write_vectors(tmp_path / "ok")
+    make_vector(32, 1).save(tmp_path / "ok" / "small.gguf")
+    with pytest.raises(ValueError, match=r"small\.gguf.*n_embd 32"):
+        VectorRegistry.load(tmp_path / "ok", server_model)
+
+
+def test_serve_command_reports_a_bad_registry(tmp_path, tiny_model_path, capsys):
+    from ggsteer.cli import main
+
+    make_vector(32, 1).save(tmp_path / "wrong.gguf")
+    assert main(["serve", "--model", str(tiny_model_path), "--vectors", str(tmp_path), "--threads", "2"]) == 2
+    error = capsys.readouterr().err
+    assert "wrong.gguf" in error and "n_embd 32" in error
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_command_serves(tmp_path, tiny_model_path):
+    """`ggsteer serve` itself, in a subprocess, answers on the port it was given and stops on SIGTERM."""
+    write_vectors(tmp_path)
+    port = free_port()
+    command = [sys.executable, "-c", "import sys; from ggsteer.cli import main; sys.exit(main())", "serve",
+               "--model", str(tiny_model_path), "--vectors", str(tmp_path), "--port", str(port), "--threads", "2",
+               "--ctx-size", "256", "--max-batch", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "ggsteer serve did not start listening"
+            with contextlib.suppress(httpx.TransportError):
+                listed = httpx.get(f"{url}/v1/vectors", timeout=5)
+                break
+            time.sleep(0.2)
+        assert [v["id"] for v in listed.json()["data"]] == ["happy", "honest", "plain"]
+        response = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", **GREEDY, "steering": {"happy": 1}}, timeout=60)
+        assert response.status_code == 200
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert "serving ggsteer-tiny-llama with vectors happy, honest, plain" in output
+
+
+# -- bad requests ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"prompt": "x", "steering": {"sad": 0.5}}, r"unknown vector 'sad'.*happy, honest, plain"),
+        ({"prompt": "x", "steering": {"happy": 10.5}}, r"within \+-10"),
+        ({"prompt": "x", "steering": {"happy": "lots"}}, "finite number"),
+        ({"prompt": "x", "steering": ["happy"]}, "steering"),
+        ({"prompt": "x", "temperature": -1}, "temperature"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "seed": -1}, "seed"),
+        ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"steering": {}}, "prompt"),
+        ({"prompt": "x" * 3000, "max_tokens": 100}, "exceeds the context"),
+    ],
+)
+def test_bad_completion_requests_get_400(client, body, message):
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert re.search(message, response.json()["error"]["message"])
+
+
+def test_non_finite_strengths_get_400(client):
+    for literal in ("NaN", "Infinity", "-Infinity"):
+        response = client.post("/v1/completions", content=f'{{"prompt": "x", "steering": {{"happy": {literal}}}}}')
+        assert response.status_code == 400
+        assert "finite" in response.json()["error"]["message"]
+
+
+def test_bad_json_gets_400(client):
+    for content in (b'{"prompt": ', b"[1, 2]", b"\xff\xfe"):
+        response = client.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
+        assert response.status_code == 400, content
+
+
+def test_bad_chat_messages_get_400(client):
+    assert client.post("/v1/chat/completions", json={"messages": []}).status_code == 400
+    assert client.post("/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]}).status_code == 400
+
+
+def test_large_bodies_get_413(client):
+    big = {"prompt": "x" * (MAX_BODY_BYTES + 10)}
+    assert client.post("/v1/completions", json=big).status_code == 413
+
+    def chunks():  # no content-length: the limit is checked while reading
+        for _ in range(20):
+            yield b" " * 100_000
+
+    assert client.post("/v1/completions", content=chunks()).status_code == 413
+
+
+def test_server_keeps_serving_after_errors(client):
+    client.post("/v1/completions", content=b"nonsense")
+    client.post("/v1/completions", json={"prompt": "x", "steering": {"nope": 1}})
+    response = client.post("/v1/completions", json={"prompt": "still here", **GREEDY})
+    assert response.status_code == 200
+
+
+# -- API key --------------------------------------------------------------------------------------
+
+
+def test_api_key_is_enforced(tiny_model_path, vector_dir, vectors):
+    model = SteeredModel(tiny_model_path, **SERVER_MODEL_KWARGS)
+    try:
+        app = create_app(model, VectorRegistry.load(vector_dir, model), ServerConfig(api_key="s3cret", max_batch=4))
+        with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+            body = {"prompt": "hi", **GREEDY}
+            assert c.post("/v1/completions", json=body).status_code == 401
+            assert c.get("/v1/vectors").status_code == 401
+            wrong = c.post("/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 401
+            assert wrong.headers["www-authenticate"] == "Bearer"
+            good = {"Authorization": "Bearer s3cret"}
+            assert c.post("/v1/completions", json=body, headers=good).status_code == 200
+            assert c.get("/v1/vectors", headers=good).status_code == 200
+            assert c.get("/").status_code == 200  # the page itself is public; it sends the key it is given
+    finally:
+        model.close()
+
+
+# -- isolation under load -------------------------------------------------------------------------
+
+CLIENTS = 8
+REQUESTS_PER_CLIENT = 5
+
+
+def client_request(i: int, k: int) -> dict:
+    """Client i's k-th request: its own steering (some unsteered), prompt and endpoint."""
+    steering = [{}, {"happy": 1.5}, {"happy": -1.5}, {"honest": 1.0}, {"honest": -2.0, "happy": 0.5},
+                {"plain": 0.8}, {"plain": -0.8, "honest": 0.4}, {"happy": 3.0}][i]
+    prompt = ["the cat", "a dog sat", "you", "hello there"][(i + k) % 4]
+    stream = k % 3 == 2  # every third request streams: its pieces travel through on_token under load
+    if k % 2:
+        body = {"messages": [{"role": "user", "content": prompt}], **GREEDY, "steering": steering, "stream": stream}
+        return {"path": "/v1/chat/completions", "body": body}
+    return {"path": "/v1/completions", "body": {"prompt": prompt, **GREEDY, "steering": steering, "stream": stream}}
+
+
+def alone(reference, vectors, request) -> str:
+    body = request["body"]
+    if "prompt" in body:
+        return expected_text(reference, vectors, body["prompt"], body["steering"])
+    prompt = transcript(body["messages"][0]["content"])
+    return expected_text(reference, vectors, prompt, body["steering"], stop=["\nUser:", "\n\n\n"]).lstrip()
+
+
+def response_text(result) -> str:
+    if isinstance(result, list):  # streamed chunks, then "[DONE]"
+        assert result[-1] == "[DONE]"
+        return "".join(c["choices"][0].get("text") or c["choices"][0].get("delta", {}).get("content", "") for c in result[:-1])
+    choice = result["choices"][0]
+    return choice["text"] if "text" in choice else choice["message"]["content"]
+
+
+def send(c: httpx.Client, request: dict) -> tuple[int, object]:
+    if request["body"]["stream"]:
+        return 200, stream_events(c, request["path"], request["body"])
+    response = c.post(request["path"], json=request["body"])
+    return response.status_code, response.json()
+
+
+def test_concurrent_clients_never_see_each_others_steering(base_url, app, reference, vectors):
+    requests = {(i, k): client_request(i, k) for i in range(CLIENTS) for k in range(REQUESTS_PER_CLIENT)}
+    expected = {key: alone(reference, vectors, request) for key, request in requests.items()}
+    batches_before = len(app.state.server.worker.batch_sizes)
+
+    def run_client(i: int) -> list:
+        results = []
+        with httpx.Client(base_url=base_url, timeout=60) as c:
+            for k in range(REQUESTS_PER_CLIENT):
+                results.append(((i, k), *send(c, requests[(i, k)])))
+        return results
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        results = [r for batch in pool.map(run_client, range(CLIENTS)) for r in batch]
+
+    assert len(results) == CLIENTS * REQUESTS_PER_CLIENT
+    for key, status, result in results:
+        assert status == 200, (key, result)
+        assert response_text(result) == expected[key], key
+    sizes = app.state.server.worker.batch_sizes[batches_before:]
+    assert max(sizes) > 1, f"requests were never batched together: {sizes}"

@@ -1,0 +1,128 @@
+"""The chat page at `/`, driven by headless Debian chromium through selenium.
+
+Needs `chromium` and `chromium-driver` (Debian packages); without them the test is skipped with
+the reason shown in pytest's summary (-ra). The screenshot is written to pytest's tmp dir and,
+when GGSTEER_ARTIFACTS is set, into that directory too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from test_server import SERVER_MODEL_KWARGS, expected_text, running_server, transcript, write_vectors
+
+from ggsteer import SteeredModel
+from ggsteer.server import ServerConfig, VectorRegistry, create_app
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+TRANSCRIPT_STOPS = ["\nUser:", "\n\n\n"]
+MAX_TOKENS = 12
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="chromium and chromedriver not found: apt-get install -y chromium chromium-driver",
+)
+
+
+@pytest.fixture(scope="module")
+def page_server(tmp_path_factory, tiny_model_path):
+    directory = tmp_path_factory.mktemp("page_vectors")
+    vectors = write_vectors(directory)
+    model = SteeredModel(tiny_model_path, **SERVER_MODEL_KWARGS)
+    app = create_app(model, VectorRegistry.load(directory, model), ServerConfig(max_batch=4))
+    try:
+        with running_server(app) as url:
+            yield url, vectors
+    finally:
+        model.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_path):
+    model = SteeredModel(tiny_model_path, **SERVER_MODEL_KWARGS)
+    yield model
+    model.close()
+
+
+@pytest.fixture
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,800"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def save_screenshot(driver, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    driver.save_screenshot(str(path))
+    artifacts = os.environ.get("GGSTEER_ARTIFACTS")
+    if artifacts:
+        Path(artifacts).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(artifacts) / name)
+    return path
+
+
+def set_field(driver, element_id: str, value: str) -> None:
+    field = driver.find_element("id", element_id)
+    field.clear()
+    field.send_keys(value)
+
+
+def send_and_wait(driver, text: str, n_replies: int) -> str:
+    """Type a message, press Enter, wait for the n-th finished reply; returns its exact text."""
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.find_element("id", "message").send_keys(text, Keys.ENTER)
+    done = ".message.assistant[data-done='true']"
+    WebDriverWait(driver, 60).until(lambda d: len(d.find_elements("css selector", done)) >= n_replies)
+    reply = driver.find_elements("css selector", done)[n_replies - 1]
+    assert "error" not in reply.get_attribute("class"), reply.text
+    return reply.find_element("css selector", ".text").get_attribute("textContent")
+
+
+def test_page_steers_from_the_next_message(page_server, reference, browser, tmp_path):
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, vectors = page_server
+    browser.get(url + "/")
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements("id", "strength-happy"))
+    assert {e.get_attribute("data-vector") for e in browser.find_elements("css selector", "#sliders input")} == {
+        "happy", "honest", "plain"}
+    set_field(browser, "temperature", "0")
+    set_field(browser, "max-tokens", str(MAX_TOKENS))
+
+    # move the happy slider ten steps of 0.05 to the right: +0.50
+    slider = browser.find_element("id", "strength-happy")
+    slider.click()  # the click lands mid-track (0); the arrows then move it from there
+    for _ in range(10):
+        slider.send_keys(Keys.ARROW_RIGHT)
+    assert float(slider.get_attribute("value")) == pytest.approx(0.5)
+
+    first = send_and_wait(browser, "hello there", 1)
+    steered = expected_text(reference, vectors, transcript("hello there"), {"happy": 0.5}, stop=TRANSCRIPT_STOPS).lstrip()
+    unsteered = expected_text(reference, vectors, transcript("hello there"), stop=TRANSCRIPT_STOPS).lstrip()
+    assert steered != unsteered
+    assert first == steered
+    note = browser.find_elements("css selector", ".message.assistant .steering")[0].text
+    assert note == "steering: happy +0.50"
+    save_screenshot(browser, tmp_path, "chat-page-steered.png")
+
+    # steering off again: the next reply continues the conversation unsteered
+    browser.find_element("id", "reset-steering").click()
+    second = send_and_wait(browser, "again", 2)
+    history = transcript("hello there")[: -len("\nAssistant:")] + f"\nAssistant: {first}\nUser: again\nAssistant:"
+    assert second == expected_text(reference, vectors, history, stop=TRANSCRIPT_STOPS).lstrip()
+    save_screenshot(browser, tmp_path, "chat-page-two-turns.png")
