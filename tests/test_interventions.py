@@ -306,3 +306,22 @@ def test_memory_vector_is_mean_activation(tiny_model, tiny_weights):
     with pytest.raises(ValueError, match="raw=True"):
         tiny_model.set_control(memory, 0.1, when="generated")
     tiny_model.set_control(memory, 0.1, raw=True, when="generated")
+
+
+def test_ablate_sets_projection_to_trained_center(tiny_model, tiny_weights):
+    base = random_vector(tiny_model, 22)
+    centers = {1: 0.8, 2: -1.7}
+    vector = ControlVector(base.directions, "llama", {"unit": "gap", "layers": [1, 2], "center": [centers[1], centers[2]]})
+    tokens = tiny_model.tokenize_prompt(PROMPT)
+    for op, strength, offset in (("ablate", 1.0, 0.0), ("clamp", 0.5, 0.5)):
+        tiny_model.set_control(vector, strength, layers=[1, 2], op=op)
+
+        def edit(il, h, positions):
+            if il not in (1, 2):
+                return h
+            v = vector.directions[il].astype(np.float64)
+            target = centers[il] + offset * np.linalg.norm(v)
+            return numpy_op("clamp", h, np.broadcast_to(unit(v), h.shape), target)
+
+        expected = reference_with(tiny_model, tiny_weights, tokens, edit)[-1]
+        np.testing.assert_allclose(last_logits(tiny_model), expected, atol=ATOL, rtol=0)

@@ -85,6 +85,8 @@ def test_statistics_recorded(tiny_model, tiny_weights, pairs):
         assert separation[il] == pytest.approx(float((((pos[:, il] - neg[:, il]) @ d) > 0).mean()))
         both = np.concatenate([pos[:, il], neg[:, il]])
         assert norms[il] == pytest.approx(float(np.linalg.norm(both, axis=1).mean()), rel=1e-4)
+        midpoints = (pos[:, il] + neg[:, il]) / 2
+        assert vector.layer_stat("center")[il] == pytest.approx(float((midpoints @ d).mean()), rel=1e-4, abs=1e-4)
     assert vector.metadata["dataset_size"] == len(pairs)
     assert vector.metadata["method"] == "mean_diff"
 

@@ -64,6 +64,7 @@ def full_metadata() -> dict[str, object]:
         "separation": [f32(0.61), f32(0.83), f32(0.97)],
         "gap": [f32(1.25), f32(2.5), f32(3.1)],
         "residual_norm": [f32(12.3), f32(45.6), f32(78.9)],
+        "center": [f32(-3.5), f32(0.25), f32(17.0)],
         "dataset_size": 256,
         "dataset_hash": "sha256:0123abcd",
         "recommended_strength": f32(4.2),
@@ -1051,10 +1052,10 @@ def test_describe_ggsteer_file(ggsteer_file):
     assert "method:      pca_diff" in text
     assert "recommended layers:   4, 7" in text
     header_line = next(line for line in text.splitlines() if line.strip().startswith("layer "))
-    assert header_line.split() == ["layer", "norm", "separation", "gap", "residual", "norm"]
+    assert header_line.split() == ["layer", "norm", "separation", "gap", "residual", "norm", "center"]
     row = next(line for line in text.splitlines() if line.split()[:1] == ["4"]).split()
     assert float(row[1]) == pytest.approx(np.linalg.norm(vf.directions[4]), rel=1e-3)
-    assert [float(value) for value in row[2:]] == pytest.approx([0.83, 2.5, 45.6], rel=1e-3)
+    assert [float(value) for value in row[2:]] == pytest.approx([0.83, 2.5, 45.6, 0.25], rel=1e-3)
 
 
 def test_describe_external_file_and_layer_ranges(tmp_path):

@@ -3,9 +3,13 @@
 Each operation acts on a block's output rows h (llama.cpp's `l_out-i`), per layer and per row:
 
 - `add`: h += s * v (what llama.cpp's adapter does, but here per sequence or gated);
-- `ablate`: h -= (h . u) u, the direction u = v / |v| projected out;
-- `clamp`: h += (t - h . u) u, the projection on u set to t = s * |v| (s in strength units: for
-  ggsteer vectors |v| is the layer's trained gap; `clamp 0` is `ablate`);
+- `ablate`: the projection on u = v / |v| set to the neutral point c: h += (c - h . u) u. For
+  vectors trained by ggsteer, c is the mean projection of the training pairs' midpoints (stored in
+  the file as `center`): removing the whole projection would also remove the baseline every text
+  has along u, which can push toward either side. Vectors without a center use c = 0, plain
+  directional ablation h -= (h . u) u;
+- `clamp`: the projection held at t = c + s * |v|: s in strength units (for ggsteer vectors |v|
+  is the layer's trained gap), so `clamp 0` is `ablate` and `clamp 1` sits one gap past neutral;
 - `add_normalized`: add, then rescale each row back to its norm before the addition.
 
 Gating: `when="prompt"` (prompt tokens only), `"generated"` (generated tokens only), `first_k=k`
@@ -185,7 +189,8 @@ def compile_program(
         cond = condition_index(item.condition)
         for layer in item.layers:
             vector, coeff, n_rows = _op_vector(item, layer)
-            ops.append([OP_CODES[item.op], layer, slot, WHEN_CODES[item.when], -1 if item.first_k is None else item.first_k, cond, n_rows])
+            kind = OP_CODES["clamp"] if item.op == "ablate" else OP_CODES[item.op]
+            ops.append([kind, layer, slot, WHEN_CODES[item.when], -1 if item.first_k is None else item.first_k, cond, n_rows])
             coeffs.append(coeff)
             offsets.append(add_vector(vector))
     ordered = sorted(conditions.values())
@@ -206,8 +211,9 @@ def _op_vector(item: Intervention, layer: int) -> tuple[np.ndarray, float, int]:
     if isinstance(item.vector, TokenAlignedVector):
         return item.vector.rows, item.strength, item.vector.rows.shape[0]
     v = item.vector.directions[layer]
+    center = item.vector.layer_stat("center").get(layer, 0.0)
     if item.op == "ablate":
-        return _unit(v), 0.0, 1
+        return _unit(v), center, 1
     if item.op == "clamp":
-        return _unit(v), item.strength * float(np.linalg.norm(v)), 1
+        return _unit(v), center + item.strength * float(np.linalg.norm(v)), 1
     return v, item.strength, 1

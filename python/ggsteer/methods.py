@@ -32,6 +32,7 @@ class LayerFit:
     separation: float  # fraction of pairs whose positive projects above its negative
     gap: float  # mean of (positive - negative) projected on `direction`: the strength unit
     residual_norm: float  # mean L2 norm of the layer's activations (both sides)
+    center: float  # mean projection of the pair midpoints on `direction`: the neutral point
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:
@@ -105,4 +106,5 @@ def fit_layer(pos: np.ndarray, neg: np.ndarray, method: str) -> LayerFit:
         separation=float((diffs > 0).mean()),
         gap=float(diffs.mean()),
         residual_norm=float(norms.mean()),
+        center=float((((pos64 + neg64) / 2.0) @ direction).mean()),
     )

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 UNIT_GAP = "gap"
 UNIT_RAW = "raw"
 # per-layer statistics that stop meaning anything once vectors are combined
-PER_LAYER_STATS = ("separation", "gap", "residual_norm")
+PER_LAYER_STATS = ("separation", "gap", "residual_norm", "center")
 
 
 class TrainingWarning(UserWarning):
@@ -87,7 +87,7 @@ class ControlVector:
         return None if value is None else [int(il) for il in value]
 
     def layer_stat(self, name: str) -> dict[int, float]:
-        """A per-layer statistic (separation, gap, residual_norm) keyed by layer."""
+        """A per-layer statistic (separation, gap, residual_norm, center) keyed by layer."""
         values = self.metadata.get(name)
         stat_layers = self.metadata.get("layers")
         if values is None or stat_layers is None:
@@ -142,6 +142,7 @@ class ControlVector:
             "separation": [fit.separation for fit in fits],
             "gap": [abs(fit.gap) for fit in fits],
             "residual_norm": [fit.residual_norm for fit in fits],
+            "center": [fit.center for fit in fits],
             "dataset_size": len(entries),
             "dataset_hash": dataset_hash(entries),
             "recommended_layers": recommended or list(train_layers),

@@ -179,6 +179,7 @@ METADATA_KEYS: dict[str, MetadataSpec] = {
     "separation": _FLOAT32_LIST,  # per layer: how well the direction separates the pairs
     "gap": _FLOAT32_LIST,  # per layer: mean gap of positive minus negative projections (strength unit)
     "residual_norm": _FLOAT32_LIST,  # per layer: typical norm of the residual stream there
+    "center": _FLOAT32_LIST,  # per layer: mean projection of the pair midpoints (the neutral point)
     "dataset_size": _UINT32,  # number of contrast pairs
     "dataset_hash": _STR,  # hash of the contrast dataset
     "recommended_strength": _FLOAT32,
@@ -188,7 +189,7 @@ METADATA_KEYS: dict[str, MetadataSpec] = {
     "pool": _STR,  # how token states were pooled during training, e.g. "last", "mean"
     "n_layer": _UINT32,  # number of blocks of the model the vector was made for
 }
-PER_LAYER_KEYS = ("separation", "gap", "residual_norm")
+PER_LAYER_KEYS = ("separation", "gap", "residual_norm", "center")
 _LAYER_LIST_KEYS = ("layers", "recommended_layers")
 
 _INTEGER_GGUF_TYPES = {
