@@ -61,3 +61,37 @@ def test_vector_for_another_model_is_refused(default_model):
     other = ControlVector({1: np.ones(48, np.float32)}, "llama", {"unit": "gap"})
     with pytest.raises(ValueError, match="n_embd 48 but the model has n_embd 640"):
         default_model.set_control(other, 0.5)
+
+
+def test_ablating_happy_direction_lowers_cheerful_gap(default_model, happy_vector):
+    from ggsteer.evaluate import continuation_logprobs
+
+    items = load_eval_prompts("happy")[:8]
+    persona = "Act as if you are an extremely happy person. "
+    pairs = [(persona + it["prompt"], it["positive"]) for it in items] + [(persona + it["prompt"], it["negative"]) for it in items]
+
+    def mean_gap():
+        logprobs = continuation_logprobs(default_model, pairs)
+        return float((logprobs[: len(items)] - logprobs[len(items) :]).mean())
+
+    plain = mean_gap()
+    default_model.set_control(happy_vector, 1.0, op="ablate")
+    ablated = mean_gap()
+    assert ablated < plain - 0.2, f"ablation did not lower the cheerful gap: {plain:.3f} -> {ablated:.3f}"
+
+
+def test_when_generated_keeps_prompt_states(default_model, happy_vector):
+    import llama_cpp
+
+    tokens = default_model.tokenize_prompt("The weather this morning was")
+
+    def first_logits():
+        default_model.reset()
+        default_model.eval(tokens)
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(default_model.ctx, -1), shape=(default_model.n_vocab(),)).copy()
+
+    plain = first_logits()
+    default_model.set_control(happy_vector, 1.0, when="generated")
+    np.testing.assert_array_equal(first_logits(), plain)
+    default_model.set_control(happy_vector, 1.0)
+    assert np.abs(first_logits() - plain).max() > 0.1
