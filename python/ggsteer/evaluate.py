@@ -14,6 +14,9 @@ Fluency cost, measured on the shipped neutral texts (`load_neutral_texts`):
   the first (token-weighted over all texts).
 Log-softmax is computed in float64 from llama.cpp's float32 logits, one row at a time, so only one
 decode's logits are held (Gemma 3's vocabulary has 262,144 entries: 1 MiB of float32 per row).
+Texts are decoded side by side (at most LOGITS_BUDGET_BYTES of logits per decode); each batch's
+unsteered logits are decoded once and compared with every strength of a sweep. Decodes go through
+`SteeredModel.decode_batch`, so hook interventions (ablate, clamp, ...) are measured too.
 
 A sweep (`strength_sweep`) measures both at a list of strengths on one layer range;
 `choose_calibration` picks the positive strength with the largest behaviour gain whose KL stays
@@ -22,12 +25,12 @@ under a bound.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from importlib import resources
-import contextlib
-import functools
 from typing import TYPE_CHECKING, Callable, ContextManager, Sequence
 
 import llama_cpp
