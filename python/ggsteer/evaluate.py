@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Sequence
 import llama_cpp
 import numpy as np
 
+from ggsteer.llama_batch import OwnedBatch
+
 if TYPE_CHECKING:
     from ggsteer.model import SteeredModel
     from ggsteer.vector import ControlVector
@@ -75,7 +77,7 @@ def continuation_logprobs(model: "SteeredModel", items: Sequence[tuple[str, str]
     encoded = [_pair_tokens(model, p, c) for p, c in items]
     scores = np.zeros(len(items))
     memory = llama_cpp.llama_get_memory(model.ctx)
-    batch = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
+    batch = OwnedBatch(model.n_batch)
     n_vocab = model.n_vocab()
     model.reset()
     try:
@@ -83,7 +85,7 @@ def continuation_logprobs(model: "SteeredModel", items: Sequence[tuple[str, str]
         while start < len(encoded):
             stop = _fill_batch(batch, encoded, start, model.n_batch, model.n_seq_max)
             llama_cpp.llama_memory_clear(memory, True)
-            model.decode_batch(batch)  # describes the rows to the hook, so hook interventions apply too
+            model.decode_batch(batch.batch)  # describes the rows to the hook, so hook interventions apply too
             row = 0
             for index in range(start, stop):
                 tokens, n_prompt = encoded[index]
@@ -95,30 +97,25 @@ def continuation_logprobs(model: "SteeredModel", items: Sequence[tuple[str, str]
                 row += 1  # the last token predicts nothing we score
             start = stop
     finally:
-        llama_cpp.llama_batch_free(batch)
+        batch.close()
         llama_cpp.llama_memory_clear(memory, True)
         model.reset()
     return scores
 
 
-def _fill_batch(batch, encoded, start: int, n_batch: int, n_seq_max: int) -> int:
+def _fill_batch(batch: OwnedBatch, encoded, start: int, n_batch: int, n_seq_max: int) -> int:
     """Pack sequences from `start` on; logits only where a continuation token is predicted."""
-    n_tokens, index = 0, start
+    batch.clear()
+    index = start
     while index < len(encoded) and index - start < n_seq_max:
         tokens, n_prompt = encoded[index]
         if len(tokens) > n_batch:
             raise ValueError(f"prompt and continuation {index} have {len(tokens)} tokens, more than n_batch={n_batch}")
-        if n_tokens + len(tokens) > n_batch:
+        if batch.n_rows + len(tokens) > n_batch:
             break
         for pos, token in enumerate(tokens):
-            batch.token[n_tokens] = token
-            batch.pos[n_tokens] = pos
-            batch.n_seq_id[n_tokens] = 1
-            batch.seq_id[n_tokens][0] = index - start
-            batch.logits[n_tokens] = n_prompt - 1 <= pos < len(tokens) - 1
-            n_tokens += 1
+            batch.add(token, pos, index - start, n_prompt - 1 <= pos < len(tokens) - 1)
         index += 1
-    batch.n_tokens = n_tokens
     return index
 
 
@@ -288,28 +285,23 @@ class _AllPositionsDecoder:
     def __init__(self, model: "SteeredModel"):
         self.model = model
         self.memory = llama_cpp.llama_get_memory(model.ctx)
-        self.batch = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
+        self.batch = OwnedBatch(model.n_batch)
         self.n_vocab = model.n_vocab()
 
     def decode(self, token_lists: list[list[int]], group: list[int]) -> np.ndarray:
         """float32 logits [rows, n_vocab] in batch order: a view valid until the next decode."""
-        n_rows = 0
+        self.batch.clear()
         for seq, index in enumerate(group):
             for pos, token in enumerate(token_lists[index]):
-                self.batch.token[n_rows] = token
-                self.batch.pos[n_rows] = pos
-                self.batch.n_seq_id[n_rows] = 1
-                self.batch.seq_id[n_rows][0] = seq
-                self.batch.logits[n_rows] = True
-                n_rows += 1
-        self.batch.n_tokens = n_rows
+                self.batch.add(token, pos, seq, True)
+        n_rows = self.batch.n_rows
         llama_cpp.llama_memory_clear(self.memory, True)
-        self.model.decode_batch(self.batch)
+        self.model.decode_batch(self.batch.batch)
         # llama.h: the requested logits are stored contiguously in batch order
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.model.ctx), shape=(n_rows, self.n_vocab))
 
     def close(self) -> None:
-        llama_cpp.llama_batch_free(self.batch)
+        self.batch.close()
         llama_cpp.llama_memory_clear(self.memory, True)
         self.model.reset()
 
