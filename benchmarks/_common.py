@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import platform
+import statistics
 import time
 
 import llama_cpp
@@ -63,6 +63,31 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
+def paired_ratios(measure, cases: list, rounds: int) -> tuple[dict, dict]:
+    """Speed of each case relative to a baseline measured right before it, round after round.
+
+    `measure(case)` returns a speed (higher is faster); `measure(None)` is the baseline. Pairing each
+    case with an adjacent baseline run, and rotating the order each round, keeps the drift of a
+    shared machine out of the ratios. Returns every case's ratios and speeds (baseline under None).
+    """
+    ratios: dict = {case: [] for case in cases}
+    speeds: dict = {None: []} | {case: [] for case in cases}
+    for r in range(rounds):
+        for case in cases[r % len(cases):] + cases[: r % len(cases)]:
+            base = measure(None)
+            speed = measure(case)
+            speeds[None].append(base)
+            speeds[case].append(speed)
+            ratios[case].append(speed / base)
+    return ratios, speeds
+
+
+def ratio_cells(ratios: list[float]) -> list[str]:
+    """Median paired ratio and the range it came from."""
+    ordered = sorted(ratios)
+    return [f"{statistics.median(ordered):.3f}", f"{ordered[0]:.3f}-{ordered[-1]:.3f}"]
+
+
 def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
@@ -73,5 +98,3 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
         print(line(row))
     print()
 
-
-_ = ctypes  # keeps ctypes imported for users extending BareContext

@@ -1,6 +1,6 @@
 """Generation speed with additive steering (llama.cpp's control-vector adapter) vs unsteered.
 
-    python benchmarks/steer.py [--tokens 128] [--repeats 3]
+    python benchmarks/steer.py [--tokens 64] [--rounds 7]
 
 Target: steered / unsteered tokens/s >= 0.98.
 """
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import numpy as np
-from _common import machine_line, print_table
+from _common import machine_line, paired_ratios, print_table, ratio_cells
 
 from ggsteer import SteeredModel
 from ggsteer.vector import ControlVector
@@ -32,27 +33,31 @@ def tokens_per_second(model: SteeredModel, n_tokens: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     model = SteeredModel(n_threads=os.cpu_count())
     rng = np.random.default_rng(0)
     # a vector of realistic size: 0.5 x a unit direction scaled to each layer's typical gap
     vector = ControlVector({il: rng.normal(size=model.n_embd).astype(np.float32) * 5 for il in range(1, model.n_layer)},
                            model.model_hint, {"unit": "gap"})
+
+    def measure(case: str | None) -> float:
+        if case is None:
+            model.reset_control()
+        else:
+            model.set_control(vector, 0.5, layers=range(3, 15))
+        return tokens_per_second(model, args.tokens)
+
     tokens_per_second(model, 16)  # warm-up
-    plain, steered = [], []
-    for _ in range(args.repeats):  # interleaved, so drift hits both alike
-        model.reset_control()
-        plain.append(tokens_per_second(model, args.tokens))
-        model.set_control(vector, 0.5, layers=range(3, 15))
-        steered.append(tokens_per_second(model, args.tokens))
+    ratios, speeds = paired_ratios(measure, ["steered"], args.rounds)
     model.reset_control()
-    best_plain, best_steered = max(plain), max(steered)
     print_table(
-        f"Generation, {args.tokens} tokens, greedy, best of {args.repeats} on {model.model_name} ({machine_line()})",
-        ["run", "tokens/s", "ratio"],
-        [["unsteered", f"{best_plain:.1f}", "1.000"], ["steered (cvec adapter, layers 3-14)", f"{best_steered:.1f}", f"{best_steered / best_plain:.3f}"]],
+        f"Generation, {args.tokens} tokens, greedy, median of {args.rounds} paired rounds on {model.model_name} "
+        f"({machine_line()})",
+        ["run", "tokens/s (median)", "ratio (median)", "ratio range"],
+        [["unsteered", f"{statistics.median(speeds[None]):.1f}", "1.000", "-"],
+         ["steered (cvec adapter, layers 3-14)", f"{statistics.median(speeds['steered']):.1f}", *ratio_cells(ratios["steered"])]],
     )
     model.close()
 
