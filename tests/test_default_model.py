@@ -95,3 +95,35 @@ def test_when_generated_keeps_prompt_states(default_model, happy_vector):
     np.testing.assert_array_equal(first_logits(), plain)
     default_model.set_control(happy_vector, 1.0)
     assert np.abs(first_logits() - plain).max() > 0.1
+
+
+def test_demo_trains_writes_and_steers(capsys, monkeypatch, default_model, tmp_path):
+    from ggsteer import cli
+
+    monkeypatch.setenv("GGSTEER_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "happy.gguf"
+    argv = ["demo", "--model", default_model.model_path, "-o", str(out), "-n", "12", "--threads", "2"]
+    assert cli.main(argv) == 0
+    first = capsys.readouterr()
+    vector = ControlVector.load(out)
+    vector.check_model(default_model)
+    assert vector.layers == list(range(1, default_model.n_layer))
+    assert all(np.isfinite(vector.directions[il]).all() for il in vector.layers)
+    assert "training a happy/sad vector" in first.err
+    cached = list((tmp_path / "cache" / "vectors").glob("demo-happy-*.gguf"))
+    assert len(cached) == 1 and cached[0].read_bytes() == out.read_bytes()
+    # three prompts, each shown unsteered and steered both ways, with text that differs
+    blocks = [line for line in first.out.splitlines() if line.strip().startswith(("baseline", "happy +0.6", "sad  -0.6"))]
+    assert len(blocks) == 9
+    for start in range(0, 9, 3):
+        texts = [line.split("|", 1)[1] for line in blocks[start : start + 3]]
+        assert len(set(texts)) == 3, texts
+    assert f"--control-vector-scaled {out} 0.6" in first.out
+
+    # a second run reuses the cached vector and leaves a differing output file alone
+    out.write_bytes(b"not mine")
+    assert cli.main(argv) == 0
+    second = capsys.readouterr()
+    assert "using the cached vector" in second.err and "left untouched" in second.err
+    assert out.read_bytes() == b"not mine"
+    assert second.out.splitlines()[:-2] == first.out.splitlines()[:-2]

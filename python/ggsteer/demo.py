@@ -25,10 +25,12 @@ DEFAULT_OUTPUT = "ggsteer-happy.gguf"
 
 
 def cached_vector_path(model, pairs) -> Path:
+    from ggsteer import __version__
     from ggsteer.dataset import dataset_hash
 
     stat = Path(model.model_path).stat()
-    key = f"{Path(model.model_path).stem}-{stat.st_size}-{dataset_hash(pairs)[:12]}-{DEMO_METHOD}"
+    # the version is in the key: a newer ggsteer may store more per layer (e.g. the ablation center)
+    key = f"{Path(model.model_path).stem}-{stat.st_size}-{dataset_hash(pairs)[:12]}-{DEMO_METHOD}-{__version__}"
     return cache_dir() / "vectors" / f"demo-{DEMO_PRESET}-{key}.gguf"
 
 
