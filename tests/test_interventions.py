@@ -295,6 +295,32 @@ def test_generate_batch_streams_pieces(tiny_model):
     assert ["".join(pieces[0]), "".join(pieces[1])] == texts
 
 
+def test_generate_batch_per_sequence_settings_and_details(tiny_model):
+    vector = random_vector(tiny_model, 22, scale=4.0)
+    prompts = ["i am very happy and", "the dog is", "a cat"]
+    controls = [[(vector, 1.0)], None, None]
+    alone = [tiny_model.generate_batch([p], [c], max_tokens=10, details=True)[0] for p, c in zip(prompts, controls)]
+    stop_word = alone[1].text[3:6]  # a stop string met inside the second sequence's greedy text
+    assert stop_word.strip()
+    got = tiny_model.generate_batch(prompts, controls, max_tokens=[4, 10, 10], temperature=[0.0, 0.0, 0.9],
+                                    seed=[None, None, 7], stop=[None, [stop_word], None], details=True)
+    first = tiny_model.generate_batch([prompts[0]], [controls[0]], max_tokens=4, details=True)[0]
+    assert got[0] == first and first.finish_reason == "length" and first.completion_tokens == 4
+    assert got[0].prompt_tokens == len(tiny_model.tokenize_prompt(prompts[0]))
+    assert got[1].finish_reason == "stop" and got[1].text == alone[1].text[: alone[1].text.find(stop_word)]
+    assert got[1].completion_tokens < 10
+    # a sampled sequence with its own seed samples the same wherever it sits in the batch
+    sampled = tiny_model.generate_batch([prompts[2]], max_tokens=10, temperature=0.9, seed=[7], details=True)[0]
+    assert got[2] == sampled and got[2].text != alone[2].text
+
+
+def test_generate_batch_single_seed_counts_up(tiny_model):
+    prompts = ["the dog is", "the dog is"]
+    pair = tiny_model.generate_batch(prompts, max_tokens=12, temperature=1.0, seed=3)
+    assert pair == [tiny_model.generate_batch([p], max_tokens=12, temperature=1.0, seed=[s])[0] for p, s in zip(prompts, (3, 4))]
+    assert pair[0] != pair[1]
+
+
 # -- bad input ------------------------------------------------------------------------------
 
 
@@ -312,6 +338,12 @@ def test_bad_intervention_arguments(tiny_model):
         tiny_model.set_control(vector, 1.0, layers=[2], condition=(vector, 1.5, 1))
     with pytest.raises(ValueError, match="2 prompts but 1 controls"):
         tiny_model.generate_batch(["a", "b"], [None])
+    with pytest.raises(ValueError, match="2 prompts but 3 values of max_tokens"):
+        tiny_model.generate_batch(["a", "b"], max_tokens=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"max_tokens must be at least 1, got 0 \(sequence 1\)"):
+        tiny_model.generate_batch(["a", "b"], max_tokens=[4, 0])
+    with pytest.raises(ValueError, match="sequence 0: temperature must be >= 0"):
+        tiny_model.generate_batch(["a"], temperature=-1.0)
     zero = ControlVector({1: np.zeros(48, np.float32)}, "llama", {"unit": "gap"})
     with pytest.raises(ValueError, match="zero vector"):
         tiny_model.set_control(zero, 1.0, layers=[1], op="ablate")

@@ -6,6 +6,7 @@ learns which batch row belongs to which slot, its position and whether it is a g
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -19,15 +20,45 @@ if TYPE_CHECKING:
     from ggsteer.model import SteeredModel
 
 
+@dataclass(frozen=True)
+class SequenceSampling:
+    """How one sequence of a batch is sampled and when it ends."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BatchCompletion:
+    """One sequence's result: its text, why it ended ("stop": end of generation or a stop string;
+    "length": max_tokens reached) and its token counts."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
 @dataclass
 class SequenceState:
     index: int
     prompt: list[int]
+    sampling: SequenceSampling
     rng: np.random.Generator
     generated: list[int] = field(default_factory=list)
     text: str = ""
-    done: bool = False
+    finish_reason: str | None = None  # set when the sequence ends
     next_logits: np.ndarray | None = None  # copied out right after the decode that produced them
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def result(self) -> BatchCompletion:
+        return BatchCompletion(self.text, self.finish_reason or "length", len(self.prompt), len(self.generated))
 
 
 def normalize_controls(model: "SteeredModel", control) -> list[Intervention]:
@@ -109,18 +140,47 @@ class BatchRunner:
         return np.ctypeslib.as_array(pointer, shape=(self.model.n_vocab(),)).copy()
 
 
+def per_sequence(name: str, value, n: int) -> list:
+    """A setting given once for every sequence, or as a list with one entry per sequence."""
+    if isinstance(value, (list, tuple)) and not (name == "stop" and all(isinstance(v, str) for v in value)):
+        if len(value) != n:
+            raise ValueError(f"{n} prompts but {len(value)} values of {name}")
+        return list(value)
+    return [value] * n
+
+
+def sequence_samplings(n: int, max_tokens, temperature, top_p, seed, stop) -> list[SequenceSampling]:
+    """Per-sequence settings; a single integer seed gives sequence i the seed `seed + i`."""
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        seed = [int(seed) + i for i in range(n)]
+    if isinstance(stop, str):
+        stop = [stop]
+    columns = [per_sequence(name, value, n) for name, value in
+               (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p), ("seed", seed), ("stop", stop))]
+    samplings = []
+    for i, (count, temp, p, s, words) in enumerate(zip(*columns)):
+        if int(count) < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {count} (sequence {i})")
+        if not 0.0 < float(p) <= 1.0 or float(temp) < 0.0:
+            raise ValueError(f"sequence {i}: temperature must be >= 0 and top_p in (0, 1], got {temp} and {p}")
+        words = (words,) if isinstance(words, str) else tuple(words or ())
+        samplings.append(SequenceSampling(int(count), float(temp), float(p), s, words))
+    return samplings
+
+
 def generate_batch(
     model: "SteeredModel",
     prompts: Sequence[str],
     controls=None,
-    max_tokens: int = 64,
+    max_tokens: int | Sequence[int] = 64,
     *,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    stop: Sequence[str] | None = None,
+    temperature: float | Sequence[float] = 0.0,
+    top_p: float | Sequence[float] = 1.0,
+    seed: int | Sequence[int | None] | None = None,
+    stop: Sequence[str] | Sequence[Sequence[str]] | None = None,
     on_token: Callable[[int, str], None] | None = None,
-) -> list[str]:
+    details: bool = False,
+) -> list[str] | list[BatchCompletion]:
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings")
     controls = [None] * len(prompts) if controls is None else list(controls)
@@ -128,14 +188,13 @@ def generate_batch(
         raise ValueError(f"{len(prompts)} prompts but {len(controls)} controls")
     if len(prompts) > model.n_seq_max:
         raise ValueError(f"{len(prompts)} prompts but the context runs at most n_seq_max={model.n_seq_max} sequences")
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    samplings = sequence_samplings(len(prompts), max_tokens, temperature, top_p, seed, stop)
     per_slot = [normalize_controls(model, c) for c in controls]
     states = [
-        SequenceState(i, model.tokenize_prompt(p), np.random.default_rng(None if seed is None else seed + i))
-        for i, p in enumerate(prompts)
+        SequenceState(i, model.tokenize_prompt(p), sampling, np.random.default_rng(sampling.seed))
+        for i, (p, sampling) in enumerate(zip(prompts, samplings))
     ]
-    needed = sum(len(s.prompt) + max_tokens for s in states)
+    needed = sum(len(s.prompt) + s.sampling.max_tokens for s in states)
     if needed > model.n_ctx():
         raise ValueError(f"prompts plus max_tokens need {needed} KV cells, more than n_ctx={model.n_ctx()} (shared by all sequences)")
     with model.unsteered():
@@ -144,29 +203,30 @@ def generate_batch(
         llama_cpp.llama_memory_clear(runner.memory, True)
         try:
             runner.decode_prompts()
-            _generate_loop(model, runner, states, max_tokens, temperature, top_p, list(stop or []), on_token)
+            _generate_loop(model, runner, states, on_token)
         finally:
             runner.close()
             model._hook.clear_program()
             llama_cpp.llama_memory_clear(runner.memory, True)
             model.reset()
-    return [s.text for s in states]
+    return [s.result() for s in states] if details else [s.text for s in states]
 
 
-def _generate_loop(model, runner, states, max_tokens, temperature, top_p, stop, on_token) -> None:
+def _generate_loop(model, runner, states, on_token) -> None:
     while True:
         rows = []
         for state in states:
             if state.done:
                 continue
-            token = sample_token(state.next_logits, temperature, top_p, state.rng)
+            sampling = state.sampling
+            token = sample_token(state.next_logits, sampling.temperature, sampling.top_p, state.rng)
             if llama_cpp.llama_token_is_eog(model._model.vocab, token):
-                state.done = True
+                state.finish_reason = "stop"
                 continue
             state.generated.append(token)
-            _update_text(model, state, stop, on_token)
-            if len(state.generated) >= max_tokens:
-                state.done = True
+            _update_text(model, state, on_token)
+            if not state.done and len(state.generated) >= sampling.max_tokens:
+                state.finish_reason = "length"
             if not state.done:
                 rows.append((state, token, len(state.prompt) + len(state.generated) - 1, True, True))
         if not rows:
@@ -174,13 +234,13 @@ def _generate_loop(model, runner, states, max_tokens, temperature, top_p, stop, 
         runner.decode(rows)
 
 
-def _update_text(model, state: SequenceState, stop: list[str], on_token) -> None:
+def _update_text(model, state: SequenceState, on_token) -> None:
     text = model.detokenize(state.generated).decode("utf-8", errors="ignore")
-    for word in stop:
+    for word in state.sampling.stop:
         cut = text.find(word)
         if cut >= 0:
             text = text[:cut]
-            state.done = True
+            state.finish_reason = "stop"
     if on_token is not None and len(text) > len(state.text):
         on_token(state.index, text[len(state.text) :])
     state.text = text

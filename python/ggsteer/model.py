@@ -277,12 +277,16 @@ class SteeredModel(llama_cpp.Llama):
             detail = f": {error}" if error else " (status 1: the KV cache is full; raise n_ctx or use smaller batches)"
             raise RuntimeError(f"llama_decode failed with status {status}{detail}")
 
-    def generate_batch(self, prompts, controls=None, max_tokens: int = 64, **sampling) -> list[str]:
+    def generate_batch(self, prompts, controls=None, max_tokens=64, **sampling):
         """Complete several prompts side by side, each with its own controls, in shared decodes.
 
         `controls[i]` steers prompt i: None, a ControlVector, a `(vector, strength)` pair, an
-        `Intervention`, or a list of those. Sampling: `temperature` (0 = greedy), `top_p`, `seed`,
-        `stop` (strings), `on_token(i, text)` called with each new piece of text.
+        `Intervention`, or a list of those. `max_tokens`, `temperature` (0 = greedy), `top_p`,
+        `seed` and `stop` (a string or list of strings) apply to every sequence, or give a list
+        with one value per prompt; a single int seed seeds sequence i with `seed + i`.
+        `on_token(i, text)` is called with each new piece of text. Returns the texts, or with
+        `details=True` a `BatchCompletion` per prompt (text, finish_reason "stop"/"length",
+        prompt_tokens, completion_tokens).
         """
         from ggsteer.batch_generate import generate_batch
 
