@@ -114,14 +114,18 @@ def client(base_url):
         yield c
 
 
-def expected_text(reference, vectors, prompt, steering=None, stop=None, max_tokens=TOKENS) -> str:
+def expected_result(reference, vectors, prompt, steering=None, stop=None, max_tokens=TOKENS):
     """The same request through generate_batch alone (raw-unit vectors as plain coefficients)."""
     controls = []
     for name, strength in (steering or {}).items():
         vector = vectors[name]
         as_gap = ControlVector(vector.directions, vector.model_hint, {**vector.metadata, "unit": "gap"})
         controls.append((as_gap, strength))
-    return reference.generate_batch([prompt], [controls], max_tokens, temperature=0.0, stop=stop)[0]
+    return reference.generate_batch([prompt], [controls], max_tokens, temperature=0.0, stop=stop, details=True)[0]
+
+
+def expected_text(reference, vectors, prompt, steering=None, stop=None, max_tokens=TOKENS) -> str:
+    return expected_result(reference, vectors, prompt, steering, stop, max_tokens).text
 
 
 def transcript(user_text: str) -> str:
@@ -152,9 +156,12 @@ def test_completion_equals_generate_batch(client, reference, vectors, steering):
     assert response.status_code == 200, response.text
     result = response.json()
     assert result["object"] == "text_completion"
-    assert result["choices"][0]["text"] == expected_text(reference, vectors, "the cat sat on", steering)
-    assert result["choices"][0]["finish_reason"] in ("stop", "length")
-    assert result["usage"]["prompt_tokens"] == len(reference.tokenize_prompt("the cat sat on"))
+    expected = expected_result(reference, vectors, "the cat sat on", steering)
+    assert result["choices"][0]["text"] == expected.text
+    assert result["choices"][0]["finish_reason"] == expected.finish_reason
+    assert result["usage"] == {"prompt_tokens": len(reference.tokenize_prompt("the cat sat on")),
+                               "completion_tokens": expected.completion_tokens,
+                               "total_tokens": expected.prompt_tokens + expected.completion_tokens}
 
 
 def test_steering_changes_the_text(client):
@@ -175,7 +182,7 @@ def test_raw_vector_strength_is_a_plain_coefficient(client, reference, vectors):
 
 
 def test_seeded_sampling_is_reproducible_under_concurrency(base_url, reference, vectors):
-    # seeded sampled requests run alone: generate_batch seeds sequence i with seed + i
+    # each request samples with exactly its own seed, whichever batch and position it lands in
     body = {"prompt": "the cat", "max_tokens": TOKENS, "temperature": 0.9, "seed": 7, "steering": {"happy": 0.5}}
     expected = reference.generate_batch(["the cat"], [[(vectors["happy"], 0.5)]], TOKENS, temperature=0.9, seed=7)[0]
 
@@ -194,6 +201,8 @@ def test_stop_strings_are_cut(client, reference, vectors):
     text = response.json()["choices"][0]["text"]
     assert text == expected_text(reference, vectors, "the dog", stop=[stop])
     assert stop not in text
+    assert response.json()["choices"][0]["finish_reason"] == "stop"
+    assert response.json()["usage"]["completion_tokens"] < TOKENS
 
 
 def test_streamed_completion_concatenates_to_the_full_text(client):
@@ -419,23 +428,28 @@ REQUESTS_PER_CLIENT = 5
 
 
 def client_request(i: int, k: int) -> dict:
-    """Client i's k-th request: its own steering (some unsteered), prompt and endpoint."""
+    """Client i's k-th request: its own steering (some unsteered), prompt, length and endpoint."""
     steering = [{}, {"happy": 1.5}, {"happy": -1.5}, {"honest": 1.0}, {"honest": -2.0, "happy": 0.5},
                 {"plain": 0.8}, {"plain": -0.8, "honest": 0.4}, {"happy": 3.0}][i]
     prompt = ["the cat", "a dog sat", "you", "hello there"][(i + k) % 4]
     stream = k % 3 == 2  # every third request streams: its pieces travel through on_token under load
+    # lengths differ between clients: requests with different settings share batches
+    sampling = {"temperature": 0, "max_tokens": (TOKENS, 9, 5)[i % 3]}
     if k % 2:
-        body = {"messages": [{"role": "user", "content": prompt}], **GREEDY, "steering": steering, "stream": stream}
+        body = {"messages": [{"role": "user", "content": prompt}], **sampling, "steering": steering, "stream": stream}
         return {"path": "/v1/chat/completions", "body": body}
-    return {"path": "/v1/completions", "body": {"prompt": prompt, **GREEDY, "steering": steering, "stream": stream}}
+    return {"path": "/v1/completions", "body": {"prompt": prompt, **sampling, "steering": steering, "stream": stream}}
 
 
-def alone(reference, vectors, request) -> str:
+def alone(reference, vectors, request):
+    """What the request gives alone: its visible text, finish reason and completion tokens."""
     body = request["body"]
     if "prompt" in body:
-        return expected_text(reference, vectors, body["prompt"], body["steering"])
+        result = expected_result(reference, vectors, body["prompt"], body["steering"], max_tokens=body["max_tokens"])
+        return result.text, result.finish_reason, result.completion_tokens
     prompt = transcript(body["messages"][0]["content"])
-    return expected_text(reference, vectors, prompt, body["steering"], stop=["\nUser:", "\n\n\n"]).lstrip()
+    result = expected_result(reference, vectors, prompt, body["steering"], ["\nUser:", "\n\n\n"], body["max_tokens"])
+    return result.text.lstrip(), result.finish_reason, result.completion_tokens
 
 
 def response_text(result) -> str:
@@ -471,6 +485,9 @@ def test_concurrent_clients_never_see_each_others_steering(base_url, app, refere
     assert len(results) == CLIENTS * REQUESTS_PER_CLIENT
     for key, status, result in results:
         assert status == 200, (key, result)
-        assert response_text(result) == expected[key], key
+        text, finish_reason, completion_tokens = expected[key]
+        assert response_text(result) == text, key
+        if isinstance(result, dict):
+            assert (result["choices"][0]["finish_reason"], result["usage"]["completion_tokens"]) == (finish_reason, completion_tokens)
     sizes = app.state.server.worker.batch_sizes[batches_before:]
     assert max(sizes) > 1, f"requests were never batched together: {sizes}"

@@ -9,18 +9,17 @@ strength as a plain coefficient on the stored directions; /v1/vectors reports ea
 
 Concurrency: one worker thread owns the model (`BatchWorker`). Handlers put jobs on a queue; when
 the worker is free it takes the jobs waiting at that moment (lingering up to 20 ms for more while
-the batch is not full), and decodes up to --max-batch of them (same sampling settings, fitting in
-the context) together with one `SteeredModel.generate_batch` call, each job with its own controls.
+the batch is not full), and decodes up to --max-batch of them (those fitting in the context)
+together with one `SteeredModel.generate_batch` call, each job with its own controls and its own
+sampling settings (max_tokens, temperature, top_p, seed, stop).
 Jobs arriving while a batch runs wait for the next batch: there is no joining a running batch, so
 a short request queued behind a long batch waits for all of it. generate_batch clears the KV
 memory before and after each call, so no request ever sees another request's vectors or cached
 states. Streaming pieces go from the worker's `on_token` to each request's asyncio queue through
 `loop.call_soon_threadsafe`.
 
-generate_batch takes one set of sampling settings per call, so only requests with equal
-max_tokens, temperature, stop (and, when sampling, top_p and seed) share a batch; a seeded request
-with temperature > 0 runs alone, since generate_batch seeds sequence i with seed + i.
-`finish_reason` and `usage.completion_tokens` are estimates: generate_batch returns text only.
+A seeded request samples with exactly its own seed wherever it sits in a batch. `finish_reason`
+and `usage` come from generate_batch's per-sequence results.
 """
 
 from __future__ import annotations
@@ -283,22 +282,14 @@ class Sampling:
     seed: int | None
     stop: tuple[str, ...]
 
-    def batch_key(self) -> tuple:
-        """Jobs with equal keys can share a generate_batch call (it takes one set of sampling settings)."""
-        if self.temperature == 0.0:
-            return (self.max_tokens, 0.0, self.stop)
-        return (self.max_tokens, self.temperature, self.top_p, self.seed, self.stop)
 
-    @property
-    def runs_alone(self) -> bool:
-        # generate_batch seeds sequence i with seed + i: a seeded sample is reproducible only at index 0
-        return self.temperature > 0.0 and self.seed is not None
-
-    def as_kwargs(self) -> dict:
-        # greedy jobs share batches whatever their seeds: none of them reaches the sampler
-        seed = self.seed if self.temperature > 0.0 else None
-        return dict(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                    seed=seed, stop=list(self.stop))
+def batch_sampling(jobs: list["Job"]) -> dict:
+    """generate_batch's per-sequence sampling arguments for these jobs."""
+    return dict(max_tokens=[job.sampling.max_tokens for job in jobs],
+                temperature=[job.sampling.temperature for job in jobs],
+                top_p=[job.sampling.top_p for job in jobs],
+                seed=[job.sampling.seed for job in jobs],
+                stop=[list(job.sampling.stop) for job in jobs])
 
 
 @dataclass(eq=False)
@@ -312,17 +303,12 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
-    n_pieces: int = 0  # text pieces from on_token: a lower bound on the generated tokens
-
-    def on_piece(self, piece: str) -> None:
-        self.n_pieces += 1
-        self.send("piece", piece)
 
     @property
     def kv_cells(self) -> int:
         return self.n_prompt_tokens + self.sampling.max_tokens
 
-    def send(self, kind: str, value: str) -> None:
+    def send(self, kind: str, value) -> None:
         """Thread-safe: called from the worker thread, delivered on the event loop."""
         with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -335,9 +321,9 @@ class BatchWorker:
     """The one thread that touches the model.
 
     Each round it takes the jobs waiting at that moment (lingering up to `gather_s` while fewer
-    than `max_batch` wait) and runs up to `max_batch` of them that share sampling settings and fit
-    in the context in one `generate_batch` call; the others, and every job arriving while a batch
-    runs, wait for the next round (oldest first).
+    than `max_batch` wait) and runs up to `max_batch` of them that fit in the context in one
+    `generate_batch` call; the others, and every job arriving while a batch runs, wait for the
+    next round (oldest first).
     """
 
     def __init__(self, model, max_batch: int, gather_s: float = 0.0):
@@ -399,15 +385,13 @@ class BatchWorker:
     def _pick_batch(self) -> list[Job]:
         first = self._backlog.popleft()
         batch, cells = [first], first.kv_cells
-        if not first.sampling.runs_alone:
-            for job in list(self._backlog):
-                if len(batch) == self.max_batch:
-                    break
-                fits = cells + job.kv_cells <= self.model.n_ctx()
-                if fits and job.sampling.batch_key() == first.sampling.batch_key() and not job.sampling.runs_alone:
-                    batch.append(job)
-                    cells += job.kv_cells
-                    self._backlog.remove(job)
+        for job in list(self._backlog):
+            if len(batch) == self.max_batch:
+                break
+            if cells + job.kv_cells <= self.model.n_ctx():
+                batch.append(job)
+                cells += job.kv_cells
+                self._backlog.remove(job)
         return batch
 
     def _run_batch(self, jobs: list[Job]) -> None:
@@ -416,19 +400,20 @@ class BatchWorker:
             return
         self.batch_sizes.append(len(jobs))
         try:
-            texts = self.model.generate_batch(
+            results = self.model.generate_batch(
                 [job.prompt for job in jobs],
                 [job.controls for job in jobs],
-                on_token=lambda i, piece: jobs[i].on_piece(piece),
-                **jobs[0].sampling.as_kwargs(),
+                on_token=lambda i, piece: jobs[i].send("piece", piece),
+                details=True,
+                **batch_sampling(jobs),
             )
         except Exception as error:  # noqa: BLE001 - a failed batch fails its requests, not the server
             log.exception("batch of %d failed", len(jobs))
             for job in jobs:
                 job.send("error", f"generation failed: {error}")
             return
-        for job, text in zip(jobs, texts):
-            job.send("done", text)
+        for job, result in zip(jobs, results):
+            job.send("done", result)
 
 
 # -- streaming text ------------------------------------------------------------------------------
@@ -522,9 +507,8 @@ class SteeringServer:
         if stream:
             return StreamingResponse(self.sse_events(job, shape, text), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        final = await wait_for_text(job)
-        reply = text.visible(final)
-        return shape.full(reply, self.finish_reason(final, job), self.usage(job, final))
+        result = await wait_for_result(job)
+        return shape.full(text.visible(result.text), result.finish_reason, usage(result))
 
     async def sse_events(self, job: Job, shape, text: VisibleText):
         try:
@@ -536,9 +520,9 @@ class SteeringServer:
                     if new := text.add(value):
                         yield sse(shape.piece(new))
                 elif kind == "done":
-                    if rest := text.finish(value):
+                    if rest := text.finish(value.text):
                         yield sse(shape.piece(rest))
-                    yield sse(shape.closing(self.finish_reason(value, job)))
+                    yield sse(shape.closing(value.finish_reason))
                     break
                 else:
                     yield sse({"error": {"message": value, "type": "server_error", "code": 500}})
@@ -547,21 +531,14 @@ class SteeringServer:
         finally:
             job.cancelled = True  # a client gone before its batch started is skipped
 
-    def finish_reason(self, text: str, job: Job) -> str:
-        return "length" if self.completion_tokens(text, job) >= job.sampling.max_tokens else "stop"
-
-    def completion_tokens(self, text: str, job: Job) -> int:
-        # generate_batch returns text only; pieces and re-tokenizing both undercount, rarely by much
-        retokenized = len(self.model.tokenize(text.encode("utf-8"), add_bos=False, special=False)) if text else 0
-        return min(max(retokenized, job.n_pieces), job.sampling.max_tokens)
-
-    def usage(self, job: Job, text: str) -> dict:
-        completion = self.completion_tokens(text, job)
-        return {"prompt_tokens": job.n_prompt_tokens, "completion_tokens": completion,
-                "total_tokens": job.n_prompt_tokens + completion}
 
 
-async def wait_for_text(job: Job) -> str:
+def usage(result) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+async def wait_for_result(job: Job):
     while True:
         kind, value = await job.events.get()
         if kind == "done":
