@@ -29,6 +29,7 @@ struct device_scratch {
 
 struct hook_cuda_scratch {
     std::vector<device_scratch> devices;
+    int usable = -1;  // -1: not checked yet
 };
 
 namespace {
@@ -87,6 +88,19 @@ bool reserve_rows(device_scratch & dev, size_t n, std::string & error) {
 }
 
 }  // namespace
+
+bool hook_cuda_usable(hook_state & state) {
+    if (state.cuda == nullptr) {
+        state.cuda = new hook_cuda_scratch();
+    }
+    if (state.cuda->usable < 0) {
+        // ggsteer's CUDA runtime may be newer than the driver that llama.cpp's own runtime works with
+        int count = 0;
+        state.cuda->usable = cudaGetDeviceCount(&count) == cudaSuccess && count > 0 ? 1 : 0;
+        cudaGetLastError();  // clear a failed query, so it does not surface later
+    }
+    return state.cuda->usable == 1;
+}
 
 bool hook_cuda_apply(hook_state & state, ggml_tensor * t, int32_t kind, const std::vector<int32_t> & rows,
                      const std::vector<int64_t> & offsets, float coeff, std::string & error) {

@@ -12,6 +12,7 @@
 #include "ops.h"
 
 #ifdef GGSTEER_CUDA
+bool hook_cuda_usable(hook_state & state);
 bool hook_cuda_apply(hook_state & state, ggml_tensor * t, int32_t kind, const std::vector<int32_t> & rows,
                      const std::vector<int64_t> & offsets, float coeff, std::string & error);
 #endif
@@ -132,10 +133,12 @@ void apply_by_copy(ggml_tensor * t, const hook_program & prog, int32_t kind, con
     }
 }
 
+#ifdef GGSTEER_CUDA
 bool is_cuda_buffer(const ggml_tensor * t) {
     const char * name = ggml_backend_buft_name(ggml_backend_buffer_get_type(t->buffer));
     return name != nullptr && std::strncmp(name, "CUDA", 4) == 0;
 }
+#endif
 
 void apply_op(hook_state & state, ggml_tensor * t, const hook_op & op, const std::vector<int32_t> & rows,
               const std::vector<int64_t> & offsets) {
@@ -145,15 +148,16 @@ void apply_op(hook_state & state, ggml_tensor * t, const hook_op & op, const std
                       (int64_t) rows.size(), state.program.vectors.data(), offsets.data(), op.coeff, n);
         return;
     }
-    if (is_cuda_buffer(t)) {
 #ifdef GGSTEER_CUDA
+    // without a usable CUDA runtime of ggsteer's own, CUDA rows go through ggml's copy functions
+    if (is_cuda_buffer(t) && hook_cuda_usable(state)) {
         std::string error;
         if (!hook_cuda_apply(state, t, op.kind, rows, offsets, op.coeff, error)) {
             hook_fail(state, error);
         }
         return;
-#endif
     }
+#endif
     apply_by_copy(t, state.program, op.kind, rows, offsets, op.coeff, n);
 }
 
