@@ -1,5 +1,6 @@
 #include "hook.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -96,14 +97,44 @@ void hook_clear_capture(hook_state & state) {
     state.plan = capture_plan{};
 }
 
+// Same layer, threshold and direction: the same condition, whatever its index in either program.
+static bool same_condition(const hook_program & a, size_t ca, const hook_program & b, size_t cb, int64_t n_embd) {
+    const hook_condition & x = a.conditions[ca];
+    const hook_condition & y = b.conditions[cb];
+    return x.layer == y.layer && x.threshold == y.threshold &&
+           std::memcmp(&a.vectors[x.vector_offset], &b.vectors[y.vector_offset], n_embd * sizeof(float)) == 0;
+}
+
+// Sequences that keep running under a new program (others joining or leaving the batch) keep
+// their condition decisions; a sequence starting over resets its own state at position 0.
+static void carry_condition_state(const hook_program & old, hook_program & prog, int64_t n_embd) {
+    const int32_t n_slots = std::min(old.n_slots, prog.n_slots);
+    for (size_t c = 0; c < prog.conditions.size(); ++c) {
+        for (size_t o = 0; o < old.conditions.size(); ++o) {
+            if (!same_condition(old, o, prog, c, n_embd)) {
+                continue;
+            }
+            for (int32_t slot = 0; slot < n_slots; ++slot) {
+                const size_t from = o * old.n_slots + slot;
+                const size_t to = c * prog.n_slots + slot;
+                std::copy_n(&old.cond_sum[from * n_embd], n_embd, &prog.cond_sum[to * n_embd]);
+                prog.cond_count[to] = old.cond_count[from];
+                prog.cond_on[to] = old.cond_on[from];
+            }
+            break;
+        }
+    }
+}
+
 void hook_set_program(hook_state & state, hook_program program) {
     const uint64_t version = state.program.version + 1;
+    const size_t n_cond = program.conditions.size() * (size_t) program.n_slots;
+    program.cond_sum.assign(n_cond * state.n_embd, 0.0);
+    program.cond_count.assign(n_cond, 0);
+    program.cond_on.assign(n_cond, 0);
+    carry_condition_state(state.program, program, state.n_embd);
     state.program = std::move(program);
     state.program.version = version;
-    const size_t n_cond = state.program.conditions.size() * (size_t) state.program.n_slots;
-    state.program.cond_sum.assign(n_cond * state.n_embd, 0.0);
-    state.program.cond_count.assign(n_cond, 0);
-    state.program.cond_on.assign(n_cond, 0);
     state.program.layer_active.assign(state.n_layer, 0);
     for (const hook_op & op : state.program.ops) {
         state.program.layer_active[op.layer] = 1;

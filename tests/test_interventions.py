@@ -241,6 +241,34 @@ def test_condition_switches_steering_per_prompt(tiny_model, tiny_weights):
         np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
 
 
+def test_condition_is_remade_when_llama_reuses_a_prefix(tiny_model, tiny_weights):
+    """Llama.generate re-evaluates only past the prefix it shares with the last prompt; the
+    condition must still be the cosine of the new prompt's own rows (no rows counted twice)."""
+    import llama_cpp
+
+    cond_vector = random_vector(tiny_model, 15, layers=(0, 1, 2))
+    steer = random_vector(tiny_model, 16, scale=3.0)
+    first, second = "a sad cat and the bad dog today", "a sad cat and i am very happy"
+    ta, tb = tiny_model.tokenize_prompt(first), tiny_model.tokenize_prompt(second)
+    shared = next(i for i, (a, b) in enumerate(zip(ta, tb)) if a != b)
+    assert 0 < shared < len(tb) - 1
+    direction = unit(cond_vector.directions[0])
+    ha = reference_forward(tiny_weights, ta, kv_f16=False)[0][0]
+    hb = reference_forward(tiny_weights, tb, kv_f16=False)[0][0]
+    cosine = lambda v: float(v @ direction / np.linalg.norm(v))  # noqa: E731
+    right, twice = cosine(hb.sum(0)), cosine(ha.sum(0) + hb[shared:].sum(0))
+    assert abs(right - twice) > 1e-3
+    threshold = (right + twice) / 2
+    tiny_model.set_control(steer, 1.0, layers=[1, 2], condition=Condition(cond_vector, threshold, 0))
+    tiny_model.create_completion(first, max_tokens=1, temperature=0)
+    tiny_model.create_completion(second, max_tokens=1, temperature=0)
+    got = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(tiny_model.ctx, -1), shape=(tiny_model.n_vocab(),))
+    active = right >= threshold
+    expected = reference_with(tiny_model, tiny_weights, tb,
+                              lambda il, h, _: h + steer.directions[il] if active and il in (1, 2) else h)[-1]
+    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+
+
 # -- several sequences, each with its own controls ---------------------------------------
 
 

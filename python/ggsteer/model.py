@@ -228,6 +228,10 @@ class SteeredModel(llama_cpp.Llama):
     def generate(self, tokens, *args, **kwargs):
         """Llama.generate, telling the hook which evaluated tokens are prompt and which generated."""
         self._generating = False
+        if self._hook.condition_states():
+            # a condition averages the whole prompt: re-evaluating only past a reused prefix would
+            # count the previous prompt's rows too
+            self.reset()
         inner = super().generate(tokens, *args, **kwargs)
         try:
             for token in inner:
