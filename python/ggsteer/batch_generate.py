@@ -1,11 +1,14 @@
-"""Several sequences, each with its own interventions, decoded side by side in shared batches.
+"""Several sequences, each with its own interventions and sampling, decoded side by side.
 
-Every sequence gets a KV sequence id and a slot in the hook's program; before each decode the hook
-learns which batch row belongs to which slot, its position and whether it is a generated token.
+Every sequence gets a KV sequence id, which is also its slot in the hook's program; before each
+decode the hook learns which batch row belongs to which slot, its position and whether it is a
+generated token. A `ContinuousBatch` lets sequences join and leave between decodes (the server
+keeps one open); `generate_batch` runs a fixed set of prompts through one to the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -42,12 +45,16 @@ class BatchCompletion:
     completion_tokens: int
 
 
-@dataclass
+@dataclass(eq=False)
 class SequenceState:
-    index: int
+    index: int  # the caller's number for this sequence (generate_batch: the prompt's index)
+    slot: int  # KV sequence id and hook slot
     prompt: list[int]
     sampling: SequenceSampling
+    controls: list[Intervention]
     rng: np.random.Generator
+    on_piece: Callable[[str], None] | None = None
+    n_decoded: int = 0  # prompt tokens decoded so far (long prompts take several decodes)
     generated: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None  # set when the sequence ends
@@ -56,6 +63,10 @@ class SequenceState:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def kv_cells(self) -> int:
+        return len(self.prompt) + self.sampling.max_tokens
 
     def result(self) -> BatchCompletion:
         return BatchCompletion(self.text, self.finish_reason or "length", len(self.prompt), len(self.generated))
@@ -103,43 +114,6 @@ def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.r
     return int(rng.choice(len(probs), p=probs))
 
 
-class BatchRunner:
-    def __init__(self, model: "SteeredModel", states: list[SequenceState]):
-        self.model = model
-        self.states = states
-        self.batch = OwnedBatch(model.n_batch)
-        self.memory = llama_cpp.llama_get_memory(model.ctx)
-
-    def close(self) -> None:
-        self.batch.close()
-
-    def decode(self, rows: list[tuple[SequenceState, int, int, bool, bool]]) -> None:
-        """rows: (state, token, position, is_generated, wants_logits)."""
-        batch = self.batch
-        batch.clear()
-        outputs = []
-        for state, token, pos, _, wants in rows:
-            # the sequence id is also the sequence's slot in the hook's program
-            row = batch.add(token, pos, state.index, wants)
-            if wants:
-                outputs.append(row)
-        self.model.decode_batch(batch.batch, generated=np.array([row[3] for row in rows], np.uint8))
-        # a later decode overwrites llama.cpp's logits: keep each sequence's own
-        for r in outputs:
-            rows[r][0].next_logits = self.logits_at(r)
-
-    def decode_prompts(self) -> None:
-        pending = [(s, t, p) for s in self.states for p, t in enumerate(s.prompt)]
-        n_batch = self.model.n_batch
-        for start in range(0, len(pending), n_batch):
-            chunk = pending[start : start + n_batch]
-            self.decode([(s, t, p, False, p == len(s.prompt) - 1) for s, t, p in chunk])
-
-    def logits_at(self, row: int) -> np.ndarray:
-        pointer = llama_cpp.llama_get_logits_ith(self.model.ctx, row)
-        return np.ctypeslib.as_array(pointer, shape=(self.model.n_vocab(),)).copy()
-
-
 def per_sequence(name: str, value, n: int) -> list:
     """A setting given once for every sequence, or as a list with one entry per sequence."""
     if isinstance(value, (list, tuple)) and not (name == "stop" and all(isinstance(v, str) for v in value)):
@@ -168,6 +142,148 @@ def sequence_samplings(n: int, max_tokens, temperature, top_p, seed, stop) -> li
     return samplings
 
 
+class ContinuousBatch:
+    """Sequences that join and leave between decodes, each with its own controls and sampling.
+
+    `add` reserves a slot and the KV cells a sequence can use (prompt + max_tokens; all sequences
+    share n_ctx); `step` samples the next token of every sequence whose logits are ready and
+    decodes those tokens together with as much waiting prompt as fits in n_batch; finished
+    sequences leave the batch and free their slot and cells. The model is unsteered while the
+    batch is open: only the per-slot program steers.
+    """
+
+    def __init__(self, model: "SteeredModel", max_sequences: int | None = None):
+        self.model = model
+        self.max_sequences = min(max_sequences or model.n_seq_max, model.n_seq_max)
+        self.slots: list[SequenceState | None] = [None] * model.n_seq_max
+        self.reserved_cells = 0
+        self._program_stale = True
+        self._cleanup = contextlib.ExitStack()
+        self._cleanup.enter_context(model.unsteered())
+        self.batch = OwnedBatch(model.n_batch)
+        self._cleanup.callback(self._release)
+        self.memory = llama_cpp.llama_get_memory(model.ctx)
+        llama_cpp.llama_memory_clear(self.memory, True)
+
+    def __enter__(self) -> "ContinuousBatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._cleanup.close()
+
+    def _release(self) -> None:
+        self.batch.close()
+        self.model._hook.clear_program()
+        llama_cpp.llama_memory_clear(self.memory, True)
+        self.model.reset()
+
+    @property
+    def active(self) -> list[SequenceState]:
+        return [s for s in self.slots if s is not None]
+
+    def fits(self, n_prompt_tokens: int, max_tokens: int) -> bool:
+        """Whether a sequence of this size can join now."""
+        return (len(self.active) < self.max_sequences
+                and self.reserved_cells + n_prompt_tokens + max_tokens <= self.model.n_ctx())
+
+    def add(self, tokens: list[int], controls: list[Intervention], sampling: SequenceSampling, *,
+            index: int = 0, on_piece: Callable[[str], None] | None = None) -> SequenceState:
+        if not tokens:
+            raise ValueError("a sequence needs at least one prompt token")
+        if not self.fits(len(tokens), sampling.max_tokens):
+            raise ValueError(f"no room for a sequence of {len(tokens)} + {sampling.max_tokens} tokens: "
+                             f"{len(self.active)} sequences hold {self.reserved_cells} of n_ctx={self.model.n_ctx()} cells")
+        slot = self.slots.index(None)
+        state = SequenceState(index, slot, list(tokens), sampling, list(controls),
+                              np.random.default_rng(sampling.seed), on_piece)
+        self.slots[slot] = state
+        self.reserved_cells += state.kv_cells
+        self._program_stale = True
+        return state
+
+    def remove(self, state: SequenceState) -> None:
+        """Drop a sequence (finished or abandoned) and free its KV cells and slot."""
+        if self.slots[state.slot] is not state:
+            return
+        llama_cpp.llama_memory_seq_rm(self.memory, state.slot, -1, -1)
+        self.slots[state.slot] = None
+        self.reserved_cells -= state.kv_cells
+        self._program_stale = True
+
+    def step(self) -> list[SequenceState]:
+        """One decode; returns the sequences that finished (already removed from the batch)."""
+        rows, finished = [], []
+        for state in self.active:
+            if state.next_logits is not None:
+                token = self._next_token(state)
+                if state.done:
+                    finished.append(state)
+                else:
+                    rows.append((state, token, len(state.prompt) + len(state.generated) - 1, True, True))
+        for state in finished:
+            self.remove(state)
+        rows += self._prompt_rows(self.model.n_batch - len(rows))
+        if rows:
+            self._decode(rows)
+        return finished
+
+    def _next_token(self, state: SequenceState) -> int:
+        sampling = state.sampling
+        token = sample_token(state.next_logits, sampling.temperature, sampling.top_p, state.rng)
+        state.next_logits = None
+        if llama_cpp.llama_token_is_eog(self.model._model.vocab, token):
+            state.finish_reason = "stop"
+            return token
+        state.generated.append(token)
+        self._update_text(state)
+        if not state.done and len(state.generated) >= sampling.max_tokens:
+            state.finish_reason = "length"
+        return token
+
+    def _update_text(self, state: SequenceState) -> None:
+        text = self.model.detokenize(state.generated).decode("utf-8", errors="ignore")
+        for word in state.sampling.stop:
+            cut = text.find(word)
+            if cut >= 0:
+                text = text[:cut]
+                state.finish_reason = "stop"
+        if state.on_piece is not None and len(text) > len(state.text):
+            state.on_piece(text[len(state.text) :])
+        state.text = text
+
+    def _prompt_rows(self, budget: int) -> list:
+        """Prompt tokens still to decode, oldest sequence first, up to `budget` rows."""
+        rows = []
+        for state in self.active:
+            while budget > 0 and state.n_decoded < len(state.prompt):
+                pos = state.n_decoded
+                rows.append((state, state.prompt[pos], pos, False, pos == len(state.prompt) - 1))
+                state.n_decoded += 1
+                budget -= 1
+        return rows
+
+    def _decode(self, rows: list[tuple[SequenceState, int, int, bool, bool]]) -> None:
+        """rows: (state, token, position, is_generated, wants_logits)."""
+        if self._program_stale:
+            compile_program([s.controls if s else [] for s in self.slots], n_slots=len(self.slots)).install(self.model._hook)
+            self._program_stale = False
+        batch = self.batch
+        batch.clear()
+        outputs = []
+        for state, token, pos, _, wants in rows:
+            row = batch.add(token, pos, state.slot, wants)
+            if wants:
+                outputs.append((state, row))
+        self.model.decode_batch(batch.batch, generated=np.array([row[3] for row in rows], np.uint8))
+        # a later decode overwrites llama.cpp's logits: keep each sequence's own
+        for state, row in outputs:
+            pointer = llama_cpp.llama_get_logits_ith(self.model.ctx, row)
+            state.next_logits = np.ctypeslib.as_array(pointer, shape=(self.model.n_vocab(),)).copy()
+
+
 def generate_batch(
     model: "SteeredModel",
     prompts: Sequence[str],
@@ -190,57 +306,16 @@ def generate_batch(
         raise ValueError(f"{len(prompts)} prompts but the context runs at most n_seq_max={model.n_seq_max} sequences")
     samplings = sequence_samplings(len(prompts), max_tokens, temperature, top_p, seed, stop)
     per_slot = [normalize_controls(model, c) for c in controls]
-    states = [
-        SequenceState(i, model.tokenize_prompt(p), sampling, np.random.default_rng(sampling.seed))
-        for i, (p, sampling) in enumerate(zip(prompts, samplings))
-    ]
-    needed = sum(len(s.prompt) + s.sampling.max_tokens for s in states)
+    token_lists = [model.tokenize_prompt(p) for p in prompts]
+    needed = sum(len(tokens) + sampling.max_tokens for tokens, sampling in zip(token_lists, samplings))
     if needed > model.n_ctx():
         raise ValueError(f"prompts plus max_tokens need {needed} KV cells, more than n_ctx={model.n_ctx()} (shared by all sequences)")
-    with model.unsteered():
-        compile_program(per_slot).install(model._hook)
-        runner = BatchRunner(model, states)
-        llama_cpp.llama_memory_clear(runner.memory, True)
-        try:
-            runner.decode_prompts()
-            _generate_loop(model, runner, states, on_token)
-        finally:
-            runner.close()
-            model._hook.clear_program()
-            llama_cpp.llama_memory_clear(runner.memory, True)
-            model.reset()
+    with ContinuousBatch(model) as batch:
+        states = [
+            batch.add(tokens, items, sampling, index=i,
+                      on_piece=None if on_token is None else (lambda piece, i=i: on_token(i, piece)))
+            for i, (tokens, items, sampling) in enumerate(zip(token_lists, per_slot, samplings))
+        ]
+        while batch.active:
+            batch.step()
     return [s.result() for s in states] if details else [s.text for s in states]
-
-
-def _generate_loop(model, runner, states, on_token) -> None:
-    while True:
-        rows = []
-        for state in states:
-            if state.done:
-                continue
-            sampling = state.sampling
-            token = sample_token(state.next_logits, sampling.temperature, sampling.top_p, state.rng)
-            if llama_cpp.llama_token_is_eog(model._model.vocab, token):
-                state.finish_reason = "stop"
-                continue
-            state.generated.append(token)
-            _update_text(model, state, on_token)
-            if not state.done and len(state.generated) >= sampling.max_tokens:
-                state.finish_reason = "length"
-            if not state.done:
-                rows.append((state, token, len(state.prompt) + len(state.generated) - 1, True, True))
-        if not rows:
-            return
-        runner.decode(rows)
-
-
-def _update_text(model, state: SequenceState, on_token) -> None:
-    text = model.detokenize(state.generated).decode("utf-8", errors="ignore")
-    for word in state.sampling.stop:
-        cut = text.find(word)
-        if cut >= 0:
-            text = text[:cut]
-            state.finish_reason = "stop"
-    if on_token is not None and len(text) > len(state.text):
-        on_token(state.index, text[len(state.text) :])
-    state.text = text
