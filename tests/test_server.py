@@ -24,7 +24,17 @@ from conftest import TIGHT_LLAMA_KWARGS
 
 from ggsteer import SteeredModel
 from ggsteer.chat import TRANSCRIPT_HEADER
-from ggsteer.server import MAX_BODY_BYTES, ChatMessage, ServerConfig, VectorRegistry, chat_prompt, create_app
+from ggsteer.server import (
+    MAX_BODY_BYTES,
+    BatchWorker,
+    ChatMessage,
+    Job,
+    Sampling,
+    ServerConfig,
+    VectorRegistry,
+    chat_prompt,
+    create_app,
+)
 from ggsteer.vector import ControlVector
 
 MAX_BATCH = 8
@@ -491,3 +501,86 @@ def test_concurrent_clients_never_see_each_others_steering(base_url, app, refere
             assert (result["choices"][0]["finish_reason"], result["usage"]["completion_tokens"]) == (finish_reason, completion_tokens)
     sizes = app.state.server.worker.batch_sizes[batches_before:]
     assert max(sizes) > 1, f"requests were never batched together: {sizes}"
+
+
+# -- continuous batching: the worker on its own model ----------------------------------------------
+
+
+class RecordingJob(Job):
+    """A Job that records its events (with their order) instead of sending them to an event loop."""
+
+    def __init__(self, tokens, max_tokens, delay_s=0.0, controls=()):
+        super().__init__(tokens, list(controls), Sampling(max_tokens, 0.0, 1.0, None, ()), loop=None, events=None)
+        self.delay_s = delay_s
+        self.pieces: list[str] = []
+        self.result = None
+        self.error = None
+        self.finished = threading.Event()
+
+    def send(self, kind, value) -> None:
+        if kind == "piece":
+            self.pieces.append(value)
+            time.sleep(self.delay_s)  # a slow consumer stretches this sequence over many decodes
+        else:
+            self.result, self.error = (value, None) if kind == "done" else (None, value)
+            self.finished_at = time.monotonic()
+            self.finished.set()
+
+
+@pytest.fixture
+def worker(tiny_model_path):
+    model = SteeredModel(tiny_model_path, **SERVER_MODEL_KWARGS)
+    worker = BatchWorker(model, max_batch=4)
+    worker.start()
+    yield worker
+    worker.stop()
+    model.close()
+
+
+def wait_until(condition, timeout_s=60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def test_a_request_joins_a_running_generation(worker, reference, vectors):
+    model = worker.model
+    long = RecordingJob(model.tokenize_prompt("the cat sat on"), 300, delay_s=0.002)
+    worker.submit(long)
+    wait_until(lambda: long.pieces)
+    short = RecordingJob(model.tokenize_prompt("a dog"), TOKENS, controls=[model.intervention(vectors["happy"], 1.0)])
+    worker.submit(short)
+    assert short.finished.wait(60) and long.finished.wait(60)
+    # the short request joined the long one's decodes and left long before it ended
+    assert short.finished_at < long.finished_at
+    assert max(worker.batch_sizes) == 2
+    assert short.result.text == expected_text(reference, vectors, "a dog", {"happy": 1.0})
+    assert long.result.text == expected_text(reference, vectors, "the cat sat on", max_tokens=300)
+    assert (long.result.finish_reason, long.result.completion_tokens) == ("length", 300)
+
+
+def test_an_abandoned_request_leaves_the_batch(worker, reference, vectors):
+    model = worker.model
+    gone = RecordingJob(model.tokenize_prompt("the cat sat on"), 300, delay_s=0.002)
+    kept = RecordingJob(model.tokenize_prompt("you are"), 200, delay_s=0.002)
+    worker.submit(gone)
+    worker.submit(kept)
+    wait_until(lambda: len(gone.pieces) >= 2)
+    gone.cancelled = True  # what the server does when a streaming client goes away
+    assert kept.finished.wait(60)
+    assert gone.result is None and gone.error is None and len(gone.pieces) < 300
+    assert kept.result.text == expected_text(reference, vectors, "you are", max_tokens=200)
+    assert worker.batch_sizes[-1] == 1
+
+
+def test_stopping_the_worker_fails_what_runs(tiny_model_path):
+    model = SteeredModel(tiny_model_path, **SERVER_MODEL_KWARGS)
+    worker = BatchWorker(model, max_batch=4)
+    worker.start()
+    job = RecordingJob(model.tokenize_prompt("the cat"), 400, delay_s=0.002)
+    worker.submit(job)
+    wait_until(lambda: job.pieces)
+    worker.stop()
+    assert job.error == "the server is shutting down" and job.result is None
+    model.close()

@@ -7,19 +7,16 @@ each with a strength in ggsteer's unit (1.0 = the trained mean gap at each layer
 trained gap (unit "raw": files from repeng or llama.cpp's cvector-generator) are applied with the
 strength as a plain coefficient on the stored directions; /v1/vectors reports each vector's unit.
 
-Concurrency: one worker thread owns the model (`BatchWorker`). Handlers put jobs on a queue; when
-the worker is free it takes the jobs waiting at that moment (lingering up to 20 ms for more while
-the batch is not full), and decodes up to --max-batch of them (those fitting in the context)
-together with one `SteeredModel.generate_batch` call, each job with its own controls and its own
-sampling settings (max_tokens, temperature, top_p, seed, stop).
-Jobs arriving while a batch runs wait for the next batch: there is no joining a running batch, so
-a short request queued behind a long batch waits for all of it. generate_batch clears the KV
-memory before and after each call, so no request ever sees another request's vectors or cached
-states. Streaming pieces go from the worker's `on_token` to each request's asyncio queue through
-`loop.call_soon_threadsafe`.
-
-A seeded request samples with exactly its own seed wherever it sits in a batch. `finish_reason`
-and `usage` come from generate_batch's per-sequence results.
+Concurrency: one worker thread owns the model (`BatchWorker`) and keeps one `ContinuousBatch`
+open. Handlers put jobs on a queue; between two decodes the worker admits waiting jobs (oldest
+first, up to --max-batch sequences whose prompt + max_tokens fit in the context together), so a
+request joins the sequences already generating instead of waiting for them to finish, and each
+leaves as soon as it is done. Every job has its own controls and sampling settings (max_tokens,
+temperature, top_p, seed, stop); a seeded request samples with exactly its own seed. Each sequence
+has its own KV sequence id, cleared when it leaves, so no request sees another request's vectors or
+cached states. Streaming pieces go from the worker to each request's asyncio queue through
+`loop.call_soon_threadsafe`; a stream whose client went away leaves the batch at the next decode.
+`finish_reason` and `usage` come from the batch's per-sequence results.
 """
 
 from __future__ import annotations
@@ -44,6 +41,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ggsteer.batch_generate import ContinuousBatch, SequenceSampling, SequenceState
 from ggsteer.chat import TRANSCRIPT_HEADER
 from ggsteer.interventions import make_intervention
 from ggsteer.vector import UNIT_RAW, ControlVector
@@ -256,7 +254,7 @@ def templated_prompt(model, template: str, history: list[dict]) -> tuple[str, li
     except Exception as error:  # noqa: BLE001 - templates raise what they like (roles must alternate, ...)
         raise ApiError(400, f"the model's chat template refused these messages: {error}", "messages") from None
     prompt = formatted.prompt
-    # generate_batch tokenizes with BOS added: do not add it twice
+    # the batch decodes tokenize_prompt(prompt), which adds BOS: do not add it twice
     if bos and prompt.startswith(bos):
         prompt = prompt[len(bos):]
     stops = [formatted.stop] if isinstance(formatted.stop, str) else list(formatted.stop or [])
@@ -282,31 +280,20 @@ class Sampling:
     seed: int | None
     stop: tuple[str, ...]
 
-
-def batch_sampling(jobs: list["Job"]) -> dict:
-    """generate_batch's per-sequence sampling arguments for these jobs."""
-    return dict(max_tokens=[job.sampling.max_tokens for job in jobs],
-                temperature=[job.sampling.temperature for job in jobs],
-                top_p=[job.sampling.top_p for job in jobs],
-                seed=[job.sampling.seed for job in jobs],
-                stop=[list(job.sampling.stop) for job in jobs])
+    def for_sequence(self) -> SequenceSampling:
+        return SequenceSampling(self.max_tokens, self.temperature, self.top_p, self.seed, self.stop)
 
 
 @dataclass(eq=False)
 class Job:
     """One request's generation; the worker reports to it through the event loop's queue."""
 
-    prompt: str
-    n_prompt_tokens: int
+    tokens: list[int]  # the prompt, tokenized as the batch decodes it
     controls: list
     sampling: Sampling
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
-
-    @property
-    def kv_cells(self) -> int:
-        return self.n_prompt_tokens + self.sampling.max_tokens
 
     def send(self, kind: str, value) -> None:
         """Thread-safe: called from the worker thread, delivered on the event loop."""
@@ -318,21 +305,23 @@ _STOP = object()
 
 
 class BatchWorker:
-    """The one thread that touches the model.
+    """The one thread that touches the model, running one `ContinuousBatch` for the server's life.
 
-    Each round it takes the jobs waiting at that moment (lingering up to `gather_s` while fewer
-    than `max_batch` wait) and runs up to `max_batch` of them that fit in the context in one
-    `generate_batch` call; the others, and every job arriving while a batch runs, wait for the
-    next round (oldest first).
+    Between decodes it admits waiting jobs (oldest first) while they fit: at most `max_batch`
+    sequences, and prompt + max_tokens of all of them within the context. A job that does not fit
+    yet waits, and nothing younger jumps ahead of it. Abandoned streams leave the batch at the
+    next decode. When idle, it lingers up to `gather_s` after the first job arrives, so jobs sent
+    together have their prompts decoded together.
     """
 
     def __init__(self, model, max_batch: int, gather_s: float = 0.0):
         self.model = model
         self.max_batch = max_batch
         self.gather_s = gather_s
-        self.batch_sizes: list[int] = []  # one entry per generate_batch call, for tests and logs
+        self.batch_sizes: list[int] = []  # sequences in each decode, for tests and logs
         self._queue: queue.Queue = queue.Queue()
         self._backlog: deque[Job] = deque()
+        self._running: dict[SequenceState, Job] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="ggsteer-batch-worker", daemon=True)
 
@@ -347,32 +336,31 @@ class BatchWorker:
         self._queue.put(job)
 
     def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            self._run_batch(batch)
-        for job in self._backlog:
-            job.send("error", "the server is shutting down")
+        batch = ContinuousBatch(self.model, self.max_batch)
+        try:
+            while True:
+                self._collect(wait=not self._running)
+                if self._stopping:
+                    break
+                self._drop_cancelled(batch)
+                self._admit(batch)
+                if self._running:
+                    batch = self._step(batch)
+        finally:
+            for job in [*self._running.values(), *self._backlog]:
+                job.send("error", "the server is shutting down")
+            batch.close()
 
-    def _next_batch(self) -> list[Job] | None:
-        if not self._backlog and not self._stopping:
+    def _collect(self, wait: bool) -> None:
+        """Move queued jobs to the backlog; when idle, block for the first and linger for more."""
+        if wait and not self._backlog:
             self._take(self._queue.get())
-        self._gather()
-        if self._stopping:
-            return None
-        return self._pick_batch()
-
-    def _gather(self) -> None:
-        """Take what waits; short of a full batch, linger up to gather_s for more.
-
-        Without the linger, clients whose requests just finished come back a few milliseconds
-        after the next batch started, and batches alternate between 1 and max_batch - 1 jobs.
-        """
-        deadline = time.monotonic() + self.gather_s
-        while not self._stopping and len(self._backlog) < self.max_batch:
-            remaining = deadline - time.monotonic()
-            try:
-                self._take(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
-            except queue.Empty:
-                break
+            deadline = time.monotonic() + self.gather_s
+            while not self._stopping and (remaining := deadline - time.monotonic()) > 0:
+                try:
+                    self._take(self._queue.get(timeout=remaining))
+                except queue.Empty:
+                    break
         while not self._queue.empty():
             self._take(self._queue.get_nowait())
 
@@ -382,38 +370,35 @@ class BatchWorker:
         else:
             self._backlog.append(item)
 
-    def _pick_batch(self) -> list[Job]:
-        first = self._backlog.popleft()
-        batch, cells = [first], first.kv_cells
-        for job in list(self._backlog):
-            if len(batch) == self.max_batch:
-                break
-            if cells + job.kv_cells <= self.model.n_ctx():
-                batch.append(job)
-                cells += job.kv_cells
-                self._backlog.remove(job)
-        return batch
+    def _drop_cancelled(self, batch: ContinuousBatch) -> None:
+        self._backlog = deque(job for job in self._backlog if not job.cancelled)
+        for state, job in list(self._running.items()):
+            if job.cancelled:
+                batch.remove(state)
+                del self._running[state]
 
-    def _run_batch(self, jobs: list[Job]) -> None:
-        jobs = [job for job in jobs if not job.cancelled]
-        if not jobs:
-            return
-        self.batch_sizes.append(len(jobs))
+    def _admit(self, batch: ContinuousBatch) -> None:
+        while self._backlog and batch.fits(len(self._backlog[0].tokens), self._backlog[0].sampling.max_tokens):
+            job = self._backlog.popleft()
+            state = batch.add(job.tokens, job.controls, job.sampling.for_sequence(),
+                              on_piece=lambda piece, job=job: job.send("piece", piece))
+            self._running[state] = job
+
+    def _step(self, batch: ContinuousBatch) -> ContinuousBatch:
+        """One decode; a failure fails the running jobs (not the server) and starts a fresh batch."""
+        self.batch_sizes.append(len(self._running))
         try:
-            results = self.model.generate_batch(
-                [job.prompt for job in jobs],
-                [job.controls for job in jobs],
-                on_token=lambda i, piece: jobs[i].send("piece", piece),
-                details=True,
-                **batch_sampling(jobs),
-            )
-        except Exception as error:  # noqa: BLE001 - a failed batch fails its requests, not the server
-            log.exception("batch of %d failed", len(jobs))
-            for job in jobs:
+            finished = batch.step()
+        except Exception as error:  # noqa: BLE001
+            log.exception("a decode of %d sequences failed", len(self._running))
+            for job in self._running.values():
                 job.send("error", f"generation failed: {error}")
-            return
-        for job, result in zip(jobs, results):
-            job.send("done", result)
+            self._running.clear()
+            batch.close()
+            return ContinuousBatch(self.model, self.max_batch)
+        for state in finished:
+            self._running.pop(state).send("done", state.result())
+        return batch
 
 
 # -- streaming text ------------------------------------------------------------------------------
@@ -422,7 +407,7 @@ class BatchWorker:
 class VisibleText:
     """What a client sees of a generation, the same whether streamed or not.
 
-    Streaming holds back a tail that could still grow into a stop string (generate_batch cuts the
+    Streaming holds back a tail that could still grow into a stop string (the batch cuts the
     stop from its final text, but its pieces may already hold the stop's first characters), and
     chat replies to a transcript lose the space after "Assistant:".
     """
@@ -495,11 +480,11 @@ class SteeringServer:
     def new_job(self, request: GenerationRequest, prompt: str, extra_stops: list[str]) -> Job:
         controls = self.registry.controls(request.steering, self.model)
         sampling = self.sampling(request, extra_stops)
-        n_prompt = len(self.model.tokenize_prompt(prompt))
-        if n_prompt + sampling.max_tokens > self.model.n_ctx():
-            raise ApiError(400, f"the prompt ({n_prompt} tokens) plus max_tokens ({sampling.max_tokens}) "
+        tokens = self.model.tokenize_prompt(prompt)
+        if len(tokens) + sampling.max_tokens > self.model.n_ctx():
+            raise ApiError(400, f"the prompt ({len(tokens)} tokens) plus max_tokens ({sampling.max_tokens}) "
                                 f"exceeds the context ({self.model.n_ctx()} tokens)", "max_tokens")
-        return Job(prompt, n_prompt, controls, sampling, asyncio.get_running_loop())
+        return Job(tokens, controls, sampling, asyncio.get_running_loop())
 
     async def respond(self, job: Job, shape: "CompletionShape | ChatShape", text: VisibleText, stream: bool):
         """Queue the job; answer with SSE events as it generates, or with one object when it is done."""

@@ -26,11 +26,11 @@ def add_serve_command(subparsers) -> None:
     serve.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                        help=f"require 'Authorization: Bearer KEY' on /v1 requests (default: ${API_KEY_ENV}, "
                             "which keeps the key out of the process list)")
-    serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (default 8)")
+    serve.add_argument("--max-batch", type=int, default=8, help="requests generating together at most (default 8)")
     serve.add_argument("--batch-wait-ms", type=float, default=20.0,
-                       help="wait this long for more requests before starting a batch that is not full (default 20)")
+                       help="when idle, wait this long after a request for others to start with it (default 20)")
     serve.add_argument("--ctx-size", type=int, default=DEFAULT_CTX,
-                       help=f"KV cells shared by one batch's requests (default {DEFAULT_CTX})")
+                       help=f"KV cells shared by the requests generating together (default {DEFAULT_CTX})")
     serve.set_defaults(func=cmd_serve)
 
 
