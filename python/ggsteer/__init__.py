@@ -12,6 +12,7 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+source"
 
+from ggsteer.batch_generate import BatchCompletion, ContinuousBatch, SequenceSampling
 from ggsteer.dataset import DatasetEntry, load_jsonl, make_dataset, preset_dataset, save_jsonl
 from ggsteer.default_model import default_model_path
 from ggsteer.interventions import Condition, Intervention, TokenAlignedVector
@@ -19,10 +20,13 @@ from ggsteer.model import SteeredModel
 from ggsteer.vector import ControlVector
 
 __all__ = [
+    "BatchCompletion",
     "Condition",
+    "ContinuousBatch",
     "ControlVector",
     "DatasetEntry",
     "Intervention",
+    "SequenceSampling",
     "SteeredModel",
     "TokenAlignedVector",
     "__version__",
