@@ -40,16 +40,25 @@ bool tensor_batch_rows(hook_state & state, const ggml_tensor * t, std::vector<in
     return false;
 }
 
-// Reads one row to the host whatever the backend.
-void read_row(const ggml_tensor * t, int64_t r, std::vector<float> & row) {
-    row.resize(t->ne[0]);
-    ggml_backend_tensor_get(t, row.data(), r * t->nb[1], t->ne[0] * sizeof(float));
+// The tensor's rows in host memory: its own memory when the buffer is host memory, else one copy
+// of the whole tensor (one transfer instead of one per row), made only when a condition needs
+// rows. Row r starts at r * row_stride.
+const float * host_rows(const ggml_tensor * t, std::vector<float> & copy, int64_t & row_stride) {
+    row_stride = (int64_t) (t->nb[1] / sizeof(float));
+    if (ggml_backend_buffer_is_host(t->buffer)) {
+        return (const float *) t->data;
+    }
+    copy.resize(ggml_nbytes(t) / sizeof(float));
+    ggml_backend_tensor_get(t, copy.data(), 0, ggml_nbytes(t));
+    return copy.data();
 }
 
 void update_conditions(hook_state & state, const ggml_tensor * t, int32_t il, const std::vector<int32_t> & batch_rows) {
     hook_program & prog = state.program;
     const int64_t n = state.n_embd;
-    std::vector<float> row;
+    std::vector<float> copy;
+    const float * rows = nullptr;
+    int64_t row_stride = 0;
     for (size_t c = 0; c < prog.conditions.size(); ++c) {
         const hook_condition & cond = prog.conditions[c];
         if (cond.layer != il) {
@@ -73,7 +82,10 @@ void update_conditions(hook_state & state, const ggml_tensor * t, int32_t il, co
             if (slot < 0 || slot >= prog.n_slots || state.rows.generated[b]) {
                 continue;  // decided on the prompt, then kept while generating
             }
-            read_row(t, (int64_t) r, row);
+            if (rows == nullptr) {
+                rows = host_rows(t, copy, row_stride);
+            }
+            const float * row = rows + (int64_t) r * row_stride;
             double * sum = &prog.cond_sum[(c * prog.n_slots + slot) * n];
             for (int64_t k = 0; k < n; ++k) {
                 sum[k] += row[k];
