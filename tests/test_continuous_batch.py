@@ -4,6 +4,7 @@ The oracle is each sequence decoded alone (generate_batch with one prompt), toke
 temperature 0: joining, leaving, slot reuse and chunked prompts must not change any sequence.
 """
 
+import numpy as np
 import pytest
 from test_steer import random_vector
 
@@ -140,3 +141,26 @@ def test_the_model_is_itself_again_after_the_batch(tiny_model):
         run_to_end(batch)
     assert len(tiny_model.controls) == 1
     assert tiny_model.create_completion("the dog is", max_tokens=8, temperature=0)["choices"][0]["text"] == before
+
+
+def test_churn_with_a_nearly_full_context(tiny_model):
+    """Many sequences of random sizes joining as others leave: the freed cells are scattered
+    through the KV cache, yet every decode finds room and every sequence equals itself alone."""
+    rng = np.random.default_rng(5)
+    words = "the dog and the cat are very happy today and i am sad".split()
+    pending = []
+    for i in range(40):
+        prompt = " ".join(rng.choice(words, size=int(rng.integers(1, 12))))
+        pending.append((prompt, SequenceSampling(max_tokens=int(rng.integers(1, 20)))))
+    done = []
+    with ContinuousBatch(tiny_model) as batch:
+        queue = list(pending)
+        while queue or batch.active:
+            while queue and batch.fits(len(tiny_model.tokenize_prompt(queue[0][0])), queue[0][1].max_tokens):
+                prompt, sampling = queue.pop(0)
+                done.append((prompt, sampling, add(tiny_model, batch, prompt, None, sampling)))
+            assert batch.reserved_cells <= tiny_model.n_ctx()
+            batch.step()
+    assert len(done) == 40
+    for prompt, sampling, state in done:
+        assert state.text == alone(tiny_model, prompt, max_tokens=sampling.max_tokens), prompt
