@@ -171,6 +171,7 @@ class Hook {
 
     std::vector<int8_t> condition_states() const { return state_.program.cond_on; }
     bool intervening() const { return state_.intervening; }
+    void set_host_as_device(bool on) { state_.host_as_device = on; }
 
     ~Hook() { hook_free(state_); }
 
@@ -209,6 +210,8 @@ PYBIND11_MODULE(_native, m) {
         .def("take_error", &Hook::take_error, "The first error met by the callback since the last call, or ''.")
         .def("condition_states", &Hook::condition_states, "Per (condition, slot): 1 when the condition holds.")
         .def_property_readonly("intervening", &Hook::intervening)
+        .def("set_host_as_device", &Hook::set_host_as_device,
+             "Testing: handle host buffers through the copy-out/copy-back path of other backends.")
         .def("finish_capture", &Hook::finish_capture,
              "End the capture; return per-layer copy counts, raise RuntimeError on a capture error.");
 

@@ -43,9 +43,13 @@ bool tensor_batch_rows(hook_state & state, const ggml_tensor * t, std::vector<in
 // The tensor's rows in host memory: its own memory when the buffer is host memory, else one copy
 // of the whole tensor (one transfer instead of one per row), made only when a condition needs
 // rows. Row r starts at r * row_stride.
-const float * host_rows(const ggml_tensor * t, std::vector<float> & copy, int64_t & row_stride) {
+bool in_host_memory(const hook_state & state, const ggml_tensor * t) {
+    return ggml_backend_buffer_is_host(t->buffer) && !state.host_as_device;
+}
+
+const float * host_rows(const hook_state & state, const ggml_tensor * t, std::vector<float> & copy, int64_t & row_stride) {
     row_stride = (int64_t) (t->nb[1] / sizeof(float));
-    if (ggml_backend_buffer_is_host(t->buffer)) {
+    if (in_host_memory(state, t)) {
         return (const float *) t->data;
     }
     copy.resize(ggml_nbytes(t) / sizeof(float));
@@ -83,7 +87,7 @@ void update_conditions(hook_state & state, const ggml_tensor * t, int32_t il, co
                 continue;  // decided on the prompt, then kept while generating
             }
             if (rows == nullptr) {
-                rows = host_rows(t, copy, row_stride);
+                rows = host_rows(state, t, copy, row_stride);
             }
             const float * row = rows + (int64_t) r * row_stride;
             double * sum = &prog.cond_sum[(c * prog.n_slots + slot) * n];
@@ -155,7 +159,7 @@ bool is_cuda_buffer(const ggml_tensor * t) {
 void apply_op(hook_state & state, ggml_tensor * t, const hook_op & op, const std::vector<int32_t> & rows,
               const std::vector<int64_t> & offsets) {
     const int64_t n = state.n_embd;
-    if (ggml_backend_buffer_is_host(t->buffer)) {
+    if (in_host_memory(state, t)) {
         ops_cpu_apply(op.kind, (float *) t->data, (int64_t) (t->nb[1] / sizeof(float)), rows.data(),
                       (int64_t) rows.size(), state.program.vectors.data(), offsets.data(), op.coeff, n);
         return;

@@ -83,6 +83,9 @@ struct hook_state {
     std::vector<int32_t> seen;
 
     bool intervening = false;
+    // treat host buffers like any other backend's (copy rows out and back): lets the CPU tests
+    // run the path that non-host, non-CUDA backends take
+    bool host_as_device = false;
     hook_program program;
     hook_rows rows;
     hook_cuda_scratch * cuda = nullptr;

@@ -269,6 +269,33 @@ def test_condition_is_remade_when_llama_reuses_a_prefix(tiny_model, tiny_weights
     np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("options", [dict(op="ablate"), dict(op="clamp", strength=-2.0), dict(op="add_normalized", strength=1.3),
+                                     dict(op="add", first_k=3), dict(op="add", condition="holds")])
+def test_copy_path_of_other_backends_gives_the_host_results(tiny_model, tiny_weights, options):
+    """Backends whose memory is not host memory (and CUDA without a usable runtime) get their rows
+    copied out, changed and copied back; run that path on host tensors and compare."""
+    vector = random_vector(tiny_model, 51, scale=3.0)
+    options = dict(options)
+    if options.get("condition") == "holds":
+        cond_vector = random_vector(tiny_model, 52, layers=(0, 1, 2))
+        cosine = prompt_mean_cosine(tiny_model, tiny_weights, PROMPT, 0, cond_vector.directions[0])
+        cond_vector = cond_vector * float(np.sign(cosine))
+        # just under the prompt's cosine: the condition holds only if the rows were read right
+        options["condition"] = Condition(cond_vector, abs(cosine) - 1e-3, 0)
+    strength = options.pop("strength", 1.0)
+    tiny_model.set_control(vector, strength, layers=[1, 2], **options)
+    logits = []
+    for copy_path in (False, True):
+        tiny_model._hook.set_host_as_device(copy_path)
+        try:
+            logits.append(last_logits(tiny_model))
+        finally:
+            tiny_model._hook.set_host_as_device(False)
+    tiny_model.reset_control()
+    assert np.array_equal(logits[0], logits[1])
+    assert np.abs(logits[0] - last_logits(tiny_model)).max() > 100 * ATOL
+
+
 # -- several sequences, each with its own controls ---------------------------------------
 
 
