@@ -214,6 +214,34 @@ def test_when_generated_leaves_prompt_untouched(tiny_model):
     np.testing.assert_array_equal(steered_decode(tiny_model, prompt, []), plain)
 
 
+def first_logits(model, tokens) -> np.ndarray:
+    """Logits of the last prompt row, through Llama.generate (which may reuse a cached prefix)."""
+    import llama_cpp
+
+    for _ in model.generate(tokens, temp=0.0):
+        break
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(model.ctx, -1), shape=(model.n_vocab(),)).copy()
+
+
+@pytest.mark.parametrize("when", ["generated", "prompt"])
+def test_generated_tokens_reused_as_prompt_are_recomputed(tiny_model, when):
+    """A reply fed back as the next prompt (a chat turn) is prompt there: its states, cached while
+    it was generated, must not be reused when steering depends on the phase."""
+    vector = random_vector(tiny_model, 53, scale=5.0)
+    prompt = tiny_model.tokenize_prompt(PROMPT)
+    tiny_model.set_control(vector, 1.0, layers=[1, 2], when=when)
+    reply = []
+    for token in tiny_model.generate(prompt, temp=0.0):
+        reply.append(token)
+        if len(reply) == 4:
+            break
+    follow_up = prompt + reply + tiny_model.tokenize(b" and", add_bos=False)
+    reused = first_logits(tiny_model, follow_up)  # Llama.generate matches prompt + reply[:3] here
+    tiny_model.set_control(vector, 1.0, layers=[1, 2], when=when)  # drops every cached state
+    fresh = first_logits(tiny_model, follow_up)
+    np.testing.assert_array_equal(reused, fresh)
+
+
 def prompt_mean_cosine(model, weights, prompt, layer, direction):
     hidden, _ = reference_forward(weights, model.tokenize_prompt(prompt), kv_f16=False)
     mean = hidden[layer].mean(axis=0)

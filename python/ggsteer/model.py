@@ -75,6 +75,7 @@ class SteeredModel(llama_cpp.Llama):
         self._hook = native.Hook(self.n_layer, self.n_embd)
         self._controls: list = []
         self._generating = False
+        self._generated_from: int | None = None  # first cached position evaluated as a generated token
         self._replace_context_with_hooked(n_seq_max)
 
     def _replace_context_with_hooked(self, n_seq_max: int) -> None:
@@ -232,6 +233,9 @@ class SteeredModel(llama_cpp.Llama):
             # a condition averages the whole prompt: re-evaluating only past a reused prefix would
             # count the previous prompt's rows too
             self.reset()
+        elif self._generated_from is not None and self.n_tokens > self._generated_from and self._phase_gated():
+            # tokens generated before are prompt now: Llama may reuse only what was evaluated as prompt
+            self.n_tokens = self._generated_from
         inner = super().generate(tokens, *args, **kwargs)
         try:
             for token in inner:
@@ -243,6 +247,7 @@ class SteeredModel(llama_cpp.Llama):
 
     def eval(self, tokens) -> None:
         """Llama.eval; with hook interventions active, each decode's rows are described to the hook first."""
+        self._track_generated_rows()
         if not self._hook.intervening:
             return super().eval(tokens)
         for start in range(0, len(tokens), self.n_batch):
@@ -259,6 +264,16 @@ class SteeredModel(llama_cpp.Llama):
             error = self._hook.take_error()
             if error:
                 raise RuntimeError(f"ggsteer hook: {error}")
+
+    def _track_generated_rows(self) -> None:
+        """Remember where the cached rows evaluated as generated tokens begin."""
+        if self._generated_from is not None and self._generated_from >= self.n_tokens:
+            self._generated_from = None  # those rows are about to be overwritten
+        if self._generating and self._generated_from is None:
+            self._generated_from = self.n_tokens
+
+    def _phase_gated(self) -> bool:
+        return any(getattr(item, "when", "all") != "all" for item in self._controls)
 
     def decode_batch(self, batch, generated=False) -> None:
         """llama_decode on a filled llama_batch, describing its rows to the hook first.
