@@ -22,14 +22,13 @@ import pytest
 import uvicorn
 from conftest import TIGHT_LLAMA_KWARGS
 
-from ggsteer import SteeredModel
+from ggsteer import SequenceSampling, SteeredModel
 from ggsteer.chat import TRANSCRIPT_HEADER
 from ggsteer.server import (
     MAX_BODY_BYTES,
     BatchWorker,
     ChatMessage,
     Job,
-    Sampling,
     ServerConfig,
     VectorRegistry,
     chat_prompt,
@@ -92,18 +91,26 @@ def vectors(vector_dir) -> dict[str, ControlVector]:
     return write_vectors(vector_dir)
 
 
+@contextlib.contextmanager
+def tiny_server_model(path):
+    """The tiny model with the server's settings, closed on exit."""
+    model = SteeredModel(path, **SERVER_MODEL_KWARGS)
+    try:
+        yield model
+    finally:
+        model.close()
+
+
 @pytest.fixture(scope="module")
 def server_model(tiny_model_path):
-    model = SteeredModel(tiny_model_path, **SERVER_MODEL_KWARGS)
-    yield model
-    model.close()
+    with tiny_server_model(tiny_model_path) as model:
+        yield model
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_path):
-    model = SteeredModel(tiny_model_path, **SERVER_MODEL_KWARGS)
-    yield model
-    model.close()
+    with tiny_server_model(tiny_model_path) as model:
+        yield model
 
 
 @pytest.fixture(scope="module")
@@ -413,8 +420,7 @@ def test_server_keeps_serving_after_errors(client):
 
 
 def test_api_key_is_enforced(tiny_model_path, vector_dir, vectors):
-    model = SteeredModel(tiny_model_path, **SERVER_MODEL_KWARGS)
-    try:
+    with tiny_server_model(tiny_model_path) as model:
         app = create_app(model, VectorRegistry.load(vector_dir, model), ServerConfig(api_key="s3cret", max_batch=4))
         with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as c:
             body = {"prompt": "hi", **GREEDY}
@@ -427,8 +433,6 @@ def test_api_key_is_enforced(tiny_model_path, vector_dir, vectors):
             assert c.post("/v1/completions", json=body, headers=good).status_code == 200
             assert c.get("/v1/vectors", headers=good).status_code == 200
             assert c.get("/").status_code == 200  # the page itself is public; it sends the key it is given
-    finally:
-        model.close()
 
 
 # -- isolation under load -------------------------------------------------------------------------
@@ -510,7 +514,7 @@ class RecordingJob(Job):
     """A Job that records its events (with their order) instead of sending them to an event loop."""
 
     def __init__(self, tokens, max_tokens, delay_s=0.0, controls=()):
-        super().__init__(tokens, list(controls), Sampling(max_tokens, 0.0, 1.0, None, ()), loop=None, events=None)
+        super().__init__(tokens, list(controls), SequenceSampling(max_tokens), loop=None, events=None)
         self.delay_s = delay_s
         self.pieces: list[str] = []
         self.result = None
@@ -529,12 +533,11 @@ class RecordingJob(Job):
 
 @pytest.fixture
 def worker(tiny_model_path):
-    model = SteeredModel(tiny_model_path, **SERVER_MODEL_KWARGS)
-    worker = BatchWorker(model, max_batch=4)
-    worker.start()
-    yield worker
-    worker.stop()
-    model.close()
+    with tiny_server_model(tiny_model_path) as model:
+        worker = BatchWorker(model, max_batch=4)
+        worker.start()
+        yield worker
+        worker.stop()
 
 
 def wait_until(condition, timeout_s=60.0) -> None:
@@ -575,12 +578,11 @@ def test_an_abandoned_request_leaves_the_batch(worker, reference, vectors):
 
 
 def test_stopping_the_worker_fails_what_runs(tiny_model_path):
-    model = SteeredModel(tiny_model_path, **SERVER_MODEL_KWARGS)
-    worker = BatchWorker(model, max_batch=4)
-    worker.start()
-    job = RecordingJob(model.tokenize_prompt("the cat"), 400, delay_s=0.002)
-    worker.submit(job)
-    wait_until(lambda: job.pieces)
-    worker.stop()
+    with tiny_server_model(tiny_model_path) as model:
+        worker = BatchWorker(model, max_batch=4)
+        worker.start()
+        job = RecordingJob(model.tokenize_prompt("the cat"), 400, delay_s=0.002)
+        worker.submit(job)
+        wait_until(lambda: job.pieces)
+        worker.stop()
     assert job.error == "the server is shutting down" and job.result is None
-    model.close()

@@ -12,9 +12,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_server import SERVER_MODEL_KWARGS, expected_text, running_server, transcript, write_vectors
+from test_server import expected_text, running_server, tiny_server_model, transcript, write_vectors
 
-from ggsteer import SteeredModel
 from ggsteer.server import ServerConfig, VectorRegistry, create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -32,20 +31,16 @@ pytestmark = pytest.mark.skipif(
 def page_server(tmp_path_factory, tiny_model_path):
     directory = tmp_path_factory.mktemp("page_vectors")
     vectors = write_vectors(directory)
-    model = SteeredModel(tiny_model_path, **SERVER_MODEL_KWARGS)
-    app = create_app(model, VectorRegistry.load(directory, model), ServerConfig(max_batch=4))
-    try:
+    with tiny_server_model(tiny_model_path) as model:
+        app = create_app(model, VectorRegistry.load(directory, model), ServerConfig(max_batch=4))
         with running_server(app) as url:
             yield url, vectors
-    finally:
-        model.close()
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_path):
-    model = SteeredModel(tiny_model_path, **SERVER_MODEL_KWARGS)
-    yield model
-    model.close()
+    with tiny_server_model(tiny_model_path) as model:
+        yield model
 
 
 @pytest.fixture

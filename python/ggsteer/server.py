@@ -272,25 +272,13 @@ def transcript_prompt(history: list[dict]) -> str:
 # -- jobs and the worker ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Sampling:
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: tuple[str, ...]
-
-    def for_sequence(self) -> SequenceSampling:
-        return SequenceSampling(self.max_tokens, self.temperature, self.top_p, self.seed, self.stop)
-
-
 @dataclass(eq=False)
 class Job:
     """One request's generation; the worker reports to it through the event loop's queue."""
 
     tokens: list[int]  # the prompt, tokenized as the batch decodes it
     controls: list
-    sampling: Sampling
+    sampling: SequenceSampling
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
@@ -380,7 +368,7 @@ class BatchWorker:
     def _admit(self, batch: ContinuousBatch) -> None:
         while self._backlog and batch.fits(len(self._backlog[0].tokens), self._backlog[0].sampling.max_tokens):
             job = self._backlog.popleft()
-            state = batch.add(job.tokens, job.controls, job.sampling.for_sequence(),
+            state = batch.add(job.tokens, job.controls, job.sampling,
                               on_piece=lambda piece, job=job: job.send("piece", piece))
             self._running[state] = job
 
@@ -472,10 +460,10 @@ class SteeringServer:
         self.worker = BatchWorker(model, config.max_batch, config.batch_wait_s)
         self.model_id = Path(model.model_path).stem
 
-    def sampling(self, request: GenerationRequest, extra_stops: list[str]) -> Sampling:
+    def sampling(self, request: GenerationRequest, extra_stops: list[str]) -> SequenceSampling:
         max_tokens = min(request.max_tokens or DEFAULT_MAX_TOKENS, self.config.max_tokens_cap)
         stops = tuple(dict.fromkeys(request.stop_strings() + extra_stops))
-        return Sampling(max_tokens, request.temperature, request.top_p, request.seed, stops)
+        return SequenceSampling(max_tokens, request.temperature, request.top_p, request.seed, stops)
 
     def new_job(self, request: GenerationRequest, prompt: str, extra_stops: list[str]) -> Job:
         controls = self.registry.controls(request.steering, self.model)
