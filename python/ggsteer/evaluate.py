@@ -237,14 +237,11 @@ def _fluency_costs(
                 reference = decoder.decode(plan.token_lists, group).copy()
             reference_lse = np.array([_logsumexp(row) for row in reference])
             plain_nll -= sum(reference[r, t] - reference_lse[r] for r, t in enumerate(targets) if t >= 0)
-            for k, setting in enumerate(settings):
-                with setting():
-                    steered = decoder.decode(plan.token_lists, group)
-                kl, nll = _compare_rows(reference, reference_lse, steered, targets)
-                kl_sums[k] += kl
-                nll_sums[k] += nll
-                if tick is not None:
-                    tick()
+            compared = _under_each(
+                settings, lambda: _compare_rows(reference, reference_lse, decoder.decode(plan.token_lists, group), targets), tick
+            )
+            kl_sums += [kl for kl, _ in compared]
+            nll_sums += [nll for _, nll in compared]
     finally:
         decoder.close()
     n_positions = sum(len(tokens) for tokens in plan.token_lists)
@@ -323,14 +320,19 @@ def behaviour_curve(
     return _behaviour_per_setting(model, settings, eval_items)
 
 
-def _behaviour_per_setting(model, settings: Sequence[Setting], eval_items, tick: Callable[[], None] | None = None) -> np.ndarray:
-    rows = []
+def _under_each(settings: Sequence[Setting], measure: Callable[[], object], tick: Callable[[], None] | None = None) -> list:
+    """`measure()` under each steering setting in turn."""
+    results = []
     for setting in settings:
         with setting():
-            rows.append(behaviour_scores(model, eval_items))
+            results.append(measure())
         if tick is not None:
             tick()
-    return np.array(rows)
+    return results
+
+
+def _behaviour_per_setting(model, settings: Sequence[Setting], eval_items, tick: Callable[[], None] | None = None) -> np.ndarray:
+    return np.array(_under_each(settings, lambda: behaviour_scores(model, eval_items), tick))
 
 
 def steerability(strengths: Sequence[float], mean_scores: Sequence[float]) -> float:
@@ -452,13 +454,7 @@ def strength_sweep(
 
 
 def _samples(model, settings, prompt: str, tick: Callable[[], None] | None = None) -> list[str]:
-    texts = []
-    for setting in settings:
-        with setting():
-            texts.append(generation_sample(model, prompt))
-        if tick is not None:
-            tick()
-    return texts
+    return _under_each(settings, lambda: generation_sample(model, prompt), tick)
 
 
 def steered_layers(
