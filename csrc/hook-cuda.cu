@@ -91,7 +91,7 @@ bool reserve_rows(device_scratch & dev, size_t n, std::string & error) {
 
 bool hook_cuda_usable(hook_state & state) {
     if (state.cuda == nullptr) {
-        state.cuda = new hook_cuda_scratch();
+        state.cuda = new hook_cuda_scratch();  // hook_cuda_apply runs only after this check
     }
     if (state.cuda->usable < 0) {
         // ggsteer's CUDA runtime may be newer than the driver that llama.cpp's own runtime works with
@@ -104,9 +104,6 @@ bool hook_cuda_usable(hook_state & state) {
 
 bool hook_cuda_apply(hook_state & state, ggml_tensor * t, int32_t kind, const std::vector<int32_t> & rows,
                      const std::vector<int64_t> & offsets, float coeff, std::string & error) {
-    if (state.cuda == nullptr) {
-        state.cuda = new hook_cuda_scratch();
-    }
     const int device = device_of(t);
     if ((int) state.cuda->devices.size() <= device) {
         state.cuda->devices.resize(device + 1);

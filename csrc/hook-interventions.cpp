@@ -40,13 +40,13 @@ bool tensor_batch_rows(hook_state & state, const ggml_tensor * t, std::vector<in
     return false;
 }
 
-// The tensor's rows in host memory: its own memory when the buffer is host memory, else one copy
-// of the whole tensor (one transfer instead of one per row), made only when a condition needs
-// rows. Row r starts at r * row_stride.
+// Host memory the kernels can work on in place (unless a test asks for the copy path).
 bool in_host_memory(const hook_state & state, const ggml_tensor * t) {
     return ggml_backend_buffer_is_host(t->buffer) && !state.host_as_device;
 }
 
+// The tensor's rows in host memory: its own memory when the buffer is host memory, else one copy
+// of the whole tensor (one transfer instead of one per row). Row r starts at r * row_stride.
 const float * host_rows(const hook_state & state, const ggml_tensor * t, std::vector<float> & copy, int64_t & row_stride) {
     row_stride = (int64_t) (t->nb[1] / sizeof(float));
     if (in_host_memory(state, t)) {
