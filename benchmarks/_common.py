@@ -9,6 +9,8 @@ import time
 
 import llama_cpp
 
+from ggsteer.llama_batch import OwnedBatch
+
 
 def machine_line() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}, {time.strftime('%Y-%m-%d')}"
@@ -26,31 +28,26 @@ class BareContext:
         self.ctx = llama_cpp.llama_init_from_model(steered_model._model.model, params)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_batch = params.n_batch
-        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.batch = OwnedBatch(self.n_batch)
 
     def decode_prompts(self, token_lists: list[list[int]], max_sequences: int) -> None:
         """Every prompt in full, packed like ggsteer's unshared capture: <= max_sequences and n_batch tokens."""
         i = 0
         while i < len(token_lists):
-            n_tokens, seq = 0, 0
-            while i < len(token_lists) and seq < max_sequences and n_tokens + len(token_lists[i]) <= self.n_batch:
+            self.batch.clear()
+            seq = 0
+            while i < len(token_lists) and seq < max_sequences and self.batch.n_rows + len(token_lists[i]) <= self.n_batch:
                 tokens = token_lists[i]
                 for pos, token in enumerate(tokens):
-                    self.batch.token[n_tokens] = token
-                    self.batch.pos[n_tokens] = pos
-                    self.batch.n_seq_id[n_tokens] = 1
-                    self.batch.seq_id[n_tokens][0] = seq
-                    self.batch.logits[n_tokens] = pos == len(tokens) - 1
-                    n_tokens += 1
+                    self.batch.add(token, pos, seq, pos == len(tokens) - 1)
                 seq += 1
                 i += 1
-            self.batch.n_tokens = n_tokens
-            if llama_cpp.llama_decode(self.ctx, self.batch) != 0:
+            if llama_cpp.llama_decode(self.ctx, self.batch.batch) != 0:
                 raise RuntimeError("llama_decode failed")
             llama_cpp.llama_memory_clear(self.memory, True)
 
     def close(self) -> None:
-        llama_cpp.llama_batch_free(self.batch)
+        self.batch.close()
         llama_cpp.llama_free(self.ctx)
 
 
