@@ -46,6 +46,14 @@ def tiny_model(tiny_model_path):
     model.close()
 
 
+@pytest.fixture
+def unsteered_tiny_model(tiny_model):
+    """The shared tiny model without controls before and after a test (modules opt in with usefixtures)."""
+    tiny_model.reset_control()
+    yield tiny_model
+    tiny_model.reset_control()
+
+
 @pytest.fixture(scope="session")
 def default_model():
     from ggsteer import SteeredModel

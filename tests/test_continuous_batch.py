@@ -11,14 +11,9 @@ from test_steer import random_vector
 from ggsteer.batch_generate import ContinuousBatch, SequenceSampling
 from ggsteer.interventions import Condition
 
+pytestmark = pytest.mark.usefixtures("unsteered_tiny_model")
+
 GREEDY = SequenceSampling(max_tokens=10)
-
-
-@pytest.fixture(autouse=True)
-def unsteer(tiny_model):
-    tiny_model.reset_control()
-    yield
-    tiny_model.reset_control()
 
 
 def alone(model, prompt, controls=None, max_tokens=10) -> str:

@@ -25,6 +25,8 @@ from ggsteer.evaluate import (
 )
 from ggsteer.vector import ControlVector
 
+pytestmark = pytest.mark.usefixtures("unsteered_tiny_model")
+
 # Logits match the float64 reference to ~1e-5 (test_steer.py: ATOL 5e-5), so log-probabilities,
 # their means and the KL built from them agree to well under 1e-4.
 TOL = 1e-4
@@ -56,13 +58,6 @@ def reference_fluency(model, weights, vector, strength):
         kls.extend((np.exp(log_p) * (log_p - log_q)).sum(axis=1))
         nlls.extend(-log_q[pos - 1, tokens[pos]] for pos in range(1, len(tokens)))
     return np.mean(kls), np.exp(np.mean(nlls))
-
-
-@pytest.fixture(autouse=True)
-def unsteer(tiny_model):
-    tiny_model.reset_control()
-    yield
-    tiny_model.reset_control()
 
 
 # -- metrics against the reference ----------------------------------------------------------------

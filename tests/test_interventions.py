@@ -9,6 +9,8 @@ from ggsteer._native_check import native
 from ggsteer.interventions import OPS, Condition
 from ggsteer.vector import ControlVector
 
+pytestmark = pytest.mark.usefixtures("unsteered_tiny_model")
+
 PROMPT = "i am very happy and the dog"
 
 
@@ -120,13 +122,6 @@ def test_cuda_kernels_compiled_when_nvcc_present():
 
 
 # -- ops in the model, against the reference --------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def unsteer(tiny_model):
-    tiny_model.reset_control()
-    yield
-    tiny_model.reset_control()
 
 
 def reference_with(model, weights, tokens, edit_rows):

@@ -10,6 +10,8 @@ from reference_model import reference_forward
 from ggsteer.steer import parse_layer_range
 from ggsteer.vector import ControlVector
 
+pytestmark = pytest.mark.usefixtures("unsteered_tiny_model")
+
 # logits are O(1); float32 round-off through 3 blocks stays near 1e-5 (test_reference_model.py)
 ATOL = 5e-5
 PROMPT = "i am very happy and the dog"
@@ -34,13 +36,6 @@ def random_vector(model, seed, layers=(1, 2), scale=1.5):
     rng = np.random.default_rng(seed)
     directions = {il: rng.normal(size=model.n_embd).astype(np.float32) * scale for il in layers}
     return ControlVector(directions, "llama", {"unit": "gap"})
-
-
-@pytest.fixture(autouse=True)
-def unsteer(tiny_model):
-    tiny_model.reset_control()
-    yield
-    tiny_model.reset_control()
 
 
 def test_steered_logits_match_reference(tiny_model, tiny_weights):
