@@ -9,7 +9,7 @@ import time
 
 import llama_cpp
 
-from ggsteer.llama_batch import OwnedBatch
+from ggsteer.runtime.batch import OwnedBatch
 
 
 def machine_line() -> str:
@@ -25,7 +25,7 @@ class BareContext:
         for name in ("n_ctx", "n_batch", "n_ubatch", "n_seq_max", "n_threads", "n_threads_batch", "kv_unified",
                      "flash_attn_type", "type_k", "type_v"):
             setattr(params, name, getattr(src, name))
-        self.ctx = llama_cpp.llama_init_from_model(steered_model._model.model, params)
+        self.ctx = llama_cpp.llama_init_from_model(steered_model.model, params)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_batch = params.n_batch
         self.batch = OwnedBatch(self.n_batch)

@@ -18,7 +18,7 @@ import time
 from _common import BareContext, machine_line, paired_ratios, print_table, ratio_cells
 
 from ggsteer import SteeredModel
-from ggsteer.dataset import preset_dataset
+from ggsteer.train import preset_dataset
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ from _common import machine_line, paired_ratios, print_table, ratio_cells
 from steer import tokens_per_second
 
 from ggsteer import SteeredModel
-from ggsteer.interventions import compile_program
-from ggsteer.vector import ControlVector
+from ggsteer.steering.program import compile_program
+from ggsteer.vectors import ControlVector
 
 LAYERS = list(range(3, 15))
 
@@ -49,7 +49,7 @@ def hook_cost_per_decode(model: SteeredModel, vector: ControlVector, cases: dict
     for name, options in cases.items():
         options = dict(options)
         model.set_control(vector, options.pop("strength", 0.5), layers=LAYERS, **options)
-        if not model._hook.intervening:
+        if not model.hook.intervening:
             continue  # the adapter path adds no hook
         program = compile_program([], model.controls, n_slots=model.n_seq_max)
         model.reset_control()
@@ -59,11 +59,11 @@ def hook_cost_per_decode(model: SteeredModel, vector: ControlVector, cases: dict
             if model.n_tokens >= model.n_ctx() - 1:
                 model.reset()
             hooked = step % 2 == 1
-            program.install(model._hook) if hooked else model._hook.clear_program()
+            program.install(model.hook) if hooked else model.hook.clear_program()
             start = time.perf_counter()
             model.eval(prompt[-1:])
             times[hooked].append(time.perf_counter() - start)
-        model._hook.clear_program()
+        model.hook.clear_program()
         off, on = statistics.median(times[False]) * 1e3, statistics.median(times[True]) * 1e3
         rows.append([name, f"{off:.2f}", f"{on:.2f}", f"{on - off:+.3f}", f"{off / on:.3f}"])
     model.reset_control()

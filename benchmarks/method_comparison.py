@@ -23,10 +23,10 @@ import time
 from _common import machine_line, print_table
 
 from ggsteer import SteeredModel
-from ggsteer.dataset import load_eval_prompts, preset_dataset
-from ggsteer.eval_cli import CALIBRATE_STRENGTHS, DEFAULT_MAX_KL, parse_strengths
-from ggsteer.evaluate import choose_calibration, strength_sweep
-from ggsteer.vector import ControlVector
+from ggsteer.cli.evaluate import parse_strengths
+from ggsteer.evaluate import CALIBRATE_STRENGTHS, DEFAULT_MAX_KL, choose_calibration, strength_sweep
+from ggsteer.train import load_eval_prompts, preset_dataset
+from ggsteer.vectors import ControlVector
 
 # the steerability window's negative side, then calibrate's own grid
 STRENGTHS = ",".join(f"{s:g}" for s in [-0.2, -0.1, *parse_strengths(CALIBRATE_STRENGTHS)])

@@ -44,17 +44,17 @@ from _common import best_time, machine_line, print_table
 from train import truncated_dataset
 
 from ggsteer import SteeredModel, default_model_path
-from ggsteer.dataset import preset_dataset
-from ggsteer.vector import ControlVector
+from ggsteer.train import preset_dataset
+from ggsteer.vectors import ControlVector
 
 
 def _import_repeng():
     """(torch, transformers, repeng), or None with the reason printed."""
     try:
+        import gguf  # noqa: F401  (transformers needs it to read GGUF files)
+        import repeng
         import torch
         import transformers
-        import repeng
-        import gguf  # noqa: F401  (transformers needs it to read GGUF files)
     except ImportError as exc:
         print(f"repeng comparison skipped: {exc.name or exc} is not importable "
               f"(pip install torch repeng transformers gguf accelerate)")

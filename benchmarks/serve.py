@@ -24,8 +24,8 @@ import uvicorn
 from _common import machine_line, print_table
 
 from ggsteer import SteeredModel
-from ggsteer.server import ServerConfig, VectorRegistry, create_app
-from ggsteer.vector import ControlVector
+from ggsteer.serve import ServerConfig, VectorRegistry, create_app
+from ggsteer.vectors import ControlVector
 
 PROMPTS = ["Once upon a time, in a small village by the sea,", "The best thing about my job is",
            "Yesterday I went to the market and", "Dear diary, today"]

@@ -16,7 +16,7 @@ import numpy as np
 from _common import machine_line, paired_ratios, print_table, ratio_cells
 
 from ggsteer import SteeredModel
-from ggsteer.vector import ControlVector
+from ggsteer.vectors import ControlVector
 
 PROMPT = "Once upon a time, in a small village by the sea,"
 

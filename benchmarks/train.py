@@ -15,8 +15,8 @@ import os
 from _common import BareContext, best_time, machine_line, print_table
 
 from ggsteer import SteeredModel
-from ggsteer.dataset import make_dataset, preset_dataset, truncated_suffixes
-from ggsteer.vector import ControlVector
+from ggsteer.train import make_dataset, preset_dataset, truncated_suffixes
+from ggsteer.vectors import ControlVector
 
 REPLIES = [
     "I walked to the market this morning and bought some bread for the week.",

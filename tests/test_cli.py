@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from ggsteer import cli
-from ggsteer.dataset import make_dataset, save_jsonl
-from ggsteer.vector import ControlVector
+from ggsteer.train import make_dataset, save_jsonl
+from ggsteer.vectors import ControlVector
 
 SUFFIXES = ["i feel", "the dog is", "today i", "a cat and the dog", "i love the", "good"]
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from test_steer import random_vector
 
-from ggsteer.batch_generate import ContinuousBatch, SequenceSampling
-from ggsteer.interventions import Condition
+from ggsteer.generation import ContinuousBatch, SequenceSampling
+from ggsteer.steering.interventions import Condition
 
 pytestmark = pytest.mark.usefixtures("unsteered_tiny_model")
 
@@ -26,7 +26,7 @@ def run_to_end(batch: ContinuousBatch) -> None:
 
 
 def add(model, batch, prompt, controls=None, sampling=GREEDY):
-    from ggsteer.batch_generate import normalize_controls
+    from ggsteer.steering.interventions import normalize_controls
 
     return batch.add(model.tokenize_prompt(prompt), normalize_controls(model, controls), sampling)
 

@@ -12,23 +12,26 @@ from pathlib import Path
 
 import pytest
 
-from ggsteer import dataset as dataset_module
-from ggsteer.dataset import (
+from ggsteer import atomic_file
+from ggsteer.train import dataset as dataset_module
+from ggsteer.train.dataset import (
     DEFAULT_TEMPLATE,
-    PRESETS,
     DatasetEntry,
     DatasetError,
-    Preset,
     dataset_hash,
+    load_jsonl,
+    make_dataset,
+    save_jsonl,
+    truncated_suffixes,
+)
+from ggsteer.train.presets import (
+    PRESETS,
+    Preset,
     get_preset,
     list_presets,
     load_eval_prompts,
-    load_jsonl,
     load_suffixes,
-    make_dataset,
     preset_dataset,
-    save_jsonl,
-    truncated_suffixes,
 )
 
 PRESET_NAMES = {
@@ -287,7 +290,7 @@ def test_save_cleans_up_when_replace_fails(tmp_path, monkeypatch):
     def failing_replace(source, target):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(dataset_module.os, "replace", failing_replace)
+    monkeypatch.setattr(atomic_file.os, "replace", failing_replace)
     path = tmp_path / "pairs.jsonl"
     path.write_bytes(b"old\n")
     with pytest.raises(OSError, match="disk on fire"):
@@ -300,7 +303,7 @@ def test_save_without_hard_links_falls_back_to_replace(tmp_path, monkeypatch):
     def no_link(source, target):
         raise OSError("hard links not supported")
 
-    monkeypatch.setattr(dataset_module.os, "link", no_link)
+    monkeypatch.setattr(atomic_file.os, "link", no_link)
     path = tmp_path / "pairs.jsonl"
     save_jsonl([DatasetEntry("a", "b")], path)
     assert load_jsonl(path) == [DatasetEntry("a", "b")]
@@ -309,14 +312,14 @@ def test_save_without_hard_links_falls_back_to_replace(tmp_path, monkeypatch):
 
 def test_save_does_not_clobber_a_file_created_meanwhile(tmp_path, monkeypatch):
     path = tmp_path / "pairs.jsonl"
-    real_write_temp = dataset_module._write_temp
+    real_create_temp_file = atomic_file.create_temp_file
 
-    def write_temp_then_race(text, target):
-        temp_path = real_write_temp(text, target)
+    def create_temp_then_race(target):
+        temp_path = real_create_temp_file(target)
         target.write_bytes(b"other writer\n")  # appears after the existence check
         return temp_path
 
-    monkeypatch.setattr(dataset_module, "_write_temp", write_temp_then_race)
+    monkeypatch.setattr(atomic_file, "create_temp_file", create_temp_then_race)
     with pytest.raises(FileExistsError):
         save_jsonl([DatasetEntry("a", "b")], path)
     assert path.read_bytes() == b"other writer\n"
@@ -557,13 +560,13 @@ def test_load_eval_prompts_returns_copies():
 # Dependencies
 
 
-def test_module_imports_only_stdlib_and_numpy():
+def test_module_imports_only_stdlib_numpy_and_the_atomic_writer():
     tree = ast.parse(Path(dataset_module.__file__).read_text(encoding="utf-8"))
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imported.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            imported.add(node.module.split(".")[0])
-    allowed = set(sys.stdlib_module_names) | {"numpy"}
+            imported.add(node.module if node.module.startswith("ggsteer") else node.module.split(".")[0])
+    allowed = set(sys.stdlib_module_names) | {"numpy", "ggsteer.atomic_file"}
     assert imported - allowed == set()

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from ggsteer.dataset import load_eval_prompts, preset_dataset
 from ggsteer.evaluate import behaviour_scores
-from ggsteer.vector import ControlVector
+from ggsteer.train import load_eval_prompts, preset_dataset
+from ggsteer.vectors import ControlVector
 
 pytestmark = pytest.mark.default_model
 

@@ -7,8 +7,9 @@ import pytest
 from reference_model import reference_forward
 
 from ggsteer import cli, evaluate
-from ggsteer.dataset import load_eval_prompts, preset_dataset
-from ggsteer.eval_cli import parse_strengths
+from ggsteer.evaluate import fluency
+from ggsteer.cli.common import load_vectors
+from ggsteer.cli.evaluate import parse_strengths
 from ggsteer.evaluate import (
     Calibration,
     Sweep,
@@ -17,13 +18,14 @@ from ggsteer.evaluate import (
     fluency_cost,
     fluency_sweep,
     layer_windows,
-    plot_sweeps,
     steerability,
     strength_sweep,
     unsteered_perplexity,
     wrong_way_share,
 )
-from ggsteer.vector import ControlVector
+from ggsteer.evaluate.plot import plot_sweeps
+from ggsteer.train import load_eval_prompts, preset_dataset
+from ggsteer.vectors import ControlVector
 
 pytestmark = pytest.mark.usefixtures("unsteered_tiny_model")
 
@@ -66,7 +68,7 @@ def reference_fluency(model, weights, vector, strength):
 @pytest.mark.parametrize("rows_per_decode", [None, 9])  # None: all texts in one decode; 9: texts split over decodes
 def test_kl_and_perplexity_match_reference(tiny_model, tiny_weights, monkeypatch, rows_per_decode):
     if rows_per_decode:
-        monkeypatch.setattr(evaluate, "LOGITS_BUDGET_BYTES", rows_per_decode * 4 * tiny_model.n_vocab())
+        monkeypatch.setattr(fluency, "LOGITS_BUDGET_BYTES", rows_per_decode * 4 * tiny_model.n_vocab())
     vector = random_vector(tiny_model.n_embd)
     strengths = [0.7, -1.2]
     costs = fluency_sweep(tiny_model, vector, strengths, layers=list(STEERED_LAYERS), texts=TEXTS)
@@ -182,7 +184,7 @@ def test_layer_windows():
 
 
 def test_infer_preset_from_calibration_or_dataset_hash():
-    from ggsteer.dataset import dataset_hash
+    from ggsteer.train import dataset_hash
 
     vector = ControlVector({1: np.ones(4, np.float32)}, "llama", {"dataset_hash": dataset_hash(preset_dataset("calm"))})
     assert evaluate.infer_preset(vector) == "calm"
@@ -279,8 +281,8 @@ def test_cli_eval_writes_json_and_plot(capsys, tiny_vector_file, tiny_model_path
     import json
 
     # the shipped texts and prompts are slow to spell out in the tiny vocabulary: fewer, shorter ones
-    monkeypatch.setattr(evaluate, "load_neutral_texts", lambda: list(TEXTS))
-    monkeypatch.setattr("ggsteer.dataset.load_eval_prompts", lambda name: load_eval_prompts(name)[:3])
+    monkeypatch.setattr(fluency, "load_neutral_texts", lambda: list(TEXTS))
+    monkeypatch.setattr("ggsteer.cli.evaluate.load_eval_prompts", lambda name: load_eval_prompts(name)[:3])
     out_json, out_png = tmp_path / "eval.json", tmp_path / "eval.png"
     code = cli.main(["eval", str(tiny_vector_file), "--model", str(tiny_model_path), "--preset", "happy", "--strengths=-1:1:3",
                      "--layer-sweep", "--json", str(out_json), "--plot", str(out_png)])
@@ -312,7 +314,7 @@ def calibrated_file(happy_vector, tmp_path_factory):
     path, report = folder / "happy.gguf", folder / "calibrate.json"
     happy_vector.save(path)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(evaluate, "load_neutral_texts", few_neutral_texts)
+        patch.setattr(fluency, "load_neutral_texts", few_neutral_texts)
         assert cli.main(["calibrate", str(path), "--preset", "happy", "--strengths", "0.25,0.5,0.75", "--threads", "2",
                          "--json", str(report)]) == 0
     return path, json.loads(report.read_text())
@@ -335,7 +337,7 @@ def test_calibrate_writes_the_strength_generate_uses(calibrated_file, capsys):
     saved = ControlVector.load(path)
     assert saved.recommended_strength == pytest.approx(chosen["strength"])
     assert saved.recommended_layers == chosen["layers"] == list(range(3, 15))
-    ((_, _, strength),) = cli.load_vectors([str(path)])
+    ((_, _, strength),) = load_vectors([str(path)])
     assert strength == saved.recommended_strength
     assert cli.main(["generate", "-v", str(path), "-p", "Today I feel", "-n", "2", "--threads", "2"]) == 0
     capsys.readouterr()

@@ -5,9 +5,11 @@ import pytest
 from reference_model import reference_forward
 from test_steer import ATOL, last_logits, random_vector
 
-from ggsteer._native_check import native
-from ggsteer.interventions import OPS, Condition
-from ggsteer.vector import ControlVector
+from ggsteer.runtime.native import native as load_native
+
+native = load_native()
+from ggsteer.steering.interventions import OPS, Condition
+from ggsteer.vectors import ControlVector
 
 pytestmark = pytest.mark.usefixtures("unsteered_tiny_model")
 
@@ -309,11 +311,11 @@ def test_copy_path_of_other_backends_gives_the_host_results(tiny_model, tiny_wei
     tiny_model.set_control(vector, strength, layers=[1, 2], **options)
     logits = []
     for copy_path in (False, True):
-        tiny_model._hook.set_host_as_device(copy_path)
+        tiny_model.hook.set_host_as_device(copy_path)
         try:
             logits.append(last_logits(tiny_model))
         finally:
-            tiny_model._hook.set_host_as_device(False)
+            tiny_model.hook.set_host_as_device(False)
     tiny_model.reset_control()
     assert np.array_equal(logits[0], logits[1])
     assert np.abs(logits[0] - last_logits(tiny_model)).max() > 100 * ATOL
@@ -431,7 +433,7 @@ def test_bad_intervention_arguments(tiny_model):
 
 
 def test_actadd_rows_and_injection_match_reference(tiny_model, tiny_weights):
-    from ggsteer.vector import _pad_to_same_length
+    from ggsteer.train.extract import pad_to_same_length as _pad_to_same_length
 
     actadd = ControlVector.from_prompts(tiny_model, "i love the dog", "i hate", layer=1)
     love_text, hate_text = _pad_to_same_length(tiny_model, "i love the dog", "i hate")

@@ -30,7 +30,6 @@ import ctypes
 import llama_cpp
 import numpy as np
 import pytest
-
 import reference_model
 from reference_model import BOS_ID, SPIECE_SPACE, reference_forward
 

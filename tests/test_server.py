@@ -23,18 +23,11 @@ import uvicorn
 from conftest import TIGHT_LLAMA_KWARGS
 
 from ggsteer import SequenceSampling, SteeredModel
-from ggsteer.chat import TRANSCRIPT_HEADER
-from ggsteer.server import (
-    MAX_BODY_BYTES,
-    BatchWorker,
-    ChatMessage,
-    Job,
-    ServerConfig,
-    VectorRegistry,
-    chat_prompt,
-    create_app,
-)
-from ggsteer.vector import ControlVector
+from ggsteer.chat_format import TRANSCRIPT_HEADER, chat_prompt
+from ggsteer.serve import ServerConfig, VectorRegistry, create_app
+from ggsteer.serve.settings import MAX_BODY_BYTES
+from ggsteer.serve.worker import BatchWorker, Job
+from ggsteer.vectors import ControlVector
 
 MAX_BATCH = 8
 SERVER_MODEL_KWARGS = dict(n_ctx=512, n_batch=128, n_seq_max=MAX_BATCH, **TIGHT_LLAMA_KWARGS)
@@ -283,11 +276,11 @@ def test_chat_template_is_used_when_the_model_has_one():
         def detokenize(self, tokens, special=False):
             return {1: b"<s>", 2: b"</s>"}[tokens[0]]
 
-    messages = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi")]
-    prompt, stops, strip_leading = chat_prompt(TemplatedModel(), messages)
-    assert prompt == "<|system|>Be brief.</s><|user|>Hi</s><|assistant|>"  # BOS left to the tokenizer
-    assert stops == ["</s>"]
-    assert not strip_leading
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    prompt = chat_prompt(TemplatedModel(), messages)
+    assert prompt.text == "<|system|>Be brief.</s><|user|>Hi</s><|assistant|>"  # BOS left to the tokenizer
+    assert prompt.stops == ("</s>",)
+    assert not prompt.strip_leading
 
 
 # -- vectors --------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_server import expected_text, running_server, tiny_server_model, transcript, write_vectors
 
-from ggsteer.server import ServerConfig, VectorRegistry, create_app
+from ggsteer.serve import ServerConfig, VectorRegistry, create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

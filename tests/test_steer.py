@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from reference_model import reference_forward
 
-from ggsteer.steer import parse_layer_range
-from ggsteer.vector import ControlVector
+from ggsteer.vectors import ControlVector, parse_layer_range
 
 pytestmark = pytest.mark.usefixtures("unsteered_tiny_model")
 

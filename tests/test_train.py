@@ -7,9 +7,8 @@ import pytest
 from reference_model import reference_forward
 from sklearn.linear_model import LogisticRegression
 
-from ggsteer import methods
-from ggsteer.dataset import DatasetEntry, make_dataset
-from ggsteer.vector import ControlVector, TrainingWarning
+from ggsteer import ControlVector, TrainingWarning
+from ggsteer.train import DatasetEntry, make_dataset, methods
 
 SUFFIXES = ["i feel", "the dog is", "you am very", "today i", "a cat and the dog", "i love the", "the", "good"]
 

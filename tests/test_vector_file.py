@@ -30,7 +30,7 @@ from gguf.constants import GGUFValueType
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ggsteer.vector_file import (
+from ggsteer.vectors.file import (
     FORMAT_VERSION,
     METADATA_KEYS,
     VectorFile,

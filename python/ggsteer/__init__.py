@@ -3,21 +3,31 @@
 Train a direction from contrasting prompt pairs on any GGUF model, save it as a GGUF file that
 llama.cpp loads, and steer generation with it (addition through llama.cpp's adapter; ablation,
 clamping, gating and per-sequence steering through ggsteer's native hooks).
+
+This module only re-exports; the data flow lives in the folders (see README, "Architecture").
 """
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("ggsteer")
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+source"
 
-from ggsteer.batch_generate import BatchCompletion, ContinuousBatch, SequenceSampling
-from ggsteer.dataset import DatasetEntry, load_jsonl, make_dataset, preset_dataset, save_jsonl
-from ggsteer.default_model import default_model_path
-from ggsteer.interventions import Condition, Intervention, TokenAlignedVector
+from ggsteer.generation import BatchCompletion, ContinuousBatch, SequenceSampling
 from ggsteer.model import SteeredModel
-from ggsteer.vector import ControlVector
+from ggsteer.runtime.default_model import default_model_path
+from ggsteer.steering.interventions import Condition, Intervention
+from ggsteer.train import (
+    DatasetEntry,
+    TrainingWarning,
+    load_jsonl,
+    make_dataset,
+    preset_dataset,
+    save_jsonl,
+)
+from ggsteer.vectors import ControlVector, TokenAlignedVector
 
 __all__ = [
     "BatchCompletion",
@@ -29,6 +39,7 @@ __all__ = [
     "SequenceSampling",
     "SteeredModel",
     "TokenAlignedVector",
+    "TrainingWarning",
     "__version__",
     "default_model_path",
     "load_jsonl",

@@ -1,0 +1,320 @@
+"""`ggsteer eval` and `ggsteer calibrate`: strength sweeps of a vector file, and a calibrated strength.
+
+    ggsteer eval VECTOR.gguf [--model PATH] [--strengths=-0.3:0.3:13] [--layers 3-14 | --layer-sweep]
+                 [--preset NAME] [--json OUT.json] [--plot OUT.png] [--samples]
+    ggsteer calibrate VECTOR.gguf [--max-kl 0.25] [-o OUT [--force]]  (and the same sweep options)
+
+Decisions:
+- Eval prompts: `--preset NAME`; without it, the preset a previous calibration recorded in the file
+  (`eval_preset`), else the preset whose full dataset (as `ggsteer train --preset` builds it) has the
+  vector's dataset hash; otherwise an error asks for --preset. Guessing "happy" would measure a calm
+  vector on happy prompts and calibrate it on the wrong behaviour.
+- `--layer-sweep`: the vector's recommended layers, then three equal windows over all its steerable
+  layers (evaluate.layer_windows; Gemma 3 270M: 3-14, 1-6, 7-12, 13-17).
+- `--json`/`--plot` replace existing files (they are reports); calibrate's `-o` refuses an existing
+  file without `--force`, and without `-o` rewrites VECTOR in place atomically.
+- Every output path is checked before the model is loaded, so a typo fails in a second, not after
+  the sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ggsteer.atomic_file import write_atomically
+from ggsteer.cli.common import (
+    CliError,
+    add_model_arguments,
+    finite_number,
+    layers_argument,
+    load_model,
+)
+from ggsteer.evaluate import (
+    CALIBRATE_STRENGTHS,
+    DEFAULT_MAX_KL,
+    EVAL_STRENGTHS,
+    calibrated_vector,
+    choose_calibration,
+    format_layers,
+    infer_preset,
+    layer_windows,
+    steered_layers,
+    strength_sweep,
+)
+from ggsteer.train import get_preset, load_eval_prompts
+from ggsteer.vectors import ControlVector
+
+
+def add_parser(subparsers) -> None:
+    """Register `eval` and `calibrate` on the `ggsteer` parser."""
+    evaluate = _sweep_parser(
+        subparsers, "eval", EVAL_STRENGTHS, cmd_eval,
+        help="sweep strengths: behaviour, wrong-way share, KL and perplexity (table, JSON, plot)",
+        description="Measure a control vector at several strengths: behaviour score on held-out prompts "
+                    "(log-prob gap of positive vs negative continuations), the share of prompts moving the "
+                    "wrong way, and the fluency cost on neutral text (KL from the unsteered model, perplexity).",
+    )
+    evaluate.add_argument("--samples", action="store_true",
+                          help="print a greedy completion of the first eval prompt per strength")
+
+    calibrate = _sweep_parser(
+        subparsers, "calibrate", CALIBRATE_STRENGTHS, cmd_calibrate,
+        help="pick the strength with the largest behaviour gain under a KL bound and save it in the file",
+        description="Sweep positive strengths (toward the positive persona), pick the one with the largest behaviour "
+                    "gain whose KL from the unsteered model stays under --max-kl, and write it into the vector's "
+                    "metadata as recommended_strength (and recommended_layers); generate and chat use it by default.",
+    )
+    calibrate.add_argument("--max-kl", type=float, default=DEFAULT_MAX_KL,
+                           help=f"largest mean KL(unsteered || steered) per token allowed, nats (default {DEFAULT_MAX_KL:g})")
+    calibrate.add_argument("-o", "--output", default=None,
+                           help="write the calibrated vector here (default: rewrite VECTOR in place)")
+    calibrate.add_argument("--force", action="store_true", help="overwrite an existing --output file")
+
+
+def _sweep_parser(subparsers, name: str, default_strengths: str, func, **text):
+    parser = subparsers.add_parser(name, **text)
+    parser.add_argument("vector", metavar="VECTOR.gguf")
+    add_sweep_arguments(parser, default_strengths)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def add_sweep_arguments(parser, default_strengths: str) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--strengths", default=default_strengths,
+                        help=f"A:B:N (N evenly spaced values from A to B inclusive) or a comma list "
+                             f"(default {default_strengths}); "
+                             "write --strengths=-0.5:0.5:5 when the first value is negative")
+    layers = parser.add_mutually_exclusive_group()
+    layers.add_argument("--layers", default=None, help="layers to steer, e.g. 3-14 (default: the vector's recommended layers)")
+    layers.add_argument("--layer-sweep", action="store_true",
+                        help="also sweep windows over the depth: recommended layers plus three equal windows over all layers")
+    parser.add_argument("--preset", default=None,
+                        help="preset whose held-out prompts to score (default: the one the vector records or "
+                             "matches; see `ggsteer presets`)")
+    parser.add_argument("--raw", action="store_true", help="strength is a plain coefficient (files without a trained gap)")
+    parser.add_argument("--json", default=None, metavar="OUT.json", help="write every number (and samples) as JSON")
+    parser.add_argument("--plot", default=None, metavar="OUT.png", help="plot behaviour and KL against strength (PNG)")
+
+
+# -- argument checks ----------------------------------------------------------------------------
+
+
+def parse_strengths(text: str) -> list[float]:
+    """"A:B:N" -> N evenly spaced values from A to B inclusive; "a,b,c" -> those values. Sorted, unique."""
+    text = text.strip()
+    if ":" in text:
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise CliError(f"bad --strengths {text!r}: use A:B:N (e.g. -0.3:0.3:13) or a comma list")
+        start, stop, count = _number(parts[0], text), _number(parts[1], text), _count(parts[2], text)
+        if count == 1 and start != stop:
+            raise CliError(f"bad --strengths {text!r}: N=1 gives one value, so A and B must be equal")
+        values = np.linspace(start, stop, count)
+    else:
+        values = [_number(part, text) for part in text.split(",") if part.strip()]
+        if not values:
+            raise CliError(f"empty --strengths {text!r}: give A:B:N or a comma list of numbers")
+    # rounding hides linspace's float noise (0.049999999 -> 0.05); adding 0.0 turns -0.0 into 0.0
+    return sorted({round(float(v), 10) + 0.0 for v in values})
+
+
+def _number(text: str, spec: str) -> float:
+    return finite_number(text, f"bad --strengths {spec!r}: {text.strip()!r} is not a number",
+                         f"bad --strengths {spec!r}: strengths must be finite")
+
+
+def _count(text: str, spec: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise CliError(f"bad --strengths {spec!r}: N must be a whole number, got {text.strip()!r}") from None
+    if count < 1:
+        raise CliError(f"empty --strengths range {spec!r}: N is {count}, so there is nothing to evaluate (N must be at least 1)")
+    return count
+
+
+def check_writable(path: str | os.PathLike | None, what: str) -> None:
+    """Fail now, not after the sweep, when `path` cannot be written."""
+    if path is None:
+        return
+    target = Path(path)
+    folder = target.parent
+    if not folder.is_dir():
+        raise CliError(f"cannot write {what} {target}: the directory {folder} does not exist")
+    if target.is_dir():
+        raise CliError(f"cannot write {what} {target}: it is a directory")
+    if not os.access(folder, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise CliError(f"cannot write {what} {target}: permission denied")
+
+
+# -- the shared sweep ---------------------------------------------------------------------------
+
+
+@dataclass
+class SweepJob:
+    vector_path: Path
+    vector: object  # ControlVector
+    model: object  # SteeredModel
+    preset: str
+    eval_items: list[dict]
+    strengths: list[float]
+    layer_ranges: list  # each a list of layers, or None for the vector's recommended layers
+
+
+def prepare_sweep(args) -> SweepJob:
+    """Check the arguments (cheap checks first), load the vector and the model, choose prompts and layers."""
+    strengths = parse_strengths(args.strengths)
+    check_writable(args.json, "--json")
+    check_writable(args.plot, "--plot")
+    if args.preset is not None:
+        get_preset(args.preset)  # an unknown name fails before the model loads
+    layers = layers_argument(args.layers)
+    vector_path = Path(args.vector)
+    vector = ControlVector.load(vector_path)
+    model = load_model(args)
+    vector.check_model(model)
+    preset = resolve_preset(args.preset, vector, model, vector_path)
+    ranges = layer_windows(vector, model.n_layer) if args.layer_sweep else [layers]
+    for layer_range in ranges:
+        steered_layers(model, vector, layer_range, args.raw)  # a bad range fails before any sweep
+    return SweepJob(vector_path, vector, model, preset, load_eval_prompts(preset), strengths, ranges)
+
+
+def resolve_preset(name: str | None, vector, model, vector_path: Path) -> str:
+    if name is not None:
+        return get_preset(name).name
+    inferred = infer_preset(vector, model.chat_instruction_formatter())
+    if inferred is None:
+        raise CliError(
+            f"cannot tell which preset {vector_path} was trained on (the file does not name one and its dataset "
+            f"hash matches no built-in preset): pass --preset NAME (see `ggsteer presets`)"
+        )
+    print(f"evaluating on the {inferred!r} preset's held-out prompts", file=sys.stderr)
+    return inferred
+
+
+def run_sweeps(job: SweepJob, raw: bool, samples: bool = False) -> list:
+    return [
+        strength_sweep(
+            job.model, job.vector, job.strengths, job.eval_items, layers=layers, raw=raw, samples=samples, progress=True
+        )
+        for layers in job.layer_ranges
+    ]
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def print_sweeps(sweeps, samples: bool = False) -> None:
+    for sweep in sweeps:
+        print(f"\n{sweep.label}: steerability {sweep.steerability:+.3g} nats per unit strength; "
+              f"unsteered behaviour {sweep.baseline_behaviour:+.3f}, perplexity {sweep.baseline_perplexity:.2f}")
+        print(f"{'strength':>9} {'behaviour':>10} {'gain':>8} {'wrong-way':>10} {'KL':>9} {'perplexity':>11}")
+        for p in sweep.points:
+            wrong = "-" if p.wrong_way is None else f"{p.wrong_way:.2f}"
+            print(f"{p.strength:>+9.3g} {p.behaviour:>+10.3f} {p.gain:>+8.3f} {wrong:>10} {p.kl:>9.4f} {p.perplexity:>11.2f}")
+        if samples:
+            print(f"\n  samples ({sweep.label}, greedy):")
+            print(f"  {'unsteered':>9} | {_one_line(sweep.baseline_sample)}")
+            for p in sweep.points:
+                print(f"  {p.strength:>+9.3g} | {_one_line(p.sample)}")
+    print()
+
+
+def _one_line(text: str | None) -> str:
+    return " ".join((text or "").split()) or "(nothing)"
+
+
+def write_reports(args, job: SweepJob, sweeps, seconds: float, calibration=None) -> None:
+    from ggsteer.evaluate.plot import (
+        plot_sweeps,  # matplotlib: the optional [plot] extra
+    )
+
+    if args.json:
+        report = {
+            "vector": str(job.vector_path),
+            "model": job.model.model_name,
+            "model_path": str(job.model.model_path),
+            "preset": job.preset,
+            "n_eval_prompts": len(job.eval_items),
+            "strengths": job.strengths,
+            "seconds": round(seconds, 2),
+            "sweeps": [sweep.to_dict() for sweep in sweeps],
+            "calibration": None if calibration is None else asdict(calibration),
+        }
+        text = json.dumps(_finite(report), indent=2) + "\n"
+        _write(args.json, "--json", lambda: write_atomically(args.json, lambda temp: Path(temp).write_text(text, encoding="utf-8"),
+                                                              overwrite=True))
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        title = f"{job.vector_path.name} on {job.model.model_name}, preset {job.preset!r}"
+        _write(args.plot, "--plot", lambda: write_atomically(
+            args.plot, lambda temp: plot_sweeps(sweeps, temp, title=title, calibration=calibration), overwrite=True))
+        print(f"wrote {args.plot}", file=sys.stderr)
+
+
+def _write(path: str, what: str, write) -> None:
+    try:
+        write()
+    except OSError as error:
+        raise CliError(f"cannot write {what} {path}: {error.strerror or error}") from None
+
+
+def _finite(value):
+    """NaN/inf -> None: JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+def cmd_eval(args) -> int:
+    started = time.perf_counter()
+    job = prepare_sweep(args)
+    sweeps = run_sweeps(job, args.raw, samples=args.samples)
+    seconds = time.perf_counter() - started
+    print(f"{job.vector_path.name}: {len(job.eval_items)} '{job.preset}' prompts, {len(job.strengths)} strengths")
+    print_sweeps(sweeps, samples=args.samples)
+    write_reports(args, job, sweeps, seconds)
+    print(f"(eval took {seconds:.0f} s)", file=sys.stderr)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    started = time.perf_counter()
+    if not (math.isfinite(args.max_kl) and args.max_kl > 0):
+        raise CliError(f"--max-kl must be a positive number, got {args.max_kl}")
+    target = Path(args.output) if args.output else Path(args.vector)
+    if args.output and target.exists() and not args.force:
+        raise CliError(f"{target} already exists: pass --force to overwrite it")
+    check_writable(target, "the calibrated vector")
+    if not any(s > 0 for s in parse_strengths(args.strengths)):
+        raise CliError(
+            f"--strengths {args.strengths!r} has no positive strength: calibration picks one toward the positive persona"
+        )
+    job = prepare_sweep(args)
+    sweeps = run_sweeps(job, args.raw)
+    print_sweeps(sweeps)
+    calibration = choose_calibration(sweeps, args.max_kl)
+    calibrated_vector(job.vector, calibration, job.preset).save(target, overwrite=True)
+    seconds = time.perf_counter() - started
+    print(f"calibrated: strength {calibration.strength:g} on layers {format_layers(calibration.layers)} "
+          f"(behaviour gain {calibration.gain:+.3f} nats, KL {calibration.kl:.4f} <= {calibration.max_kl:g})")
+    print(f"wrote recommended_strength and recommended_layers to {target}; `ggsteer generate -v {target}` now uses them")
+    write_reports(args, job, sweeps, seconds, calibration)
+    return 0

@@ -1,0 +1,128 @@
+"""Strength and layer sweeps: behaviour and fluency of one vector at a list of strengths on one layer
+range (`strength_sweep`), and the layer ranges a layer sweep tries (`layer_windows`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ggsteer.evaluate.behaviour import (
+    behaviour_per_setting,
+    behaviour_scores,
+    generation_sample,
+    steerability,
+    wrong_way_share,
+)
+from ggsteer.evaluate.fluency import fluency_costs, plan_neutral
+from ggsteer.evaluate.settings import settings_per_strength, steered_layers, under_each
+from ggsteer.model import SteeredModel
+from ggsteer.vectors import ControlVector, default_steering_layers
+
+# -- sweeps -----------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepPoint:
+    strength: float
+    behaviour: float  # mean behaviour score over the eval prompts, nats
+    gain: float  # behaviour minus the unsteered behaviour
+    wrong_way: float | None  # share of prompts that moved against the push (None at strength 0)
+    kl: float  # mean KL(unsteered || steered) per position of the neutral texts, nats
+    perplexity: float  # of the neutral texts under steering
+    sample: str | None = None
+
+
+@dataclass
+class Sweep:
+    """Behaviour and fluency of one vector on one layer range at several strengths."""
+
+    layers: list[int]
+    baseline_behaviour: float
+    baseline_perplexity: float
+    steerability: float  # nats of behaviour per unit strength around 0
+    points: list[SweepPoint] = field(default_factory=list)
+    baseline_sample: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"layers {format_layers(self.layers)}"
+
+    def column(self, name: str) -> np.ndarray:
+        return np.array([getattr(point, name) for point in self.points], dtype=np.float64)
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, **asdict(self)}
+
+
+def format_layers(layers: Sequence[int]) -> str:
+    """[3, 4, 5, 9] -> "3-5,9"."""
+    parts, start = [], None
+    for i, il in enumerate(layers):
+        start = il if start is None else start
+        if i + 1 == len(layers) or layers[i + 1] != il + 1:
+            parts.append(f"{start}-{il}" if il != start else f"{il}")
+            start = None
+    return ",".join(parts)
+
+
+def strength_sweep(
+    model: SteeredModel,
+    vector: ControlVector,
+    strengths: Sequence[float],
+    eval_items: Sequence[dict],
+    *,
+    layers: Sequence[int] | None = None,
+    raw: bool = False,
+    neutral_texts: Sequence[str] | None = None,
+    samples: bool = False,
+    progress: bool = False,
+) -> Sweep:
+    """Behaviour, wrong-way share, KL and perplexity of `vector` at each strength on one layer range.
+
+    `layers` defaults to the vector's recommended layers; `samples` adds a greedy completion of
+    the first eval prompt at each strength.
+    """
+    strengths = [float(s) for s in strengths]
+    settings = settings_per_strength(model, vector, strengths, layers, raw)
+    chosen_layers = steered_layers(model, vector, layers, raw)
+    plan = plan_neutral(model, neutral_texts)
+    steps = len(settings) * (1 + len(plan.groups) + int(samples))
+    with tqdm(total=steps, desc=f"layers {format_layers(chosen_layers)}", unit="step", disable=not progress) as bar:
+        with model.unsteered():
+            baseline = behaviour_scores(model, eval_items)
+        scores = behaviour_per_setting(model, settings, eval_items, bar.update)
+        costs, plain = fluency_costs(model, plan, settings, bar.update)
+        texts = _samples(model, settings, eval_items[0]["prompt"], bar.update) if samples else [None] * len(settings)
+    means = scores.mean(axis=1)
+    points = [
+        SweepPoint(s, float(m), float(m - baseline.mean()), wrong_way_share(s, row, baseline), cost.kl, cost.perplexity, text)
+        for s, m, row, cost, text in zip(strengths, means, scores, costs, texts)
+    ]
+    with_zero = (strengths, means) if 0.0 in strengths else ([*strengths, 0.0], [*means, baseline.mean()])
+    baseline_text = _samples(model, [model.unsteered], eval_items[0]["prompt"])[0] if samples else None
+    return Sweep(chosen_layers, float(baseline.mean()), plain.perplexity, steerability(*with_zero), points, baseline_text)
+
+
+def _samples(model, settings, prompt: str, tick: Callable[[], None] | None = None) -> list[str]:
+    return under_each(settings, lambda: generation_sample(model, prompt), tick)
+
+
+
+
+def layer_windows(vector: ControlVector, n_layer: int, n_windows: int = 3) -> list[list[int]]:
+    """Layer ranges for a layer sweep: the vector's recommended layers, then `n_windows` equal
+    consecutive windows over every steerable layer of the vector (Gemma 3 270M, 18 layers:
+    3-14, then 1-6, 7-12, 13-17)."""
+    steerable = [il for il in vector.layers if 1 <= il < n_layer]
+    if not steerable:
+        raise ValueError(f"the vector has no layer this model can steer (it has {vector.layers}, the model 1..{n_layer - 1})")
+    recommended = [il for il in (vector.recommended_layers or default_steering_layers(n_layer)) if il in steerable]
+    windows = [recommended or steerable]
+    for chunk in np.array_split(np.array(steerable), min(n_windows, len(steerable))):
+        window = [int(il) for il in chunk]
+        if window not in windows:
+            windows.append(window)
+    return windows

@@ -1,0 +1,50 @@
+"""Filling llama.cpp batches: one token per row, one sequence id per row."""
+
+from __future__ import annotations
+
+import llama_cpp
+
+
+class BatchFullError(IndexError):
+    """A row was added past the batch's capacity (the caller must defer it to the next decode)."""
+
+
+class OwnedBatch:
+    """A llama_batch of up to `capacity` rows, freed on close; writes past the end raise."""
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"a batch needs room for at least one row, got {capacity}")
+        self.batch = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self.capacity = capacity
+        self.n_rows = 0
+
+    @property
+    def room(self) -> int:
+        return self.capacity - self.n_rows
+
+    def clear(self) -> None:
+        self.n_rows = 0
+        self.batch.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq: int, wants_logits: bool) -> int:
+        """Append one token of sequence `seq` at `pos`; returns its row."""
+        if self.batch is None:
+            raise ValueError("the batch is closed")
+        row = self.n_rows
+        if row >= self.capacity:
+            raise BatchFullError(f"the batch holds {self.capacity} rows: row {row} does not fit")
+        batch = self.batch
+        batch.token[row] = token
+        batch.pos[row] = pos
+        batch.n_seq_id[row] = 1
+        batch.seq_id[row][0] = seq
+        batch.logits[row] = wants_logits
+        self.n_rows += 1
+        batch.n_tokens = self.n_rows
+        return row
+
+    def close(self) -> None:
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None

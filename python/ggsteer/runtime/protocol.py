@@ -1,0 +1,44 @@
+"""What the layers above runtime/ need from a model: a Protocol, so they never import SteeredModel.
+
+`ggsteer.SteeredModel` implements it; train/, generation.py and evaluate/ are written against it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ContextManager, Protocol, Sequence
+
+
+class HookedModel(Protocol):
+    n_layer: int
+    n_embd: int
+    n_batch: int
+    hook: Any  # the native hook (ggsteer._native.Hook) installed as this model's eval callback
+
+    @property
+    def n_seq_max(self) -> int: ...
+
+    @property
+    def ctx(self) -> Any: ...  # the llama_context pointer
+
+    @property
+    def model_hint(self) -> str: ...
+
+    @property
+    def model_name(self) -> str: ...
+
+    def n_ctx(self) -> int: ...
+
+    def n_vocab(self) -> int: ...
+
+    def tokenize_prompt(self, prompt: str) -> list[int]: ...
+
+    def detokenize(self, tokens: Sequence[int], prev_tokens: Sequence[int] | None = None,
+                   special: bool = False) -> bytes: ...
+
+    def is_end_of_generation(self, token: int) -> bool: ...
+
+    def decode_batch(self, batch: Any, generated: Any = False) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def unsteered(self) -> ContextManager[Any]: ...

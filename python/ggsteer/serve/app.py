@@ -1,0 +1,210 @@
+"""An OpenAI-compatible HTTP server for steered generation (`ggsteer serve`).
+
+Routes: `POST /v1/completions`, `POST /v1/chat/completions` (both with `"stream": true` for SSE),
+`GET /v1/vectors`, and a chat page at `/` (python/ggsteer/static/). Requests may carry
+`"steering": {"happy": 0.15, "honest": -0.1}`: vector names from the registry loaded at start-up,
+each with a strength in ggsteer's unit (1.0 = the trained mean gap at each layer). Vectors without a
+trained gap (unit "raw": files from repeng or llama.cpp's cvector-generator) are applied with the
+strength as a plain coefficient on the stored directions; /v1/vectors reports each vector's unit.
+
+Concurrency: one worker thread owns the model (`BatchWorker`) and keeps one `ContinuousBatch`
+open. Handlers put jobs on a queue; between two decodes the worker admits waiting jobs (oldest
+first, up to --max-batch sequences whose prompt + max_tokens fit in the context together), so a
+request joins the sequences already generating instead of waiting for them to finish, and each
+leaves as soon as it is done. Every job has its own controls and sampling settings (max_tokens,
+temperature, top_p, seed, stop); a seeded request samples with exactly its own seed. Each sequence
+has its own KV sequence id, cleared when it leaves, so no request sees another request's vectors or
+cached states. Streaming pieces go from the worker to each request's asyncio queue through
+`loop.call_soon_threadsafe`; a stream whose client went away leaves the batch at the next decode.
+`finish_reason` and `usage` come from the batch's per-sequence results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from ggsteer.chat_format import ChatTemplateError, chat_prompt
+from ggsteer.generation import SequenceSampling
+from ggsteer.serve.errors import ApiError, error_response
+from ggsteer.serve.registry import VectorRegistry
+from ggsteer.serve.responses import (
+    ChatShape,
+    CompletionShape,
+    VisibleText,
+    sse,
+    usage,
+    wait_for_result,
+)
+from ggsteer.serve.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    GenerationRequest,
+    parse_request,
+    read_json_body,
+)
+from ggsteer.serve.settings import (
+    DEFAULT_BATCH_WAIT_S,
+    DEFAULT_MAX_TOKENS,
+    MAX_TOKENS_CAP,
+    STATIC_DIR,
+)
+from ggsteer.serve.worker import BatchWorker, Job
+
+log = logging.getLogger("ggsteer.server")
+
+# -- the app ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerConfig:
+    api_key: str | None = None
+    max_batch: int = 8
+    max_tokens_cap: int = MAX_TOKENS_CAP
+    batch_wait_s: float = DEFAULT_BATCH_WAIT_S
+
+
+class SteeringServer:
+    """Turns validated requests into jobs for the worker and their results into OpenAI responses."""
+
+    def __init__(self, model, registry: VectorRegistry, config: ServerConfig):
+        self.model = model
+        self.registry = registry
+        self.config = config
+        self.worker = BatchWorker(model, config.max_batch, config.batch_wait_s)
+        self.model_id = Path(model.model_path).stem
+
+    def sampling(self, request: GenerationRequest, extra_stops: list[str]) -> SequenceSampling:
+        max_tokens = min(request.max_tokens or DEFAULT_MAX_TOKENS, self.config.max_tokens_cap)
+        stops = tuple(dict.fromkeys(request.stop_strings() + extra_stops))
+        return SequenceSampling(max_tokens, request.temperature, request.top_p, request.seed, stops)
+
+    def new_job(self, request: GenerationRequest, prompt: str, extra_stops: list[str]) -> Job:
+        controls = self.registry.controls(request.steering, self.model)
+        sampling = self.sampling(request, extra_stops)
+        tokens = self.model.tokenize_prompt(prompt)
+        if len(tokens) + sampling.max_tokens > self.model.n_ctx():
+            raise ApiError(400, f"the prompt ({len(tokens)} tokens) plus max_tokens ({sampling.max_tokens}) "
+                                f"exceeds the context ({self.model.n_ctx()} tokens)", "max_tokens")
+        return Job(tokens, controls, sampling, asyncio.get_running_loop())
+
+    async def respond(self, job: Job, shape: "CompletionShape | ChatShape", text: VisibleText, stream: bool):
+        """Queue the job; answer with SSE events as it generates, or with one object when it is done."""
+        self.worker.submit(job)
+        if stream:
+            return StreamingResponse(self.sse_events(job, shape, text), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        result = await wait_for_result(job)
+        return shape.full(text.visible(result.text), result.finish_reason, usage(result))
+
+    async def sse_events(self, job: Job, shape, text: VisibleText):
+        try:
+            for chunk in shape.opening():
+                yield sse(chunk)
+            while True:
+                kind, value = await job.events.get()
+                if kind == "piece":
+                    if new := text.add(value):
+                        yield sse(shape.piece(new))
+                elif kind == "done":
+                    if rest := text.finish(value.text):
+                        yield sse(shape.piece(rest))
+                    yield sse(shape.closing(value.finish_reason))
+                    break
+                else:
+                    yield sse({"error": {"message": value, "type": "server_error", "code": 500}})
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled = True  # a client gone before its batch started is skipped
+
+
+
+
+def create_app(model, registry: VectorRegistry, config: ServerConfig | None = None) -> FastAPI:
+    """The FastAPI app; its lifespan starts and stops the worker thread that owns `model`."""
+    config = config or ServerConfig()
+    if not 1 <= config.max_batch <= model.n_seq_max:
+        raise ValueError(f"max_batch={config.max_batch} must be between 1 and the model's n_seq_max={model.n_seq_max}")
+    server = SteeringServer(model, registry, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.worker.start()
+        yield
+        server.worker.stop()
+
+    app = FastAPI(title="ggsteer", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+    app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(Exception, unexpected_error_handler)
+    app.include_router(api_routes(server))
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def index():
+        return FileResponse(STATIC_DIR / "index.html")
+
+    return app
+
+
+def api_error_handler(request: Request, error: ApiError) -> JSONResponse:
+    return error_response(error.status, error.message, error.param)
+
+
+def unexpected_error_handler(request: Request, error: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s", request.url.path, exc_info=error)
+    return error_response(500, f"internal error: {type(error).__name__}")
+
+
+def api_routes(server: SteeringServer) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(api_key_checker(server.config.api_key))])
+
+    @router.get("/vectors")
+    def list_vectors():
+        return {"object": "list", "data": server.registry.describe()}
+
+    @router.get("/models")
+    def list_models():
+        return {"object": "list", "data": [{"id": server.model_id, "object": "model", "owned_by": "ggsteer"}]}
+
+    @router.post("/completions")
+    async def completions(request: Request):
+        body = parse_request(CompletionRequest, await read_json_body(request))
+        job = server.new_job(body, body.prompt_text(), [])
+        text = VisibleText(list(job.sampling.stop), strip_leading=False)
+        return await server.respond(job, CompletionShape(server.model_id), text, body.stream)
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: Request):
+        body = parse_request(ChatRequest, await read_json_body(request))
+        try:
+            prompt = chat_prompt(server.model, [m.model_dump() for m in body.messages])
+        except ChatTemplateError as error:
+            raise ApiError(400, str(error), "messages") from None
+        job = server.new_job(body, prompt.text, list(prompt.stops))
+        text = VisibleText(list(job.sampling.stop), prompt.strip_leading)
+        return await server.respond(job, ChatShape(server.model_id), text, body.stream)
+
+    return router
+
+
+def api_key_checker(api_key: str | None):
+    """A dependency answering 401 unless the request carries `Authorization: Bearer <api_key>`."""
+
+    def check(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+    return check

@@ -1,0 +1,14 @@
+"""Server limits and defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+STATIC_DIR = Path(__file__).parent / "static"
+MAX_BODY_BYTES = 1 << 20
+DEFAULT_MAX_TOKENS = 128
+MAX_TOKENS_CAP = 2048
+MAX_STOP_STRINGS = 4
+DEFAULT_TEMPERATURE = 0.8
+# how long the worker waits for more requests before starting a batch that is not full
+DEFAULT_BATCH_WAIT_S = 0.02

@@ -1,0 +1,158 @@
+"""Interventions addition cannot express, compiled into a program for the native hook.
+
+Each operation acts on a block's output rows h (llama.cpp's `l_out-i`), per layer and per row:
+
+- `add`: h += s * v (what llama.cpp's adapter does, but here per sequence or gated);
+- `ablate`: the projection on u = v / |v| set to the neutral point c: h += (c - h . u) u. For
+  vectors trained by ggsteer, c is the mean projection of the training pairs' midpoints (stored in
+  the file as `center`): removing the whole projection would also remove the baseline every text
+  has along u, which can push toward either side. Vectors without a center use c = 0, plain
+  directional ablation h -= (h . u) u;
+- `clamp`: the projection held at t = c + s * |v|: s in strength units (for ggsteer vectors |v|
+  is the layer's trained gap), so `clamp 0` is `ablate` and `clamp 1` sits one gap past neutral;
+- `add_normalized`: add, then rescale each row back to its norm before the addition.
+
+Gating: `when="prompt"` (prompt tokens only), `"generated"` (generated tokens only), `first_k=k`
+(positions < k only). A `Condition` (CAST) decides per sequence from its prompt: the cosine between
+the mean prompt state at the condition layer and the condition direction must reach the threshold
+for the intervention to act (at later layers, for the rest of that sequence).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Iterable
+
+from ggsteer.vectors import UNIT_RAW, ControlVector, TokenAlignedVector, choose_layers
+
+OPS = ("add", "ablate", "clamp", "add_normalized")
+WHEN = ("all", "prompt", "generated")
+# the largest strength a user input (CLI, server request) may ask for: 1.0 is the trained gap, and
+# 2 already degenerates into repetition on Gemma 3 270M (DESIGN.md, "Strength")
+MAX_ABS_STRENGTH = 10.0
+OP_CODES = {name: code for code, name in enumerate(OPS)}
+WHEN_CODES = {name: code for code, name in enumerate(WHEN)}
+
+
+@dataclass(frozen=True)
+class Condition:
+    """Act only on sequences whose prompt points along `vector` at `layer` (cosine >= threshold)."""
+
+    vector: ControlVector
+    threshold: float
+    layer: int
+
+
+@dataclass(frozen=True)
+class Intervention:
+    vector: ControlVector | TokenAlignedVector
+    strength: float
+    op: str
+    layers: tuple[int, ...]
+    when: str = "all"
+    first_k: int | None = None
+    condition: Condition | None = None
+
+    @property
+    def is_plain_add(self) -> bool:
+        """Expressible by llama.cpp's control-vector adapter (which costs nothing)."""
+        return (
+            self.op == "add" and self.when == "all" and self.first_k is None and self.condition is None
+            and isinstance(self.vector, ControlVector) and 0 not in self.layers  # the adapter starts at block 1
+        )
+
+
+def make_intervention(
+    vector,
+    strength: float,
+    n_layer: int,
+    n_embd: int,
+    *,
+    op: str = "add",
+    layers: Iterable[int] | None = None,
+    raw: bool = False,
+    when: str = "all",
+    first_k: int | None = None,
+    condition: Condition | tuple | None = None,
+) -> Intervention:
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}: choose one of {', '.join(OPS)}")
+    if when not in WHEN:
+        raise ValueError(f"unknown when {when!r}: choose one of {', '.join(WHEN)}")
+    strength = float(strength)
+    if not math.isfinite(strength):
+        raise ValueError(f"strength must be a finite number, got {strength}")
+    if first_k is not None and (int(first_k) != first_k or first_k < 1):
+        raise ValueError(f"first_k must be a positive integer, got {first_k}")
+    if vector.n_embd != n_embd:
+        raise ValueError(f"vector has n_embd {vector.n_embd} but the model has n_embd {n_embd}: it was made for another model")
+    if isinstance(vector, TokenAlignedVector):
+        if not 0 <= vector.layer < n_layer:
+            raise ValueError(f"layer {vector.layer} is beyond the model: it has layers 0..{n_layer - 1}")
+        chosen = (vector.layer,)
+    else:
+        if op in ("add", "add_normalized") and vector.unit == UNIT_RAW and not raw:
+            raise ValueError(
+                "this vector has no per-layer gap (it was not trained by ggsteer, e.g. repeng or llama.cpp's "
+                "cvector-generator wrote it), so a strength has no calibrated unit: pass raw=True (CLI: --raw) "
+                "to use the strength as a plain coefficient"
+            )
+        chosen = tuple(choose_layers(vector, n_layer, layers, allow_layer_zero=True))
+    cond = _make_condition(condition, n_layer, n_embd, chosen)
+    return Intervention(vector, strength, op, chosen, when, None if first_k is None else int(first_k), cond)
+
+
+def _make_condition(condition, n_layer: int, n_embd: int, layers: tuple[int, ...]) -> Condition | None:
+    if condition is None:
+        return None
+    if not isinstance(condition, Condition):
+        vector, threshold, layer = condition
+        condition = Condition(vector, float(threshold), int(layer))
+    if condition.vector.n_embd != n_embd:
+        raise ValueError(f"condition vector has n_embd {condition.vector.n_embd} but the model has n_embd {n_embd}")
+    if condition.layer not in condition.vector.directions:
+        raise ValueError(f"condition layer {condition.layer} is not in the condition vector (it has {condition.vector.layers})")
+    if not 0 <= condition.layer < n_layer:
+        raise ValueError(f"condition layer {condition.layer} is beyond the model: it has layers 0..{n_layer - 1}")
+    if min(layers) <= condition.layer:
+        raise ValueError(f"the condition layer {condition.layer} must come before every steered layer (steering {min(layers)}..)")
+    if not -1.0 <= condition.threshold <= 1.0:
+        raise ValueError(f"condition threshold {condition.threshold} is a cosine: it must lie in [-1, 1]")
+    return condition
+
+
+def normalize_controls(model, control, **options) -> list[Intervention]:
+    """The one reading of a "control": None, a ControlVector (at its recommended strength, else 1.0),
+    a `(vector, strength)` pair (strength None = recommended), an Intervention, or a list of those.
+    `options` (op, layers, raw, when, first_k, condition) apply to the vectors given without an
+    Intervention. `model` gives n_layer and n_embd."""
+    if control is None:
+        return []
+    if isinstance(control, (Intervention, ControlVector, TokenAlignedVector)) or _is_pair(control):
+        control = [control]
+    if not isinstance(control, (list, tuple)):
+        raise TypeError(f"cannot steer with {type(control).__name__}: give a ControlVector, (vector, strength) or Intervention")
+    items = []
+    for item in control:
+        if isinstance(item, Intervention):
+            items.append(item)
+        elif isinstance(item, (ControlVector, TokenAlignedVector)) or _is_pair(item):
+            vector, strength = (item, None) if not _is_pair(item) else item
+            items.append(make_intervention(vector, default_strength(vector) if strength is None else strength,
+                                           model.n_layer, model.n_embd, **options))
+        else:
+            raise TypeError(f"cannot steer with {type(item).__name__}: give a ControlVector, (vector, strength) or Intervention")
+    return items
+
+
+def default_strength(vector) -> float:
+    """A vector's recommended strength (set by calibration), else 1.0 (the trained gap)."""
+    return getattr(vector, "recommended_strength", None) or 1.0
+
+
+def _is_pair(item) -> bool:
+    return (isinstance(item, (tuple, list)) and len(item) == 2
+            and isinstance(item[0], (ControlVector, TokenAlignedVector))
+            and (item[1] is None or isinstance(item[1], numbers.Real)))

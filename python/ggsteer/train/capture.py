@@ -1,0 +1,300 @@
+"""Capture the residual stream of every layer through the native eval callback.
+
+Prompts are tokenized exactly as generation would, then laid out on a token trie: a prompt that is
+a token-prefix of another is read off the longer one (causal attention makes its states equal),
+and text shared by several prompts (a persona template, a reply shared by both sides of a pair)
+is decoded once into one sequence whose KV cache is then copied (`llama_memory_seq_cp`, free in a
+unified cache) to every sequence that continues it. Each `llama_decode` packs many trie segments
+as separate sequences; the C++ callback copies only the wanted rows into a buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import llama_cpp
+import numpy as np
+from tqdm.auto import tqdm
+
+from ggsteer.runtime.batch import OwnedBatch
+from ggsteer.runtime.protocol import HookedModel
+
+POOLS = ("last", "mean", "all")
+# show a progress bar by default from this many prompts on
+PROGRESS_MIN_PROMPTS = 64
+
+
+class CaptureError(RuntimeError):
+    """llama.cpp refused a decode, or the callback saw tensors it did not expect."""
+
+
+@dataclass
+class Segment:
+    """A run of tokens decoded together into one sequence: an edge of the compressed trie."""
+
+    tokens: list[int]
+    start: int  # position of tokens[0] in its sequence
+    parent: int  # index of the segment it continues, -1 at the root
+    # offset within the segment -> index into the capture store
+    wanted: dict[int, int] = field(default_factory=dict)
+    children: list[int] = field(default_factory=list)
+    seq: int = -1
+    unscheduled_children: int = 0
+
+
+@dataclass
+class CapturePlan:
+    segments: list[Segment]
+    roots: list[int]
+    n_captures: int
+    # per prompt, the capture indices of the positions it pools over
+    prompt_rows: list[list[int]]
+
+
+def validate_request(model: HookedModel, prompts, layers, pool) -> list[int]:
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not a single string")
+    if len(prompts) == 0:
+        raise ValueError("no prompts given: the prompt list is empty")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt {i} is {type(prompt).__name__}, not str")
+        if prompt == "":
+            raise ValueError(f"prompt {i} is empty")
+    if pool not in POOLS:
+        raise ValueError(f"unknown pool {pool!r}: choose one of {', '.join(POOLS)}")
+    return resolve_layers(layers, model.n_layer)
+
+
+def resolve_layers(layers: Sequence[int] | None, n_layer: int) -> list[int]:
+    """Requested layers in the given order; every layer when None."""
+    if layers is None:
+        return list(range(n_layer))
+    resolved = [int(il) for il in layers]
+    if not resolved:
+        raise ValueError("layers is empty: give at least one layer or None for all")
+    for il in resolved:
+        if not 0 <= il < n_layer:
+            raise ValueError(f"layer {il} is out of range: this model has layers 0..{n_layer - 1}")
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"layers repeat: {resolved}")
+    return resolved
+
+
+def tokenize_prompts(model: HookedModel, prompts: Sequence[str]) -> list[list[int]]:
+    n_ctx = model.n_ctx()
+    token_lists = []
+    for i, prompt in enumerate(prompts):
+        tokens = model.tokenize_prompt(prompt)
+        if not tokens:
+            raise ValueError(f"prompt {i} produced no tokens")
+        if len(tokens) > n_ctx:
+            raise ValueError(f"prompt {i} has {len(tokens)} tokens, more than the context holds (n_ctx={n_ctx})")
+        token_lists.append(tokens)
+    return token_lists
+
+
+def plan_shared(token_lists: list[list[int]], pool: str, max_segment: int) -> CapturePlan:
+    """Compressed token trie over all prompts: each distinct token prefix is decoded once."""
+    children: list[dict[int, int]] = [{}]  # node 0 is the empty root
+    node_paths = []
+    for tokens in token_lists:
+        node, path = 0, []
+        for token in tokens:
+            nxt = children[node].get(token)
+            if nxt is None:
+                nxt = len(children)
+                children[node][token] = nxt
+                children.append({})
+            node = nxt
+            path.append(node)
+        node_paths.append(path)
+    capture_of_node: dict[int, int] = {}
+    prompt_rows = []
+    for path in node_paths:
+        pooled = path[-1:] if pool == "last" else path
+        prompt_rows.append([capture_of_node.setdefault(node, len(capture_of_node)) for node in pooled])
+
+    segments: list[Segment] = []
+    roots: list[int] = []
+    # (first node of the segment, its token, position, parent segment)
+    todo = [(node, token, 0, -1) for token, node in reversed(children[0].items())]
+    while todo:
+        node, token, start, parent = todo.pop()
+        seg = Segment(tokens=[token], start=start, parent=parent)
+        _note_wanted(seg, 0, node, capture_of_node)
+        while len(children[node]) == 1 and len(seg.tokens) < max_segment:
+            (token, node), = children[node].items()
+            _note_wanted(seg, len(seg.tokens), node, capture_of_node)
+            seg.tokens.append(token)
+        index = len(segments)
+        segments.append(seg)
+        (segments[parent].children if parent >= 0 else roots).append(index)
+        end = start + len(seg.tokens)
+        todo.extend((child, tok, end, index) for tok, child in reversed(children[node].items()))
+    return CapturePlan(segments, roots, len(capture_of_node), prompt_rows)
+
+
+def _note_wanted(seg: Segment, offset: int, node: int, capture_of_node: dict[int, int]) -> None:
+    if node in capture_of_node:
+        seg.wanted[offset] = capture_of_node[node]
+
+
+def plan_unshared(token_lists: list[list[int]], pool: str, max_segment: int) -> CapturePlan:
+    """Every prompt decoded in full on its own sequence (the baseline the trie must equal)."""
+    segments: list[Segment] = []
+    roots: list[int] = []
+    prompt_rows = []
+    n_captures = 0
+    for tokens in token_lists:
+        offsets = [len(tokens) - 1] if pool == "last" else list(range(len(tokens)))
+        capture_of_offset = {off: n_captures + k for k, off in enumerate(offsets)}
+        n_captures += len(offsets)
+        prompt_rows.append(list(capture_of_offset.values()))
+        parent = -1
+        for start in range(0, len(tokens), max_segment):
+            chunk = tokens[start : start + max_segment]
+            wanted = {o - start: c for o, c in capture_of_offset.items() if start <= o < start + len(chunk)}
+            segments.append(Segment(tokens=chunk, start=start, parent=parent, wanted=wanted))
+            index = len(segments) - 1
+            (segments[parent].children if parent >= 0 else roots).append(index)
+            parent = index
+    return CapturePlan(segments, roots, n_captures, prompt_rows)
+
+
+class BatchDecoder:
+    """Packs segments into llama_decode calls, giving each its own sequence id."""
+
+    def __init__(self, model: HookedModel, layers: list[int], max_sequences: int):
+        self.model = model
+        self.layers = layers
+        self.n_batch = model.n_batch
+        self.max_sequences = max_sequences
+        self.memory = llama_cpp.llama_get_memory(model.ctx)
+        self.batch = OwnedBatch(self.n_batch)
+        self.free_seqs = list(range(model.n_seq_max - 1, -1, -1))
+
+    def close(self) -> None:
+        self.batch.close()
+        llama_cpp.llama_memory_clear(self.memory, True)
+
+    def take_sequence(self, plan: CapturePlan, seg: Segment) -> bool:
+        """Give `seg` a sequence holding its prefix; False when none is free."""
+        parent = plan.segments[seg.parent] if seg.parent >= 0 else None
+        if parent is not None and parent.unscheduled_children == 1:
+            seg.seq = parent.seq  # the last child continues its parent's sequence
+        elif not self.free_seqs:
+            return False
+        else:
+            seg.seq = self.free_seqs.pop()
+            if parent is not None:
+                llama_cpp.llama_memory_seq_cp(self.memory, parent.seq, seg.seq, -1, -1)
+        if parent is not None:
+            parent.unscheduled_children -= 1
+        seg.unscheduled_children = len(seg.children)
+        return True
+
+    def release(self, seg: Segment) -> None:
+        llama_cpp.llama_memory_seq_rm(self.memory, seg.seq, -1, -1)
+        self.free_seqs.append(seg.seq)
+
+    def decode(self, segs: list[Segment], store: np.ndarray) -> None:
+        rows, out_rows, captures = [], [], []
+        batch = self.batch
+        batch.clear()
+        for seg in segs:
+            for offset, token in enumerate(seg.tokens):
+                is_wanted = offset in seg.wanted
+                row = batch.add(token, seg.start + offset, seg.seq, is_wanted)
+                if is_wanted:
+                    rows.append(row)
+                    out_rows.append(len(out_rows))
+                    captures.append(seg.wanted[offset])
+        n_tokens = batch.n_rows
+        buffer = None
+        if rows:
+            buffer = np.empty((len(rows), len(self.layers), self.model.n_embd), dtype=np.float32)
+            self.model.hook.set_capture(
+                self.layers, np.asarray(rows, np.int32), np.asarray(out_rows, np.int32), n_tokens, len(rows), buffer
+            )
+        try:
+            self.model.decode_batch(batch.batch)
+        except RuntimeError as error:
+            raise CaptureError(f"{error} (batch of {n_tokens} tokens in {len(segs)} sequences)") from None
+        finally:
+            seen = self.model.hook.finish_capture() if rows else None
+        if seen is not None:
+            missing = [il for il in self.layers if seen[il] != 1]
+            if missing:
+                raise CaptureError(f"layers {missing} were not captured exactly once (seen {[seen[i] for i in missing]})")
+            store[captures] = buffer
+
+
+def run_plan(model: HookedModel, plan: CapturePlan, layers: list[int], max_sequences: int, progress) -> np.ndarray:
+    store = np.empty((plan.n_captures, len(layers), model.n_embd), dtype=np.float32)
+    decoder = BatchDecoder(model, layers, max_sequences)
+    ready = list(reversed(plan.roots))  # a stack: depth first keeps few prefixes alive
+    total = sum(len(s.tokens) for s in plan.segments)
+    model.reset()
+    llama_cpp.llama_memory_clear(decoder.memory, True)
+    try:
+        with tqdm(total=total, unit="tok", desc="capture", disable=not progress, leave=False) as bar:
+            while ready:
+                segs = _next_batch(plan, decoder, ready)
+                decoder.decode(segs, store)
+                bar.update(sum(len(s.tokens) for s in segs))
+                for seg in segs:
+                    ready.extend(reversed(seg.children))
+                    if not seg.children:
+                        decoder.release(seg)
+    finally:
+        decoder.close()
+        model.reset()
+    return store
+
+
+def _next_batch(plan: CapturePlan, decoder: BatchDecoder, ready: list[int]) -> list[Segment]:
+    segs: list[Segment] = []
+    n_tokens = 0
+    while ready and len(segs) < decoder.max_sequences:
+        seg = plan.segments[ready[-1]]
+        if n_tokens + len(seg.tokens) > decoder.n_batch or not decoder.take_sequence(plan, seg):
+            break
+        ready.pop()
+        segs.append(seg)
+        n_tokens += len(seg.tokens)
+    if not segs:
+        raise CaptureError("no free sequence to continue the capture: raise n_seq_max")
+    return segs
+
+
+def pool_rows(store: np.ndarray, plan: CapturePlan, pool: str):
+    if pool == "last":
+        return store[[rows[0] for rows in plan.prompt_rows]]
+    if pool == "mean":
+        return np.stack([store[rows].mean(axis=0, dtype=np.float64) for rows in plan.prompt_rows]).astype(np.float32)
+    return [store[rows] for rows in plan.prompt_rows]
+
+
+def capture_hidden_states(
+    model: HookedModel,
+    prompts: Sequence[str],
+    *,
+    layers: Sequence[int] | None = None,
+    pool: str = "last",
+    batch_size: int | None = None,
+    share_prefixes: bool = True,
+    progress: bool | None = None,
+):
+    resolved = validate_request(model, prompts, layers, pool)
+    max_sequences = model.n_seq_max if batch_size is None else int(batch_size)
+    if not 1 <= max_sequences <= model.n_seq_max:
+        raise ValueError(f"batch_size={batch_size} must be between 1 and the context's n_seq_max={model.n_seq_max}")
+    token_lists = tokenize_prompts(model, prompts)
+    make_plan = plan_shared if share_prefixes else plan_unshared
+    plan = make_plan(token_lists, pool, model.n_batch)
+    if progress is None:
+        progress = len(prompts) >= PROGRESS_MIN_PROMPTS
+    store = run_plan(model, plan, resolved, max_sequences, progress)
+    return pool_rows(store, plan, pool)

@@ -1,0 +1,131 @@
+"""From contrastive pairs to a ControlVector: capture every layer, reduce each to a direction.
+
+Two public steps, as steering-vectors splits them: `capture_hidden_states` (train/capture.py) reads
+the residual stream, and `methods.fit_layer` reduces one layer's positive and negative states to a
+direction with a meaningful sign, its gap and its neutral point. `ControlVector.train`,
+`from_prompts` and `from_phrase` are thin entry points into this module.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ggsteer.runtime.protocol import HookedModel
+from ggsteer.train import methods
+from ggsteer.train.capture import capture_hidden_states
+from ggsteer.train.dataset import DatasetEntry, dataset_hash
+from ggsteer.vectors import UNIT_GAP, UNIT_RAW, ControlVector, TokenAlignedVector, default_steering_layers
+
+TRAIN_POOLS = ("last", "mean")
+
+
+class TrainingWarning(UserWarning):
+    """A layer whose direction barely separates the pairs: its sign is unreliable."""
+
+
+def train_vector(
+    model: HookedModel,
+    dataset: Sequence[DatasetEntry],
+    method: str = "mean_diff",
+    layers: Iterable[int] | None = None,
+    pool: str = "last",
+    *,
+    batch_size: int | None = None,
+    progress: bool | None = None,
+) -> ControlVector:
+    """Train on contrastive pairs: one direction per layer, pointing negative -> positive.
+
+    `layers` defaults to every layer llama.cpp can steer (1..n_layer-1).
+    """
+    entries = _checked_entries(dataset, method, pool)
+    train_layers = list(range(1, model.n_layer)) if layers is None else [int(il) for il in layers]
+    prompts = [text for entry in entries for text in (entry.positive, entry.negative)]
+    with model.unsteered():
+        hidden = capture_hidden_states(model, prompts, layers=train_layers, pool=pool, batch_size=batch_size,
+                                       progress=progress)
+    fits = [methods.fit_layer(hidden[0::2, k], hidden[1::2, k], method) for k in range(len(train_layers))]
+    _warn_near_chance(train_layers, fits)
+    directions = {il: fit.direction * abs(fit.gap) for il, fit in zip(train_layers, fits)}
+    recommended = [il for il in default_steering_layers(model.n_layer) if il in directions]
+    metadata = {
+        "unit": UNIT_GAP,
+        "method": method,
+        "pool": pool,
+        "model_name": model.model_name,
+        "n_embd": model.n_embd,
+        "n_layer": model.n_layer,
+        "layers": list(train_layers),
+        "separation": [fit.separation for fit in fits],
+        "gap": [abs(fit.gap) for fit in fits],
+        "residual_norm": [fit.residual_norm for fit in fits],
+        "center": [fit.center for fit in fits],
+        "dataset_size": len(entries),
+        "dataset_hash": dataset_hash(entries),
+        "recommended_layers": recommended or list(train_layers),
+    }
+    return ControlVector(directions, model_hint=model.model_hint, metadata=metadata)
+
+
+def _checked_entries(dataset: Sequence[DatasetEntry], method: str, pool: str) -> list[DatasetEntry]:
+    if method not in methods.METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(methods.METHODS)}")
+    entries = list(dataset)
+    if not entries:
+        raise ValueError("the dataset is empty: give at least one (positive, negative) pair")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, DatasetEntry):
+            raise TypeError(f"dataset item {i} is {type(entry).__name__}, not DatasetEntry")
+    if pool not in TRAIN_POOLS:
+        raise ValueError(f'pool must be "last" or "mean" for training, got {pool!r}')
+    return entries
+
+
+def token_aligned_difference(model: HookedModel, positive: str, negative: str, layer: int) -> TokenAlignedVector:
+    """ActAdd: the per-token activation difference of two prompts at one layer.
+
+    The shorter prompt is padded with spaces until both have the same number of tokens. Steering
+    with the result (`model.set_control(v, coefficient)`) adds row p to position p of each
+    sequence, for the first positions only, as the ActAdd paper does.
+    """
+    pos_text, neg_text = pad_to_same_length(model, positive, negative)
+    with model.unsteered():
+        states = capture_hidden_states(model, [pos_text, neg_text], layers=[layer], pool="all")
+    rows = (states[0][:, 0] - states[1][:, 0]).astype(np.float32)
+    return TokenAlignedVector(layer=int(layer), rows=rows, model_hint=model.model_hint)
+
+
+def phrase_vector(model: HookedModel, phrase: str, layer: int) -> ControlVector:
+    """A "memory vector": the mean activation of a phrase at one layer (raw unit).
+
+    Inject it while generating, e.g. `model.set_control(v, 0.2, raw=True, when="generated")`.
+    """
+    with model.unsteered():
+        mean = capture_hidden_states(model, [phrase], layers=[layer], pool="mean")[0, 0]
+    metadata = {"unit": UNIT_RAW, "method": "memory", "model_name": model.model_name}
+    return ControlVector({int(layer): mean}, model.model_hint, metadata)
+
+
+def pad_to_same_length(model: HookedModel, a: str, b: str, max_pad: int = 64) -> tuple[str, str]:
+    for _ in range(max_pad):
+        na, nb = len(model.tokenize_prompt(a)), len(model.tokenize_prompt(b))
+        if na == nb:
+            return a, b
+        if na < nb:
+            a += " "
+        else:
+            b += " "
+    raise ValueError(f"could not pad {a!r} and {b!r} to the same number of tokens with spaces")
+
+
+def _warn_near_chance(layers: list[int], fits: list[methods.LayerFit]) -> None:
+    weak = [il for il, fit in zip(layers, fits) if fit.separation < methods.NEAR_CHANCE_SEPARATION]
+    if weak:
+        warnings.warn(
+            f"layers {weak} separate the pairs barely better than chance "
+            f"(separation < {methods.NEAR_CHANCE_SEPARATION}); their directions' signs are unreliable",
+            TrainingWarning,
+            stacklevel=4,
+        )

@@ -1,0 +1,223 @@
+"""ControlVector: one direction per layer, trained from contrastive pairs, saved as GGUF.
+
+A ControlVector's `directions[i]` is the vector added to layer i's output (llama.cpp's
+`l_out-i`) at strength 1.0. For vectors trained by ggsteer, strength 1.0 is the mean gap between
+positive and negative activations along the direction at that layer (DESIGN.md): the stored
+vector is `gap_i * unit_direction_i`, so `llama-cli --control-vector-scaled FILE 0.5` means the
+same as ggsteer's strength 0.5. Files from repeng or llama.cpp's cvector-generator carry raw
+directions; their unit is "raw" (strength = plain coefficient).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import numpy as np
+
+from ggsteer.vectors.file import PER_LAYER_KEYS, VectorFileError, read_vector_file, write_vector_file
+from ggsteer.vectors.layers import default_steering_layers
+
+if TYPE_CHECKING:
+    from ggsteer.runtime.protocol import HookedModel
+
+UNIT_GAP = "gap"
+UNIT_RAW = "raw"
+
+
+@dataclass(eq=False)
+class ControlVector:
+    directions: dict[int, np.ndarray]
+    model_hint: str
+    metadata: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.directions:
+            raise ValueError("a ControlVector needs at least one layer")
+        lengths = {int(np.asarray(v).shape[-1]) for v in self.directions.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"directions have different lengths: {sorted(lengths)}")
+        self.directions = {int(il): np.asarray(v, dtype=np.float32).reshape(-1) for il, v in sorted(self.directions.items())}
+        for il, vector in self.directions.items():
+            if il < 0:
+                raise ValueError(f"layer {il} is negative")
+            if not np.all(np.isfinite(vector)):
+                raise ValueError(f"direction for layer {il} contains NaN or Inf")
+
+    # -- properties -----------------------------------------------------------------------
+    @property
+    def n_embd(self) -> int:
+        return next(iter(self.directions.values())).shape[0]
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.directions)
+
+    @property
+    def unit(self) -> str:
+        """"gap" when strength 1.0 is the trained mean gap, "raw" when it is a plain coefficient."""
+        return str(self.metadata.get("unit", UNIT_RAW))
+
+    @property
+    def recommended_strength(self) -> float | None:
+        value = self.metadata.get("recommended_strength")
+        return None if value is None else float(value)
+
+    @property
+    def recommended_layers(self) -> list[int] | None:
+        value = self.metadata.get("recommended_layers")
+        return None if value is None else [int(il) for il in value]
+
+    def layer_stat(self, name: str) -> dict[int, float]:
+        """A per-layer statistic (separation, gap, residual_norm, center) keyed by layer."""
+        values = self.metadata.get(name)
+        stat_layers = self.metadata.get("layers")
+        if values is None or stat_layers is None:
+            return {}
+        return {int(il): float(v) for il, v in zip(stat_layers, values)}
+
+    # -- training: thin entry points into ggsteer.train (the one upward import, kept on purpose) --
+    @classmethod
+    def train(cls, model: "HookedModel", dataset: Sequence, method: str = "mean_diff",
+              layers: Iterable[int] | None = None, pool: str = "last", *, batch_size: int | None = None,
+              progress: bool | None = None) -> "ControlVector":
+        """Train on contrastive pairs: one direction per layer, pointing negative -> positive.
+
+        `layers` defaults to every layer llama.cpp can steer (1..n_layer-1). See
+        `ggsteer.train.extract.train_vector`.
+        """
+        from ggsteer.train.extract import train_vector
+
+        return train_vector(model, dataset, method, layers, pool, batch_size=batch_size, progress=progress)
+
+    @classmethod
+    def from_prompts(cls, model: "HookedModel", positive: str, negative: str, layer: int):
+        """ActAdd: the per-token activation difference of two prompts at one layer (a TokenAlignedVector)."""
+        from ggsteer.train.extract import token_aligned_difference
+
+        return token_aligned_difference(model, positive, negative, layer)
+
+    @classmethod
+    def from_phrase(cls, model: "HookedModel", phrase: str, layer: int) -> "ControlVector":
+        """A "memory vector": the mean activation of a phrase at one layer (raw unit)."""
+        from ggsteer.train.extract import phrase_vector
+
+        return phrase_vector(model, phrase, layer)
+
+    # -- layer selection and arithmetic ---------------------------------------------------
+    def select_layers(self, layers: Iterable[int]) -> "ControlVector":
+        wanted = [int(il) for il in layers]
+        missing = [il for il in wanted if il not in self.directions]
+        if missing:
+            raise ValueError(f"layers {missing} are not in this vector (it has {self.layers})")
+        keep = set(wanted)
+        metadata = dict(self.metadata)
+        if "layers" in metadata:
+            index = [k for k, il in enumerate(metadata["layers"]) if il in keep]
+            metadata["layers"] = [metadata["layers"][k] for k in index]
+            for name in PER_LAYER_KEYS:
+                if name in metadata:
+                    metadata[name] = [metadata[name][k] for k in index]
+        if "recommended_layers" in metadata:
+            metadata["recommended_layers"] = [il for il in metadata["recommended_layers"] if il in keep] or sorted(keep)
+        return ControlVector({il: self.directions[il] for il in wanted}, self.model_hint, metadata)
+
+    def _combined_metadata(self, other: "ControlVector | None" = None) -> dict[str, object]:
+        # sums and scalings keep the strength unit but not the per-layer training statistics
+        unit = self.unit if other is None or other.unit == self.unit else UNIT_RAW
+        kept = {k: v for k, v in self.metadata.items() if k in ("model_name", "n_embd", "n_layer")}
+        return {**kept, "unit": unit, "method": "arithmetic"}
+
+    def _check_same_model(self, other: "ControlVector") -> None:
+        if other.n_embd != self.n_embd:
+            raise ValueError(f"cannot combine vectors of n_embd {self.n_embd} and {other.n_embd}")
+        if other.model_hint != self.model_hint:
+            warnings.warn(f"combining vectors for different models ({self.model_hint} and {other.model_hint})", stacklevel=3)
+
+    def __add__(self, other: "ControlVector") -> "ControlVector":
+        if not isinstance(other, ControlVector):
+            return NotImplemented
+        self._check_same_model(other)
+        zeros = np.zeros(self.n_embd, dtype=np.float32)
+        layers = sorted(set(self.directions) | set(other.directions))
+        summed = {il: self.directions.get(il, zeros) + other.directions.get(il, zeros) for il in layers}
+        return ControlVector(summed, self.model_hint, self._combined_metadata(other))
+
+    def __neg__(self) -> "ControlVector":
+        return self * -1.0
+
+    def __sub__(self, other: "ControlVector") -> "ControlVector":
+        if not isinstance(other, ControlVector):
+            return NotImplemented
+        return self + (-other)
+
+    def __mul__(self, factor) -> "ControlVector":
+        if not isinstance(factor, numbers.Real) or isinstance(factor, bool):
+            return NotImplemented
+        if not math.isfinite(factor):
+            raise ValueError(f"cannot scale a ControlVector by {factor}")
+        scaled = {il: v * np.float32(factor) for il, v in self.directions.items()}
+        return ControlVector(scaled, self.model_hint, self._combined_metadata())
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, divisor) -> "ControlVector":
+        if not isinstance(divisor, numbers.Real) or isinstance(divisor, bool):
+            return NotImplemented
+        if divisor == 0:
+            raise ZeroDivisionError("cannot divide a ControlVector by zero")
+        return self * (1.0 / divisor)
+
+    # -- model compatibility --------------------------------------------------------------
+    def check_model(self, model: "HookedModel") -> None:
+        """Raise if this vector cannot be applied to `model` (embedding size, layers)."""
+        if self.n_embd != model.n_embd:
+            raise ValueError(
+                f"vector has n_embd {self.n_embd} but the model {model.model_name!r} has n_embd {model.n_embd}: "
+                f"it was made for another model ({self.model_hint})"
+            )
+        beyond = [il for il in self.layers if il >= model.n_layer]
+        if beyond:
+            raise ValueError(f"vector has layers {beyond} but the model has only layers 0..{model.n_layer - 1}")
+
+    # -- files ----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write a GGUF control-vector file llama.cpp loads (`--control-vector`).
+
+        llama.cpp cannot steer block 0's output, so a layer-0 direction is left out with a warning.
+        """
+        directions = dict(self.directions)
+        if 0 in directions:
+            warnings.warn("layer 0 is left out of the file: llama.cpp cannot apply a direction to block 0", stacklevel=2)
+            del directions[0]
+        if not directions:
+            raise ValueError("nothing to save: the vector only has layer 0, which llama.cpp cannot apply")
+        metadata = dict(self.metadata)
+        if 0 in self.directions and "layers" in metadata:
+            metadata = self.select_layers(list(directions)).metadata
+        write_vector_file(path, directions, model_hint=self.model_hint, metadata=metadata, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, layer_offset: int = 0) -> "ControlVector":
+        """Read a GGUF control vector written by ggsteer, repeng or llama.cpp.
+
+        `direction.N` is read as layer N, the layer llama.cpp applies it to. llama.cpp's
+        cvector-generator writes the direction it measured at layer i as `direction.(i+1)`; pass
+        `layer_offset=-1` to read such a file at the layers it was measured on.
+        """
+        vf = read_vector_file(path, layer_offset=layer_offset)
+        metadata = dict(vf.metadata)
+        metadata.setdefault("unit", UNIT_GAP if vf.source == "ggsteer" and "gap" in metadata else UNIT_RAW)
+        return cls(vf.directions, vf.model_hint, metadata)
+
+    def __repr__(self) -> str:
+        span = f"{self.layers[0]}..{self.layers[-1]}" if self.layers else "-"
+        method = self.metadata.get("method", "?")
+        return f"ControlVector(model_hint={self.model_hint!r}, layers={span} ({len(self.layers)}), n_embd={self.n_embd}, method={method}, unit={self.unit})"
+
+
+__all__ = ["UNIT_GAP", "UNIT_RAW", "ControlVector", "VectorFileError", "default_steering_layers"]

@@ -1,0 +1,76 @@
+"""The summary `ggsteer inspect` prints for a control vector."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ggsteer.vectors.file.format import VectorFile
+from ggsteer.vectors.file.schema import METADATA_KEYS, PER_LAYER_KEYS, show
+
+# ---------------------------------------------------------------------------------------------
+# Summary for `ggsteer inspect`
+
+
+def describe_vector_file(vf: VectorFile) -> str:
+    """A multi-line, human-readable summary of a control vector."""
+    meta = vf.metadata
+    lines = [
+        f"model hint:  {vf.model_hint or '(none)'}",
+        f"source:      {vf.source}" + (f" (format version {meta['version']})" if "version" in meta else ""),
+        f"n_embd:      {vf.n_embd}",
+        f"layers:      {len(vf.directions)} ({_format_layer_ranges(vf.layers)})",
+    ]
+    lines += _describe_scalars(meta)
+    lines += _layer_table(vf)
+    extra = sorted(key for key in meta if key not in METADATA_KEYS)
+    lines += [f"other ggsteer.{key}: {show(meta[key])}" for key in extra]
+    return "\n".join(lines)
+
+
+def _describe_scalars(meta: dict[str, object]) -> list[str]:
+    lines = []
+    if "method" in meta:
+        lines.append(f"method:      {meta['method']}" + (f" (pool: {meta['pool']})" if "pool" in meta else ""))
+    if "unit" in meta:
+        lines.append(f"unit:        {meta['unit']}")
+    if "model_name" in meta:
+        blocks = f" ({meta['n_layer']} layers)" if "n_layer" in meta else ""
+        lines.append(f"model name:  {meta['model_name']}{blocks}")
+    if "dataset_size" in meta or "dataset_hash" in meta:
+        lines.append(f"dataset:     {meta.get('dataset_size', '?')} pairs, hash {meta.get('dataset_hash', '?')}")
+    if "recommended_strength" in meta:
+        lines.append(f"recommended strength: {meta['recommended_strength']:g}")
+    if "recommended_layers" in meta:
+        lines.append(f"recommended layers:   {_format_layer_ranges(meta['recommended_layers'])}")  # type: ignore[arg-type]
+    return lines
+
+
+def _layer_table(vf: VectorFile) -> list[str]:
+    # float64: the norm of a finite float32 vector can overflow float32
+    norms = {layer: float(np.linalg.norm(vector.astype(np.float64))) for layer, vector in vf.directions.items()}
+    columns = [("norm", norms)]
+    columns += [(key.replace("_", " "), vf.per_layer(key)) for key in PER_LAYER_KEYS if key in vf.metadata]
+    header = f"{'layer':>6}" + "".join(f"{title:>15}" for title, _ in columns)
+    rows = [
+        f"{layer:>6}" + "".join(f"{_format_number(values.get(layer)):>15}" for _, values in columns)
+        for layer in vf.layers
+    ]
+    return ["", header, *rows]
+
+
+def _format_number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _format_layer_ranges(layers: Sequence[int]) -> str:
+    """[1, 2, 3, 5] -> "1-3, 5"."""
+    ordered = sorted(layers)
+    runs: list[list[int]] = []
+    for layer in ordered:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs)
