@@ -33,6 +33,9 @@ def install_hooked_context(llama: llama_cpp.Llama, hook, n_seq_max: int) -> None
     """Replace `llama`'s context by one whose eval callback is `hook`."""
     params = llama.context_params
     params.n_seq_max = n_seq_max
+    # llama.cpp reserves logits for max(outputs, n_seq_max) rows and asserts that fits n_outputs_max
+    # (default n_batch): more live sequences than batch rows would abort the process
+    params.n_outputs_max = max(params.n_batch, n_seq_max)
     # one KV pool shared by all sequences: prefix copies are free and batches split in order
     params.kv_unified = True
     callback = llama_cpp.ggml_backend_sched_eval_callback(hook.callback_address)

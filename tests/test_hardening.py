@@ -1,0 +1,109 @@
+"""Failure paths of the model layer: native buffers never overrun, a failed decode leaves no
+states behind for a later call to reuse, and errors belong to the call that caused them."""
+
+from __future__ import annotations
+
+import llama_cpp
+import numpy as np
+import pytest
+from conftest import TIGHT_LLAMA_KWARGS
+
+from ggsteer import SteeredModel
+from ggsteer.runtime.batch import BatchFullError, OwnedBatch
+from ggsteer.runtime.hooked_context import HookError
+from ggsteer.vectors import ControlVector
+
+PROMPTS = ["the cat", "a dog sat", "you are", "today I", "good bad", "feel to"]
+
+
+def test_owned_batch_refuses_a_row_past_its_capacity():
+    batch = OwnedBatch(2)
+    try:
+        assert [batch.add(5, 0, 0, False), batch.add(6, 1, 0, True)] == [0, 1]
+        with pytest.raises(BatchFullError, match="holds 2 rows"):
+            batch.add(7, 2, 0, True)
+        assert batch.n_rows == 2 and batch.batch.n_tokens == 2
+    finally:
+        batch.close()
+
+
+def test_more_ready_sequences_than_batch_rows_are_deferred_not_written_past_the_batch(tiny_model_path):
+    """40 sequences with n_batch=16 (llama.cpp aborted the process before the fix); each text equals
+    the sequence decoded alone (the tiny F32 model is batch-invariant)."""
+    model = SteeredModel(tiny_model_path, n_ctx=1024, n_batch=16, n_seq_max=64, **TIGHT_LLAMA_KWARGS)
+    try:
+        prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(40)]
+        together = model.generate_batch(prompts, max_tokens=4)
+        alone = [model.generate_batch([p], max_tokens=4)[0] for p in prompts[:8]]
+    finally:
+        model.close()
+    assert together[:8] == alone
+    assert together[8:] == [together[i % len(PROMPTS)] if i < len(PROMPTS) else together[i] for i in range(8, 40)]
+
+
+def last_logits(model) -> np.ndarray:
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(model.ctx, -1), shape=(model.n_vocab(),)).copy()
+
+
+class _MisreportingHook:
+    """Delegates to the real hook but describes one row too many, so the callback refuses the decode."""
+
+    def __init__(self, hook):
+        self._real = hook
+
+    def set_rows(self, slots, positions, generated, outputs):
+        extra = np.append(positions, positions[-1] + 1).astype(np.int32)
+        self._real.set_rows(np.zeros(len(extra), np.int32), extra, np.zeros(len(extra), np.uint8),
+                            np.array([0, 1], np.int32))
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def test_a_refused_decode_leaves_no_cached_states(tiny_model_path):
+    model = SteeredModel(tiny_model_path, n_ctx=256, n_batch=8, **TIGHT_LLAMA_KWARGS)
+    try:
+        vector = ControlVector({1: np.ones(model.n_embd, np.float32)}, "llama", {"unit": "raw"})
+        model.set_control(vector, 0.5, raw=True, when="generated")  # a hook intervention: eval describes rows
+        tokens = model.tokenize_prompt("the cat sat on a dog today")
+        model.eval(tokens[:3])
+        real = model.hook
+        model.hook = _MisreportingHook(real)
+        with pytest.raises(HookError, match="rows but the batch has"):
+            model.eval(tokens[3:])
+        model.hook = real
+        memory = llama_cpp.llama_get_memory(model.ctx)
+        assert model.n_tokens == 3
+        assert llama_cpp.llama_memory_seq_pos_max(memory, 0) == 2  # nothing cached past the good prefix
+        model.eval(tokens[3:])
+        resumed = last_logits(model)
+        model.reset()
+        model.eval(tokens)
+        fresh = last_logits(model)
+    finally:
+        model.close()
+    np.testing.assert_array_equal(resumed, fresh)
+
+
+def test_an_error_left_by_a_decode_ggsteer_did_not_run_is_not_reported_by_the_next_call(tiny_model, monkeypatch):
+    tiny_model.reset_control()
+    calls = []
+    real_take = tiny_model.hook.take_error
+
+    def take_error():
+        calls.append(1)
+        # the first read returns an error left behind by someone else's decode
+        return "stale error from another decode" if len(calls) == 1 else real_take()
+
+    monkeypatch.setattr(tiny_model, "hook", _ErrorInjectingHook(tiny_model.hook, take_error))
+    texts = tiny_model.generate_batch(["the cat"], max_tokens=3)
+    assert len(texts) == 1 and len(calls) >= 2
+
+
+class _ErrorInjectingHook:
+    def __init__(self, hook, take_error):
+        self._real = hook
+        self.take_error = take_error
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
