@@ -107,3 +107,32 @@ class _ErrorInjectingHook:
 
     def __getattr__(self, name):
         return getattr(self._real, name)
+
+
+def test_a_conditioned_prompt_is_decided_on_the_whole_prompt_whatever_the_traffic(tiny_model_path):
+    """A CAST condition whose answer differs between the prompt's first tokens and the whole prompt:
+    next to an older prompt that takes most of a decode, the conditioned prompt used to be split and
+    its first rows steered on the partial decision. It now waits and is decoded in one go, so its
+    text equals the prompt served alone."""
+    model = SteeredModel(tiny_model_path, n_ctx=512, n_batch=12, n_seq_max=8, **TIGHT_LLAMA_KWARGS)
+    try:
+        prompt, other = "the cat sat on a dog today good bad", "you are good to feel today"
+        n_prompt, n_other = len(model.tokenize_prompt(prompt)), len(model.tokenize_prompt(other))
+        assert n_other < 12 < n_other + n_prompt and n_prompt <= 12
+        rows = model.hidden_states([prompt], layers=[0], pool="all")[0][:, 0].astype(np.float64)
+        head = rows[: 12 - n_other].mean(axis=0)  # what the split first decode would have seen
+        whole = rows.mean(axis=0)
+        direction = head / np.linalg.norm(head) - whole / np.linalg.norm(whole)
+        assert head @ direction > 0 > whole @ direction  # threshold 0 splits the two decisions
+        condition = ControlVector({0: direction.astype(np.float32)}, "llama", {"unit": "raw"})
+        push = ControlVector({1: np.full(model.n_embd, 3.0, np.float32)}, "llama", {"unit": "raw"})
+        steer = model.intervention(push, 1.0, raw=True, condition=(condition, 0.0, 0))
+        alone = model.generate_batch([prompt], [[steer]], max_tokens=5)[0]
+        unsteered = model.generate_batch([prompt], max_tokens=5)[0]
+        beside = model.generate_batch([other, prompt], [None, [steer]], max_tokens=5)[1]
+        with pytest.raises(ValueError, match="decoded in one go"):
+            model.generate_batch([prompt + " the cat sat on a dog"], [[steer]], max_tokens=2)
+    finally:
+        model.close()
+    assert alone == unsteered  # the whole prompt does not meet the condition
+    assert beside == alone

@@ -59,6 +59,12 @@ class SequenceState:
     finish_reason: str | None = None  # set when the sequence ends
     next_logits: np.ndarray | None = None  # copied out right after the decode that produced them
     ready_since: int = 0  # the decode that produced next_logits: the longest-waiting go first
+    joined: int = 0  # admission order: prompts are decoded oldest first
+
+    @property
+    def conditioned(self) -> bool:
+        """A CAST condition decides on the mean of the whole prompt, so the prompt is decoded in one go."""
+        return any(item.condition is not None for item in self.controls)
 
     @property
     def done(self) -> bool:
@@ -132,6 +138,7 @@ class ContinuousBatch:
         self.reserved_cells = 0
         self._program_stale = True
         self.n_decodes = 0
+        self._joined = 0
         self._cleanup = contextlib.ExitStack()
         self._cleanup.enter_context(model.unsteered())
         self.batch = OwnedBatch(model.n_batch)
@@ -167,12 +174,16 @@ class ContinuousBatch:
             index: int = 0, on_piece: Callable[[str], None] | None = None) -> SequenceState:
         if not tokens:
             raise ValueError("a sequence needs at least one prompt token")
+        if any(item.condition is not None for item in controls) and len(tokens) > self.batch.capacity:
+            raise ValueError(f"a prompt under a condition is decoded in one go: its {len(tokens)} tokens must fit "
+                             f"n_batch={self.batch.capacity} (raise n_batch)")
         if not self.fits(len(tokens), sampling.max_tokens):
             raise ValueError(f"no room for a sequence of {len(tokens)} + {sampling.max_tokens} tokens: "
                              f"{len(self.active)} sequences hold {self.reserved_cells} of n_ctx={self.model.n_ctx()} cells")
         slot = self.slots.index(None)
         state = SequenceState(index, slot, list(tokens), sampling, list(controls),
                               np.random.default_rng(sampling.seed), on_piece)
+        state.joined = self._joined = self._joined + 1
         self.slots[slot] = state
         self.reserved_cells += state.kv_cells
         self._program_stale = True
@@ -195,8 +206,11 @@ class ContinuousBatch:
         """
         rows, finished = [], []
         ready = sorted((s for s in self.active if s.next_logits is not None), key=lambda s: (s.ready_since, s.slot))
+        # rows kept free so the oldest conditioned prompt waiting to start fits whole in this decode
+        waiting = next((s for s in self._by_age() if s.conditioned and s.n_decoded == 0), None)
+        limit = self.batch.capacity - (len(waiting.prompt) if waiting else 0)
         for state in ready:
-            if len(rows) == self.batch.capacity:
+            if len(rows) >= limit:
                 break
             token = self._next_token(state)
             if state.done:
@@ -235,15 +249,21 @@ class ContinuousBatch:
         state.text = text
 
     def _prompt_rows(self, budget: int) -> list:
-        """Prompt tokens still to decode, oldest sequence first, up to `budget` rows."""
+        """Prompt tokens still to decode, oldest sequence first, up to `budget` rows. A conditioned
+        prompt is never split: when it does not fit whole, it and every younger prompt wait."""
         rows = []
-        for state in self.active:
+        for state in self._by_age():
+            if state.conditioned and state.n_decoded == 0 and len(state.prompt) > budget:
+                break
             while budget > 0 and state.n_decoded < len(state.prompt):
                 pos = state.n_decoded
                 rows.append((state, state.prompt[pos], pos, False, pos == len(state.prompt) - 1))
                 state.n_decoded += 1
                 budget -= 1
         return rows
+
+    def _by_age(self) -> list[SequenceState]:
+        return sorted(self.active, key=lambda s: s.joined)
 
     def _decode(self, rows: list[tuple[SequenceState, int, int, bool, bool]]) -> None:
         """rows: (state, token, position, is_generated, wants_logits)."""

@@ -226,6 +226,11 @@ class SteeredModel(llama_cpp.Llama):
         self._track_generated_rows()
         if not self.hook.intervening:
             return super().eval(tokens)
+        if len(tokens) > self.n_batch and any(item.condition is not None for item in self._controls):
+            # a condition decides on the whole prompt's mean: a prompt split over decodes would be
+            # steered from a partial mean first
+            raise ValueError(f"a prompt under a condition is decoded in one go: its {len(tokens)} tokens must fit "
+                             f"n_batch={self.n_batch} (raise n_batch)")
         for start in range(0, len(tokens), self.n_batch):
             chunk = list(tokens[start : start + self.n_batch])
             n = len(chunk)
