@@ -23,8 +23,10 @@ using uint8_in = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>
 
 #ifdef GGSTEER_CUDA
 constexpr bool cuda_compiled = true;
+constexpr const char * cuda_architectures = GGSTEER_CUDA_ARCHITECTURES;
 #else
 constexpr bool cuda_compiled = false;
+constexpr const char * cuda_architectures = "";
 #endif
 
 void check_op_fields(const hook_op & op, int32_t n_layer, size_t n_vectors, int64_t n_embd, size_t n_conditions) {
@@ -262,6 +264,7 @@ PYBIND11_MODULE(_native, m) {
         py::dict info;
         info["llama_cpp_python_version"] = GGSTEER_LLAMA_CPP_PYTHON_VERSION;
         info["header_hash"] = GGSTEER_HEADER_HASH;
+        info["cuda_architectures"] = cuda_architectures;
         return info;
-    }, "The llama-cpp-python version and header fingerprint this extension was built against.");
+    }, "The llama-cpp-python version, header fingerprint and CUDA architectures of this build.");
 }

@@ -12,7 +12,7 @@
 #include "ops.h"
 
 #ifdef GGSTEER_CUDA
-bool hook_cuda_usable(hook_state & state);
+bool hook_cuda_usable(hook_state & state, const ggml_tensor * t);
 bool hook_cuda_apply(hook_state & state, ggml_tensor * t, int32_t kind, const std::vector<int32_t> & rows,
                      const std::vector<int64_t> & offsets, float coeff, std::string & error);
 #endif
@@ -165,8 +165,8 @@ void apply_op(hook_state & state, ggml_tensor * t, const hook_op & op, const std
         return;
     }
 #ifdef GGSTEER_CUDA
-    // without a usable CUDA runtime of ggsteer's own, CUDA rows go through ggml's copy functions
-    if (is_cuda_buffer(t) && hook_cuda_usable(state)) {
+    // without a kernel that loads on this device, CUDA rows go through ggml's copy functions
+    if (is_cuda_buffer(t) && hook_cuda_usable(state, t)) {
         std::string error;
         if (!hook_cuda_apply(state, t, op.kind, rows, offsets, op.coeff, error)) {
             hook_fail(state, error);
