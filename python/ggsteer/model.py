@@ -263,7 +263,17 @@ class SteeredModel(llama_cpp.Llama):
                 self._hook.clear_rows()
             error = self._hook.take_error()
             if error:
-                raise RuntimeError(f"ggsteer hook: {error}")
+                raise RuntimeError(f"ggsteer hook ({self.model_hint} architecture): {error}")
+
+    def embed(self, *args, **kwargs):
+        """Llama.embed; its decodes do not describe their rows to the hook, so an error they
+        record (hook interventions set) is raised here, not by the next call."""
+        self._hook.take_error()  # left by an earlier undescribed decode: not this call's
+        result = super().embed(*args, **kwargs)
+        error = self._hook.take_error()
+        if error:
+            raise RuntimeError(f"ggsteer hook ({self.model_hint} architecture): {error}")
+        return result
 
     def _track_generated_rows(self) -> None:
         """Remember where the cached rows evaluated as generated tokens begin."""
@@ -293,7 +303,9 @@ class SteeredModel(llama_cpp.Llama):
             self._hook.clear_rows()
         error = self._hook.take_error()
         if status != 0 or error:
-            detail = f": {error}" if error else " (status 1: the KV cache is full; raise n_ctx or use smaller batches)"
+            detail = " (status 1: the KV cache is full; raise n_ctx or use smaller batches)"
+            if error:
+                detail = f": ggsteer hook ({self.model_hint} architecture): {error}"
             raise RuntimeError(f"llama_decode failed with status {status}{detail}")
 
     def generate_batch(self, prompts, controls=None, max_tokens=64, **sampling):
