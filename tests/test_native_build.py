@@ -1,5 +1,6 @@
-"""The compiled extension as shipped: its CUDA images."""
+"""The compiled extension as shipped: its CUDA images and its typed stub."""
 
+import ast
 import struct
 from pathlib import Path
 
@@ -90,3 +91,54 @@ def test_fatbin_parser_reads_both_kinds():
     body = entry(FATBIN_SASS, 86, b"\x7fELF" + b"\0" * 12) + entry(FATBIN_PTX, 90, b".version 9.0\0\0\0\0")
     fatbin = struct.pack("<IHHQ", FATBIN_MAGIC, 1, 16, len(body)) + body
     assert fatbin_images(fatbin) == {(FATBIN_SASS, 86), (FATBIN_PTX, 90)}
+
+
+# -- the typed stub -------------------------------------------------------------------------
+
+CUDA_ONLY = {"apply_op_cuda"}
+
+
+def stub_names() -> tuple[set[str], set[str]]:
+    tree = ast.parse((Path(__file__).parents[1] / "python" / "ggsteer" / "_native.pyi").read_text())
+    module, hook = set(), set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            module.add(node.name)
+        elif isinstance(node, ast.AnnAssign):
+            module.add(node.target.id)
+        elif isinstance(node, ast.ClassDef) and node.name == "Hook":
+            module.add(node.name)
+            hook = {item.name for item in node.body if isinstance(item, ast.FunctionDef) and item.name != "__init__"}
+    return module, hook
+
+
+def public(names) -> set[str]:
+    return {name for name in names if not name.startswith("_")}
+
+
+def test_stub_lists_every_binding_and_nothing_else():
+    module, hook = stub_names()
+    bound = public(dir(native))
+    assert bound - module == set(), "bound but missing from _native.pyi"
+    assert module - bound - (set() if native.CUDA_COMPILED else CUDA_ONLY) == set(), "in _native.pyi but not bound"
+    assert public(dir(native.Hook)) == hook
+
+
+def test_stub_gives_each_function_a_docstring():
+    tree = ast.parse((Path(__file__).parents[1] / "python" / "ggsteer" / "_native.pyi").read_text())
+    functions = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)]
+    assert len(functions) > 10
+    for function in functions:
+        assert ast.get_docstring(function), f"{function.name} has no docstring in _native.pyi"
+
+
+def test_stub_ships_inside_the_wheel_package():
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    packages = config["tool"]["scikit-build"]["wheel"]["packages"]
+    stub = root / "python" / "ggsteer" / "_native.pyi"
+    assert any(stub.is_relative_to(root / package) for package in packages)
+    # PEP 561: type checkers read a package's stubs only when it says it is typed
+    assert (stub.parent / "py.typed").exists()
