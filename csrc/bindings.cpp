@@ -23,8 +23,10 @@ using uint8_in = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>
 
 #ifdef GGSTEER_CUDA
 constexpr bool cuda_compiled = true;
+constexpr const char * cuda_architectures = GGSTEER_CUDA_ARCHITECTURES;
 #else
 constexpr bool cuda_compiled = false;
+constexpr const char * cuda_architectures = "";
 #endif
 
 void check_op_fields(const hook_op & op, int32_t n_layer, size_t n_vectors, int64_t n_embd, size_t n_conditions) {
@@ -153,14 +155,17 @@ class Hook {
         if (slots.size() != positions.size() || slots.size() != generated.size()) {
             throw std::invalid_argument("slots, positions and generated differ in length");
         }
-        state_.rows.slot.assign(slots.data(), slots.data() + slots.size());
-        state_.rows.pos.assign(positions.data(), positions.data() + positions.size());
-        state_.rows.generated.assign(generated.data(), generated.data() + generated.size());
-        state_.rows.output_rows.assign(output_rows.data(), output_rows.data() + output_rows.size());
+        hook_rows rows;
+        rows.slot.assign(slots.data(), slots.data() + slots.size());
+        rows.pos.assign(positions.data(), positions.data() + positions.size());
+        rows.generated.assign(generated.data(), generated.data() + generated.size());
+        rows.output_rows.assign(output_rows.data(), output_rows.data() + output_rows.size());
+        hook_begin_decode(state_, std::move(rows));
     }
 
-    // Forget the rows: a decode nobody described fails loudly instead of using stale rows.
-    void clear_rows() { state_.rows = hook_rows{}; }
+    // End the decode and forget its rows: a decode nobody described fails loudly instead of
+    // using stale rows.
+    void clear_rows() { hook_end_decode(state_); }
 
     // The first error the callback met since the last call, or "".
     std::string take_error() {
@@ -170,6 +175,15 @@ class Hook {
     }
 
     std::vector<int8_t> condition_states() const { return state_.program.cond_on; }
+
+    py::dict counts() const {
+        py::dict counts;
+        counts["host_kernel"] = state_.counts.host_kernel;
+        counts["cuda_kernel"] = state_.counts.cuda_kernel;
+        counts["copy_path"] = state_.counts.copy_path;
+        counts["row_transfers"] = state_.counts.row_transfers;
+        return counts;
+    }
     bool intervening() const { return state_.intervening; }
     void set_host_as_device(bool on) { state_.host_as_device = on; }
 
@@ -206,12 +220,15 @@ PYBIND11_MODULE(_native, m) {
         .def("clear_program", &Hook::clear_program, "Remove every intervention.")
         .def("set_rows", &Hook::set_rows, py::arg("slots"), py::arg("positions"), py::arg("generated"),
              py::arg("output_rows"), "Describe the rows of the next decode: sequence slot, position, phase, outputs.")
-        .def("clear_rows", &Hook::clear_rows, "Forget the rows set for the last decode.")
+        .def("clear_rows", &Hook::clear_rows,
+             "End the decode: record an error unless each steered layer was seen once; forget the rows.")
         .def("take_error", &Hook::take_error, "The first error met by the callback since the last call, or ''.")
         .def("condition_states", &Hook::condition_states, "Per (condition, slot): 1 when the condition holds.")
+        .def("counts", &Hook::counts,
+             "Totals since creation: op applications per path (host_kernel, cuda_kernel, copy_path) and row_transfers.")
         .def_property_readonly("intervening", &Hook::intervening)
         .def("set_host_as_device", &Hook::set_host_as_device,
-             "Testing: handle host buffers through the copy-out/copy-back path of other backends.")
+             "Testing: handle host buffers through the transfer paths of other backends.")
         .def("finish_capture", &Hook::finish_capture,
              "End the capture; return per-layer copy counts, raise RuntimeError on a capture error.");
 
@@ -262,6 +279,7 @@ PYBIND11_MODULE(_native, m) {
         py::dict info;
         info["llama_cpp_python_version"] = GGSTEER_LLAMA_CPP_PYTHON_VERSION;
         info["header_hash"] = GGSTEER_HEADER_HASH;
+        info["cuda_architectures"] = cuda_architectures;
         return info;
-    }, "The llama-cpp-python version and header fingerprint this extension was built against.");
+    }, "The llama-cpp-python version, header fingerprint and CUDA architectures of this build.");
 }

@@ -18,18 +18,19 @@ namespace {
 struct device_scratch {
     cudaStream_t stream = nullptr;
     float * vectors = nullptr;
-    size_t vectors_size = 0;
+    size_t vectors_size = 0;  // bytes
     uint64_t vectors_version = 0;
     int32_t * rows = nullptr;
+    size_t rows_size = 0;
     int64_t * offsets = nullptr;
-    size_t capacity = 0;
+    size_t offsets_size = 0;
 };
 
 }  // namespace
 
 struct hook_cuda_scratch {
     std::vector<device_scratch> devices;
-    int usable = -1;  // -1: not checked yet
+    std::vector<int8_t> usable;  // per device; -1: not checked yet
 };
 
 namespace {
@@ -47,22 +48,32 @@ bool check(cudaError_t status, const char * what, std::string & error) {
     return false;
 }
 
+// Grows a device buffer to at least `bytes`; a failed allocation leaves it empty (size 0),
+// never holding the size of memory it no longer owns.
+bool reserve(void ** ptr, size_t & size, size_t bytes, std::string & error) {
+    if (*ptr != nullptr && bytes <= size) {
+        return true;
+    }
+    if (*ptr != nullptr && !check(cudaFree(*ptr), "cudaFree", error)) {
+        return false;
+    }
+    *ptr = nullptr;
+    size = 0;
+    if (!check(cudaMalloc(ptr, bytes), "cudaMalloc", error)) {
+        *ptr = nullptr;
+        return false;
+    }
+    size = bytes;
+    return true;
+}
+
 bool upload_vectors(device_scratch & dev, const hook_program & prog, std::string & error) {
     if (dev.vectors_version == prog.version && dev.vectors != nullptr) {
         return true;
     }
     const size_t bytes = prog.vectors.size() * sizeof(float);
-    if (bytes > dev.vectors_size) {
-        if (dev.vectors != nullptr && !check(cudaFree(dev.vectors), "cudaFree", error)) {
-            return false;
-        }
-        dev.vectors = nullptr;
-        if (!check(cudaMalloc((void **) &dev.vectors, bytes), "cudaMalloc", error)) {
-            return false;
-        }
-        dev.vectors_size = bytes;
-    }
-    if (!check(cudaMemcpyAsync(dev.vectors, prog.vectors.data(), bytes, cudaMemcpyHostToDevice, dev.stream),
+    if (!reserve((void **) &dev.vectors, dev.vectors_size, bytes, error) ||
+        !check(cudaMemcpyAsync(dev.vectors, prog.vectors.data(), bytes, cudaMemcpyHostToDevice, dev.stream),
                "cudaMemcpyAsync", error)) {
         return false;
     }
@@ -71,35 +82,26 @@ bool upload_vectors(device_scratch & dev, const hook_program & prog, std::string
 }
 
 bool reserve_rows(device_scratch & dev, size_t n, std::string & error) {
-    if (n <= dev.capacity) {
-        return true;
-    }
-    cudaFree(dev.rows);
-    cudaFree(dev.offsets);
-    dev.rows = nullptr;
-    dev.offsets = nullptr;
-    dev.capacity = 0;
-    if (!check(cudaMalloc((void **) &dev.rows, n * sizeof(int32_t)), "cudaMalloc", error) ||
-        !check(cudaMalloc((void **) &dev.offsets, n * sizeof(int64_t)), "cudaMalloc", error)) {
-        return false;
-    }
-    dev.capacity = n;
-    return true;
+    return reserve((void **) &dev.rows, dev.rows_size, n * sizeof(int32_t), error) &&
+           reserve((void **) &dev.offsets, dev.offsets_size, n * sizeof(int64_t), error);
 }
 
 }  // namespace
 
-bool hook_cuda_usable(hook_state & state) {
+bool hook_cuda_usable(hook_state & state, const ggml_tensor * t) {
     if (state.cuda == nullptr) {
         state.cuda = new hook_cuda_scratch();  // hook_cuda_apply runs only after this check
     }
-    if (state.cuda->usable < 0) {
-        // ggsteer's CUDA runtime may be newer than the driver that llama.cpp's own runtime works with
-        int count = 0;
-        state.cuda->usable = cudaGetDeviceCount(&count) == cudaSuccess && count > 0 ? 1 : 0;
-        cudaGetLastError();  // clear a failed query, so it does not surface later
+    std::vector<int8_t> & usable = state.cuda->usable;
+    const int device = device_of(t);
+    if ((int) usable.size() <= device) {
+        usable.resize(device + 1, -1);
     }
-    return state.cuda->usable == 1;
+    if (usable[device] < 0) {
+        // ggsteer's CUDA runtime may be newer than the driver, or hold no code for this GPU
+        usable[device] = ops_cuda_kernel_loads(device) ? 1 : 0;
+    }
+    return usable[device] == 1;
 }
 
 bool hook_cuda_apply(hook_state & state, ggml_tensor * t, int32_t kind, const std::vector<int32_t> & rows,

@@ -12,7 +12,7 @@
 #include "ops.h"
 
 #ifdef GGSTEER_CUDA
-bool hook_cuda_usable(hook_state & state);
+bool hook_cuda_usable(hook_state & state, const ggml_tensor * t);
 bool hook_cuda_apply(hook_state & state, ggml_tensor * t, int32_t kind, const std::vector<int32_t> & rows,
                      const std::vector<int64_t> & offsets, float coeff, std::string & error);
 #endif
@@ -23,6 +23,11 @@ namespace {
 bool tensor_batch_rows(hook_state & state, const ggml_tensor * t, std::vector<int32_t> & batch_rows) {
     const int64_t n_rows = t->ne[1];
     const int64_t n_tokens = (int64_t) state.rows.slot.size();
+    if (!state.rows.described) {
+        hook_fail(state, std::string("a decode ggsteer did not describe (a direct llama_decode, e.g. Llama.embed) reached ") +
+                             t->name + " while hook interventions are set: its rows were not steered");
+        return false;
+    }
     batch_rows.resize(n_rows);
     if (n_rows == n_tokens) {
         for (int64_t r = 0; r < n_rows; ++r) {
@@ -38,23 +43,6 @@ bool tensor_batch_rows(hook_state & state, const ggml_tensor * t, std::vector<in
                          std::to_string(n_tokens) + " tokens and " + std::to_string(state.rows.output_rows.size()) +
                          " outputs (were the rows set for this decode?)");
     return false;
-}
-
-// Host memory the kernels can work on in place (unless a test asks for the copy path).
-bool in_host_memory(const hook_state & state, const ggml_tensor * t) {
-    return ggml_backend_buffer_is_host(t->buffer) && !state.host_as_device;
-}
-
-// The tensor's rows in host memory: its own memory when the buffer is host memory, else one copy
-// of the whole tensor (one transfer instead of one per row). Row r starts at r * row_stride.
-const float * host_rows(const hook_state & state, const ggml_tensor * t, std::vector<float> & copy, int64_t & row_stride) {
-    row_stride = (int64_t) (t->nb[1] / sizeof(float));
-    if (in_host_memory(state, t)) {
-        return (const float *) t->data;
-    }
-    copy.resize(ggml_nbytes(t) / sizeof(float));
-    ggml_backend_tensor_get(t, copy.data(), 0, ggml_nbytes(t));
-    return copy.data();
 }
 
 void update_conditions(hook_state & state, const ggml_tensor * t, int32_t il, const std::vector<int32_t> & batch_rows) {
@@ -87,7 +75,7 @@ void update_conditions(hook_state & state, const ggml_tensor * t, int32_t il, co
                 continue;  // decided on the prompt, then kept while generating
             }
             if (rows == nullptr) {
-                rows = host_rows(state, t, copy, row_stride);
+                rows = hook_read_rows(state, t, 0, t->ne[1], copy, row_stride);
             }
             const float * row = rows + (int64_t) r * row_stride;
             double * sum = &prog.cond_sum[(c * prog.n_slots + slot) * n];
@@ -159,22 +147,26 @@ bool is_cuda_buffer(const ggml_tensor * t) {
 void apply_op(hook_state & state, ggml_tensor * t, const hook_op & op, const std::vector<int32_t> & rows,
               const std::vector<int64_t> & offsets) {
     const int64_t n = state.n_embd;
-    if (in_host_memory(state, t)) {
+    if (hook_in_host_memory(state, t)) {
         ops_cpu_apply(op.kind, (float *) t->data, (int64_t) (t->nb[1] / sizeof(float)), rows.data(),
                       (int64_t) rows.size(), state.program.vectors.data(), offsets.data(), op.coeff, n);
+        state.counts.host_kernel += 1;
         return;
     }
 #ifdef GGSTEER_CUDA
-    // without a usable CUDA runtime of ggsteer's own, CUDA rows go through ggml's copy functions
-    if (is_cuda_buffer(t) && hook_cuda_usable(state)) {
+    // without a kernel that loads on this device, CUDA rows go through ggml's copy functions
+    if (is_cuda_buffer(t) && hook_cuda_usable(state, t)) {
         std::string error;
         if (!hook_cuda_apply(state, t, op.kind, rows, offsets, op.coeff, error)) {
             hook_fail(state, error);
+            return;
         }
+        state.counts.cuda_kernel += 1;
         return;
     }
 #endif
     apply_by_copy(t, state.program, op.kind, rows, offsets, op.coeff, n);
+    state.counts.copy_path += 1;
 }
 
 }  // namespace

@@ -32,7 +32,29 @@ void hook_fail(hook_state & state, std::string message) {
     }
 }
 
-// Copies the planned rows of one l_out tensor into the caller's buffer.
+bool hook_in_host_memory(const hook_state & state, const ggml_tensor * t) {
+    return ggml_backend_buffer_is_host(t->buffer) && !state.host_as_device;
+}
+
+const float * hook_read_rows(hook_state & state, const ggml_tensor * t, int64_t first, int64_t count,
+                             std::vector<float> & copy, int64_t & row_stride) {
+    row_stride = (int64_t) (t->nb[1] / sizeof(float));
+    if (hook_in_host_memory(state, t)) {
+        return (const float *) t->data + first * row_stride;
+    }
+    const size_t bytes = (count - 1) * t->nb[1] + t->ne[0] * sizeof(float);
+    copy.resize((bytes + sizeof(float) - 1) / sizeof(float));
+    ggml_backend_tensor_get(t, copy.data(), first * t->nb[1], bytes);
+    state.counts.row_transfers += 1;
+    return copy.data();
+}
+
+// Wanted rows closer than this many bytes travel in one transfer with the rows between them:
+// a blocking device copy costs about as much as moving this much more data.
+static const size_t capture_gap_bytes = 64 * 1024;
+
+// Copies the planned rows of one l_out tensor into the caller's buffer, in as few transfers as
+// possible: each span of nearby wanted rows in one copy, then the rows picked on the host.
 static void capture_copy_rows(hook_state & state, const ggml_tensor * t, int32_t il) {
     const capture_plan & plan = state.plan;
     if (t->type != GGML_TYPE_F32 || t->ne[0] != state.n_embd || t->nb[0] != sizeof(float)) {
@@ -47,17 +69,31 @@ static void capture_copy_rows(hook_state & state, const ggml_tensor * t, int32_t
                      " tokens or " + std::to_string(plan.n_outputs) + " outputs (was the batch split?)");
         return;
     }
-    const size_t row_bytes = state.n_embd * sizeof(float);
-    const int32_t slot = plan.slot_of_layer[il];
-    for (size_t k = 0; k < plan.rows.size(); ++k) {
-        const int32_t src_row = all_rows ? plan.rows[k] : plan.out_rows[k];
-        if (src_row < 0 || src_row >= t->ne[1]) {
+    const std::vector<int32_t> & src = all_rows ? plan.rows : plan.out_rows;
+    const size_t n = src.size();
+    for (size_t k = 0; k < n; ++k) {
+        if (src[k] < 0 || src[k] >= t->ne[1]) {
             hook_fail(state, std::string("row ") + std::to_string(plan.rows[k]) +
                          " is not an output row of " + t->name);
             return;
         }
-        float * dst = plan.out + (k * plan.n_slots + slot) * state.n_embd;
-        ggml_backend_tensor_get(t, dst, src_row * t->nb[1], row_bytes);
+    }
+    const size_t row_bytes = state.n_embd * sizeof(float);
+    const size_t gap_rows = capture_gap_bytes / t->nb[1];
+    const int32_t slot = plan.slot_of_layer[il];
+    size_t k = 0;
+    while (k < n) {
+        size_t end = k + 1;
+        while (end < n && src[end] > src[end - 1] && (size_t) (src[end] - src[end - 1] - 1) <= gap_rows) {
+            ++end;
+        }
+        int64_t row_stride = 0;
+        const float * span = hook_read_rows(state, t, src[k], src[end - 1] - src[k] + 1, state.scratch, row_stride);
+        for (size_t j = k; j < end; ++j) {
+            float * dst = plan.out + (j * plan.n_slots + slot) * state.n_embd;
+            std::memcpy(dst, span + (src[j] - src[k]) * row_stride, row_bytes);
+        }
+        k = end;
     }
     state.seen[il] += 1;
 }
@@ -68,6 +104,7 @@ static bool program_wants(const hook_state & state, int32_t il) {
 
 bool hook_eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     auto * state = static_cast<hook_state *>(user_data);
+    state->decode_nodes += 1;
     const int32_t il = hook_layer_of(t);
     const bool capture = capture_wants(*state, il);
     const bool intervene = program_wants(*state, il);
@@ -76,6 +113,7 @@ bool hook_eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     }
     // interventions first: a capture reads what the next block will read
     if (intervene) {
+        state->intervened[il] += 1;
         hook_intervene(*state, t, il);
     }
     if (capture) {
@@ -143,6 +181,7 @@ void hook_set_program(hook_state & state, hook_program program) {
         state.program.layer_active[cond.layer] = 1;
     }
     state.intervening = !state.program.ops.empty() || !state.program.conditions.empty();
+    state.intervened.assign(state.n_layer, 0);
 }
 
 #ifdef GGSTEER_CUDA
@@ -158,5 +197,27 @@ void hook_free(hook_state & state) {
 
 void hook_clear_program(hook_state & state) {
     hook_set_program(state, hook_program{});
+    state.rows = hook_rows{};
+}
+
+void hook_begin_decode(hook_state & state, hook_rows rows) {
+    state.rows = std::move(rows);
+    state.rows.described = true;
+    state.decode_nodes = 0;
+    state.intervened.assign(state.n_layer, 0);
+    state.error.clear();
+}
+
+void hook_end_decode(hook_state & state) {
+    // a decode that failed before computing its graph visited nothing, and has its own error
+    if (state.rows.described && state.intervening && state.decode_nodes > 0) {
+        for (int32_t il = 0; il < state.n_layer; ++il) {
+            if (state.program.layer_active[il] && state.intervened[il] != 1) {
+                hook_fail(state, "layer " + std::to_string(il) + ": the graph had " + std::to_string(state.intervened[il]) +
+                                     " nodes named l_out-" + std::to_string(il) + " in this decode, expected exactly 1");
+                break;
+            }
+        }
+    }
     state.rows = hook_rows{};
 }

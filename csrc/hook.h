@@ -65,6 +65,7 @@ struct hook_program {
 
 // Who each row of the current batch is: its sequence slot, position and phase.
 struct hook_rows {
+    bool described = false;  // false: a decode ggsteer did not describe (e.g. Llama.embed)
     std::vector<int32_t> slot;
     std::vector<int32_t> pos;
     std::vector<uint8_t> generated;
@@ -72,6 +73,15 @@ struct hook_rows {
 };
 
 struct hook_cuda_scratch;
+
+// Running totals since the hook was made: op applications per backend path (one op on one
+// l_out tensor), and transfers of l_out rows to the host (capture, conditions off the host).
+struct hook_counts {
+    int64_t host_kernel = 0;
+    int64_t cuda_kernel = 0;
+    int64_t copy_path = 0;
+    int64_t row_transfers = 0;
+};
 
 struct hook_state {
     int32_t n_layer = 0;
@@ -83,12 +93,19 @@ struct hook_state {
     std::vector<int32_t> seen;
 
     bool intervening = false;
-    // treat host buffers like any other backend's (copy rows out and back): lets the CPU tests
-    // run the path that non-host, non-CUDA backends take
+    // treat host buffers like any other backend's (copy rows out and back, capture through
+    // transfers): lets the CPU tests run the paths that non-host backends take
     bool host_as_device = false;
     hook_program program;
     hook_rows rows;
     hook_cuda_scratch * cuda = nullptr;
+
+    // per decode: callback calls (0 when the graph never ran) and per-layer intervention visits
+    int64_t decode_nodes = 0;
+    std::vector<int32_t> intervened;
+    hook_counts counts;
+    // rows copied out of a non-host tensor, reused between layers
+    std::vector<float> scratch;
 
     // first error met inside the callback (the callback cannot throw into C)
     std::string error;
@@ -105,6 +122,19 @@ void hook_clear_capture(hook_state & state);
 void hook_set_program(hook_state & state, hook_program program);
 void hook_clear_program(hook_state & state);
 void hook_free(hook_state & state);
+
+// Starts a decode ggsteer described: its rows, fresh per-layer visits, and no error left over
+// from a decode nobody described (that error belongs to a call that is over).
+void hook_begin_decode(hook_state & state, hook_rows rows);
+// Ends it: each layer the program acts on must have been visited exactly once; forgets the rows.
+void hook_end_decode(hook_state & state);
+
+// `count` rows of `t` from row `first` in host memory: the tensor's own memory when it lives
+// there, else one transfer into `copy`. Row r (counted from `first`) starts at r * row_stride.
+const float * hook_read_rows(hook_state & state, const ggml_tensor * t, int64_t first, int64_t count,
+                             std::vector<float> & copy, int64_t & row_stride);
+// Whether the kernels may work on the tensor's memory in place.
+bool hook_in_host_memory(const hook_state & state, const ggml_tensor * t);
 
 // Records the first error met inside the callback.
 void hook_fail(hook_state & state, std::string message);

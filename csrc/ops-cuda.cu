@@ -76,3 +76,15 @@ void ops_cuda_apply(int32_t kind, float * data, int64_t row_stride, const int32_
     ops_cuda_launch(kind, data, row_stride, rows, n_rows, vectors, vector_offsets, coeff, n_embd,
                     (cudaStream_t) stream);
 }
+
+bool ops_cuda_kernel_loads(int device) {
+    int count = 0;
+    cudaFuncAttributes attributes;
+    // loads the kernel's module: fails without an image this device can run
+    const bool loads = cudaGetDeviceCount(&count) == cudaSuccess && device < count &&
+                       cudaSetDevice(device) == cudaSuccess &&
+                       cudaFuncGetAttributes(&attributes, ops_cuda_kernel) == cudaSuccess &&
+                       attributes.maxThreadsPerBlock >= OPS_CUDA_BLOCK;
+    cudaGetLastError();  // clear a failed query, so it does not surface later
+    return loads;
+}

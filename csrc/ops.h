@@ -23,6 +23,9 @@ void ops_cpu_apply(int32_t kind, float * data, int64_t row_stride, const int32_t
 void ops_cuda_apply(int32_t kind, float * data, int64_t row_stride, const int32_t * rows, int64_t n_rows,
                     const float * vectors, const int64_t * vector_offsets, float coeff, int64_t n_embd,
                     void * stream);
+// Whether ops_cuda_apply can launch on `device`: a driver this runtime works with, and code in
+// the binary (SASS, or PTX the driver can compile) for the device's architecture.
+bool ops_cuda_kernel_loads(int device);
 // Host-array entry points for tests.
 #include <string>
 bool ops_cuda_roundtrip(int32_t kind, float * data, int64_t n_rows, const float * vectors, float coeff, int64_t n_embd,

@@ -167,3 +167,50 @@ def test_default_model_states(default_model):
     assert norms[-1] > 10 * norms[0]
     assert np.corrcoef(np.arange(18), norms)[0, 1] > 0.9
     assert ggsteer.default_model_path().exists()
+
+
+# -- rows copied off the device in few transfers --------------------------------------------
+
+
+def transfers_during(model, capture):
+    """Row transfers the hook made while `capture()` ran through the path of non-host backends."""
+    model.hook.set_host_as_device(True)
+    before = model.hook.counts()["row_transfers"]
+    try:
+        result = capture()
+    finally:
+        model.hook.set_host_as_device(False)
+    return result, model.hook.counts()["row_transfers"] - before
+
+
+def test_scattered_rows_match_reference_in_one_transfer_per_layer(tiny_model, tiny_weights):
+    # unshared: the five prompts sit side by side in one decode; "last" wants one row of each,
+    # rows far apart in the batch
+    states, transfers = transfers_during(
+        tiny_model, lambda: tiny_model.hidden_states(PROMPTS, layers=[2, 0], share_prefixes=False)
+    )
+    assert transfers == 2  # one per captured layer, not one per row (5 per layer)
+    for i, prompt in enumerate(PROMPTS):
+        expected = reference_states(tiny_model, tiny_weights, prompt)[-1]
+        np.testing.assert_allclose(states[i], expected[[2, 0]], atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(states, tiny_model.hidden_states(PROMPTS, layers=[2, 0], share_prefixes=False))
+
+
+def test_rows_far_apart_travel_separately(tiny_weights, tiny_model_path):
+    # two ~400-token prompts then a short one: the first last row is more than 64 KiB of rows
+    # before the second; the third follows the second closely and shares its transfer
+    model = SteeredModel(tiny_model_path, n_ctx=1024, n_batch=1024, n_seq_max=4, flash_attn=False, type_k=0, type_v=0)
+    try:
+        prompts = [" ".join(["the happy dog"] * 130), " ".join(["a sad cat"] * 130), "the dog"]
+        lengths = [len(model.tokenize_prompt(p)) for p in prompts]
+        assert min(lengths[:2]) * model.n_embd * 4 > 64 * 1024 and sum(lengths) <= 1024
+        states, transfers = transfers_during(model, lambda: model.hidden_states(prompts, share_prefixes=False))
+        # the last block keeps only the output rows, side by side: one transfer there
+        assert transfers == 2 * (model.n_layer - 1) + 1
+        for i, prompt in enumerate(prompts):
+            np.testing.assert_allclose(states[i], reference_states(model, tiny_weights, prompt)[-1], atol=ATOL, rtol=0)
+        everything, transfers = transfers_during(model, lambda: model.hidden_states(prompts[2:], pool="all"))
+        assert transfers == model.n_layer  # contiguous rows: one transfer per layer
+        np.testing.assert_allclose(everything[0], reference_states(model, tiny_weights, prompts[2]), atol=ATOL, rtol=0)
+    finally:
+        model.close()

@@ -7,7 +7,6 @@ import pytest
 from reference_model import reference_forward
 
 from ggsteer import cli, evaluate
-from ggsteer.evaluate import fluency
 from ggsteer.cli.common import load_vectors
 from ggsteer.cli.evaluate import parse_strengths
 from ggsteer.evaluate import (
@@ -15,6 +14,7 @@ from ggsteer.evaluate import (
     Sweep,
     SweepPoint,
     choose_calibration,
+    fluency,
     fluency_cost,
     fluency_sweep,
     layer_windows,

@@ -64,6 +64,11 @@ def test_cuda_kernel_matches_cpu(kind, n):
     assert np.abs(cpu - gpu).max() <= 2e-6 * scale + 1e-6
 
 
+def ran_since(model, before: dict) -> dict:
+    """Op applications per backend path since `before` (a Hook.counts() result)."""
+    return {path: count - before[path] for path, count in model.hook.counts().items()}
+
+
 def _cuda_model_unavailable() -> str:
     import llama_cpp
 
@@ -96,10 +101,16 @@ def test_cuda_hook_matches_cpu_model(tiny_model, gpu_tiny_model, options):
     options = dict(options)
     strength = options.pop("strength", 1.0)
     logits = []
+    before = gpu_tiny_model.hook.counts()
     for model in (tiny_model, gpu_tiny_model):
         model.set_control(vector, strength, layers=[1, 2], **options)
         logits.append(last_logits(model))
         model.reset_control()
+    counts = ran_since(gpu_tiny_model, before)
+    # layers 1 and 2 in one decode, each through the CUDA kernel (not ggml's copy path);
+    # first_k=3 leaves layer 2's only row (the last prompt token) alone
+    applied = 1 if options.get("first_k") else 2
+    assert counts["cuda_kernel"] == applied and counts["copy_path"] == 0 and counts["host_kernel"] == 0
     effect = np.abs(logits[0] - last_logits(gpu_tiny_model)).max()
     # CUDA matmuls round differently from the CPU ones: the gap must be tiny next to the steering effect
     assert np.abs(logits[1] - logits[0]).max() < 0.01 * effect
@@ -111,8 +122,11 @@ def test_cuda_generate_batch_matches_cpu(tiny_model, gpu_tiny_model):
     prompts = ["i am very happy and", "the dog is", "a cat and the sad dog"]
     controls = [[(a, 1.0)], None, [tiny_model.intervention(b, 1.0, op="ablate", layers=[1, 2])]]
     cpu = tiny_model.generate_batch(prompts, controls, max_tokens=8)
+    before = gpu_tiny_model.hook.counts()
     gpu = gpu_tiny_model.generate_batch(prompts, controls, max_tokens=8)
     assert gpu == cpu
+    counts = ran_since(gpu_tiny_model, before)
+    assert counts["cuda_kernel"] > 0 and counts["copy_path"] == 0
 
 
 def test_cuda_kernels_compiled_when_nvcc_present():
@@ -153,7 +167,10 @@ def test_op_matches_reference(tiny_model, tiny_weights, op, strength):
         return numpy_op("clamp", h, np.broadcast_to(unit(v), h.shape), target)
 
     expected = reference_with(tiny_model, tiny_weights, tokens, edit)[-1]
+    before = tiny_model.hook.counts()
     np.testing.assert_allclose(last_logits(tiny_model), expected, atol=ATOL, rtol=0)
+    # one decode, layers 1 and 2: the host kernel ran once on each, in place
+    assert ran_since(tiny_model, before) == dict(host_kernel=2, cuda_kernel=0, copy_path=0, row_transfers=0)
 
 
 def test_clamp_zero_equals_ablate(tiny_model):
@@ -309,14 +326,20 @@ def test_copy_path_of_other_backends_gives_the_host_results(tiny_model, tiny_wei
         options["condition"] = Condition(cond_vector, abs(cosine) - 1e-3, 0)
     strength = options.pop("strength", 1.0)
     tiny_model.set_control(vector, strength, layers=[1, 2], **options)
-    logits = []
+    logits, counts = [], []
     for copy_path in (False, True):
         tiny_model.hook.set_host_as_device(copy_path)
+        before = tiny_model.hook.counts()
         try:
             logits.append(last_logits(tiny_model))
         finally:
             tiny_model.hook.set_host_as_device(False)
+        counts.append(ran_since(tiny_model, before))
     tiny_model.reset_control()
+    # the same op applications, each on its own path (first_k=3 leaves layer 2's output row alone)
+    applied = 1 if options.get("first_k") else 2
+    assert (counts[0]["host_kernel"], counts[0]["copy_path"]) == (applied, 0)
+    assert (counts[1]["host_kernel"], counts[1]["copy_path"]) == (0, applied)
     assert np.array_equal(logits[0], logits[1])
     assert np.abs(logits[0] - last_logits(tiny_model)).max() > 100 * ATOL
 

@@ -247,13 +247,23 @@ class SteeredModel(llama_cpp.Llama):
             error = self.hook.take_error()
             if error:
                 self._forget_tokens_from(before)
-                raise HookError(f"ggsteer hook: {error}")
+                raise HookError(f"ggsteer hook ({self.model_hint} architecture): {error}")
 
     def _forget_tokens_from(self, position: int) -> None:
         """Drop cached states from `position` on (computed without the interventions they needed),
         so no later call reuses them as a prefix."""
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), 0, position, -1)
         self.n_tokens = position
+
+    def embed(self, *args, **kwargs):
+        """Llama.embed; its decodes do not describe their rows to the hook, so an error they
+        record (hook interventions set) is raised here, not by the next call."""
+        self.hook.take_error()  # left by an earlier undescribed decode: not this call's
+        result = super().embed(*args, **kwargs)
+        error = self.hook.take_error()
+        if error:
+            raise HookError(f"ggsteer hook ({self.model_hint} architecture): {error}")
+        return result
 
     def _track_generated_rows(self) -> None:
         """Remember where the cached rows evaluated as generated tokens begin."""
@@ -268,7 +278,7 @@ class SteeredModel(llama_cpp.Llama):
     def decode_batch(self, batch, generated=False) -> None:
         """llama_decode on a filled llama_batch, describing its rows to the hook first
         (slot = sequence id; `generated`, a bool or per-row array, marks generated tokens)."""
-        decode_batch(self.ctx, self.hook, batch, generated)
+        decode_batch(self.ctx, self.hook, batch, generated, architecture=self.model_hint)
 
     def is_end_of_generation(self, token: int) -> bool:
         return is_end_of_generation(self, token)

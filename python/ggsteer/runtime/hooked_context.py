@@ -59,7 +59,7 @@ def is_end_of_generation(llama: llama_cpp.Llama, token: int) -> bool:
     return bool(llama_cpp.llama_token_is_eog(llama._model.vocab, token))
 
 
-def decode_batch(ctx, hook, batch, generated=False) -> None:
+def decode_batch(ctx, hook, batch, generated=False, architecture: str = "unknown") -> None:
     """llama_decode on a filled llama_batch, describing its rows to the hook first.
 
     Rows are taken from the batch itself: slot = sequence id, position, outputs where logits
@@ -78,5 +78,6 @@ def decode_batch(ctx, hook, batch, generated=False) -> None:
         hook.clear_rows()
     error = hook.take_error()
     if status != 0 or error:
-        detail = f": {error}" if error else " (status 1: the KV cache is full; raise n_ctx or use smaller batches)"
+        detail = (f": ggsteer hook ({architecture} architecture): {error}" if error
+                  else " (status 1: the KV cache is full; raise n_ctx or use smaller batches)")
         raise HookError(f"llama_decode failed with status {status}{detail}")
