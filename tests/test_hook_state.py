@@ -198,8 +198,6 @@ def test_bypassing_decode_does_not_fail_the_next_call(tiny_model):
     np.testing.assert_array_equal(last_logits(tiny_model), steered)
 
 
-@pytest.mark.xfail(raises=TypeError, strict=True,
-                   reason="SteeredModel.n_embd (an int) shadows Llama.n_embd(): Llama.embed cannot run at all")
 def test_embed_raises_its_own_hook_error(tiny_model_path):
     from conftest import TIGHT_LLAMA_KWARGS
 

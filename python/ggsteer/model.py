@@ -55,6 +55,14 @@ def check_model_path(model_path: str | os.PathLike) -> Path:
     return path
 
 
+class EmbeddingWidth(int):
+    """`model.n_embd` is an int (ggsteer's API) that can still be called like `Llama.n_embd()`,
+    which it shadows: Llama.embed and create_embedding call it."""
+
+    def __call__(self) -> int:
+        return int(self)
+
+
 class SteeredModel(llama_cpp.Llama):
     """A `llama_cpp.Llama` that ggsteer can read and steer.
 
@@ -82,7 +90,7 @@ class SteeredModel(llama_cpp.Llama):
         llama_kwargs["n_ubatch"] = n_batch
         super().__init__(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, verbose=verbose, **llama_kwargs)
         self.n_layer = llama_cpp.llama_model_n_layer(self.model)
-        self.n_embd = llama_cpp.llama_model_n_embd(self.model)
+        self.n_embd = EmbeddingWidth(llama_cpp.llama_model_n_embd(self.model))
         self.hook = new_hook(self.n_layer, self.n_embd)
         self._controls: list = []
         self._generating = False
