@@ -103,7 +103,7 @@ class SteeringServer:
             raise ApiError(400, f"the prompt ({len(tokens)} tokens) plus max_tokens ({sampling.max_tokens}) "
                                 f"exceeds the context ({self.model.n_ctx()} tokens)", "max_tokens")
         job = Job(tokens, controls, sampling, asyncio.get_running_loop())
-        job.vector_names = [name for name, strength in request.steering.items() if strength != 0]
+        job.vector_names = steered_vector_names(request.steering)
         return job
 
     async def respond(self, job: Job, shape: "CompletionShape | ChatShape", text: VisibleText, stream: bool,
@@ -138,6 +138,11 @@ class SteeringServer:
             yield "data: [DONE]\n\n"
         finally:
             job.cancelled = True  # a client gone before its batch started is skipped
+
+
+def steered_vector_names(steering: dict) -> list[str]:
+    """The vectors a request steers with (for /metrics): those with a non-zero strength."""
+    return [name for name, strength in steering.items() if strength != 0]
 
 
 async def result_unless_disconnected(job: Job, request: Request):

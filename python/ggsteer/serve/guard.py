@@ -3,8 +3,8 @@
 A local server without an API key is still reachable from any web page the user opens: the page
 can POST with `Content-Type: text/plain` (a "simple" request, sent without a CORS preflight), and a
 DNS-rebinding site reaches 127.0.0.1 under its own host name. So: only the allowed Host names
-(the loopback names by default), request bodies only as application/json (which needs a preflight
-this server never grants), and with an API key the API's description needs the key too.
+(the loopback names by default), POSTs only as application/json (which needs a preflight this
+server never grants), and with an API key the API's description needs the key too.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import json
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 ANY_HOST = "*"
-BODY_METHODS = {"POST", "PUT", "PATCH"}
+# the one method a page may send cross-site without a preflight (PUT, PATCH and DELETE are
+# preflighted, and this server grants no CORS preflight): a raw-bytes PUT upload stays possible
+JSON_ONLY_METHODS = {"POST"}
 KEYED_DOC_PATHS = ("/openapi.json", "/docs", "/redoc")
 
 
@@ -57,8 +59,8 @@ class RequestGuard:
         if ANY_HOST not in self.allowed_hosts and host not in self.allowed_hosts:
             return (400, f"Host {host!r} is not allowed (a DNS-rebinding guard): start the server with "
                          f"--allowed-hosts {host or 'NAME'} to accept it", [])
-        if scope["method"] in BODY_METHODS and not is_json(headers.get("content-type", "")):
-            return 415, "request bodies must be sent as 'Content-Type: application/json'", []
+        if scope["method"] in JSON_ONLY_METHODS and not is_json(headers.get("content-type", "")):
+            return 415, "POST requests must be sent as 'Content-Type: application/json' (even without a body)", []
         if self.api_key is not None and scope["path"].startswith(KEYED_DOC_PATHS):
             if not api_key_matches(headers.get("authorization", ""), self.api_key):
                 return 401, "missing or wrong API key: send 'Authorization: Bearer <key>'", [(b"www-authenticate", b"Bearer")]

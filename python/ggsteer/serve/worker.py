@@ -45,6 +45,7 @@ class Job:
     error_status: int = 500  # the HTTP status of its "error" event
     failed_decodes: int = 0  # decodes it was in that raised (a second one fails it)
     pieces_sent: bool = False
+    vector_names: list[str] = field(default_factory=list)  # for /metrics
 
     def send(self, kind: str, value) -> None:
         """Thread-safe: called from the worker thread, delivered on the event loop."""
