@@ -94,6 +94,7 @@ class BatchWorker:
         self._backlog: deque[Job] = deque()
         self._running: dict[SequenceState, Job] = {}
         self._lock = threading.Lock()
+        self._restart_lock = threading.Lock()
         self._waiting = 0  # jobs submitted and not yet admitted, dropped or failed
         self._stopping = False
         self._down = False  # no batch can be opened, or the thread died: 503 until that changes
@@ -126,11 +127,12 @@ class BatchWorker:
 
     def ensure_running(self) -> None:
         """Start the thread again if it died (it fails its own jobs on the way out)."""
-        if not self._stopping and self._thread is not None and not self._thread.is_alive():
-            log.error("the batch worker thread had stopped; starting it again")
-            self.metrics.add("ggsteer_worker_restarts_total")
-            self._down = False  # jobs may queue again: if no batch can be opened, they fail with 503
-            self.start()
+        with self._restart_lock:  # /health (a thread-pool thread) and submit (the event loop) may both call
+            if not self._stopping and self._thread is not None and not self._thread.is_alive():
+                log.error("the batch worker thread had stopped; starting it again")
+                self.metrics.add("ggsteer_worker_restarts_total")
+                self._down = False  # jobs may queue again: if no batch can be opened, they fail with 503
+                self.start()
 
     def submit(self, job: Job) -> None:
         self.ensure_running()
