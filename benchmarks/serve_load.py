@@ -191,7 +191,7 @@ async def one_request(http: httpx.AsyncClient, request: dict, prompts: PromptTok
     call = http.post(path, json=request["body"])
     try:
         response = await asyncio.wait_for(call, timeout=rng.uniform(0.1, 2.0) if request["hang_up"] else None)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return "hung up"
     if response.status_code != 200:
         return f"HTTP {response.status_code}: {response.text[:200]}"

@@ -46,8 +46,8 @@ def test_a_vector_of_huge_values_warns(tmp_path, tiny_model_path, capsys):
                  "-n", "4", "--threads", "2"])
     assert code == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ggsteer: warning:")]
-    assert warnings == ["ggsteer: warning: huge at strength 2 adds values up to 2e+30 to the residual stream "
-                        "(a model's own stay far below 1e+06): expect meaningless output"]
+    assert warnings == [("ggsteer: warning: huge at strength 2 adds values up to 2e+30 to the residual stream "
+                         "(a model's own stay far below 1e+06): expect meaningless output")]
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")

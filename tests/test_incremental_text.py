@@ -77,7 +77,7 @@ def test_multibyte_characters_split_across_tokens(batch, tiny_model):
 def test_a_stop_string_of_multibyte_characters(batch, tiny_model):
     table = byte_tokens(tiny_model)
     text = "one 日本 two"
-    state, pieces = feed(batch, tiny_model, [table[b] for b in text.encode("utf-8")], stops=["本 t", "xyz"])
+    state, _ = feed(batch, tiny_model, [table[b] for b in text.encode()], stops=["本 t", "xyz"])
     assert (state.text, state.finish_reason) == ("one 日", "stop")
 
 
@@ -86,7 +86,7 @@ def test_random_generations_equal_the_whole_decode(batch, tiny_model, seed):
     """Random tokens: words, single bytes (invalid UTF-8 included), multi-byte characters, BOS first."""
     rng = np.random.default_rng(seed)
     table = byte_tokens(tiny_model)
-    multibyte = [table[b] for b in "é日🙂ß".encode("utf-8")]
+    multibyte = [table[b] for b in "é日🙂ß".encode()]
     tokens = [tiny_model.token_bos()] if seed % 2 else []
     for _ in range(300):
         kind = rng.integers(3)

@@ -47,7 +47,7 @@ def keyed(tiny_model_path, vectors_and_dir):
 
 
 def test_health_is_200_while_the_worker_runs(served):
-    url, server = served
+    url, _ = served
     response = httpx.get(f"{url}/health")
     assert (response.status_code, response.json()) == (200, {"status": "ok"})
 
@@ -208,8 +208,8 @@ def test_a_busy_port_is_reported_before_the_model_loads(tmp_path, tiny_model_pat
         code = main(["serve", "--model", str(tiny_model_path), "--vectors", str(tmp_path), "--port", str(port)])
     error = capsys.readouterr().err
     assert code == 2
-    assert error.strip().splitlines() == [f"ggsteer: error: port {port} on 127.0.0.1 is already in use: "
-                                          "stop the other server or pick another --port"]
+    assert error.strip().splitlines() == [(f"ggsteer: error: port {port} on 127.0.0.1 is already in use: "
+                                           "stop the other server or pick another --port")]
 
 
 @pytest.mark.parametrize(("option", "value", "message"), [("--max-queue", "0", "--max-queue"), ("--port", "70000", "--port")])

@@ -57,13 +57,14 @@ class RequestGuard:
     def refusal(self, scope, headers: dict[str, str]):
         host = host_name(headers.get("host", ""))
         if ANY_HOST not in self.allowed_hosts and host not in self.allowed_hosts:
-            return (400, f"Host {host!r} is not allowed (a DNS-rebinding guard): start the server with "
-                         f"--allowed-hosts {host or 'NAME'} to accept it", [])
+            message = (f"Host {host!r} is not allowed (a DNS-rebinding guard): start the server with "
+                       f"--allowed-hosts {host or 'NAME'} to accept it")
+            return 400, message, []
         if scope["method"] in JSON_ONLY_METHODS and not is_json(headers.get("content-type", "")):
             return 415, "POST requests must be sent as 'Content-Type: application/json' (even without a body)", []
-        if self.api_key is not None and scope["path"].startswith(KEYED_DOC_PATHS):
-            if not api_key_matches(headers.get("authorization", ""), self.api_key):
-                return 401, "missing or wrong API key: send 'Authorization: Bearer <key>'", [(b"www-authenticate", b"Bearer")]
+        keyed = self.api_key is not None and scope["path"].startswith(KEYED_DOC_PATHS)
+        if keyed and not api_key_matches(headers.get("authorization", ""), self.api_key):
+            return 401, "missing or wrong API key: send 'Authorization: Bearer <key>'", [(b"www-authenticate", b"Bearer")]
         return None
 
 
