@@ -317,6 +317,31 @@ def batch_cannot_open(url: str, server) -> None:
     assert metrics(url)['ggsteer_requests_rejected_total{reason="unavailable"}'] >= 1
 
 
+def recovery_fails(url: str, server) -> None:
+    """Closing the failed batch raises too: the worker still opens a fresh one and serves."""
+    worker = server.worker
+    original = worker._open_batch
+
+    def open_batch():
+        batch = original()
+        close = batch.close
+
+        def failing_close():
+            close()
+            raise RuntimeError("injected: closing failed")
+
+        batch.close = failing_close
+        return batch
+
+    worker._open_batch = open_batch
+    try:
+        with patched_decodes(server.model, poison=True):
+            response = post(url, {"prompt": f"a {POISON}", **GREEDY})
+    finally:
+        del worker._open_batch
+    assert response.status_code == 500 and "injected decode failure" in response.json()["error"]["message"]
+
+
 # -- the tests ----------------------------------------------------------------------------------
 
 
@@ -347,6 +372,12 @@ def test_a_dead_worker_thread_is_started_again(served, reference, vectors):
     check_answers_correctly(url, reference, vectors)
 
 
+def test_the_worker_survives_a_failure_while_recovering(served, reference, vectors):
+    url, server = served
+    recovery_fails(url, server)
+    check_answers_correctly(url, reference, vectors)
+
+
 def test_503_while_no_batch_can_be_opened(served, reference, vectors):
     url, server = served
     batch_cannot_open(url, server)
@@ -361,6 +392,7 @@ def test_every_fault_in_turn_then_a_correct_answer(served, reference, vectors):
     failing_decode(url, server, reference, vectors)
     worker_loop_raises(url, server)
     worker_thread_dies(url, server)
+    recovery_fails(url, server)
     batch_cannot_open(url, server)
     check_answers_correctly(url, reference, vectors)
     final = metrics(url)
