@@ -333,13 +333,17 @@ def recovery_fails(url: str, server) -> None:
         batch.close = failing_close
         return batch
 
+    thread = worker._thread
     worker._open_batch = open_batch
     try:
         with patched_decodes(server.model, poison=True):
+            post(url, {"prompt": f"a {POISON}", **GREEDY})  # the next batch is one whose close raises
             response = post(url, {"prompt": f"a {POISON}", **GREEDY})
+        wait_for(lambda: worker.available, what="a fresh batch")
     finally:
         del worker._open_batch
     assert response.status_code == 500 and "injected decode failure" in response.json()["error"]["message"]
+    assert worker._thread is thread and thread.is_alive()  # recovered in place, not by a restarted thread
 
 
 # -- the tests ----------------------------------------------------------------------------------
