@@ -6,7 +6,9 @@ Starts `ggsteer serve` as a subprocess (default model unless --model; random gap
 middle layers) and runs --clients clients for --duration seconds per round. Each client sends
 requests one after another, each drawn at random: completions or chat, streamed or not, 0-2
 vectors with random strengths, 4-96 tokens, greedy or sampled; about one in ten hangs up early
-(a non-streaming request after a random delay, a stream after its first pieces).
+(a non-streaming request after a random delay, a stream after its first pieces). When the round's
+time is up every client hangs up on the request it is waiting for ("cut at the end"), so the
+server must cancel up to --clients requests at once.
 
 Every completed reply is checked: HTTP 200, the OpenAI shape, finish_reason "stop" or "length",
 `usage.prompt_tokens` equal to the prompt's token count (tokenised here with the same vocabulary),
@@ -199,33 +201,40 @@ async def one_request(http: httpx.AsyncClient, request: dict, prompts: PromptTok
 
 
 async def run_round(url: str, args, prompts: PromptTokens, round_index: int) -> dict:
-    stats = {"sent": 0, "completed": 0, "hung_up": 0, "rejected": 0, "failures": [], "latencies": []}
+    stats = {"sent": 0, "completed": 0, "hung_up": 0, "rejected": 0, "cut": 0, "failures": [], "latencies": []}
     deadline = time.monotonic() + args.duration
 
-    async def client(i: int) -> None:
+    async def client(i: int, http: httpx.AsyncClient) -> None:
         rng = random.Random(1000 * round_index + i)
-        async with httpx.AsyncClient(base_url=url, timeout=600) as http:
-            while time.monotonic() < deadline:
-                request = random_request(rng)
-                stats["sent"] += 1
-                start = time.perf_counter()
-                try:
-                    problem = await one_request(http, request, prompts, rng)
-                except Exception as error:  # noqa: BLE001 - a broken connection is a failure to report
-                    problem = f"{type(error).__name__}: {error}"
-                if problem is None:
-                    stats["completed"] += 1
-                    stats["latencies"].append(time.perf_counter() - start)
-                elif problem == "hung up":
-                    stats["hung_up"] += 1
-                elif problem.startswith("HTTP 429"):
-                    stats["rejected"] += 1
-                    await asyncio.sleep(1)
-                else:
-                    stats["failures"].append(problem)
+        while time.monotonic() < deadline:
+            request = random_request(rng)
+            stats["sent"] += 1
+            start = time.perf_counter()
+            try:
+                # at the end of the round every client hangs up: the server must drop what is left
+                problem = await asyncio.wait_for(one_request(http, request, prompts, rng),
+                                                 timeout=max(0.01, deadline - time.monotonic()))
+            except TimeoutError:
+                stats["cut"] += 1
+                continue
+            except Exception as error:  # noqa: BLE001 - a broken connection is a failure to report
+                problem = f"{type(error).__name__}: {error}"
+            if problem is None:
+                stats["completed"] += 1
+                stats["latencies"].append(time.perf_counter() - start)
+            elif problem == "hung up":
+                stats["hung_up"] += 1
+            elif problem.startswith("HTTP 429"):
+                stats["rejected"] += 1
+                await asyncio.sleep(1)
+            else:
+                stats["failures"].append(problem)
 
     start = time.perf_counter()
-    await asyncio.gather(*(client(i) for i in range(args.clients)))
+    # one connection pool (one client object each would cost seconds of TLS set-up on a busy machine)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=args.clients)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        await asyncio.gather(*(client(i, http) for i in range(args.clients)))
     stats["wall"] = time.perf_counter() - start
     return stats
 
@@ -260,12 +269,14 @@ def main() -> int:
                         all_failures.append(f"round {round_index + 1}: still processing a minute after the clients stopped")
                         break
                     time.sleep(0.2)
+                print(f"round {round_index + 1}: {m['ggsteer_decodes_total']:.0f} decodes took "
+                      f"{m['ggsteer_decode_seconds_total']:.1f} s in all", file=sys.stderr)
                 health = httpx.get(f"{url}/health", timeout=10).status_code
                 if health != 200:
                     all_failures.append(f"round {round_index + 1}: /health answered {health}")
                 latencies = sorted(stats["latencies"]) or [float("nan")]
                 all_failures += stats["failures"]
-                rows.append([round_index + 1, stats["sent"], stats["completed"], stats["hung_up"], stats["rejected"],
+                rows.append([round_index + 1, stats["sent"], stats["completed"], stats["hung_up"], stats["cut"], stats["rejected"],
                              len(stats["failures"]), f"{np.percentile(latencies, 50):.2f}", f"{np.percentile(latencies, 95):.2f}",
                              f"{stats['completed'] / stats['wall']:.2f}", f"{rss_mb(process.pid):.0f}",
                              f"{m['ggsteer_requests_processing']:.0f}/{m['ggsteer_requests_queued']:.0f}",
@@ -277,12 +288,12 @@ def main() -> int:
     print_table(
         f"ggsteer serve under load: {args.clients} clients, {args.duration:g} s per round, max-batch {args.max_batch}, "
         f"{Path(model_path).name} ({machine_line()}; load average at the end {load})",
-        ["round", "sent", "completed", "hung up", "429", "failures", "p50 s", "p95 s", "completed/s",
+        ["round", "sent", "completed", "hung up", "cut at the end", "429", "failures", "p50 s", "p95 s", "completed/s",
          "server RSS MB", "processing/queued after", "tokens (total)", "cancelled (total)"],
         rows,
     )
     if len(rows) >= 2:
-        print(f"server memory from round 1 to round {len(rows)}: {float(rows[-1][9]) - float(rows[0][9]):+.0f} MB")
+        print(f"server memory from round 1 to round {len(rows)}: {float(rows[-1][10]) - float(rows[0][10]):+.0f} MB")
     for problem in sorted(set(all_failures))[:20]:
         print(f"failure: {problem} (x{all_failures.count(problem)})")
     return 1 if all_failures else 0

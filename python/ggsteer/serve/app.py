@@ -34,6 +34,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.requests import ClientDisconnect
 
 from ggsteer.chat_format import ChatTemplateError, chat_prompt
 from ggsteer.generation import SequenceSampling
@@ -203,6 +204,7 @@ def create_app(model, registry: VectorRegistry, config: ServerConfig | None = No
     app.add_exception_handler(QueueFull, busy_handler)
     app.add_exception_handler(WorkerUnavailable, busy_handler)
     app.add_exception_handler(ClientGone, client_gone_handler)
+    app.add_exception_handler(ClientDisconnect, client_gone_handler)  # gone while its body was read
     app.add_middleware(RequestGuard, allowed_hosts=config.allowed_hosts, api_key=config.api_key)
     app.include_router(api_routes(server))
     app.include_router(operator_routes(server))
