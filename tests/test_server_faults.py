@@ -220,6 +220,33 @@ def fill_the_queue(url: str, server, reference, vectors) -> None:
     assert metrics(url)['ggsteer_requests_rejected_total{reason="queue_full"}'] >= 1
 
 
+def waiters_that_hang_up_free_the_queue(url: str, server, reference, vectors) -> None:
+    """Clients waiting in a full queue hang up while the worker is stuck in a decode: their places are
+    free at once, so a new request is queued, not refused."""
+    worker = server.worker
+    saved, worker.max_queue = worker.max_queue, 2
+    gate = threading.Event()
+    try:
+        with patched_decodes(server.model, gate=gate):
+            running = in_thread(post, url, {"prompt": "the cat", **GREEDY})
+            wait_for(lambda: metrics(url)["ggsteer_requests_processing"] == 1, what="the first to run")
+            waiters = [raw_request(url, {"prompt": p, **GREEDY}) for p in ("a dog", "you are")]
+            wait_for(lambda: metrics(url)["ggsteer_requests_queued"] == 2, what="two waiting")
+            for sock in waiters:
+                sock.close()
+            wait_for(lambda: metrics(url)["ggsteer_requests_queued"] == 0, what="the places to be freed")
+            newcomer = in_thread(post, url, {"prompt": "hello there", **GREEDY})
+            wait_for(lambda: metrics(url)["ggsteer_requests_queued"] == 1 or newcomer["done"].is_set(), what="the newcomer")
+            gate.set()
+            assert running["done"].wait(60) and newcomer["done"].wait(60)
+    finally:
+        gate.set()
+        worker.max_queue = saved
+    assert newcomer["result"].status_code == 200, newcomer["result"].text
+    assert newcomer["result"].json()["choices"][0]["text"] == expected_result(reference, vectors, "hello there").text
+    assert running["result"].status_code == 200
+
+
 def failing_decode(url: str, server, reference, vectors) -> None:
     """A request whose prompt breaks every decode fails alone: a non-streaming neighbour is retried and
     answers correctly; a stream that had sent text already cannot be retried and gets an error event."""
@@ -358,6 +385,10 @@ def test_a_full_queue_answers_429_with_retry_after(served, reference, vectors):
     fill_the_queue(*served, reference, vectors)
 
 
+def test_waiters_that_hang_up_free_their_places_at_once(served, reference, vectors):
+    waiters_that_hang_up_free_the_queue(*served, reference, vectors)
+
+
 def test_a_failing_decode_takes_no_retryable_request_with_it(served, reference, vectors):
     url, server = served
     failing_decode(url, server, reference, vectors)
@@ -393,6 +424,7 @@ def test_every_fault_in_turn_then_a_correct_answer(served, reference, vectors):
     disconnect_non_streaming(url, server)
     disconnect_streaming(url, server)
     fill_the_queue(url, server, reference, vectors)
+    waiters_that_hang_up_free_the_queue(url, server, reference, vectors)
     failing_decode(url, server, reference, vectors)
     worker_loop_raises(url, server)
     worker_thread_dies(url, server)

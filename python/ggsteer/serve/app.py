@@ -138,7 +138,7 @@ class SteeringServer:
                     break
             yield "data: [DONE]\n\n"
         finally:
-            job.cancelled = True  # a client gone before its batch started is skipped
+            job.cancel()  # a client gone before its batch started is skipped
 
 
 def steered_vector_names(steering: dict) -> list[str]:
@@ -157,7 +157,7 @@ async def result_unless_disconnected(job: Job, request: Request):
         gone.cancel()
         abandoned = not result.done()
         if abandoned:
-            job.cancelled = True
+            job.cancel()
             result.cancel()
     if abandoned:
         raise ClientGone()

@@ -10,6 +10,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ggsteer.generation import ContinuousBatch, SequenceSampling, SequenceState
 from ggsteer.serve.metrics import ServerMetrics
@@ -45,12 +46,21 @@ class Job:
     error_status: int = 500  # the HTTP status of its "error" event
     failed_decodes: int = 0  # decodes it was in that raised (a second one fails it)
     pieces_sent: bool = False
+    queued: bool = False  # counted against max_queue (set and cleared by the worker, under its lock)
+    on_cancel: Callable[[], None] | None = None
     vector_names: list[str] = field(default_factory=list)  # for /metrics
 
     def send(self, kind: str, value) -> None:
         """Thread-safe: called from the worker thread, delivered on the event loop."""
         with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+    def cancel(self) -> None:
+        """The client went away: the job leaves the queue now (its place is free at once) or the
+        batch at the next decode."""
+        self.cancelled = True
+        if self.on_cancel is not None:
+            self.on_cancel()
 
     def fail(self, message: str, status: int = 500) -> None:
         self.error_status = status
@@ -144,6 +154,8 @@ class BatchWorker:
                 self.metrics.add("rejected_queue_full")
                 raise QueueFull(f"{self._waiting} requests are waiting already (--max-queue {self.max_queue})")
             self._waiting += 1
+            job.queued = True
+        job.on_cancel = lambda: self._leave_queue(job)
         self._queue.put(job)
 
     # -- the worker thread ----------------------------------------------------------------------
@@ -213,15 +225,19 @@ class BatchWorker:
         else:
             self._backlog.append(item)
 
-    def _leave_queue(self, n: int = 1) -> None:
+    def _leave_queue(self, job: Job) -> None:
+        """Free the job's place in the queue, once (the worker and a cancelling client may both call)."""
         with self._lock:
-            self._waiting -= n
+            if job.queued:
+                job.queued = False
+                self._waiting -= 1
 
     def _drop_cancelled(self, batch: ContinuousBatch) -> None:
         gone = [job for job in self._backlog if job.cancelled]
         if gone:
             self._backlog = deque(job for job in self._backlog if not job.cancelled)
-            self._leave_queue(len(gone))
+            for job in gone:
+                self._leave_queue(job)
             self.metrics.add("requests_cancelled", len(gone))
         for state, job in list(self._running.items()):
             if job.cancelled:
@@ -232,7 +248,7 @@ class BatchWorker:
     def _admit(self, batch: ContinuousBatch) -> None:
         while self._backlog and self._may_join(self._backlog[0], batch):
             job = self._backlog.popleft()
-            self._leave_queue()
+            self._leave_queue(job)
             try:
                 state = batch.add(job.tokens, job.controls, job.sampling, on_piece=lambda piece, job=job: self._piece(job, piece))
             except Exception as error:  # noqa: BLE001 - this job cannot run; the others can
@@ -278,6 +294,8 @@ class BatchWorker:
                 self._finish_failed(job, f"generation failed: {error}")
         self._backlog.extendleft(reversed(retry))
         with self._lock:
+            for job in retry:
+                job.queued = True
             self._waiting += len(retry)
         self.metrics.add("ggsteer_requests_retried_total", len(retry))
 
@@ -290,8 +308,8 @@ class BatchWorker:
         while not self._queue.empty():
             self._take(self._queue.get_nowait())
         jobs, self._backlog = list(self._backlog), deque()
-        self._leave_queue(len(jobs))
         for job in jobs:
+            self._leave_queue(job)
             self._finish_failed(job, message, status)
 
     def _fail_all(self, message: str, status: int) -> None:
