@@ -10,7 +10,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 from ggsteer.generation import ContinuousBatch, SequenceSampling, SequenceState
 from ggsteer.serve.metrics import ServerMetrics
