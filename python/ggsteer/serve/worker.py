@@ -9,8 +9,8 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from ggsteer.generation import ContinuousBatch, SequenceSampling, SequenceState
 from ggsteer.serve.metrics import ServerMetrics
