@@ -33,6 +33,7 @@ MAX_BATCH = 8
 SERVER_MODEL_KWARGS = dict(n_ctx=512, n_batch=128, n_seq_max=MAX_BATCH, **TIGHT_LLAMA_KWARGS)
 TOKENS = 12
 GREEDY = {"temperature": 0, "max_tokens": TOKENS}
+JSON = {"content-type": "application/json"}
 
 
 def make_vector(n_embd: int, seed: int, unit: str = "gap", recommended: float | None = 0.5) -> ControlVector:
@@ -375,7 +376,8 @@ def test_bad_completion_requests_get_400(client, body, message):
 
 def test_non_finite_strengths_get_400(client):
     for literal in ("NaN", "Infinity", "-Infinity"):
-        response = client.post("/v1/completions", content=f'{{"prompt": "x", "steering": {{"happy": {literal}}}}}')
+        response = client.post("/v1/completions", content=f'{{"prompt": "x", "steering": {{"happy": {literal}}}}}',
+                               headers=JSON)
         assert response.status_code == 400
         assert "finite" in response.json()["error"]["message"]
 
@@ -399,7 +401,7 @@ def test_large_bodies_get_413(client):
         for _ in range(20):
             yield b" " * 100_000
 
-    assert client.post("/v1/completions", content=chunks()).status_code == 413
+    assert client.post("/v1/completions", content=chunks(), headers=JSON).status_code == 413
 
 
 def test_server_keeps_serving_after_errors(client):

@@ -8,6 +8,7 @@ keeps one open); `generate_batch` runs a fixed set of prompts through one to the
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import numbers
 from dataclasses import dataclass, field
@@ -56,6 +57,9 @@ class SequenceState:
     n_decoded: int = 0  # prompt tokens decoded so far (long prompts take several decodes)
     generated: list[int] = field(default_factory=list)
     text: str = ""
+    decoded: str = ""  # the whole generation so far (text is cut at a stop string)
+    n_bytes: int = 0  # bytes of the generation fed to the decoder
+    decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("ignore"))
     finish_reason: str | None = None  # set when the sequence ends
     next_logits: np.ndarray | None = None  # copied out right after the decode that produced them
     ready_since: int = 0  # the decode that produced next_logits: the longest-waiting go first
@@ -238,12 +242,23 @@ class ContinuousBatch:
         return token
 
     def _update_text(self, state: SequenceState) -> None:
-        text = self.model.detokenize(state.generated).decode("utf-8", errors="ignore")
-        for word in state.sampling.stop:
-            cut = text.find(word)
-            if cut >= 0:
-                text = text[:cut]
-                state.finish_reason = "stop"
+        """Decode only the newest token (a character split across tokens waits in the decoder), so the
+        text equals decoding the whole generation at once without costing that on every token."""
+        before = len(state.decoded)
+        raw = self.model.detokenize(state.generated[-1:])
+        piece = raw
+        if state.n_bytes == 0 and state.generated[0] == self.model.token_bos() and raw.startswith(b" "):
+            piece = raw[1:]  # as Llama.detokenize does to a whole output that starts with BOS
+        state.n_bytes += len(raw)
+        state.decoded += state.decoder.decode(piece)
+        text = state.decoded
+        # no stop string was in the text before, so a new one ends inside the new characters
+        if any(text.find(word, max(0, before - len(word) + 1)) >= 0 for word in state.sampling.stop):
+            for word in state.sampling.stop:
+                cut = text.find(word)
+                if cut >= 0:
+                    text = text[:cut]
+            state.finish_reason = "stop"
         if state.on_piece is not None and len(text) > len(state.text):
             state.on_piece(text[len(state.text) :])
         state.text = text

@@ -14,10 +14,12 @@ from ggsteer.cli.common import (
     add_model_arguments,
     add_sampling_arguments,
     add_steering_arguments,
+    check_sampling_arguments,
     load_model,
     load_vectors,
     sampling_kwargs,
     steering_interventions,
+    warn_if_output_is_not_finite,
 )
 
 HELP = "commands: /strength NAME VALUE, /vectors, /reset, /clear, /help, /quit"
@@ -102,11 +104,13 @@ class ChatSession:
             result = self.model.create_completion(transcript(self.history), stop=list(TRANSCRIPT_STOPS), **self.sampling)
             answer = result["choices"][0]["text"]
         answer = answer.strip()
+        warn_if_output_is_not_finite(self.model)
         self.history.append({"role": "assistant", "content": answer})
         return answer
 
 
 def chat_command(args) -> int:
+    check_sampling_arguments(args)
     vectors = load_vectors(args.vector)
     model = load_model(args)
     try:

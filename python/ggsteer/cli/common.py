@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from pathlib import Path
+
+import llama_cpp
+import numpy as np
 
 from ggsteer.atomic_file import check_destination
 from ggsteer.model import SteeredModel
@@ -106,6 +110,47 @@ def steering_interventions(model, args, vectors) -> list:
 
 def layers_argument(text: str | None):
     return None if text is None else parse_layer_range(text)
+
+
+MAX_TEMPERATURE = 2.0  # as the server allows
+
+
+def check_sampling_arguments(args) -> None:
+    """One clear line for sampling settings that would generate without limit or make no sense
+    (checked before the model loads)."""
+    if args.max_tokens < 1:
+        raise CliError(f"-n/--max-tokens must be at least 1, got {args.max_tokens}")
+    if not (math.isfinite(args.temp) and 0.0 <= args.temp <= MAX_TEMPERATURE):
+        raise CliError(f"--temp must be between 0 (greedy) and {MAX_TEMPERATURE:g}, got {args.temp:g}")
+    if not (math.isfinite(args.repeat_penalty) and args.repeat_penalty > 0.0):
+        raise CliError(f"--repeat-penalty must be a positive number (1 = none), got {args.repeat_penalty:g}")
+
+
+# no model's residual stream comes near this: a steering vector that adds more is a broken file or strength
+ABSURD_STEERING = 1e6
+
+
+def warn_if_steering_is_absurd(vectors) -> None:
+    """One warning line per --vector whose values times strength are absurdly large (or overflow)."""
+    for name, vector, strength in vectors:
+        peak = max(float(np.max(np.abs(d), initial=0.0)) for d in vector.directions.values()) * abs(strength)
+        if not math.isfinite(peak) or peak > ABSURD_STEERING:
+            print(f"ggsteer: warning: {name} at strength {strength:g} adds values up to {peak:.3g} to the residual "
+                  f"stream (a model's own stay far below {ABSURD_STEERING:g}): expect meaningless output", file=sys.stderr)
+
+
+def warn_if_output_is_not_finite(model, what: str = "the steered model") -> bool:
+    """After a completion: warn in one line if the last logits hold NaN or inf (a vector with absurd
+    values, or an absurd strength, makes the text empty or meaningless). Returns whether it warned."""
+    pointer = llama_cpp.llama_get_logits_ith(model.ctx, -1)
+    if not pointer:
+        return False
+    logits = np.ctypeslib.as_array(pointer, shape=(model.n_vocab(),))
+    if np.isfinite(logits).all():
+        return False
+    print(f"ggsteer: warning: {what} computed non-finite values (NaN or inf): the vector's values or the strength "
+          "are far too large, so this output is meaningless", file=sys.stderr)
+    return True
 
 
 def sampling_kwargs(args) -> dict:

@@ -9,10 +9,13 @@ from ggsteer.cli.common import (
     add_model_arguments,
     add_sampling_arguments,
     add_steering_arguments,
+    check_sampling_arguments,
     load_model,
     load_vectors,
     sampling_kwargs,
     steering_interventions,
+    warn_if_output_is_not_finite,
+    warn_if_steering_is_absurd,
 )
 
 
@@ -37,15 +40,18 @@ def describe_controls(args, vectors) -> str:
 
 
 def generate_command(args) -> int:
+    check_sampling_arguments(args)
     vectors = load_vectors(args.vector)
     if not (vectors or args.ablate or args.clamp):
         raise CliError("give at least one --vector FILE[:STRENGTH], --ablate FILE or --clamp FILE:VALUE")
+    warn_if_steering_is_absurd(vectors)
     model = load_model(args)
     sampling = sampling_kwargs(args)
     if args.compare:
         baseline = complete(model, args.prompt, sampling)
     model.set_interventions(steering_interventions(model, args, vectors))
     steered = complete(model, args.prompt, sampling)
+    warn_if_output_is_not_finite(model)
     if not args.compare:
         print(steered)
         return 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
+import socket
 import sys
 
 from ggsteer.cli.common import CliError, add_model_arguments, load_model
@@ -30,6 +32,11 @@ def add_parser(subparsers) -> None:
     serve.add_argument("--max-batch", type=int, default=8, help="requests generating together at most (default 8)")
     serve.add_argument("--batch-wait-ms", type=float, default=20.0,
                        help="when idle, wait this long after a request for others to start with it (default 20)")
+    serve.add_argument("--max-queue", type=int, default=64,
+                       help="requests waiting for a place in the batch at most; more are answered 429 (default 64)")
+    serve.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                       help="comma-separated Host names the server answers besides the loopback names (against DNS "
+                            "rebinding; needed when --host is not loopback); '*' accepts any")
     serve.add_argument("--ctx-size", type=int, default=DEFAULT_N_CTX,
                        help=f"KV cells shared by the requests generating together (default {DEFAULT_N_CTX})")
     serve.set_defaults(func=cmd_serve)
@@ -43,20 +50,67 @@ def cmd_serve(args) -> int:
         raise CliError(f"--max-batch must be between 1 and 256, got {args.max_batch}")
     if not 0 <= args.batch_wait_ms <= 1000:
         raise CliError(f"--batch-wait-ms must be between 0 and 1000, got {args.batch_wait_ms}")
-    model = load_model(args, n_ctx=args.ctx_size, n_seq_max=args.max_batch)
+    if not 1 <= args.max_queue <= 100_000:
+        raise CliError(f"--max-queue must be between 1 and 100000, got {args.max_queue}")
+    allowed_hosts = allowed_host_names(args.host, args.allowed_hosts)
+    listener = bind_listener(args.host, args.port)  # before the model loads: a busy port fails in a second
+    try:
+        model = load_model(args, n_ctx=args.ctx_size, n_seq_max=args.max_batch)
+    except BaseException:
+        listener.close()
+        raise
     try:
         registry = VectorRegistry.load(args.vectors, model)
     except ValueError:
         model.close()
+        listener.close()
         raise
     api_key = args.api_key or None  # an empty key would accept "Bearer " alone
     warn_if_exposed(args.host, api_key)
-    config = ServerConfig(api_key=api_key, max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000)
+    config = ServerConfig(api_key=api_key, max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000,
+                          max_queue=args.max_queue, allowed_hosts=allowed_hosts)
     app = create_app(model, registry, config)
     print(f"serving {model.model_name} with vectors {', '.join(registry.names)} on http://{args.host}:{args.port}/",
           file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+    server.run(sockets=[listener])
     return 0
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The listening socket uvicorn will serve on; a one-line CliError if the address is taken or wrong."""
+    if not 0 <= port <= 65535:
+        raise CliError(f"--port must be between 0 and 65535, got {port}")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as error:
+        raise CliError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(2048)
+    except OSError as error:
+        listener.close()
+        if error.errno == errno.EADDRINUSE:
+            raise CliError(f"port {port} on {host} is already in use: stop the other server or pick another --port") from None
+        reason = error.strerror or str(error)
+        raise CliError(f"cannot listen on {host}:{port}: {reason}") from None
+    return listener
+
+
+def allowed_host_names(host: str, extra: str | None) -> tuple[str, ...]:
+    """The loopback names, the address served on (unless a wildcard), and --allowed-hosts."""
+    from ggsteer.serve.guard import LOOPBACK_HOSTS
+
+    names = list(LOOPBACK_HOSTS)
+    if host not in ("0.0.0.0", "::", ""):
+        names.append(host)
+    names += [name.strip() for name in (extra or "").split(",") if name.strip()]
+    if not extra and not is_loopback(host):
+        print(f"ggsteer: note: only requests addressed to {', '.join(names)} are answered; "
+              "add the names clients use with --allowed-hosts", file=sys.stderr)
+    return tuple(dict.fromkeys(names))
 
 
 def warn_if_exposed(host: str, api_key: str | None) -> None:

@@ -2,7 +2,8 @@
 
 app.py (routes, create_app), settings.py (limits), schemas.py (request bodies), registry.py
 (vectors by name), worker.py (the thread that owns the model), responses.py (what clients get),
-errors.py (OpenAI-style errors). Imports point one way: app -> the others.
+errors.py (OpenAI-style errors), guard.py (Host, content-type and docs checks before routing),
+metrics.py (/metrics). Imports point one way: app -> the others.
 """
 
 from ggsteer.extras import require

@@ -15,26 +15,32 @@ leaves as soon as it is done. Every job has its own controls and sampling settin
 temperature, top_p, seed, stop); a seeded request samples with exactly its own seed. Each sequence
 has its own KV sequence id, cleared when it leaves, so no request sees another request's vectors or
 cached states. Streaming pieces go from the worker to each request's asyncio queue through
-`loop.call_soon_threadsafe`; a stream whose client went away leaves the batch at the next decode.
-`finish_reason` and `usage` come from the batch's per-sequence results.
+`loop.call_soon_threadsafe`; a request whose client went away (streaming or not) leaves the batch
+at the next decode. `finish_reason` and `usage` come from the batch's per-sequence results.
+
+Faults and load: at most --max-queue requests wait (429 with Retry-After beyond), the worker
+survives failures (worker.py; 503 while it cannot run), `/health` and `/metrics` (Prometheus text)
+tell an operator what it does, and guard.py refuses foreign Host names and non-JSON bodies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.requests import ClientDisconnect
 
 from ggsteer.chat_format import ChatTemplateError, chat_prompt
 from ggsteer.generation import SequenceSampling
 from ggsteer.serve.errors import ApiError, error_response
+from ggsteer.serve.guard import LOOPBACK_HOSTS, RequestGuard, api_key_matches
+from ggsteer.serve.metrics import ServerMetrics, render
 from ggsteer.serve.registry import VectorRegistry
 from ggsteer.serve.responses import (
     ChatShape,
@@ -42,7 +48,6 @@ from ggsteer.serve.responses import (
     VisibleText,
     sse,
     usage,
-    wait_for_result,
 )
 from ggsteer.serve.schemas import (
     ChatRequest,
@@ -57,7 +62,7 @@ from ggsteer.serve.settings import (
     MAX_TOKENS_CAP,
     STATIC_DIR,
 )
-from ggsteer.serve.worker import BatchWorker, Job
+from ggsteer.serve.worker import DEFAULT_MAX_QUEUE, BatchWorker, Job, QueueFull, WorkerUnavailable
 
 log = logging.getLogger("ggsteer.server")
 
@@ -70,6 +75,8 @@ class ServerConfig:
     max_batch: int = 8
     max_tokens_cap: int = MAX_TOKENS_CAP
     batch_wait_s: float = DEFAULT_BATCH_WAIT_S
+    max_queue: int = DEFAULT_MAX_QUEUE  # requests waiting for the batch at most (more get 429)
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS  # Host names accepted ("*": any)
 
 
 class SteeringServer:
@@ -79,7 +86,8 @@ class SteeringServer:
         self.model = model
         self.registry = registry
         self.config = config
-        self.worker = BatchWorker(model, config.max_batch, config.batch_wait_s)
+        self.metrics = ServerMetrics()
+        self.worker = BatchWorker(model, config.max_batch, config.batch_wait_s, config.max_queue, self.metrics)
         self.model_id = Path(model.model_path).stem
 
     def sampling(self, request: GenerationRequest, extra_stops: list[str]) -> SequenceSampling:
@@ -87,22 +95,28 @@ class SteeringServer:
         stops = tuple(dict.fromkeys(request.stop_strings() + extra_stops))
         return SequenceSampling(max_tokens, request.temperature, request.top_p, request.seed, stops)
 
-    def new_job(self, request: GenerationRequest, prompt: str, extra_stops: list[str]) -> Job:
+    async def new_job(self, request: GenerationRequest, prompt: str, extra_stops: list[str]) -> Job:
         controls = self.registry.controls(request.steering, self.model)
         sampling = self.sampling(request, extra_stops)
-        tokens = self.model.tokenize_prompt(prompt)
+        # a long prompt takes a while to tokenize: the event loop keeps serving meanwhile
+        tokens = await asyncio.to_thread(self.model.tokenize_prompt, prompt)
         if len(tokens) + sampling.max_tokens > self.model.n_ctx():
             raise ApiError(400, f"the prompt ({len(tokens)} tokens) plus max_tokens ({sampling.max_tokens}) "
                                 f"exceeds the context ({self.model.n_ctx()} tokens)", "max_tokens")
-        return Job(tokens, controls, sampling, asyncio.get_running_loop())
+        job = Job(tokens, controls, sampling, asyncio.get_running_loop())
+        job.vector_names = steered_vector_names(request.steering)
+        return job
 
-    async def respond(self, job: Job, shape: "CompletionShape | ChatShape", text: VisibleText, stream: bool):
+    async def respond(self, job: Job, shape: "CompletionShape | ChatShape", text: VisibleText, stream: bool,
+                      request: Request):
         """Queue the job; answer with SSE events as it generates, or with one object when it is done."""
-        self.worker.submit(job)
+        job.stream = stream
+        self.worker.submit(job)  # QueueFull: 429, WorkerUnavailable: 503
+        self.metrics.count_vectors(job.vector_names)
         if stream:
             return StreamingResponse(self.sse_events(job, shape, text), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        result = await wait_for_result(job)
+        result = await result_unless_disconnected(job, request)
         return shape.full(text.visible(result.text), result.finish_reason, usage(result))
 
     async def sse_events(self, job: Job, shape, text: VisibleText):
@@ -120,13 +134,54 @@ class SteeringServer:
                     yield sse(shape.closing(value.finish_reason))
                     break
                 else:
-                    yield sse({"error": {"message": value, "type": "server_error", "code": 500}})
+                    yield sse({"error": {"message": value, "type": "server_error", "code": job.error_status}})
                     break
             yield "data: [DONE]\n\n"
         finally:
-            job.cancelled = True  # a client gone before its batch started is skipped
+            job.cancel()  # a client gone before its batch started is skipped
 
 
+def steered_vector_names(steering: dict) -> list[str]:
+    """The vectors a request steers with (for /metrics): those with a non-zero strength."""
+    return [name for name, strength in steering.items() if strength != 0]
+
+
+async def result_unless_disconnected(job: Job, request: Request):
+    """The job's result; if the client disconnects first, the job is cancelled (it leaves the batch at
+    the next decode) and nobody is answered."""
+    result = asyncio.ensure_future(next_outcome(job))
+    gone = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait([result, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        abandoned = not result.done()
+        if abandoned:
+            job.cancel()
+            result.cancel()
+    if abandoned:
+        raise ClientGone()
+    kind, value = result.result()
+    if kind == "error":
+        raise ApiError(job.error_status, value)
+    return value
+
+
+async def next_outcome(job: Job) -> tuple[str, object]:
+    while True:
+        kind, value = await job.events.get()
+        if kind != "piece":
+            return kind, value
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    # the body has been read, so the next ASGI message is the disconnect (uvicorn sends it then)
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class ClientGone(Exception):
+    """The client of a non-streaming request went away before its result."""
 
 
 def create_app(model, registry: VectorRegistry, config: ServerConfig | None = None) -> FastAPI:
@@ -146,7 +201,13 @@ def create_app(model, registry: VectorRegistry, config: ServerConfig | None = No
     app.state.server = server
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
+    app.add_exception_handler(QueueFull, busy_handler)
+    app.add_exception_handler(WorkerUnavailable, busy_handler)
+    app.add_exception_handler(ClientGone, client_gone_handler)
+    app.add_exception_handler(ClientDisconnect, client_gone_handler)  # gone while its body was read
+    app.add_middleware(RequestGuard, allowed_hosts=config.allowed_hosts, api_key=config.api_key)
     app.include_router(api_routes(server))
+    app.include_router(operator_routes(server))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -165,6 +226,37 @@ def unexpected_error_handler(request: Request, error: Exception) -> JSONResponse
     return error_response(500, f"internal error: {type(error).__name__}")
 
 
+def busy_handler(request: Request, error: Exception) -> JSONResponse:
+    """429 when the queue is full, 503 while the worker restarts; both say when to try again."""
+    response = error_response(429 if isinstance(error, QueueFull) else 503, str(error))
+    response.headers["Retry-After"] = "1"
+    return response
+
+
+def client_gone_handler(request: Request, error: Exception) -> JSONResponse:
+    return error_response(499, "the client closed the connection before the reply")  # read by nobody
+
+
+def operator_routes(server: SteeringServer) -> APIRouter:
+    """/health (public, for load balancers) and /metrics (Prometheus text; keyed like /v1)."""
+    router = APIRouter()
+
+    @router.get("/health")
+    def health():
+        server.worker.ensure_running()
+        if server.worker.available and server.model.ctx is not None:
+            return {"status": "ok"}
+        return error_response(503, "the generation worker is not running")
+
+    @router.get("/metrics", dependencies=[Depends(api_key_checker(server.config.api_key))])
+    def metrics():
+        worker = server.worker
+        text = render(server.metrics, worker.processing, worker.queued, worker.available, server.registry.names)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    return router
+
+
 def api_routes(server: SteeringServer) -> APIRouter:
     router = APIRouter(prefix="/v1", dependencies=[Depends(api_key_checker(server.config.api_key))])
 
@@ -179,9 +271,9 @@ def api_routes(server: SteeringServer) -> APIRouter:
     @router.post("/completions")
     async def completions(request: Request):
         body = parse_request(CompletionRequest, await read_json_body(request))
-        job = server.new_job(body, body.prompt_text(), [])
+        job = await server.new_job(body, body.prompt_text(), [])
         text = VisibleText(list(job.sampling.stop), strip_leading=False)
-        return await server.respond(job, CompletionShape(server.model_id), text, body.stream)
+        return await server.respond(job, CompletionShape(server.model_id), text, body.stream, request)
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
@@ -190,9 +282,9 @@ def api_routes(server: SteeringServer) -> APIRouter:
             prompt = chat_prompt(server.model, [m.model_dump() for m in body.messages])
         except ChatTemplateError as error:
             raise ApiError(400, str(error), "messages") from None
-        job = server.new_job(body, prompt.text, list(prompt.stops))
+        job = await server.new_job(body, prompt.text, list(prompt.stops))
         text = VisibleText(list(job.sampling.stop), prompt.strip_leading)
-        return await server.respond(job, ChatShape(server.model_id), text, body.stream)
+        return await server.respond(job, ChatShape(server.model_id), text, body.stream, request)
 
     return router
 
@@ -203,8 +295,7 @@ def api_key_checker(api_key: str | None):
     def check(request: Request) -> None:
         if api_key is None:
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        if not api_key_matches(request.headers.get("authorization", ""), api_key):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
 
     return check

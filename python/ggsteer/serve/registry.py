@@ -88,7 +88,13 @@ class VectorRegistry:
 
 
 def check_strength(name: str, strength) -> None:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
-        raise ApiError(400, f"steering strength for {name!r} must be a finite number, got {strength!r}", "steering")
+    # math.isfinite(int) would overflow on a JSON integer of hundreds of digits; abs() does not
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or (isinstance(strength, float) and not math.isfinite(strength)):
+        raise ApiError(400, f"steering strength for {name!r} must be a finite number, got {short_repr(strength)}", "steering")
     if abs(strength) > MAX_ABS_STRENGTH:
-        raise ApiError(400, f"steering strength for {name!r} is {strength}: it must be within +-{MAX_ABS_STRENGTH:g}", "steering")
+        raise ApiError(400, f"steering strength for {name!r} is {short_repr(strength)}: it must be within +-{MAX_ABS_STRENGTH:g}", "steering")
+
+
+def short_repr(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else f"{text[:20]}... ({len(text)} characters)"

@@ -15,7 +15,8 @@ from ggsteer.serve.settings import DEFAULT_TEMPERATURE, MAX_BODY_BYTES, MAX_STOP
 
 
 class GenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: JSON types as declared ("5" or true is no max_tokens); ints are still accepted as floats
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None  # accepted for OpenAI clients; the server has one model
     max_tokens: int | None = Field(None, ge=1)
@@ -66,7 +67,7 @@ async def read_json_body(request: Request, limit: int = MAX_BODY_BYTES) -> dict:
             raise ApiError(413, f"request body is larger than {limit} bytes")
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except ValueError as error:  # also UnicodeDecodeError, and integers over Python's 4300-digit limit
         raise ApiError(400, f"request body is not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object")

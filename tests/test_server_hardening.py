@@ -1,0 +1,220 @@
+"""The server's operator routes, web security and strict inputs (issue 12), on the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import httpx
+import pytest
+from test_server import GREEDY, expected_result, running_server, tiny_server_model, write_vectors
+from test_server_faults import metrics
+
+from ggsteer.cli import main
+from ggsteer.serve import ServerConfig, VectorRegistry, create_app
+
+
+@pytest.fixture(scope="module")
+def vectors_and_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hardening_vectors")
+    return write_vectors(directory), directory
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_path):
+    with tiny_server_model(tiny_model_path) as model:
+        yield model
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_path, vectors_and_dir):
+    with tiny_server_model(tiny_model_path) as model:
+        app = create_app(model, VectorRegistry.load(vectors_and_dir[1], model), ServerConfig(max_batch=4))
+        with running_server(app) as url:
+            yield url, app.state.server
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_model_path, vectors_and_dir):
+    with tiny_server_model(tiny_model_path) as model:
+        config = ServerConfig(max_batch=2, api_key="s3cret", allowed_hosts=("localhost", "127.0.0.1", "::1", "box.lan"))
+        app = create_app(model, VectorRegistry.load(vectors_and_dir[1], model), config)
+        with running_server(app) as url:
+            yield url
+
+
+# -- /health and /metrics -------------------------------------------------------------------------
+
+
+def test_health_is_200_while_the_worker_runs(served):
+    url, _ = served
+    response = httpx.get(f"{url}/health")
+    assert (response.status_code, response.json()) == (200, {"status": "ok"})
+
+
+def test_metrics_count_what_the_server_did(served, reference, vectors_and_dir):
+    url, _ = served
+    vectors = vectors_and_dir[0]
+    before = metrics(url)
+    body = {"prompt": "the cat", **GREEDY, "steering": {"happy": 0.8, "honest": 0}}
+    reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+    after = metrics(url)
+    expected = expected_result(reference, vectors, "the cat", {"happy": 0.8})
+    assert reply["usage"]["completion_tokens"] == expected.completion_tokens
+    delta = {name: after[name] - before.get(name, 0) for name in after}
+    assert delta["ggsteer_tokens_generated_total"] == expected.completion_tokens
+    assert delta["ggsteer_prompt_tokens_total"] == expected.prompt_tokens
+    assert delta['ggsteer_requests_total{outcome="completed"}'] == 1
+    assert delta['ggsteer_vector_requests_total{vector="happy"}'] == 1
+    assert delta['ggsteer_vector_requests_total{vector="honest"}'] == 0  # strength 0 steers nothing
+    assert delta["ggsteer_decodes_total"] >= expected.completion_tokens
+    assert delta["ggsteer_decode_seconds_total"] > 0
+    assert after["ggsteer_requests_processing"] == 0 and after["ggsteer_requests_queued"] == 0
+    assert after["ggsteer_up"] == 1
+
+
+def test_metrics_are_prometheus_text(served):
+    url, _ = served
+    response = httpx.get(f"{url}/metrics")
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    lines = response.text.splitlines()
+    assert "# TYPE ggsteer_tokens_generated_total counter" in lines
+    assert "# TYPE ggsteer_requests_processing gauge" in lines
+
+
+# -- the event loop -------------------------------------------------------------------------------
+
+
+def test_tokenization_runs_off_the_event_loop(served):
+    url, server = served
+    model = server.model
+    threads_with_a_loop = []
+
+    def tokenize_prompt(prompt):
+        try:
+            asyncio.get_running_loop()
+            threads_with_a_loop.append(True)
+        except RuntimeError:
+            threads_with_a_loop.append(False)
+        return type(model).tokenize_prompt(model, prompt)
+
+    model.tokenize_prompt = tokenize_prompt
+    try:
+        response = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", **GREEDY}, timeout=60)
+    finally:
+        del model.tokenize_prompt
+    assert response.status_code == 200
+    assert threads_with_a_loop == [False]
+
+
+# -- web security ---------------------------------------------------------------------------------
+
+
+def test_bodies_must_be_json(served):
+    url, _ = served
+    before = metrics(url)
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {} if content_type is None else {"content-type": content_type}
+        response = httpx.post(f"{url}/v1/completions", content=b'{"prompt": "hi", "max_tokens": 3}', headers=headers)
+        assert response.status_code == 415, content_type
+        assert "application/json" in response.json()["error"]["message"]
+    ok = httpx.post(f"{url}/v1/completions", content=b'{"prompt": "hi", "max_tokens": 3}',
+                    headers={"content-type": "application/json; charset=utf-8"}, timeout=60)
+    assert ok.status_code == 200
+    # none of the refused requests reached the worker
+    assert metrics(url)['ggsteer_requests_total{outcome="completed"}'] == before['ggsteer_requests_total{outcome="completed"}'] + 1
+
+
+def test_only_loopback_host_names_by_default(served):
+    url, _ = served
+    port = url.rsplit(":", 1)[1]
+    for host in ("attacker.example", f"attacker.example:{port}", "127.0.0.1.attacker.example", "0.0.0.0"):
+        for method, path in (("GET", "/v1/vectors"), ("POST", "/v1/completions"), ("GET", "/"), ("GET", "/health")):
+            response = httpx.request(method, f"{url}{path}", headers={"host": host}, json={"prompt": "x"})
+            assert response.status_code == 400, (host, path)
+            assert "--allowed-hosts" in response.json()["error"]["message"]
+    for host in ("localhost", f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LOCALHOST"):
+        assert httpx.get(f"{url}/v1/vectors", headers={"host": host}).status_code == 200, host
+
+
+def test_allowed_hosts_and_the_api_key_guard_the_docs(keyed):
+    key = {"Authorization": "Bearer s3cret"}
+    assert httpx.get(f"{keyed}/v1/vectors", headers={"host": "box.lan:80", **key}).status_code == 200
+    assert httpx.get(f"{keyed}/v1/vectors", headers={"host": "other.lan", **key}).status_code == 400
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        refused = httpx.get(f"{keyed}{path}")
+        assert refused.status_code == 401, path
+        assert refused.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(f"{keyed}{path}", headers={"Authorization": "Bearer nope"}).status_code == 401
+    described = httpx.get(f"{keyed}/openapi.json", headers=key)
+    assert described.status_code == 200 and "/v1/completions" in described.json()["paths"]
+    assert httpx.get(f"{keyed}/metrics").status_code == 401
+    assert httpx.get(f"{keyed}/metrics", headers=key).status_code == 200
+    assert httpx.get(f"{keyed}/health").status_code == 200  # for load balancers, without the key
+
+
+# -- strict inputs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"prompt": "x", "steering": {"happy": 1%s}}' % ("0" * 319), r"within \+-10"),
+        ('{"prompt": "x", "steering": {"happy": -1%s}}' % ("0" * 319), r"within \+-10"),
+        ('{"prompt": "x", "steering": {"happy": 1%s}}' % ("0" * 5000), "not valid JSON"),
+        ('{"prompt": "x", "max_tokens": "5"}', "max_tokens"),
+        ('{"prompt": "x", "max_tokens": true}', "max_tokens"),
+        ('{"prompt": "x", "max_tokens": 5.0}', "max_tokens"),
+        ('{"prompt": "x", "temperature": "0.5"}', "temperature"),
+        ('{"prompt": "x", "stream": "yes"}', "stream"),
+        ('{"prompt": "x", "stream": 1}', "stream"),
+        ('{"prompt": "x", "seed": "7"}', "seed"),
+        ('{"prompt": "x", "seed": 1%s}' % ("0" * 320), "seed"),
+        ('{"prompt": "x", "temperature": 1%s}' % ("0" * 320), "temperature"),
+        ('{"prompt": 5}', "prompt"),
+    ],
+)
+def test_wrongly_typed_or_huge_values_get_400(served, content, message):
+    import re
+
+    url, _ = served
+    response = httpx.post(f"{url}/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert re.search(message, response.json()["error"]["message"])
+    assert len(response.json()["error"]["message"]) < 300
+
+
+def test_integer_strengths_and_temperatures_are_still_numbers(served):
+    url, _ = served
+    body = {"prompt": "x", "max_tokens": 3, "temperature": 0, "top_p": 1, "steering": {"happy": 1}}
+    assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+
+
+# -- the serve command ----------------------------------------------------------------------------
+
+
+def test_a_busy_port_is_reported_before_the_model_loads(tmp_path, tiny_model_path, capsys, monkeypatch):
+    import ggsteer.cli.serve as serve_command
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(serve_command, "load_model", load_model)
+    write_vectors(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        code = main(["serve", "--model", str(tiny_model_path), "--vectors", str(tmp_path), "--port", str(port)])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert error.strip().splitlines() == [(f"ggsteer: error: port {port} on 127.0.0.1 is already in use: "
+                                           "stop the other server or pick another --port")]
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [("--max-queue", "0", "--max-queue"), ("--port", "70000", "--port")])
+def test_bad_serve_options_get_one_line(tmp_path, tiny_model_path, capsys, option, value, message):
+    write_vectors(tmp_path)
+    assert main(["serve", "--model", str(tiny_model_path), "--vectors", str(tmp_path), option, value]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0]
