@@ -31,6 +31,21 @@ class SequenceSampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # OpenAI's penalties over the tokens generated so far: logit -= frequency * count + presence
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit)
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (log-softmax of the raw logits, before
+    penalties, bias and temperature) and the `top` most likely tokens at that step."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,8 @@ class BatchCompletion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    tokens: tuple[int, ...] = ()  # the generated tokens (an end-of-generation token is not one)
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when sampling.logprobs is set
 
 
 @dataclass(eq=False)
@@ -55,6 +72,7 @@ class SequenceState:
     on_piece: Callable[[str], None] | None = None
     n_decoded: int = 0  # prompt tokens decoded so far (long prompts take several decodes)
     generated: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None  # set when the sequence ends
     next_logits: np.ndarray | None = None  # copied out right after the decode that produced them
@@ -69,7 +87,9 @@ class SequenceState:
         return len(self.prompt) + self.sampling.max_tokens
 
     def result(self) -> BatchCompletion:
-        return BatchCompletion(self.text, self.finish_reason or "length", len(self.prompt), len(self.generated))
+        logprobs = tuple(self.logprobs) if self.sampling.logprobs is not None else None
+        return BatchCompletion(self.text, self.finish_reason or "length", len(self.prompt), len(self.generated),
+                               tuple(self.generated), logprobs)
 
 
 def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
@@ -85,6 +105,29 @@ def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.r
         mask[keep] = probs[keep]
         probs = mask / mask.sum()
     return int(rng.choice(len(probs), p=probs))
+
+
+def adjusted_logits(logits: np.ndarray, sampling: SequenceSampling, generated: Sequence[int]) -> np.ndarray:
+    """The logits after OpenAI's presence/frequency penalties (over `generated`) and logit_bias."""
+    penalize = bool(generated) and (sampling.presence_penalty or sampling.frequency_penalty)
+    if not penalize and not sampling.logit_bias:
+        return logits
+    adjusted = logits.astype(np.float64)
+    if penalize:
+        tokens, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+        adjusted[tokens] -= sampling.frequency_penalty * counts + sampling.presence_penalty
+    for token, bias in sampling.logit_bias:
+        adjusted[token] += bias
+    return adjusted
+
+
+def token_logprob(logits: np.ndarray, token: int, n_top: int) -> TokenLogprob:
+    """`token`'s log-probability under `logits` and the `n_top` most likely tokens (ties: lower id first)."""
+    scaled = logits.astype(np.float64)
+    log_probs = scaled - scaled.max()
+    log_probs -= np.log(np.exp(log_probs).sum())
+    top = np.argsort(-log_probs, kind="stable")[:n_top]
+    return TokenLogprob(int(token), float(log_probs[token]), tuple((int(t), float(log_probs[t])) for t in top))
 
 
 def per_sequence(name: str, value, n: int) -> list:
@@ -212,11 +255,14 @@ class ContinuousBatch:
 
     def _next_token(self, state: SequenceState) -> int:
         sampling = state.sampling
-        token = sample_token(state.next_logits, sampling.temperature, sampling.top_p, state.rng)
-        state.next_logits = None
+        logits = adjusted_logits(state.next_logits, sampling, state.generated)
+        token = sample_token(logits, sampling.temperature, sampling.top_p, state.rng)
+        raw_logits, state.next_logits = state.next_logits, None
         if self.model.is_end_of_generation(token):
             state.finish_reason = "stop"
             return token
+        if sampling.logprobs is not None:
+            state.logprobs.append(token_logprob(raw_logits, token, sampling.logprobs))
         state.generated.append(token)
         self._update_text(state)
         if not state.done and len(state.generated) >= sampling.max_tokens:
