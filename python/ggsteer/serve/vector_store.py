@@ -58,7 +58,8 @@ class VectorStore:
             vector = ControlVector.load(path)
             vector.check_model(self.model)
         except Exception as error:  # noqa: BLE001 - any unreadable or unfit file is the client's 400
-            raise ApiError(400, f"{label}: {error}") from None
+            # the client knows the file by its name, not by the server's paths
+            raise ApiError(400, f"{label}: {str(error).replace(str(path), path.name)}") from None
         return vector
 
     # -- operations ----------------------------------------------------------------------------
