@@ -82,8 +82,8 @@ def test_chat_accepts_developer_role_and_text_parts(client, reference, vectors):
 
 
 def test_streamed_chat_sends_a_final_usage_chunk(client, reference, vectors):
-    request = dict(model="tiny", messages=[{"role": "user", "content": "you"}], max_tokens=TOKENS, temperature=0,
-                   extra_body={"steering": {"happy": -0.5}})
+    request = {"model": "tiny", "messages": [{"role": "user", "content": "you"}], "max_tokens": TOKENS, "temperature": 0,
+                   "extra_body": {"steering": {"happy": -0.5}}}
     chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
     expected = alone(reference, vectors, transcript("you"), {"happy": -0.5}, CHAT_STOPS)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text.lstrip()
@@ -111,7 +111,7 @@ def test_max_completion_tokens_limits_the_reply(client, reference, vectors):
 
 
 def test_penalties_reach_the_sampler(client, reference):
-    options = dict(presence_penalty=0.8, frequency_penalty=0.6)
+    options = {"presence_penalty": 0.8, "frequency_penalty": 0.6}
     result = client.completions.create(model="tiny", prompt="i am happy", max_tokens=40, temperature=0, **options)
     penalized = batch_alone(reference, "i am happy", SequenceSampling(40, **options))
     assert result.choices[0].text == penalized.text
@@ -158,7 +158,7 @@ def test_unknown_routes_and_methods_answer_in_openai_shape(base_url):
         assert error["code"] == status and error["type"] == "invalid_request_error" and path in error["message"]
 
 
-CHAT = dict(model="tiny", messages=[{"role": "user", "content": "hi"}])
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.mark.parametrize(("extra", "param"), [
