@@ -76,3 +76,29 @@ def test_logit_bias_forces_a_token_for_that_sequence_only(tiny_model):
     (alone,) = run(tiny_model, [SequenceSampling(6)])
     assert biased.tokens == (forced,) * 6
     assert plain.tokens == alone.tokens != biased.tokens
+
+
+def test_a_grammar_constrains_the_sequence_that_has_it(tiny_model):
+    words = ("yes", "no", "maybe")
+    grammar = "root ::= " + " | ".join(f'"{w}"' for w in words)
+    free, constrained = run(tiny_model, [SequenceSampling(12), SequenceSampling(12, grammar=grammar)], "i am happy")
+    assert constrained.text in words and constrained.finish_reason == "stop"  # ended by the grammar
+    assert free.text not in words and free.text == run(tiny_model, [SequenceSampling(12)], "i am happy")[0].text
+
+
+def test_a_json_schema_grammar_gives_valid_json(tiny_model):
+    import json
+
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    for prompt in ("the cat", "hello", "you are"):
+        (result,) = run(tiny_model, [SequenceSampling(60, temperature=0.9, seed=3, grammar=json_schema_to_gbnf(json.dumps(schema)))], prompt)
+        value = json.loads(result.text)
+        assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and value["n"] in (1, 2, 3)
+
+
+def test_a_grammar_that_does_not_parse_is_refused(tiny_model):
+    with ContinuousBatch(tiny_model) as batch, pytest.raises(ValueError, match="does not parse"):
+        batch.add(tiny_model.tokenize_prompt("x"), [], SequenceSampling(4, grammar="root ::= ("))

@@ -17,6 +17,7 @@ import llama_cpp
 import numpy as np
 
 from ggsteer.runtime.batch import OwnedBatch
+from ggsteer.runtime.grammar import GrammarConstraint
 from ggsteer.runtime.protocol import HookedModel
 from ggsteer.steering.interventions import Intervention, normalize_controls
 from ggsteer.steering.program import compile_program
@@ -36,6 +37,7 @@ class SequenceSampling:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit)
     logprobs: int | None = None  # report each token's log-probability and this many alternatives
+    grammar: str | None = None  # GBNF the generated text must follow (llama.cpp's grammar sampler)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class SequenceState:
     controls: list[Intervention]
     rng: np.random.Generator
     on_piece: Callable[[str], None] | None = None
+    constraint: GrammarConstraint | None = None
     n_decoded: int = 0  # prompt tokens decoded so far (long prompts take several decodes)
     generated: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -213,9 +216,10 @@ class ContinuousBatch:
         if not self.fits(len(tokens), sampling.max_tokens):
             raise ValueError(f"no room for a sequence of {len(tokens)} + {sampling.max_tokens} tokens: "
                              f"{len(self.active)} sequences hold {self.reserved_cells} of n_ctx={self.model.n_ctx()} cells")
+        constraint = None if sampling.grammar is None else GrammarConstraint(self.model, sampling.grammar)
         slot = self.slots.index(None)
         state = SequenceState(index, slot, list(tokens), sampling, list(controls),
-                              np.random.default_rng(sampling.seed), on_piece)
+                              np.random.default_rng(sampling.seed), on_piece, constraint)
         self.slots[slot] = state
         self.reserved_cells += state.kv_cells
         self._program_stale = True
@@ -256,11 +260,18 @@ class ContinuousBatch:
     def _next_token(self, state: SequenceState) -> int:
         sampling = state.sampling
         logits = adjusted_logits(state.next_logits, sampling, state.generated)
+        if state.constraint is not None:
+            logits = state.constraint.allowed(logits)
+            if logits is None:  # a dead end of the grammar ends this sequence, not its neighbours
+                state.next_logits, state.finish_reason = None, "stop"
+                return 0
         token = sample_token(logits, sampling.temperature, sampling.top_p, state.rng)
         raw_logits, state.next_logits = state.next_logits, None
         if self.model.is_end_of_generation(token):
             state.finish_reason = "stop"
             return token
+        if state.constraint is not None:
+            state.constraint.accept(token)
         if sampling.logprobs is not None:
             state.logprobs.append(token_logprob(raw_logits, token, sampling.logprobs))
         state.generated.append(token)
