@@ -7,6 +7,8 @@ test_sampling_options.py, so here the server must hand them to the batch and sha
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from test_server import TOKENS, expected_result, running_server, tiny_server_model, transcript, write_vectors
@@ -164,7 +166,8 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
 @pytest.mark.parametrize(("extra", "param"), [
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ({"n": 2}, "n"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, "response_format"),
     ({"logit_bias": {"999999": 5}}, "logit_bias"),
     ({"extra_body": {"audio": {"voice": "alloy"}}}, "audio"),
     ({"top_logprobs": 2}, "top_logprobs"),
@@ -200,3 +203,30 @@ def test_api_key_errors_are_the_clients_authentication_error(tiny_model_path, ve
             assert good.completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens == 2
             assert httpx.post(f"{url}/v1/steering", json={"steering": {}}).status_code == 401
             assert httpx.get(f"{url}/control-vectors").status_code == 401
+
+
+SCHEMA = {"type": "object", "properties": {"mood": {"enum": ["calm", "happy"]}, "score": {"type": "integer"}},
+          "required": ["mood", "score"], "additionalProperties": False}
+
+
+def test_json_schema_response_format(client):
+    response_format = {"type": "json_schema", "json_schema": {"name": "mood", "schema": SCHEMA}}
+    for seed in (1, 2):
+        result = client.chat.completions.create(**CHAT, max_tokens=60, temperature=0.9, seed=seed,
+                                                response_format=response_format, extra_body={"steering": {"happy": 0.5}})
+        value = json.loads(result.choices[0].message.content)
+        assert set(value) == {"mood", "score"} and value["mood"] in ("calm", "happy") and isinstance(value["score"], int)
+        assert result.choices[0].finish_reason == "stop"
+    free = client.chat.completions.create(**CHAT, max_tokens=20, temperature=0.9, seed=1)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(free.choices[0].message.content)
+
+
+def test_json_mode_streams_json(client):
+    # seed 5 closes its object early on the random model; other seeds write long strings until max_tokens
+    request = dict(**CHAT, max_tokens=40, temperature=0.8, seed=5, response_format={"type": "json_object"})
+    whole = client.chat.completions.create(**request).choices[0]
+    chunks = list(client.chat.completions.create(**request, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.message.content
+    assert whole.finish_reason == "stop"
+    assert isinstance(json.loads(whole.message.content), dict)

@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ggsteer.chat_format import ChatTemplateError, chat_prompt
 from ggsteer.generation import SequenceSampling
+from ggsteer.runtime.grammar import GrammarConstraint
 from ggsteer.serve.defaults import DefaultSteering
 from ggsteer.serve.errors import ApiError, error_response, http_error_handler
 from ggsteer.serve.registry import VectorRegistry
@@ -49,9 +50,6 @@ from ggsteer.serve.responses import (
     usage,
     wait_for_result,
 )
-from ggsteer.serve.steering_routes import steering_routes
-from ggsteer.serve.vector_routes import vector_routes
-from ggsteer.serve.vector_store import VectorStore
 from ggsteer.serve.schemas import (
     ChatRequest,
     CompletionRequest,
@@ -66,6 +64,9 @@ from ggsteer.serve.settings import (
     MAX_VECTOR_FILE_BYTES,
     STATIC_DIR,
 )
+from ggsteer.serve.steering_routes import steering_routes
+from ggsteer.serve.vector_routes import vector_routes
+from ggsteer.serve.vector_store import VectorStore
 from ggsteer.serve.worker import BatchWorker, Job
 
 log = logging.getLogger("ggsteer.server")
@@ -97,10 +98,10 @@ class SteeringServer:
     def sampling(self, request: GenerationRequest, extra_stops: list[str]) -> SequenceSampling:
         max_tokens = min(request.completion_limit() or DEFAULT_MAX_TOKENS, self.config.max_tokens_cap)
         stops = tuple(dict.fromkeys(request.stop_strings() + extra_stops))
-        request.check_response_format()
         return SequenceSampling(max_tokens, request.temperature, request.top_p, request.seed, stops,
                                 request.presence_penalty, request.frequency_penalty,
-                                request.checked_logit_bias(self.model.n_vocab()), request.n_logprobs())
+                                request.checked_logit_bias(self.model.n_vocab()), request.n_logprobs(),
+                                checked_grammar(self.model, request.grammar()))
 
     def new_job(self, request: GenerationRequest, prompt: str, extra_stops: list[str]) -> Job:
         steering = self.defaults.spec() if request.steering is None else request.steering  # {} opts out
@@ -183,6 +184,16 @@ def create_app(model, registry: VectorRegistry, config: ServerConfig | None = No
         return FileResponse(STATIC_DIR / "index.html")
 
     return app
+
+
+def checked_grammar(model, grammar: str | None) -> str | None:
+    """Refuse (400) a grammar llama.cpp cannot parse here, not in the worker."""
+    if grammar is not None:
+        try:
+            GrammarConstraint(model, grammar)
+        except ValueError as error:
+            raise ApiError(400, f"response_format: {error}", "response_format") from None
+    return grammar
 
 
 def api_error_handler(request: Request, error: ApiError) -> JSONResponse:

@@ -94,11 +94,25 @@ class GenerationRequest(BaseModel):
             items.append((int(key), float(bias)))
         return tuple(items)
 
-    def check_response_format(self) -> None:
+    def grammar(self) -> str | None:
+        """GBNF for response_format: JSON mode, or a JSON schema (llama-cpp-python's converter)."""
+        from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
         kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            raise ApiError(400, f"response_format: type {kind!r} is not supported (structured output is not "
-                                "implemented by ggsteer); only 'text'", "response_format")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return JSON_GBNF
+        if kind != "json_schema":
+            raise ApiError(400, f"response_format: unknown type {kind!r}; use text, json_object or json_schema", "response_format")
+        schema = (self.response_format.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise ApiError(400, "response_format.json_schema.schema: give the JSON schema as an object", "response_format")
+        try:
+            return json_schema_to_gbnf(json.dumps(schema))
+        except Exception as error:  # noqa: BLE001 - the converter raises what it likes on schemas it cannot express
+            raise ApiError(400, f"response_format.json_schema.schema: cannot be turned into a grammar: {error}",
+                           "response_format") from None
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
