@@ -289,3 +289,12 @@ def test_unloading_a_vector_does_not_disturb_a_request_using_it(client, referenc
                     unloaded.set()
     assert unloaded.is_set() and len(pieces) > 3
     assert "".join(pieces) == expected_text(reference, vectors, PROMPT, {"happy": 0.9}, max_tokens=400)
+
+
+def test_overwriting_a_vector_keeps_the_default_usable(client, reference, tmp_path):
+    assert client.post("/control-vectors/load", json={"path": "honest.gguf", "layer_start": 2, "layer_end": 2}).json()["success"]
+    only_layer_1 = ControlVector({1: np.ones(48, np.float32)}, "llama", {"unit": "gap"})
+    assert client.put("/v1/vectors/honest?overwrite=true", content=gguf_bytes(tmp_path, only_layer_1)).status_code == 201
+    # the default named layer 2, which the new file lacks: it is dropped, not left to fail every request
+    assert client.get("/v1/steering").json()["steering"] == {}
+    assert complete(client) == intervened_text(reference, [])

@@ -44,6 +44,18 @@ class DefaultSteering:
         with self._lock:
             self._entries = []
 
+    def revalidate(self) -> list[str]:
+        """Drop entries a replaced vector file no longer fits (e.g. layers it lacks); their names."""
+        dropped = []
+        for name, value in self.entries:
+            try:
+                self.registry.controls({name: value}, self.model)
+            except ApiError:
+                dropped.append(name)
+        for name in dropped:
+            self.forget(name)
+        return dropped
+
     def forget(self, name: str) -> None:
         """Drop a vector that left the registry (unloaded, or gone from the directory)."""
         with self._lock:

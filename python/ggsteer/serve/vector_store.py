@@ -92,6 +92,7 @@ class VectorStore:
                 raise ApiError(409, f"vector {name!r} exists: send ?overwrite=true to replace it", "name") from None
         entry = RegisteredVector(name, target, vector)
         self.registry.put(entry)
+        self.defaults.revalidate()  # an overwritten file may lack layers the default named
         return entry
 
     def unload(self, name: str) -> RegisteredVector:
@@ -118,5 +119,6 @@ class VectorStore:
                 self.defaults.forget(name)
         for entry in table.values():
             self.registry.put(entry)
+        self.defaults.revalidate()
         return {"added": sorted(set(table) - set(before)), "removed": sorted(set(before) - set(table)),
                 "errors": errors, "vectors": sorted(table)}
