@@ -160,7 +160,9 @@ class LlamaShapes:
             start, end = item.get("layer_start"), item.get("layer_end")
             if start is None and end is None and old.get("layers"):
                 start, end = min(old["layers"]), max(old["layers"])
-            chosen[name] = self.setting(name, item.get("scale", 1.0), start, end)
+            # llama-server reads a missing scale as 0; ik_llama.cpp's apply requires one
+            scale = item.get("scale", None if keep_listed_only else 0.0)
+            chosen[name] = self.setting(name, scale, start, end)
         if keep_listed_only:  # ik: every loaded vector stays listed, those not named at scale 0
             entries = [(n, chosen.get(n, {**v, "strength": 0.0} if isinstance(v, dict) else 0.0)) for n, v in self.defaults.entries]
         else:
