@@ -159,12 +159,14 @@ class LlamaShapes:
             old = current.get(name) if isinstance(current.get(name), dict) else {}
             start, end = item.get("layer_start"), item.get("layer_end")
             if start is None and end is None and old.get("layers"):
-                start, end = min(old["layers"]), max(old["layers"])
+                old_layers = layers_setting(old["layers"])
+                start, end = min(old_layers), max(old_layers)
             # llama-server reads a missing scale as 0; ik_llama.cpp's apply requires one
             scale = item.get("scale", None if keep_listed_only else 0.0)
             chosen[name] = self.setting(name, scale, start, end)
-        if keep_listed_only:  # ik: every loaded vector stays listed, those not named at scale 0
-            entries = [(n, chosen.get(n, {**v, "strength": 0.0} if isinstance(v, dict) else 0.0)) for n, v in self.defaults.entries]
+        if keep_listed_only:  # ik: every loaded vector stays listed, those not named at scale 0 (off, whatever op)
+            entries = [(n, chosen.get(n, {"strength": 0.0, "layers": v.get("layers")} if isinstance(v, dict) else 0.0))
+                       for n, v in self.defaults.entries]
         else:
             entries = list(chosen.items())
         self.defaults.replace(entries)
