@@ -298,3 +298,12 @@ def test_overwriting_a_vector_keeps_the_default_usable(client, reference, tmp_pa
     # the default named layer 2, which the new file lacks: it is dropped, not left to fail every request
     assert client.get("/v1/steering").json()["steering"] == {}
     assert complete(client) == intervened_text(reference, [])
+
+
+def test_ik_apply_turns_off_entries_set_in_ggsteers_shape(client, reference, vectors):
+    client.post("/v1/steering", json={"steering": {"honest": {"op": "ablate", "layers": "1-2"}, "happy": 0.5}})
+    listed = client.get("/control-vectors").json()
+    assert [(v["path"], v["scale"], v["applied"]) for v in listed] == [("honest.gguf", 0.0, True), ("happy.gguf", 0.5, True)]
+    assert client.post("/control-vectors/apply", json=[{"id": 1, "scale": 0.25}]).json() == {"success": True}
+    assert [v["applied"] for v in client.get("/control-vectors").json()] == [False, True]
+    assert complete(client) == expected_text(reference, vectors, PROMPT, {"happy": 0.25})
