@@ -31,15 +31,8 @@ from ggsteer.generation import ContinuousBatch, SequenceSampling
 PROMPT = "Once upon a time, in a small village by the sea,"
 
 
-class PerSequenceBatch(ContinuousBatch):
-    """A ContinuousBatch that gives every sequence its own llama_decode."""
-
-    def _decode(self, rows):
-        by_slot: dict[int, list] = {}
-        for row in rows:
-            by_slot.setdefault(row[0].slot, []).append(row)
-        for group in by_slot.values():
-            super()._decode(group)
+def per_sequence_batch(model):
+    return ContinuousBatch(model, one_sequence_per_decode=True)
 
 
 @contextlib.contextmanager
@@ -87,8 +80,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="GGUF model (default: the embedded Gemma 3 270M)")
     args = parser.parse_args()
     models = {False: load(args, False), True: load(args, True)}
-    modes = {"batched": (False, ContinuousBatch), "per-sequence": (False, PerSequenceBatch),
-             "no-extra-bufts": (True, ContinuousBatch), "both": (True, PerSequenceBatch)}
+    modes = {"batched": (False, ContinuousBatch), "per-sequence": (False, per_sequence_batch),
+             "no-extra-bufts": (True, ContinuousBatch), "both": (True, per_sequence_batch)}
     alone = {name: run(models[no_extra], cls, 1, args.tokens)[0][0] for name, (no_extra, cls) in modes.items()}
     texts, rates = {}, {name: [] for name in modes}
     for _ in range(args.rounds):  # modes alternate within each round; ratios pair a round's runs

@@ -169,10 +169,14 @@ class ContinuousBatch:
     decodes those tokens together with as much waiting prompt as fits in n_batch; finished
     sequences leave the batch and free their slot and cells. The model is unsteered while the
     batch is open: only the per-slot program steers.
+
+    `one_sequence_per_decode`: every llama_decode holds one sequence's rows, decoded as if it ran
+    alone (see benchmarks/deterministic.py for what that buys on CPU and what it costs).
     """
 
-    def __init__(self, model: HookedModel, max_sequences: int | None = None):
+    def __init__(self, model: HookedModel, max_sequences: int | None = None, *, one_sequence_per_decode: bool = False):
         self.model = model
+        self.one_sequence_per_decode = one_sequence_per_decode
         self.max_sequences = min(max_sequences or model.n_seq_max, model.n_seq_max)
         self.slots: list[SequenceState | None] = [None] * model.n_seq_max
         self.reserved_cells = 0
@@ -252,6 +256,13 @@ class ContinuousBatch:
                 rows.append((state, token, len(state.prompt) + len(state.generated) - 1, True, True))
         for state in finished:
             self.remove(state)
+        if self.one_sequence_per_decode:
+            for row in rows:
+                self._decode([row])
+            for state in self.active:
+                if prompt := self._prompt_rows(self.batch.capacity, [state]):
+                    self._decode(prompt)
+            return finished
         rows += self._prompt_rows(self.batch.capacity - len(rows))
         if rows:
             self._decode(rows)
@@ -291,10 +302,10 @@ class ContinuousBatch:
             state.on_piece(text[len(state.text) :])
         state.text = text
 
-    def _prompt_rows(self, budget: int) -> list:
+    def _prompt_rows(self, budget: int, states: list[SequenceState] | None = None) -> list:
         """Prompt tokens still to decode, oldest sequence first, up to `budget` rows."""
         rows = []
-        for state in self.active:
+        for state in self.active if states is None else states:
             while budget > 0 and state.n_decoded < len(state.prompt):
                 pos = state.n_decoded
                 rows.append((state, state.prompt[pos], pos, False, pos == len(state.prompt) - 1))
