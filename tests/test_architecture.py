@@ -17,7 +17,7 @@ LAYERS = [
     ("_native",),  # the compiled extension: only runtime/ loads it
     ("runtime", "atomic_file", "extras"),
     ("vectors",),
-    ("steering",),
+    ("steering", "sampling"),
     ("train", "generation", "chat_format"),
     ("model",),
     ("evaluate", "serve", "bake"),

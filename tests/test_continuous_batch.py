@@ -159,3 +159,23 @@ def test_churn_with_a_nearly_full_context(tiny_model):
     assert len(done) == 40
     for prompt, sampling, state in done:
         assert state.text == alone(tiny_model, prompt, max_tokens=sampling.max_tokens), prompt
+
+
+def test_one_sequence_per_decode_decodes_each_sequence_alone(tiny_model, monkeypatch):
+    vector = random_vector(tiny_model, 33, scale=4.0)
+    decoded_slots = []
+    original = ContinuousBatch._decode
+
+    def recording(self, rows):
+        decoded_slots.append({row[0].slot for row in rows})
+        original(self, rows)
+
+    monkeypatch.setattr(ContinuousBatch, "_decode", recording)
+    prompts = [("i am very happy and", [(vector, 1.0)]), ("the dog is", None), ("a cat and the sad dog", [(vector, -1.0)])]
+    with ContinuousBatch(tiny_model, one_sequence_per_decode=True) as batch:
+        states = [add(tiny_model, batch, prompt, controls) for prompt, controls in prompts]
+        run_to_end(batch)
+    assert all(len(slots) == 1 for slots in decoded_slots)
+    assert len(decoded_slots) == 3 * (1 + GREEDY.max_tokens - 1)  # each: its prompt, then a decode per token
+    monkeypatch.undo()
+    assert [s.text for s in states] == [alone(tiny_model, prompt, controls) for prompt, controls in prompts]

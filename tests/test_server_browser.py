@@ -121,3 +121,40 @@ def test_page_steers_from_the_next_message(page_server, reference, browser, tmp_
     history = transcript("hello there")[: -len("\nAssistant:")] + f"\nAssistant: {first}\nUser: again\nAssistant:"
     assert second == expected_text(reference, vectors, history, stop=TRANSCRIPT_STOPS).lstrip()
     save_screenshot(browser, tmp_path, "chat-page-two-turns.png")
+
+
+def test_page_makes_its_sliders_the_server_default(page_server, reference, browser, tmp_path):
+    import httpx
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, vectors = page_server
+    browser.get(url + "/")
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements("id", "strength-honest"))
+    set_field(browser, "temperature", "0")
+    set_field(browser, "max-tokens", str(MAX_TOKENS))
+    slider = browser.find_element("id", "strength-honest")
+    slider.click()
+    for _ in range(14):
+        slider.send_keys(Keys.ARROW_LEFT)  # -0.70
+    next_line = browser.find_element("id", "next-steering")
+    assert next_line.text == "next message: honest -0.70 (this page only)"
+    assert httpx.get(url + "/v1/steering").json()["steering"] == {}  # the switch is off: nothing sent
+
+    browser.find_element("id", "make-default").click()
+    WebDriverWait(browser, 30).until(lambda d: httpx.get(url + "/v1/steering").json()["steering"] == {"honest": -0.7})
+    assert next_line.text == "next message: honest -0.70 (default for every client)"
+    # any client without a steering field now gets the page's steering
+    plain = httpx.post(url + "/v1/completions", json={"prompt": "the cat", "temperature": 0, "max_tokens": MAX_TOKENS},
+                       timeout=60).json()["choices"][0]["text"]
+    assert plain == expected_text(reference, vectors, "the cat", {"honest": -0.7}) != expected_text(reference, vectors, "the cat")
+    reply = send_and_wait(browser, "hi", 1)
+    assert reply == expected_text(reference, vectors, transcript("hi"), {"honest": -0.7}, stop=TRANSCRIPT_STOPS).lstrip()
+    save_screenshot(browser, tmp_path, "chat-page-default.png")
+
+    # a reload shows the server's default on the sliders, switch on
+    browser.get(url + "/")
+    WebDriverWait(browser, 30).until(lambda d: d.find_element("id", "make-default").is_selected())
+    assert float(browser.find_element("id", "strength-honest").get_attribute("value")) == pytest.approx(-0.7)
+    browser.find_element("id", "make-default").click()  # off: the default is cleared
+    WebDriverWait(browser, 30).until(lambda d: httpx.get(url + "/v1/steering").json()["steering"] == {})

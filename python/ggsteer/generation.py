@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -18,20 +17,18 @@ import llama_cpp
 import numpy as np
 
 from ggsteer.runtime.batch import OwnedBatch
+from ggsteer.runtime.grammar import GrammarConstraint
 from ggsteer.runtime.protocol import HookedModel
+from ggsteer.sampling import (
+    SequenceSampling,
+    TokenLogprob,
+    adjusted_logits,
+    sample_token,
+    sequence_samplings,
+    token_logprob,
+)
 from ggsteer.steering.interventions import Intervention, normalize_controls
 from ggsteer.steering.program import compile_program
-
-
-@dataclass(frozen=True)
-class SequenceSampling:
-    """How one sequence of a batch is sampled and when it ends."""
-
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -43,6 +40,8 @@ class BatchCompletion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    tokens: tuple[int, ...] = ()  # the generated tokens (an end-of-generation token is not one)
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when sampling.logprobs is set
 
 
 @dataclass(eq=False)
@@ -54,8 +53,10 @@ class SequenceState:
     controls: list[Intervention]
     rng: np.random.Generator
     on_piece: Callable[[str], None] | None = None
+    constraint: GrammarConstraint | None = None
     n_decoded: int = 0  # prompt tokens decoded so far (long prompts take several decodes)
     generated: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     text: str = ""
     decoded: str = ""  # the whole generation so far (text is cut at a stop string)
     n_bytes: int = 0  # bytes of the generation fed to the decoder
@@ -79,50 +80,9 @@ class SequenceState:
         return len(self.prompt) + self.sampling.max_tokens
 
     def result(self) -> BatchCompletion:
-        return BatchCompletion(self.text, self.finish_reason or "length", len(self.prompt), len(self.generated))
-
-
-def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    if temperature <= 0.0:
-        return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / temperature
-    probs = np.exp(scaled - scaled.max())
-    probs /= probs.sum()
-    if top_p < 1.0:
-        order = np.argsort(-probs)
-        keep = order[: int(np.searchsorted(np.cumsum(probs[order]), top_p) + 1)]
-        mask = np.zeros_like(probs)
-        mask[keep] = probs[keep]
-        probs = mask / mask.sum()
-    return int(rng.choice(len(probs), p=probs))
-
-
-def per_sequence(name: str, value, n: int) -> list:
-    """A setting given once for every sequence, or as a list with one entry per sequence."""
-    if isinstance(value, (list, tuple)) and not (name == "stop" and all(isinstance(v, str) for v in value)):
-        if len(value) != n:
-            raise ValueError(f"{n} prompts but {len(value)} values of {name}")
-        return list(value)
-    return [value] * n
-
-
-def sequence_samplings(n: int, max_tokens, temperature, top_p, seed, stop) -> list[SequenceSampling]:
-    """Per-sequence settings; a single integer seed gives sequence i the seed `seed + i`."""
-    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
-        seed = [int(seed) + i for i in range(n)]
-    if isinstance(stop, str):
-        stop = [stop]
-    columns = [per_sequence(name, value, n) for name, value in
-               (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p), ("seed", seed), ("stop", stop))]
-    samplings = []
-    for i, (count, temp, p, s, words) in enumerate(zip(*columns)):
-        if int(count) < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {count} (sequence {i})")
-        if not 0.0 < float(p) <= 1.0 or float(temp) < 0.0:
-            raise ValueError(f"sequence {i}: temperature must be >= 0 and top_p in (0, 1], got {temp} and {p}")
-        words = (words,) if isinstance(words, str) else tuple(words or ())
-        samplings.append(SequenceSampling(int(count), float(temp), float(p), s, words))
-    return samplings
+        logprobs = tuple(self.logprobs) if self.sampling.logprobs is not None else None
+        return BatchCompletion(self.text, self.finish_reason or "length", len(self.prompt), len(self.generated),
+                               tuple(self.generated), logprobs)
 
 
 class ContinuousBatch:
@@ -133,10 +93,14 @@ class ContinuousBatch:
     decodes those tokens together with as much waiting prompt as fits in n_batch; finished
     sequences leave the batch and free their slot and cells. The model is unsteered while the
     batch is open: only the per-slot program steers.
+
+    `one_sequence_per_decode`: every llama_decode holds one sequence's rows, decoded as if it ran
+    alone (see benchmarks/deterministic.py for what that buys on CPU and what it costs).
     """
 
-    def __init__(self, model: HookedModel, max_sequences: int | None = None):
+    def __init__(self, model: HookedModel, max_sequences: int | None = None, *, one_sequence_per_decode: bool = False):
         self.model = model
+        self.one_sequence_per_decode = one_sequence_per_decode
         self.max_sequences = min(max_sequences or model.n_seq_max, model.n_seq_max)
         self.slots: list[SequenceState | None] = [None] * model.n_seq_max
         self.reserved_cells = 0
@@ -184,9 +148,10 @@ class ContinuousBatch:
         if not self.fits(len(tokens), sampling.max_tokens):
             raise ValueError(f"no room for a sequence of {len(tokens)} + {sampling.max_tokens} tokens: "
                              f"{len(self.active)} sequences hold {self.reserved_cells} of n_ctx={self.model.n_ctx()} cells")
+        constraint = None if sampling.grammar is None else GrammarConstraint(self.model, sampling.grammar)
         slot = self.slots.index(None)
         state = SequenceState(index, slot, list(tokens), sampling, list(controls),
-                              np.random.default_rng(sampling.seed), on_piece)
+                              np.random.default_rng(sampling.seed), on_piece, constraint)
         state.joined = self._joined = self._joined + 1
         self.slots[slot] = state
         self.reserved_cells += state.kv_cells
@@ -223,6 +188,13 @@ class ContinuousBatch:
                 rows.append((state, token, len(state.prompt) + len(state.generated) - 1, True, True))
         for state in finished:
             self.remove(state)
+        if self.one_sequence_per_decode:
+            for row in rows:
+                self._decode([row])
+            for state in self.active:
+                if prompt := self._prompt_rows(self.batch.capacity, [state]):
+                    self._decode(prompt)
+            return finished
         rows += self._prompt_rows(self.batch.capacity - len(rows))
         if rows:
             self._decode(rows)
@@ -230,11 +202,21 @@ class ContinuousBatch:
 
     def _next_token(self, state: SequenceState) -> int:
         sampling = state.sampling
-        token = sample_token(state.next_logits, sampling.temperature, sampling.top_p, state.rng)
-        state.next_logits = None
+        logits = adjusted_logits(state.next_logits, sampling, state.generated)
+        if state.constraint is not None:
+            logits = state.constraint.allowed(logits)
+            if logits is None:  # a dead end of the grammar ends this sequence, not its neighbours
+                state.next_logits, state.finish_reason = None, "stop"
+                return 0
+        token = sample_token(logits, sampling.temperature, sampling.top_p, state.rng)
+        raw_logits, state.next_logits = state.next_logits, None
         if self.model.is_end_of_generation(token):
             state.finish_reason = "stop"
             return token
+        if state.constraint is not None:
+            state.constraint.accept(token)
+        if sampling.logprobs is not None:
+            state.logprobs.append(token_logprob(raw_logits, token, sampling.logprobs))
         state.generated.append(token)
         self._update_text(state)
         if not state.done and len(state.generated) >= sampling.max_tokens:
@@ -263,11 +245,11 @@ class ContinuousBatch:
             state.on_piece(text[len(state.text) :])
         state.text = text
 
-    def _prompt_rows(self, budget: int) -> list:
+    def _prompt_rows(self, budget: int, states: list[SequenceState] | None = None) -> list:
         """Prompt tokens still to decode, oldest sequence first, up to `budget` rows. A conditioned
         prompt is never split: when it does not fit whole, it and every younger prompt wait."""
         rows = []
-        for state in self._by_age():
+        for state in self._by_age() if states is None else states:
             if state.conditioned and state.n_decoded == 0 and len(state.prompt) > budget:
                 break
             while budget > 0 and state.n_decoded < len(state.prompt):

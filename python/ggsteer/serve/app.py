@@ -28,17 +28,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ggsteer.chat_format import ChatTemplateError, chat_prompt
 from ggsteer.generation import SequenceSampling
-from ggsteer.serve.errors import ApiError, error_response
+from ggsteer.runtime.grammar import GrammarConstraint
+from ggsteer.serve.defaults import DefaultSteering
+from ggsteer.serve.errors import ApiError, error_response, http_error_handler
 from ggsteer.serve.guard import LOOPBACK_HOSTS, RequestGuard, api_key_matches
 from ggsteer.serve.metrics import ServerMetrics, render
 from ggsteer.serve.registry import VectorRegistry
@@ -46,6 +50,8 @@ from ggsteer.serve.responses import (
     ChatShape,
     CompletionShape,
     VisibleText,
+    chat_logprobs,
+    completion_logprobs,
     sse,
     usage,
 )
@@ -60,8 +66,12 @@ from ggsteer.serve.settings import (
     DEFAULT_BATCH_WAIT_S,
     DEFAULT_MAX_TOKENS,
     MAX_TOKENS_CAP,
+    MAX_VECTOR_FILE_BYTES,
     STATIC_DIR,
 )
+from ggsteer.serve.steering_routes import steering_routes
+from ggsteer.serve.vector_routes import vector_routes
+from ggsteer.serve.vector_store import VectorStore
 from ggsteer.serve.worker import DEFAULT_MAX_QUEUE, BatchWorker, Job, QueueFull, WorkerUnavailable
 
 log = logging.getLogger("ggsteer.server")
@@ -77,6 +87,7 @@ class ServerConfig:
     batch_wait_s: float = DEFAULT_BATCH_WAIT_S
     max_queue: int = DEFAULT_MAX_QUEUE  # requests waiting for the batch at most (more get 429)
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS  # Host names accepted ("*": any)
+    max_vector_file_bytes: int = MAX_VECTOR_FILE_BYTES
 
 
 class SteeringServer:
@@ -89,14 +100,20 @@ class SteeringServer:
         self.metrics = ServerMetrics()
         self.worker = BatchWorker(model, config.max_batch, config.batch_wait_s, config.max_queue, self.metrics)
         self.model_id = Path(model.model_path).stem
+        self.created = int(time.time())
+        self.defaults = DefaultSteering(registry, model)
 
     def sampling(self, request: GenerationRequest, extra_stops: list[str]) -> SequenceSampling:
-        max_tokens = min(request.max_tokens or DEFAULT_MAX_TOKENS, self.config.max_tokens_cap)
+        max_tokens = min(request.completion_limit() or DEFAULT_MAX_TOKENS, self.config.max_tokens_cap)
         stops = tuple(dict.fromkeys(request.stop_strings() + extra_stops))
-        return SequenceSampling(max_tokens, request.temperature, request.top_p, request.seed, stops)
+        return SequenceSampling(max_tokens, request.temperature, request.top_p, request.seed, stops,
+                                request.presence_penalty, request.frequency_penalty,
+                                request.checked_logit_bias(self.model.n_vocab()), request.n_logprobs(),
+                                checked_grammar(self.model, request.grammar()))
 
     async def new_job(self, request: GenerationRequest, prompt: str, extra_stops: list[str]) -> Job:
-        controls = self.registry.controls(request.steering, self.model)
+        steering = self.defaults.spec() if request.steering is None else request.steering  # {} opts out
+        controls = self.registry.controls(steering, self.model)
         sampling = self.sampling(request, extra_stops)
         # a long prompt takes a while to tokenize: the event loop keeps serving meanwhile
         tokens = await asyncio.to_thread(self.model.tokenize_prompt, prompt)
@@ -104,22 +121,26 @@ class SteeringServer:
             raise ApiError(400, f"the prompt ({len(tokens)} tokens) plus max_tokens ({sampling.max_tokens}) "
                                 f"exceeds the context ({self.model.n_ctx()} tokens)", "max_tokens")
         job = Job(tokens, controls, sampling, asyncio.get_running_loop())
-        job.vector_names = steered_vector_names(request.steering)
+        job.vector_names = steered_vector_names(steering)
         return job
 
-    async def respond(self, job: Job, shape: "CompletionShape | ChatShape", text: VisibleText, stream: bool,
-                      request: Request):
+    async def respond(self, job: Job, shape: "CompletionShape | ChatShape", text: VisibleText,
+                      body: GenerationRequest, request: Request):
         """Queue the job; answer with SSE events as it generates, or with one object when it is done."""
-        job.stream = stream
+        job.stream = body.stream
         self.worker.submit(job)  # QueueFull: 429, WorkerUnavailable: 503
         self.metrics.count_vectors(job.vector_names)
-        if stream:
-            return StreamingResponse(self.sse_events(job, shape, text), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+        if body.stream:
+            return StreamingResponse(self.sse_events(job, shape, text, body.wants_usage_chunk()),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         result = await result_unless_disconnected(job, request)
-        return shape.full(text.visible(result.text), result.finish_reason, usage(result))
+        return shape.full(text.visible(result.text), result.finish_reason, usage(result), self.logprobs(shape, result))
 
-    async def sse_events(self, job: Job, shape, text: VisibleText):
+    def logprobs(self, shape, result):
+        convert = chat_logprobs if isinstance(shape, ChatShape) else completion_logprobs
+        return convert(self.model, result.logprobs)
+
+    async def sse_events(self, job: Job, shape, text: VisibleText, usage_chunk: bool = False):
         try:
             for chunk in shape.opening():
                 yield sse(chunk)
@@ -131,7 +152,9 @@ class SteeringServer:
                 elif kind == "done":
                     if rest := text.finish(value.text):
                         yield sse(shape.piece(rest))
-                    yield sse(shape.closing(value.finish_reason))
+                    yield sse(shape.closing(value.finish_reason, self.logprobs(shape, value)))
+                    if usage_chunk:
+                        yield sse(shape.usage_chunk(usage(value)))
                     break
                 else:
                     yield sse({"error": {"message": value, "type": "server_error", "code": job.error_status}})
@@ -142,8 +165,9 @@ class SteeringServer:
 
 
 def steered_vector_names(steering: dict) -> list[str]:
-    """The vectors a request steers with (for /metrics): those with a non-zero strength."""
-    return [name for name, strength in steering.items() if strength != 0]
+    """The vectors a request steers with (for /metrics): those not at strength 0."""
+    return [name for name, spec in steering.items()
+            if (spec.get("strength", 1) if isinstance(spec, dict) else spec) != 0]
 
 
 async def result_unless_disconnected(job: Job, request: Request):
@@ -200,6 +224,7 @@ def create_app(model, registry: VectorRegistry, config: ServerConfig | None = No
     app = FastAPI(title="ggsteer", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
     app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)  # 404, 405 in OpenAI's shape
     app.add_exception_handler(Exception, unexpected_error_handler)
     app.add_exception_handler(QueueFull, busy_handler)
     app.add_exception_handler(WorkerUnavailable, busy_handler)
@@ -208,6 +233,11 @@ def create_app(model, registry: VectorRegistry, config: ServerConfig | None = No
     app.add_middleware(RequestGuard, allowed_hosts=config.allowed_hosts, api_key=config.api_key)
     app.include_router(api_routes(server))
     app.include_router(operator_routes(server))
+    protected = [Depends(api_key_checker(config.api_key))]
+    if registry.directory is not None:
+        store = VectorStore(registry, model, server.defaults, config.max_vector_file_bytes)
+        app.include_router(vector_routes(store, protected))
+        app.include_router(steering_routes(server.defaults, store, protected))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -215,6 +245,16 @@ def create_app(model, registry: VectorRegistry, config: ServerConfig | None = No
         return FileResponse(STATIC_DIR / "index.html")
 
     return app
+
+
+def checked_grammar(model, grammar: str | None) -> str | None:
+    """Refuse (400) a grammar llama.cpp cannot parse here, not in the worker."""
+    if grammar is not None:
+        try:
+            GrammarConstraint(model, grammar)
+        except ValueError as error:
+            raise ApiError(400, f"response_format: {error}", "response_format") from None
+    return grammar
 
 
 def api_error_handler(request: Request, error: ApiError) -> JSONResponse:
@@ -264,27 +304,36 @@ def api_routes(server: SteeringServer) -> APIRouter:
     def list_vectors():
         return {"object": "list", "data": server.registry.describe()}
 
+    def model_object() -> dict:
+        return {"id": server.model_id, "object": "model", "created": server.created, "owned_by": "ggsteer"}
+
     @router.get("/models")
     def list_models():
-        return {"object": "list", "data": [{"id": server.model_id, "object": "model", "owned_by": "ggsteer"}]}
+        return {"object": "list", "data": [model_object()]}
+
+    @router.get("/models/{model_id:path}")
+    def get_model(model_id: str):
+        if model_id != server.model_id:
+            raise ApiError(404, f"the model {model_id!r} does not exist; this server has {server.model_id!r}", "model")
+        return model_object()
 
     @router.post("/completions")
     async def completions(request: Request):
         body = parse_request(CompletionRequest, await read_json_body(request))
         job = await server.new_job(body, body.prompt_text(), [])
         text = VisibleText(list(job.sampling.stop), strip_leading=False)
-        return await server.respond(job, CompletionShape(server.model_id), text, body.stream, request)
+        return await server.respond(job, CompletionShape(server.model_id), text, body, request)
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
         body = parse_request(ChatRequest, await read_json_body(request))
         try:
-            prompt = chat_prompt(server.model, [m.model_dump() for m in body.messages])
+            prompt = chat_prompt(server.model, [m.as_prompt_message() for m in body.messages])
         except ChatTemplateError as error:
             raise ApiError(400, str(error), "messages") from None
         job = await server.new_job(body, prompt.text, list(prompt.stops))
         text = VisibleText(list(job.sampling.stop), prompt.strip_leading)
-        return await server.respond(job, ChatShape(server.model_id), text, body.stream, request)
+        return await server.respond(job, ChatShape(server.model_id), text, body, request)
 
     return router
 

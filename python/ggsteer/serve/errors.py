@@ -20,3 +20,12 @@ def error_response(status: int, message: str, param: str | None = None) -> JSONR
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def http_error_handler(request, error) -> JSONResponse:
+    """Starlette's own errors (no such route: 404, wrong method: 405) in OpenAI's error shape."""
+    message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+    response = error_response(error.status_code, message.get(error.status_code, str(error.detail)))
+    for name, value in (getattr(error, "headers", None) or {}).items():
+        response.headers[name] = value
+    return response

@@ -60,6 +60,29 @@ class VisibleText:
 
 
 
+def token_entry(model, token: int, logprob: float) -> dict:
+    data = model.detokenize([token])
+    return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
+
+
+def chat_logprobs(model, logprobs) -> dict | None:
+    """OpenAI's chat `logprobs` object for a result's TokenLogprob entries (None: not asked for)."""
+    if logprobs is None:
+        return None
+    return {"content": [{**token_entry(model, e.token, e.logprob),
+                         "top_logprobs": [token_entry(model, t, lp) for t, lp in e.top]} for e in logprobs]}
+
+
+def completion_logprobs(model, logprobs) -> dict | None:
+    """OpenAI's legacy completions `logprobs` object (offsets count from the completion's start)."""
+    if logprobs is None:
+        return None
+    tokens = [token_entry(model, e.token, e.logprob)["token"] for e in logprobs]
+    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    top = [{token_entry(model, t, lp)["token"]: lp for t, lp in e.top} for e in logprobs]
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in logprobs], "top_logprobs": top, "text_offset": offsets}
+
+
 def usage(result) -> dict:
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
             "total_tokens": result.prompt_tokens + result.completion_tokens}
@@ -90,8 +113,8 @@ class CompletionShape:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_id,
                 "choices": [{"index": 0, "logprobs": None, **choice}], **extra}
 
-    def full(self, text: str, finish_reason: str, usage: dict) -> dict:
-        return self._wrap({"text": text, "finish_reason": finish_reason}, usage=usage)
+    def full(self, text: str, finish_reason: str, usage: dict, logprobs=None) -> dict:
+        return self._wrap({"text": text, "finish_reason": finish_reason, "logprobs": logprobs}, usage=usage)
 
     def opening(self) -> list[dict]:
         return []
@@ -99,8 +122,12 @@ class CompletionShape:
     def piece(self, text: str) -> dict:
         return self._wrap({"text": text, "finish_reason": None})
 
-    def closing(self, finish_reason: str) -> dict:
-        return self._wrap({"text": "", "finish_reason": finish_reason})
+    def closing(self, finish_reason: str, logprobs=None) -> dict:
+        # a stream's logprobs come whole in its last chunk (pieces are text, not tokens)
+        return self._wrap({"text": "", "finish_reason": finish_reason, "logprobs": logprobs})
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return {**self._wrap({}), "choices": [], "usage": usage}
 
 
 class ChatShape:
@@ -115,9 +142,10 @@ class ChatShape:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model_id,
                 "choices": [{"index": 0, **choice}], **extra}
 
-    def full(self, text: str, finish_reason: str, usage: dict) -> dict:
+    def full(self, text: str, finish_reason: str, usage: dict, logprobs=None) -> dict:
         message = {"role": "assistant", "content": text}
-        return self._wrap("chat.completion", {"message": message, "finish_reason": finish_reason}, usage=usage)
+        choice = {"message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+        return self._wrap("chat.completion", choice, usage=usage)
 
     def opening(self) -> list[dict]:
         return [self._wrap("chat.completion.chunk", {"delta": {"role": "assistant"}, "finish_reason": None})]
@@ -125,5 +153,9 @@ class ChatShape:
     def piece(self, text: str) -> dict:
         return self._wrap("chat.completion.chunk", {"delta": {"content": text}, "finish_reason": None})
 
-    def closing(self, finish_reason: str) -> dict:
-        return self._wrap("chat.completion.chunk", {"delta": {}, "finish_reason": finish_reason})
+    def closing(self, finish_reason: str, logprobs=None) -> dict:
+        # a stream's logprobs come whole in its last chunk (pieces are text, not tokens)
+        return self._wrap("chat.completion.chunk", {"delta": {}, "logprobs": logprobs, "finish_reason": finish_reason})
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return {**self._wrap("chat.completion.chunk", {}), "choices": [], "usage": usage}

@@ -12,3 +12,5 @@ MAX_STOP_STRINGS = 4
 DEFAULT_TEMPERATURE = 0.8
 # how long the worker waits for more requests before starting a batch that is not full
 DEFAULT_BATCH_WAIT_S = 0.02
+# the largest vector file a client may upload (Gemma 3 27B's 62 layers x 5376 floats are 1.3 MB)
+MAX_VECTOR_FILE_BYTES = 64 << 20

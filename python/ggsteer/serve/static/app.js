@@ -1,12 +1,14 @@
 // ggsteer chat page: sliders for the server's vectors, a conversation that streams from
-// /v1/chat/completions with the "steering" field. Plain JS, no build step.
+// /v1/chat/completions with the "steering" field, and a switch that makes the sliders the
+// server-wide default (/v1/steering) for every client. Plain JS, no build step.
 "use strict";
 
 const SLIDER_MIN = -2;
 const SLIDER_MAX = 2;
 const SLIDER_STEP = 0.05;
 
-const state = { history: [], strengths: {}, busy: false };
+// serverDefault: the server-wide steering as GET /v1/steering reports it; pushing: the last change sent
+const state = { history: [], strengths: {}, busy: false, serverDefault: {}, pushing: Promise.resolve() };
 const $ = (id) => document.getElementById(id);
 
 function authHeaders() {
@@ -74,7 +76,11 @@ function buildSlider(vector) {
     value.textContent = (strength > 0 ? "+" : "") + strength.toFixed(2);
     value.classList.toggle("active", strength !== 0);
   };
-  input.addEventListener("input", show);
+  input.addEventListener("input", () => {
+    show();
+    showNextSteering();
+  });
+  input.addEventListener("change", pushDefault);
   show();
   markRecommended(wrap, vector.recommended_strength);
   const unit = vector.unit === "raw" ? "raw coefficient" : "gap units";
@@ -100,6 +106,79 @@ function activeSteering() {
     if (strength !== 0) steering[name] = strength;
   }
   return steering;
+}
+
+// -- the server-wide default -------------------------------------------------------------
+
+function isDefaultOn() {
+  return $("make-default").checked;
+}
+
+async function steeringRequest(method, body) {
+  const options = { method, headers: authHeaders() };
+  if (body !== undefined) options.body = JSON.stringify(body);
+  const response = await fetch("/v1/steering", options);
+  if (!response.ok) throw new Error(await errorText(response));
+  state.serverDefault = (await response.json()).steering;
+  showNextSteering();
+}
+
+// On load: a default already set on the server shows on the sliders, with the switch on.
+async function loadDefault() {
+  try {
+    await steeringRequest("GET");
+  } catch (error) {
+    setStatus(`could not read the default steering: ${error.message}`);
+    return;
+  }
+  const entries = Object.entries(state.serverDefault);
+  $("make-default").checked = entries.length > 0;
+  for (const [name, setting] of entries) {
+    const strength = typeof setting === "number" ? setting : setting.strength;
+    const input = $(`strength-${name}`);
+    if (input && typeof strength === "number") {
+      input.value = strength;
+      input.dispatchEvent(new Event("input"));
+    }
+  }
+  showNextSteering();
+}
+
+function pushDefault() {
+  if (!isDefaultOn()) return state.pushing;
+  const steering = activeSteering();
+  state.pushing = state.pushing
+    .then(() => steeringRequest("POST", { steering }))
+    .catch((error) => setStatus(`could not set the default: ${error.message}`));
+  return state.pushing;
+}
+
+function toggleDefault() {
+  state.pushing = state.pushing
+    .then(() => (isDefaultOn() ? steeringRequest("POST", { steering: activeSteering() }) : steeringRequest("DELETE")))
+    .catch((error) => setStatus(`could not change the default: ${error.message}`));
+}
+
+function describeDefault(steering) {
+  const parts = Object.entries(steering).map(([name, setting]) => {
+    if (typeof setting === "number") return `${name} ${setting > 0 ? "+" : ""}${setting.toFixed(2)}`;
+    return `${name} ${setting.op || "add"}${setting.strength != null ? ` ${setting.strength}` : ""}`;
+  });
+  return parts.join(", ");
+}
+
+// What the next message will be steered with, and by whom.
+function showNextSteering() {
+  const line = $("next-steering");
+  if (isDefaultOn()) {
+    const text = describeDefault(activeSteering());
+    line.textContent = `next message: ${text || "no steering"} (default for every client)`;
+  } else {
+    const text = describeDefault(activeSteering());
+    const others = describeDefault(state.serverDefault);
+    line.textContent = `next message: ${text || "no steering"} (this page only)` +
+      (others ? `; server default for other clients: ${others}` : "");
+  }
 }
 
 function describeSteering(steering) {
@@ -128,15 +207,17 @@ async function send(text) {
   const reply = addMessage("assistant", "");
   const note = document.createElement("span");
   note.className = "steering";
-  note.textContent = describeSteering(steering);
+  note.textContent = describeSteering(steering) + (isDefaultOn() ? " (server default)" : "");
   reply.append(note);
+  await state.pushing; // a default just changed applies to this message
   const request = {
     messages: state.history,
-    steering,
     stream: true,
     max_tokens: Number($("max-tokens").value) || 128,
     temperature: Number($("temperature").value),
   };
+  // with the switch on the page relies on the server-wide default, as any chat app would
+  if (!isDefaultOn()) request.steering = steering;
   setStatus("generating…");
   try {
     const content = await streamChat(request, reply.querySelector(".text"));
@@ -210,6 +291,7 @@ $("reset-steering").addEventListener("click", () => {
     input.value = 0;
     input.dispatchEvent(new Event("input"));
   }
+  pushDefault();
 });
 
 $("new-chat").addEventListener("click", () => {
@@ -217,5 +299,9 @@ $("new-chat").addEventListener("click", () => {
   $("conversation").innerHTML = "";
 });
 
-$("reload-vectors").addEventListener("click", loadVectors);
-loadVectors();
+$("make-default").addEventListener("change", toggleDefault);
+$("reload-vectors").addEventListener("click", async () => {
+  await loadVectors();
+  showNextSteering();
+});
+loadVectors().then(loadDefault);
