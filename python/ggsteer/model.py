@@ -342,6 +342,7 @@ class SteeredModel(llama_cpp.Llama):
         *,
         share_prefixes: bool = True,
         progress: bool | None = None,
+        stats=None,
     ) -> np.ndarray | list[np.ndarray]:
         """Residual stream (output of block i, llama.cpp's `l_out-i`) for each prompt and layer.
 
@@ -349,7 +350,9 @@ class SteeredModel(llama_cpp.Llama):
         or `"mean"` (mean over the prompt's tokens), and for `pool="all"` a list of
         `[n_tokens, len(layers), n_embd]` arrays. `layers` defaults to every layer, in order.
         `batch_size` caps the sequences decoded together (default: the context's n_seq_max);
-        with `share_prefixes`, text shared between prompts is decoded once.
+        with `share_prefixes`, text shared between prompts is decoded once. Capturing the last
+        layer costs more: its rows must be logits outputs, and each runs the output head. Pass a
+        `ggsteer.capture.CaptureStats()` as `stats` to count decodes, tokens and output rows.
         """
         from ggsteer.capture import capture_hidden_states
 
@@ -361,4 +364,5 @@ class SteeredModel(llama_cpp.Llama):
             batch_size=batch_size,
             share_prefixes=share_prefixes,
             progress=progress,
+            stats=stats,
         )
