@@ -43,6 +43,11 @@ def default_steering_layers(n_layer: int) -> list[int]:
     return list(range(first, min(last, n_layer - 1) + 1))
 
 
+def default_training_layers(n_layer: int) -> list[int]:
+    """Every layer llama.cpp can steer: 1..n_layer-1."""
+    return list(range(1, n_layer))
+
+
 @dataclass(eq=False)
 class ControlVector:
     directions: dict[int, np.ndarray]
@@ -123,7 +128,7 @@ class ControlVector:
                 raise TypeError(f"dataset item {i} is {type(entry).__name__}, not DatasetEntry")
         if pool not in ("last", "mean"):
             raise ValueError(f'pool must be "last" or "mean" for training, got {pool!r}')
-        train_layers = list(range(1, model.n_layer)) if layers is None else [int(il) for il in layers]
+        train_layers = default_training_layers(model.n_layer) if layers is None else [int(il) for il in layers]
         prompts = [text for entry in entries for text in (entry.positive, entry.negative)]
         with model.unsteered():
             hidden = model.hidden_states(prompts, layers=train_layers, pool=pool, batch_size=batch_size, progress=progress)
@@ -311,4 +316,4 @@ def _warn_near_chance(layers: list[int], fits: list[methods.LayerFit]) -> None:
         )
 
 
-__all__ = ["ControlVector", "TrainingWarning", "VectorFileError", "default_steering_layers"]
+__all__ = ["ControlVector", "TrainingWarning", "VectorFileError", "default_steering_layers", "default_training_layers"]
