@@ -23,8 +23,8 @@ import statistics
 from _common import BareContext, machine_line, paired_times, print_table, ratio_cells
 from train import truncated_dataset
 
-from ggsteer import SteeredModel
-from ggsteer.capture import CaptureStats, plan_shared
+from ggsteer import CaptureStats, SteeredModel
+from ggsteer.capture import plan_shared
 from ggsteer.dataset import preset_dataset
 
 

@@ -20,8 +20,7 @@ import statistics
 
 from _common import BareContext, machine_line, paired_times, print_table, ratio_cells
 
-from ggsteer import SteeredModel
-from ggsteer.capture import CaptureStats
+from ggsteer import CaptureStats, SteeredModel
 from ggsteer.dataset import make_dataset, preset_dataset, truncated_suffixes
 from ggsteer.vector import ControlVector, default_training_layers
 

@@ -101,10 +101,8 @@ def test_every_layer_but_the_last_matches_reference(tiny_model, tiny_weights, mo
 @pytest.mark.parametrize("pool", ["last", "all"])
 def test_output_rows_only_for_the_last_layer(tiny_model, monkeypatch, pool):
     """The last layer needs its captured rows as outputs (and only those); the stats count the same."""
-    from ggsteer.capture import CaptureStats
-
     recorder = DecodeRecorder(tiny_model, monkeypatch)
-    stats = CaptureStats()
+    stats = ggsteer.CaptureStats()
     tiny_model.hidden_states(PROMPTS, pool=pool, stats=stats)
     token_lists = [tiny_model.tokenize_prompt(p) for p in PROMPTS]
     if pool == "last":

@@ -13,6 +13,7 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+source"
 
 from ggsteer.batch_generate import BatchCompletion, ContinuousBatch, SequenceSampling
+from ggsteer.capture import CaptureStats
 from ggsteer.dataset import DatasetEntry, load_jsonl, make_dataset, preset_dataset, save_jsonl
 from ggsteer.default_model import default_model_path
 from ggsteer.interventions import Condition, Intervention, TokenAlignedVector
@@ -21,6 +22,7 @@ from ggsteer.vector import ControlVector
 
 __all__ = [
     "BatchCompletion",
+    "CaptureStats",
     "Condition",
     "ContinuousBatch",
     "ControlVector",

@@ -352,7 +352,7 @@ class SteeredModel(llama_cpp.Llama):
         `batch_size` caps the sequences decoded together (default: the context's n_seq_max);
         with `share_prefixes`, text shared between prompts is decoded once. Capturing the last
         layer costs more: its rows must be logits outputs, and each runs the output head. Pass a
-        `ggsteer.capture.CaptureStats()` as `stats` to count decodes, tokens and output rows.
+        `ggsteer.CaptureStats()` as `stats` to count decodes, tokens and output rows.
         """
         from ggsteer.capture import capture_hidden_states
 
