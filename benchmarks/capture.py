@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=96, help="prompts from the happy preset")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batch", type=int, default=32, help="sequences per decode")
+    parser.add_argument("--no-full", action="store_true", help="leave out the every-prompt-in-full pair (slow)")
     args = parser.parse_args()
 
     model = SteeredModel(n_threads=os.cpu_count(), n_seq_max=args.batch)
@@ -69,6 +70,8 @@ def main() -> None:
             (name, f"layers 0-{last}, shared prefixes", "bare, distinct tokens"): (bare_trie, None, True),
             (name, f"layers 0-{last}, every prompt in full", "bare, every prompt in full"): (bare_full, None, False),
         }
+        if args.no_full:
+            cases = {case: value for case, value in cases.items() if value[0] is not bare_full}
         for case, (baseline, layers, share) in cases.items():
             pairs[case] = (baseline, lambda p=prompts, l=layers, s=share, c=case: capture(p, l, s, c))
 

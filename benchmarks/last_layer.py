@@ -31,16 +31,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="happy")
     parser.add_argument("--max-kl", type=float, default=0.25)
+    parser.add_argument("--strengths", type=float, nargs="+", default=STRENGTHS, help="default: calibrate's 0.1..1.5")
+    parser.add_argument("--suffixes", type=int, default=None, help="train on the preset's first N suffixes (default all)")
     args = parser.parse_args()
     model = SteeredModel(n_threads=os.cpu_count())
     last = model.n_layer - 1
-    vector = ControlVector.train(model, preset_dataset(args.preset), method="mean_diff", layers=range(1, model.n_layer),
-                                 progress=False)
+    pairs = preset_dataset(args.preset, max_suffixes=args.suffixes)
+    vector = ControlVector.train(model, pairs, method="mean_diff", layers=range(1, model.n_layer), progress=False)
     items = load_eval_prompts(args.preset)
     ranges = [[last - 1], [last], list(range(last - 4, last)), list(range(last - 4, last + 1))]
     rows = []
     for layers in ranges:
-        sweep = strength_sweep(model, vector, [0.0, *STRENGTHS], items, layers=layers)
+        sweep = strength_sweep(model, vector, [0.0, *args.strengths], items, layers=layers)
         fitting = [p for p in sweep.points if 0 < p.strength and p.kl <= args.max_kl and p.gain > 0]
         best = max(fitting, key=lambda p: p.gain) if fitting else None
         top = sweep.points[-1]
@@ -51,7 +53,7 @@ def main() -> None:
         f"{args.preset} mean_diff vector on {model.model_name}: layer ranges with and without the last layer ({last}), "
         f"{len(items)} eval prompts ({machine_line()})",
         ["layers", "steerability", f"best strength / gain / KL with KL <= {args.max_kl:g}",
-         f"gain / KL at strength {STRENGTHS[-1]:g}"],
+         f"gain / KL at strength {args.strengths[-1]:g}"],
         rows,
     )
     model.close()
