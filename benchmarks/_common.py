@@ -10,6 +10,7 @@ import time
 import llama_cpp
 
 from ggsteer.runtime.batch import OwnedBatch
+from ggsteer.train.capture import BatchDecoder, CapturePlan, Piece, walk_plan
 
 
 def machine_line() -> str:
@@ -28,6 +29,7 @@ class BareContext:
         self.ctx = llama_cpp.llama_init_from_model(steered_model.model, params)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_batch = params.n_batch
+        self.n_seq_max = params.n_seq_max
         self.batch = OwnedBatch(self.n_batch)
 
     def decode_prompts(self, token_lists: list[list[int]], max_sequences: int) -> None:
@@ -46,9 +48,44 @@ class BareContext:
                 raise RuntimeError("llama_decode failed")
             llama_cpp.llama_memory_clear(self.memory, True)
 
+    def decode_plan(self, plan: CapturePlan, max_sequences: int) -> int:
+        """A capture plan's distinct tokens in the same batches and KV copies as ggsteer's capture,
+        with one output row per sequence in each decode (its last row); returns the decodes made."""
+        decoder = _BarePlanDecoder(self, max_sequences)
+        for seg in plan.segments:  # the walk marks its progress on the plan: start afresh
+            seg.done, seg.seq, seg.unscheduled_children = 0, -1, 0
+        llama_cpp.llama_memory_clear(self.memory, True)
+        decodes = 0
+        for pieces in walk_plan(plan, decoder):
+            decoder.decode(pieces)
+            decodes += 1
+        llama_cpp.llama_memory_clear(self.memory, True)
+        return decodes
+
     def close(self) -> None:
         self.batch.close()
         llama_cpp.llama_free(self.ctx)
+
+
+class _BarePlanDecoder(BatchDecoder):
+    """BatchDecoder's sequence bookkeeping over a BareContext, decoding without any callback."""
+
+    def __init__(self, bare: BareContext, max_sequences: int):
+        self.bare = bare
+        self.n_batch = bare.n_batch
+        self.max_sequences = max_sequences
+        self.memory = bare.memory
+        self.free_seqs = list(range(bare.n_seq_max - 1, -1, -1))
+
+    def decode(self, pieces: list[Piece]) -> None:
+        batch = self.bare.batch
+        batch.clear()
+        for piece in pieces:
+            seg = piece.segment
+            for offset in range(piece.lo, piece.hi):
+                batch.add(seg.tokens[offset], seg.start + offset, seg.seq, offset == piece.hi - 1)
+        if llama_cpp.llama_decode(self.bare.ctx, batch.batch) != 0:
+            raise RuntimeError("llama_decode failed")
 
 
 def best_time(fn, repeats: int) -> float:
@@ -77,6 +114,32 @@ def paired_ratios(measure, cases: list, rounds: int) -> tuple[dict, dict]:
             speeds[case].append(speed)
             ratios[case].append(speed / base)
     return ratios, speeds
+
+
+def paired_times(pairs: dict, rounds: int) -> dict:
+    """Time ratio case / baseline for each named (baseline, case) pair of callables, round after round.
+
+    Each case runs right after its own baseline, and the order of the pairs rotates each round, so
+    the drift of a shared machine stays out of the ratios. Returns, per name, the ratios and the two
+    lists of seconds: {name: (ratios, baseline_seconds, case_seconds)}.
+    """
+    names = list(pairs)
+    results = {name: ([], [], []) for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            baseline, case = pairs[name]
+            t_base, t_case = seconds(baseline), seconds(case)
+            ratios, base_times, case_times = results[name]
+            ratios.append(t_case / t_base)
+            base_times.append(t_base)
+            case_times.append(t_case)
+    return results
+
+
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def ratio_cells(ratios: list[float]) -> list[str]:

@@ -1,6 +1,6 @@
 """ggsteer vs repeng: training time and agreement of the directions, same model, data and machine.
 
-    python benchmarks/repeng_compare.py [--suffixes 24] [--repeats 2] [--repeng-repeats 2] [--per-layer]
+    python benchmarks/repeng_compare.py [--suffixes 24] [--rounds 3] [--per-layer]
 
 Needs repeng, torch, transformers, gguf and accelerate next to ggsteer (a CPU torch is enough):
 
@@ -13,9 +13,11 @@ given): ggsteer through llama.cpp, repeng through a Hugging Face model that tran
 that file, de-quantised to float32. Two datasets: (a) template+suffix pairs, `preset_dataset("happy")`
 over the first N suffixes; (b) repeng-style truncated replies (benchmarks/train.py's
 `truncated_dataset()`). Timed: `ggsteer.ControlVector.train(method="pca_center")` and "mean_diff"
-(every steerable layer, 1..n_layer-1) against `repeng.ControlVector.train(method="pca_center",
-batch_size=32)` on a `repeng.ControlModel` (repeng's default layers, which are the same 1..n_layer-1),
-best of --repeats after a warm-up call on each side. Model loading is not timed.
+(ggsteer's default layers) against `repeng.ControlVector.train(method="pca_center", batch_size=32)`
+on a `repeng.ControlModel` (repeng's default layers, 1..n_layer-1), after a warm-up call on each
+side. Paired and alternated: each round runs repeng, then ggsteer pca_center, then repeng again and
+ggsteer mean_diff, the order of the two pairs rotating each round; the table gives the median of the
+paired speed-ups and their range. Model loading is not timed.
 
 Agreement: per-layer |cos| between ggsteer's and repeng's pca_center directions. repeng's layer id i
 reads `hidden_states[i + 1]`, the output of block i, which is ggsteer's layer i (DESIGN.md, "Layer
@@ -40,7 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import best_time, machine_line, print_table
+from _common import machine_line, paired_times, print_table, ratio_cells
 from train import truncated_dataset
 
 from ggsteer import SteeredModel, default_model_path
@@ -104,13 +106,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="GGUF file (default: the embedded Gemma 3 270M)")
     parser.add_argument("--suffixes", type=int, default=24, help="suffixes for the preset dataset (24: 72 pairs)")
-    parser.add_argument("--repeats", type=int, default=2, help="ggsteer timing: best of N")
-    parser.add_argument("--repeng-repeats", type=int, default=None, help="repeng timing: best of N (default --repeats)")
+    parser.add_argument("--rounds", type=int, default=3, help="paired rounds (repeng, ggsteer) per method")
     parser.add_argument("--batch", type=int, default=32, help="sequences per batch on both sides")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads on both sides")
     parser.add_argument("--per-layer", action="store_true", help="also print |cos| for every layer")
     args = parser.parse_args()
-    repeng_repeats = args.repeats if args.repeng_repeats is None else args.repeng_repeats
 
     modules = _import_repeng()
     if modules is None:
@@ -143,37 +143,44 @@ def main() -> None:
         results = {}
 
         def run_ggsteer(method):
-            results[method] = ControlVector.train(model, pairs, method=method, progress=False)
-
-        t_pca = best_time(lambda: run_ggsteer("pca_center"), args.repeats)
-        t_mean = best_time(lambda: run_ggsteer("mean_diff"), args.repeats)
+            results[method] = ControlVector.train(model, pairs, method=method, batch_size=args.batch, progress=False)
 
         def run_repeng():
             results["repeng"] = rep.train(pairs, args.batch)
 
-        t_rep = best_time(run_repeng, repeng_repeats)
+        timed = paired_times({"pca_center": (run_repeng, lambda: run_ggsteer("pca_center")),
+                              "mean_diff": (run_repeng, lambda: run_ggsteer("mean_diff"))}, args.rounds)
+        speedups = {method: [1 / r for r in ratios] for method, (ratios, _, _) in timed.items()}
+        t_pca = float(np.median(timed["pca_center"][2]))
+        t_mean = float(np.median(timed["mean_diff"][2]))
+        t_rep = float(np.median(timed["pca_center"][1] + timed["mean_diff"][1]))
 
         g_pca, g_mean, r_pca = results["pca_center"], results["mean_diff"], results["repeng"]
         missing = sorted(set(range(1, n)) - set(r_pca.directions))
         if missing:
             sys.exit(f"repeng returned no direction for layers {missing}")
-        cos_pca = {il: _cos(g_pca.directions[il], r_pca.directions[il]) for il in range(1, n)}
+        shared = [il for il in range(1, n) if il in g_pca.directions]
+        cos_pca = {il: _cos(g_pca.directions[il], r_pca.directions[il]) for il in shared}
         r_mean = {il: (h[0::2] - h[1::2]).mean(axis=0) for il, h in rep.hiddens.items()}
-        cos_mean = {il: _cos(g_mean.directions[il], r_mean[il]) for il in range(1, n)}
+        cos_mean = {il: _cos(g_mean.directions[il], r_mean[il]) for il in shared}
         inner_pca = [cos_pca[il] for il in inner]
         inner_mean = [cos_mean[il] for il in inner]
-        rows.append([name, str(n_prompts), f"{t_pca:.2f}", f"{t_mean:.2f}", f"{t_rep:.2f}", f"{t_rep / t_pca:.1f}x",
-                     f"{np.median(inner_pca):.4f}", f"{min(inner_pca):.4f}", f"{cos_pca[n - 1]:.3f}",
-                     f"{np.median(inner_mean):.4f}", f"{cos_mean[n - 1]:.3f}"])
-        for il in range(1, n):
+        last_pca = f"{cos_pca[n - 1]:.3f}" if n - 1 in cos_pca else "not trained"
+        last_mean = f"{cos_mean[n - 1]:.3f}" if n - 1 in cos_mean else "not trained"
+        rows.append([name, str(n_prompts), f"{t_pca:.2f}", f"{t_mean:.2f}", f"{t_rep:.2f}",
+                     *ratio_cells(speedups["pca_center"]), *ratio_cells(speedups["mean_diff"]),
+                     f"{np.median(inner_pca):.4f}", f"{min(inner_pca):.4f}", last_pca,
+                     f"{np.median(inner_mean):.4f}", last_mean])
+        for il in shared:
             layer_rows.append([name, str(il), f"{cos_pca[il]:.4f}", f"{cos_mean[il]:.4f}"])
 
     print_table(
-        f"ggsteer vs repeng on {model.model_name}: training on every layer 1..{n - 1}, batch {args.batch}; "
-        f"ggsteer best of {args.repeats}, repeng best of {repeng_repeats} ({machine_line()})",
+        f"ggsteer vs repeng on {model.model_name}: batch {args.batch}, median of {args.rounds} paired rounds "
+        f"({machine_line()}, load {os.getloadavg()[0]:.2f})",
         ["dataset", "prompts", "ggsteer pca_center s", "ggsteer mean_diff s", "repeng pca_center s",
-         "speed-up (pca_center)", f"median |cos| pca_center, layers 1..{n - 2}", "min",
-         f"|cos| layer {n - 1} (last)", f"median |cos| mean_diff, layers 1..{n - 2}", f"mean_diff layer {n - 1}"],
+         "speed-up pca_center (median)", "range", "speed-up mean_diff (median)", "range",
+         f"median |cos| pca_center, layers 1..{n - 2}", "min", f"|cos| layer {n - 1} (last)",
+         f"median |cos| mean_diff, layers 1..{n - 2}", f"mean_diff layer {n - 1}"],
         rows,
     )
     print(f"The last layer differs by design: transformers' last hidden state is after the final norm, "

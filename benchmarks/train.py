@@ -1,22 +1,28 @@
-"""End-to-end training time vs a bare batched decode of every prompt in full (and repeng, if installed).
+"""End-to-end training time vs a bare batched decode of every prompt in full, paired in one run.
 
-    python benchmarks/train.py [--suffixes 24] [--repeats 2]
+    python benchmarks/train.py [--suffixes 24] [--rounds 5] [--batch 32]
 
-Two datasets: a preset (3 persona pairs x N suffixes, template + suffix) and a repeng-style
-one (2 personas x 5 replies, each truncated after every word). Targets: ggsteer below the bare
-decode on both; >= 4x faster than repeng on template+suffix pairs, >= 10x on truncated replies.
+Two datasets: a preset (3 persona pairs x N suffixes, template + suffix) and a repeng-style one
+(2 personas x 5 replies, each truncated after every word). Each training run is paired with a bare
+decode of every prompt in full (no callback, one output row per prompt) right before it, the order
+of the pairs rotating each round; the table gives the median of the paired time ratios and their
+range. Rows: pca_center and mean_diff on the default layers, and mean_diff with the last layer added
+(its rows must be logits outputs, which runs the output head). The last column is what one training
+run's capture costs: llama_decode calls, tokens per decode, logits rows requested.
+repeng on the same data: benchmarks/repeng_compare.py (its own environment).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 
-from _common import BareContext, best_time, machine_line, print_table
+from _common import BareContext, machine_line, paired_times, print_table, ratio_cells
 
-from ggsteer import SteeredModel
+from ggsteer import CaptureStats, SteeredModel
 from ggsteer.train import make_dataset, preset_dataset, truncated_suffixes
-from ggsteer.vectors import ControlVector
+from ggsteer.vectors import ControlVector, default_training_layers
 
 REPLIES = [
     "I walked to the market this morning and bought some bread for the week.",
@@ -31,18 +37,10 @@ def truncated_dataset():
     return make_dataset("Act as if you are an extremely {persona} person.", ["happy"], ["sad"], truncated_suffixes(REPLIES))
 
 
-def repeng_seconds(pairs) -> str:
-    try:
-        import repeng  # noqa: F401
-    except ImportError:
-        return "not installed"
-    return "see benchmarks/repeng_compare.py"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suffixes", type=int, default=24)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
 
@@ -52,18 +50,42 @@ def main() -> None:
         f"preset happy, {args.suffixes} suffixes": preset_dataset("happy", max_suffixes=args.suffixes),
         "repeng-style truncated replies": truncated_dataset(),
     }
+    default_layers = default_training_layers(model.n_layer)
+    with_last = sorted(set(default_layers) | {model.n_layer - 1})
+    variants = {
+        f"pca_center, layers {default_layers[0]}-{default_layers[-1]}": ("pca_center", default_layers),
+        f"mean_diff, layers {default_layers[0]}-{default_layers[-1]}": ("mean_diff", default_layers),
+        f"mean_diff, layers {with_last[0]}-{with_last[-1]} (with the last)": ("mean_diff", with_last),
+    }
     model.hidden_states(["warm up the weights"])
-    rows = []
-    for name, pairs in datasets.items():
-        prompts = [text for entry in pairs for text in (entry.positive, entry.negative)]
+    bare.decode_prompts([model.tokenize_prompt("warm up the weights")], 1)
+
+    pairs, facts = {}, {}
+    for name, entries in datasets.items():
+        prompts = [text for entry in entries for text in (entry.positive, entry.negative)]
         token_lists = [model.tokenize_prompt(p) for p in prompts]
-        t_bare = best_time(lambda: bare.decode_prompts(token_lists, args.batch), args.repeats)
-        t_train = best_time(lambda: ControlVector.train(model, pairs, method="mean_diff", progress=False), args.repeats)
-        rows.append([name, str(len(prompts)), str(sum(map(len, token_lists))), f"{t_bare:.2f}", f"{t_train:.2f}",
-                     f"{t_bare / t_train:.2f}x", repeng_seconds(pairs)])
+        for variant, (method, layers) in variants.items():
+            stats = CaptureStats()  # what train's capture costs: the same call ControlVector.train makes
+            model.hidden_states(prompts, layers=layers, batch_size=args.batch, progress=False, stats=stats)
+            facts[(name, variant)] = (len(prompts), stats)
+            pairs[(name, variant)] = (
+                lambda t=token_lists: bare.decode_prompts(t, args.batch),
+                lambda e=entries, m=method, l=layers: ControlVector.train(model, e, method=m, layers=l,
+                                                                          batch_size=args.batch, progress=False),
+            )
+    results = paired_times(pairs, args.rounds)
+    rows = []
+    for (name, variant), (ratios, base_times, case_times) in results.items():
+        n_prompts, stats = facts[(name, variant)]
+        speedups = [1 / r for r in ratios]
+        rows.append([name, f"{n_prompts} / {stats.prompt_tokens} / {stats.tokens}", variant,
+                     f"{statistics.median(base_times):.3f}", f"{statistics.median(case_times):.3f}",
+                     *ratio_cells(speedups), f"{stats.decodes} / {stats.tokens_per_decode:.0f} / {stats.output_rows}"])
     print_table(
-        f"Training (mean_diff, all layers) on {model.model_name}, best of {args.repeats} ({machine_line()})",
-        ["dataset", "prompts", "tokens in full", "bare decode s", "ggsteer train s", "speed-up vs bare", "repeng"],
+        f"Training on {model.model_name}, {args.batch} sequences/decode, median of {args.rounds} paired rounds "
+        f"({machine_line()}, load {os.getloadavg()[0]:.2f})",
+        ["dataset", "prompts / tokens in full / decoded", "ggsteer train", "bare decode s", "train s",
+         "speed-up vs bare (median)", "range", "decodes / tokens per decode / output rows"],
         rows,
     )
     bare.close()

@@ -69,6 +69,68 @@ def test_last_layer_alone(tiny_model, tiny_weights):
         np.testing.assert_allclose(states[i][:, 0], expected, atol=ATOL, rtol=0)
 
 
+class DecodeRecorder:
+    """Records what each llama_decode of a capture asked llama.cpp for, read off the batch itself."""
+
+    def __init__(self, model, monkeypatch):
+        self.tokens, self.outputs = [], []
+        real = model.decode_batch
+
+        def recording(batch, *args, **kwargs):
+            flags = np.ctypeslib.as_array(batch.logits, shape=(batch.n_tokens,))
+            self.tokens.append(int(batch.n_tokens))
+            self.outputs.append(int(np.count_nonzero(flags)))
+            return real(batch, *args, **kwargs)
+
+        monkeypatch.setattr(model, "decode_batch", recording)
+
+
+@pytest.mark.parametrize("pool", ["last", "all"])
+def test_every_layer_but_the_last_matches_reference(tiny_model, tiny_weights, monkeypatch, pool):
+    # without the last layer no row needs to be an output: the states must still be right
+    layers = list(range(tiny_model.n_layer - 1))
+    recorder = DecodeRecorder(tiny_model, monkeypatch)
+    states = tiny_model.hidden_states(PROMPTS, layers=layers, pool=pool)
+    assert sum(recorder.outputs) == 0
+    for i, prompt in enumerate(PROMPTS):
+        expected = reference_states(tiny_model, tiny_weights, prompt)[:, layers]
+        got = states[i] if pool == "all" else states[i][None]
+        np.testing.assert_allclose(got, expected if pool == "all" else expected[-1:], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("pool", ["last", "all"])
+def test_output_rows_only_for_the_last_layer(tiny_model, monkeypatch, pool):
+    """The last layer needs its captured rows as outputs (and only those); the stats count the same."""
+    recorder = DecodeRecorder(tiny_model, monkeypatch)
+    stats = ggsteer.CaptureStats()
+    tiny_model.hidden_states(PROMPTS, pool=pool, stats=stats)
+    token_lists = [tiny_model.tokenize_prompt(p) for p in PROMPTS]
+    if pool == "last":
+        wanted = {tuple(tokens) for tokens in token_lists}
+    else:
+        wanted = {tuple(tokens[:k]) for tokens in token_lists for k in range(1, len(tokens) + 1)}
+    assert sum(recorder.outputs) == len(wanted)  # one output per distinct captured prefix
+    distinct_prefixes = {tuple(tokens[:k]) for tokens in token_lists for k in range(1, len(tokens) + 1)}
+    assert sum(recorder.tokens) == len(distinct_prefixes)
+    assert (stats.decodes, stats.tokens, stats.output_rows) == (len(recorder.tokens), sum(recorder.tokens), sum(recorder.outputs))
+    assert stats.prompt_tokens == sum(map(len, token_lists))
+
+
+def test_batches_stay_full_across_segments(tiny_weights, tiny_model_path, monkeypatch):
+    """Segments that do not fit the rest of a batch are split: past the shared BOS (alone in the
+    first decode: every sequence needs it first), every decode but the last is full."""
+    model = SteeredModel(tiny_model_path, n_ctx=256, n_batch=16, n_seq_max=8, flash_attn=False, type_k=0, type_v=0)
+    prompts = ["the happy dog and a cat", "a sad cat and the happy dog went home", "you am very good today",
+               "i love the bad cat", "the happy dog ran", "Zebra! 42?", "today i feel very sad and bad"]
+    recorder = DecodeRecorder(model, monkeypatch)
+    states = model.hidden_states(prompts, pool="all")
+    assert recorder.tokens[0] == 1
+    assert recorder.tokens[1:-1] == [16] * (len(recorder.tokens) - 2) and 0 < recorder.tokens[-1] <= 16
+    for i, prompt in enumerate(prompts):
+        np.testing.assert_allclose(states[i], reference_states(model, tiny_weights, prompt), atol=ATOL, rtol=0)
+    model.close()
+
+
 def test_batched_equals_one_at_a_time(tiny_model):
     batched = tiny_model.hidden_states(PROMPTS, pool="mean")
     single = np.stack([tiny_model.hidden_states([p], pool="mean")[0] for p in PROMPTS])

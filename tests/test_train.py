@@ -27,23 +27,24 @@ def reference_last_states(model, weights, prompts):
 
 
 def numpy_direction(method, pos, neg):
-    """Each method written independently of ggsteer.methods (eigh instead of SVD, sklearn probe)."""
+    """Each method written independently of ggsteer.methods (full SVD of the data as repeng builds
+    it, instead of ggsteer's Gram eigendecomposition; sklearn probe)."""
     diffs = pos - neg
     if method == "mean_diff":
         d = diffs.mean(axis=0)
     elif method == "pca_diff":
-        centred = diffs - diffs.mean(axis=0)
-        d = np.linalg.eigh(centred.T @ centred)[1][:, -1]
+        d = np.linalg.svd(diffs - diffs.mean(axis=0), full_matrices=False)[2][0]
     elif method == "pca_center":
-        halves = np.concatenate([diffs / 2, -diffs / 2])
-        d = np.linalg.eigh(halves.T @ halves)[1][:, -1]
+        center = (pos + neg) / 2
+        d = np.linalg.svd(np.concatenate([pos - center, neg - center]), full_matrices=False)[2][0]
     else:
         x = np.concatenate([pos, neg])
         y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
         d = LogisticRegression(C=1.0, max_iter=5000, tol=1e-8).fit(x / np.linalg.norm(x, axis=1).mean(), y).coef_[0]
     d = d / np.linalg.norm(d)
-    # sign: most pairs project higher on the positive side
-    return d if np.sign(diffs @ d).sum() >= 0 else -d
+    # sign: most pairs project higher on the positive side; a tie goes to the mean gap
+    votes = np.sign(diffs @ d).sum()
+    return -d if votes < 0 or (votes == 0 and (diffs @ d).mean() < 0) else d
 
 
 @pytest.mark.parametrize("method", methods.METHODS)
@@ -106,6 +107,28 @@ def test_sign_points_to_positive_on_known_direction(method):
     assert fit.gap > 0
     flipped = methods.fit_layer(neg, pos, method)
     assert float(flipped.direction @ truth) < -0.95
+
+
+@pytest.mark.parametrize("n_pairs", [12, 80])  # fewer and more pairs than dimensions
+@pytest.mark.parametrize("method", ["pca_diff", "pca_center"])
+def test_pca_matches_full_svd(method, n_pairs):
+    """The Gram-matrix route gives the SVD's first component, oriented toward the positive side."""
+    rng = np.random.default_rng(n_pairs)
+    # anisotropic data so the first component is well separated from the second
+    pos = rng.normal(size=(n_pairs, 40)) * np.linspace(4.0, 0.5, 40) + 1.0
+    neg = rng.normal(size=(n_pairs, 40)) * np.linspace(4.0, 0.5, 40)
+    expected = numpy_direction(method, pos, neg)
+    got = methods.fit_layer(pos, neg, method).direction.astype(np.float64)
+    assert float(got @ expected) > 1 - 1e-6
+    assert np.linalg.norm(got) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(5, 8), (8, 5)])
+def test_pca_of_identical_sides_is_refused(shape):
+    same = np.ones(shape)
+    for method in ("pca_diff", "pca_center", "mean_diff"):
+        with pytest.raises(ValueError, match="coincide"):
+            methods.fit_layer(same, same, method)
 
 
 def test_training_is_deterministic(tiny_model, pairs):

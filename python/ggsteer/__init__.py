@@ -20,6 +20,7 @@ from ggsteer.model import SteeredModel
 from ggsteer.runtime.default_model import default_model_path
 from ggsteer.steering.interventions import Condition, Intervention
 from ggsteer.train import (
+    CaptureStats,
     DatasetEntry,
     TrainingWarning,
     load_jsonl,
@@ -31,6 +32,7 @@ from ggsteer.vectors import ControlVector, TokenAlignedVector
 
 __all__ = [
     "BatchCompletion",
+    "CaptureStats",
     "Condition",
     "ContinuousBatch",
     "ControlVector",

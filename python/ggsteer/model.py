@@ -314,14 +314,16 @@ class SteeredModel(llama_cpp.Llama):
 
     def hidden_states(self, prompts: Sequence[str], layers: Sequence[int] | None = None, pool: str = "last",
                       batch_size: int | None = None, *, share_prefixes: bool = True,
-                      progress: bool | None = None) -> np.ndarray | list[np.ndarray]:
+                      progress: bool | None = None, stats=None) -> np.ndarray | list[np.ndarray]:
         """Residual stream (output of block i, llama.cpp's `l_out-i`) for each prompt and layer.
 
         Returns float32 `[len(prompts), len(layers), n_embd]` for `pool="last"` (the final token)
         or `"mean"` (mean over the prompt's tokens), and for `pool="all"` a list of
         `[n_tokens, len(layers), n_embd]` arrays. `layers` defaults to every layer, in order.
         `batch_size` caps the sequences decoded together (default: the context's n_seq_max);
-        with `share_prefixes`, text shared between prompts is decoded once.
+        with `share_prefixes`, text shared between prompts is decoded once. Capturing the last
+        layer costs more: its rows must be logits outputs, and each runs the output head. Pass a
+        `ggsteer.CaptureStats()` as `stats` to count decodes, tokens and output rows.
         """
         return capture_hidden_states(self, prompts, layers=layers, pool=pool, batch_size=batch_size,
-                                     share_prefixes=share_prefixes, progress=progress)
+                                     share_prefixes=share_prefixes, progress=progress, stats=stats)

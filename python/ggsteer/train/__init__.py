@@ -1,7 +1,7 @@
 """Training: contrastive datasets and presets, capture of the residual stream, reduction methods,
 and extraction (capture + reduce = a ControlVector)."""
 
-from ggsteer.train.capture import CaptureError, capture_hidden_states
+from ggsteer.train.capture import CaptureError, CaptureStats, capture_hidden_states
 from ggsteer.train.dataset import (
     DatasetEntry,
     DatasetError,
@@ -23,6 +23,7 @@ from ggsteer.train.presets import (
 
 __all__ = [
     "CaptureError",
+    "CaptureStats",
     "DatasetEntry",
     "DatasetError",
     "TrainingWarning",

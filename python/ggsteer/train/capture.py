@@ -6,12 +6,17 @@ and text shared by several prompts (a persona template, a reply shared by both s
 is decoded once into one sequence whose KV cache is then copied (`llama_memory_seq_cp`, free in a
 unified cache) to every sequence that continues it. Each `llama_decode` packs many trie segments
 as separate sequences; the C++ callback copies only the wanted rows into a buffer.
+
+Logits are requested only for rows whose last-block state is captured: llama.cpp keeps just the
+output rows in the last block (it drops the others before it), and every output row also runs the
+output head (Gemma 3's 262k-entry vocabulary: ~0.34 GFLOP a row, more than all its blocks). Without
+the last layer a capture asks for no output row at all.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import llama_cpp
 import numpy as np
@@ -41,6 +46,31 @@ class Segment:
     children: list[int] = field(default_factory=list)
     seq: int = -1
     unscheduled_children: int = 0
+    done: int = 0  # tokens already decoded (a segment may span several decodes)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Tokens [lo, hi) of a segment, decoded in one llama_decode call."""
+
+    segment: Segment
+    lo: int
+    hi: int
+
+
+@dataclass
+class CaptureStats:
+    """What a capture cost: llama_decode calls, tokens decoded and logits rows requested."""
+
+    prompts: int = 0
+    prompt_tokens: int = 0  # every prompt's tokens in full
+    decodes: int = 0
+    tokens: int = 0  # tokens decoded: the distinct token prefixes with prefix sharing
+    output_rows: int = 0  # rows that asked llama.cpp for logits (each runs the output head)
+
+    @property
+    def tokens_per_decode(self) -> float:
+        return self.tokens / self.decodes if self.decodes else 0.0
 
 
 @dataclass
@@ -174,6 +204,7 @@ class BatchDecoder:
         self.memory = llama_cpp.llama_get_memory(model.ctx)
         self.batch = OwnedBatch(self.n_batch)
         self.free_seqs = list(range(model.n_seq_max - 1, -1, -1))
+        self.outputs_needed = model.n_layer - 1 in layers
 
     def close(self) -> None:
         self.batch.close()
@@ -199,31 +230,39 @@ class BatchDecoder:
         llama_cpp.llama_memory_seq_rm(self.memory, seg.seq, -1, -1)
         self.free_seqs.append(seg.seq)
 
-    def decode(self, segs: list[Segment], store: np.ndarray) -> None:
+    def decode(self, pieces: list[Piece], store: np.ndarray, stats: CaptureStats) -> None:
         rows, out_rows, captures = [], [], []
         batch = self.batch
         batch.clear()
-        for seg in segs:
-            for offset, token in enumerate(seg.tokens):
-                is_wanted = offset in seg.wanted
-                row = batch.add(token, seg.start + offset, seg.seq, is_wanted)
-                if is_wanted:
+        n_outputs = 0
+        for piece in pieces:
+            seg = piece.segment
+            for offset in range(piece.lo, piece.hi):
+                capture = seg.wanted.get(offset)
+                # only the last block needs its rows as outputs: llama.cpp drops the rest before it
+                is_output = capture is not None and self.outputs_needed
+                row = batch.add(seg.tokens[offset], seg.start + offset, seg.seq, is_output)
+                if capture is not None:
                     rows.append(row)
-                    out_rows.append(len(out_rows))
-                    captures.append(seg.wanted[offset])
+                    out_rows.append(n_outputs if is_output else -1)
+                    captures.append(capture)
+                    n_outputs += is_output
         n_tokens = batch.n_rows
         buffer = None
         if rows:
             buffer = np.empty((len(rows), len(self.layers), self.model.n_embd), dtype=np.float32)
             self.model.hook.set_capture(
-                self.layers, np.asarray(rows, np.int32), np.asarray(out_rows, np.int32), n_tokens, len(rows), buffer
+                self.layers, np.asarray(rows, np.int32), np.asarray(out_rows, np.int32), n_tokens, n_outputs, buffer
             )
         try:
             self.model.decode_batch(batch.batch)
         except RuntimeError as error:
-            raise CaptureError(f"{error} (batch of {n_tokens} tokens in {len(segs)} sequences)") from None
+            raise CaptureError(f"{error} (batch of {n_tokens} tokens in {len(pieces)} sequences)") from None
         finally:
             seen = self.model.hook.finish_capture() if rows else None
+        stats.decodes += 1
+        stats.tokens += n_tokens
+        stats.output_rows += n_outputs
         if seen is not None:
             missing = [il for il in self.layers if seen[il] != 1]
             if missing:
@@ -231,42 +270,57 @@ class BatchDecoder:
             store[captures] = buffer
 
 
-def run_plan(model: HookedModel, plan: CapturePlan, layers: list[int], max_sequences: int, progress) -> np.ndarray:
+def run_plan(model: HookedModel, plan: CapturePlan, layers: list[int], max_sequences: int, progress,
+             stats: CaptureStats) -> np.ndarray:
     store = np.empty((plan.n_captures, len(layers), model.n_embd), dtype=np.float32)
     decoder = BatchDecoder(model, layers, max_sequences)
-    ready = list(reversed(plan.roots))  # a stack: depth first keeps few prefixes alive
     total = sum(len(s.tokens) for s in plan.segments)
     model.reset()
     llama_cpp.llama_memory_clear(decoder.memory, True)
     try:
         with tqdm(total=total, unit="tok", desc="capture", disable=not progress, leave=False) as bar:
-            while ready:
-                segs = _next_batch(plan, decoder, ready)
-                decoder.decode(segs, store)
-                bar.update(sum(len(s.tokens) for s in segs))
-                for seg in segs:
-                    ready.extend(reversed(seg.children))
-                    if not seg.children:
-                        decoder.release(seg)
+            for pieces in walk_plan(plan, decoder):
+                decoder.decode(pieces, store, stats)
+                bar.update(sum(p.hi - p.lo for p in pieces))
     finally:
         decoder.close()
         model.reset()
     return store
 
 
-def _next_batch(plan: CapturePlan, decoder: BatchDecoder, ready: list[int]) -> list[Segment]:
-    segs: list[Segment] = []
-    n_tokens = 0
-    while ready and len(segs) < decoder.max_sequences:
+def walk_plan(plan: CapturePlan, decoder: BatchDecoder) -> Iterator[list[Piece]]:
+    """The plan's batches in decode order; each must be decoded before the next is asked for."""
+    ready = list(reversed(plan.roots))  # a stack: depth first keeps few prefixes alive
+    while ready:
+        pieces = _next_batch(plan, decoder, ready)
+        yield pieces
+        for piece in pieces:
+            seg = piece.segment
+            if piece.hi < len(seg.tokens):
+                continue  # the rest of it stays on the stack, holding its sequence
+            ready.extend(reversed(seg.children))
+            if not seg.children:
+                decoder.release(seg)
+
+
+def _next_batch(plan: CapturePlan, decoder: BatchDecoder, ready: list[int]) -> list[Piece]:
+    """Fill one decode from the top of the stack. A segment that does not fit is split (its rest
+    decoded in a later batch), so a batch is only short of n_batch when too few tokens are ready."""
+    pieces: list[Piece] = []
+    room = decoder.n_batch
+    while ready and room > 0 and len(pieces) < decoder.max_sequences:
         seg = plan.segments[ready[-1]]
-        if n_tokens + len(seg.tokens) > decoder.n_batch or not decoder.take_sequence(plan, seg):
+        if seg.done == 0 and not decoder.take_sequence(plan, seg):
             break
-        ready.pop()
-        segs.append(seg)
-        n_tokens += len(seg.tokens)
-    if not segs:
+        hi = min(len(seg.tokens), seg.done + room)
+        pieces.append(Piece(seg, seg.done, hi))
+        room -= hi - seg.done
+        seg.done = hi
+        if hi == len(seg.tokens):
+            ready.pop()
+    if not pieces:
         raise CaptureError("no free sequence to continue the capture: raise n_seq_max")
-    return segs
+    return pieces
 
 
 def pool_rows(store: np.ndarray, plan: CapturePlan, pool: str):
@@ -286,7 +340,10 @@ def capture_hidden_states(
     batch_size: int | None = None,
     share_prefixes: bool = True,
     progress: bool | None = None,
+    stats: CaptureStats | None = None,
 ):
+    """States of `prompts` at `layers` (see SteeredModel.hidden_states); `stats`, when given, is
+    filled with what the capture cost."""
     resolved = validate_request(model, prompts, layers, pool)
     max_sequences = model.n_seq_max if batch_size is None else int(batch_size)
     if not 1 <= max_sequences <= model.n_seq_max:
@@ -296,5 +353,8 @@ def capture_hidden_states(
     plan = make_plan(token_lists, pool, model.n_batch)
     if progress is None:
         progress = len(prompts) >= PROGRESS_MIN_PROMPTS
-    store = run_plan(model, plan, resolved, max_sequences, progress)
+    stats = CaptureStats() if stats is None else stats
+    stats.prompts += len(token_lists)
+    stats.prompt_tokens += sum(map(len, token_lists))
+    store = run_plan(model, plan, resolved, max_sequences, progress, stats)
     return pool_rows(store, plan, pool)

@@ -17,7 +17,14 @@ from ggsteer.runtime.protocol import HookedModel
 from ggsteer.train import methods
 from ggsteer.train.capture import capture_hidden_states
 from ggsteer.train.dataset import DatasetEntry, dataset_hash
-from ggsteer.vectors import UNIT_GAP, UNIT_RAW, ControlVector, TokenAlignedVector, default_steering_layers
+from ggsteer.vectors import (
+    UNIT_GAP,
+    UNIT_RAW,
+    ControlVector,
+    TokenAlignedVector,
+    default_steering_layers,
+    default_training_layers,
+)
 
 TRAIN_POOLS = ("last", "mean")
 
@@ -41,7 +48,7 @@ def train_vector(
     `layers` defaults to every layer llama.cpp can steer (1..n_layer-1).
     """
     entries = _checked_entries(dataset, method, pool)
-    train_layers = list(range(1, model.n_layer)) if layers is None else [int(il) for il in layers]
+    train_layers = default_training_layers(model.n_layer) if layers is None else [int(il) for il in layers]
     prompts = [text for entry in entries for text in (entry.positive, entry.negative)]
     with model.unsteered():
         hidden = capture_hidden_states(model, prompts, layers=train_layers, pool=pool, batch_size=batch_size,

@@ -2,7 +2,12 @@
 
 from ggsteer.vectors.control_vector import UNIT_GAP, UNIT_RAW, ControlVector
 from ggsteer.vectors.file import VectorFileError
-from ggsteer.vectors.layers import choose_layers, default_steering_layers, parse_layer_range
+from ggsteer.vectors.layers import (
+    choose_layers,
+    default_steering_layers,
+    default_training_layers,
+    parse_layer_range,
+)
 from ggsteer.vectors.token_aligned import TokenAlignedVector
 
 __all__ = [
@@ -13,5 +18,6 @@ __all__ = [
     "VectorFileError",
     "choose_layers",
     "default_steering_layers",
+    "default_training_layers",
     "parse_layer_range",
 ]
