@@ -1,0 +1,186 @@
+"""Turn bake requests (add / ablate / clamp a ControlVector) into per-tensor edits.
+
+Runtime semantics being baked (ggsteer.interventions): `add` adds s * v_i to layer i's output;
+`ablate` sets the projection on u_i = v_i / |v_i| to the stored center c_i (0 without one); `clamp`
+sets it to c_i + s * |v_i|.
+
+- add: exact wherever the architecture has a residual bias (llama: `blk.i.ffn_down.bias`).
+- ablate / clamp: the token embeddings and every steered block's writers are orthogonalised, so the
+  residual stream never carries u; where a bias reaches the residual, block i's bias carries the step
+  t_i - t_(i-1) of the targets (centered projection). This equals runtime projection at every layer
+  only when the residual never gets u from an unedited writer: one direction for all the layers, and
+  the layers running from 0 (the embedding is edited too). Otherwise (--approximate) each steered
+  block stops writing along its own layer's direction (plain projection), as abliteration does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ggsteer.bake import edits
+from ggsteer.bake.architectures import WRITERS, Architecture
+from ggsteer.bake.gguf_layout import GGUFLayout
+from ggsteer.bake.quant import read_tensor
+from ggsteer.vector import ControlVector
+
+_PARALLEL = 1.0 - 1e-6  # cosine above which two layers' directions count as one
+
+
+class BakeError(ValueError):
+    """A bake that cannot be done as asked (one line: what, where, and what to pass instead)."""
+
+
+@dataclass(frozen=True)
+class BakeRequest:
+    op: str  # "add", "ablate" or "clamp"
+    vector: ControlVector
+    value: float | None  # strength for add, clamp value (in gaps), None for ablate
+    layers: tuple[int, ...]
+
+
+@dataclass
+class BakedOp:
+    """What one request became in the file."""
+
+    op: str
+    layers: tuple[int, ...]
+    value: float | None
+    vector_hash: str
+    exact: bool
+    projection: str  # "centered", "plain", or "" for add
+    method: str  # where the edit went
+    reasons: list[str] = field(default_factory=list)  # why it is not exact
+
+
+@dataclass
+class EditPlan:
+    """Edits per tensor, applied in order: writers' directions to project out, embedding row steps, biases."""
+
+    writer_steps: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    embedding_steps: list[tuple[str, np.ndarray]] = field(default_factory=list)  # ("offset" | "project", vector)
+    biases: dict[str, np.ndarray] = field(default_factory=dict)
+    created_biases: set[str] = field(default_factory=set)
+
+
+class Planner:
+    def __init__(self, layout: GGUFLayout, arch: Architecture, n_embd: int, n_layer: int, approximate: bool):
+        self.layout, self.arch, self.n_embd, self.n_layer = layout, arch, n_embd, n_layer
+        self.approximate = approximate
+        self.plan = EditPlan()
+
+    # -- requests -------------------------------------------------------------------------
+    def add(self, request: BakeRequest) -> BakedOp:
+        deltas = {il: np.float64(request.value) * request.vector.directions[il].astype(np.float64) for il in request.layers}
+        baked = BakedOp("add", request.layers, request.value, vector_hash(request.vector, request.layers), True, "", "")
+        if self.arch.residual_bias:
+            for il, delta in deltas.items():
+                name = f"blk.{il}.{self.arch.residual_bias}"
+                self.plan.biases[name] = (self._bias(name).astype(np.float64) + delta).astype(np.float32)
+            baked.method = f"added to blk.N.{self.arch.residual_bias}"
+            return baked
+        baked.exact = False
+        baked.reasons.append(f"{self.arch.name}: {self.arch.add_limit}")
+        self._require_approximate(baked)
+        self._check_embedding_offset()
+        offset = sum(deltas.values()) / self._embedding_scale()
+        self.plan.embedding_steps.append(("offset", offset))
+        baked.method = "sum of the layers' vectors added to every token embedding (before layer 0)"
+        return baked
+
+    def project(self, request: BakeRequest) -> BakedOp:
+        vector, layers = request.vector, request.layers
+        units = {il: edits.unit(vector.directions[il]) for il in layers}
+        centers = vector.layer_stat("center")
+        targets = {il: centers.get(il, 0.0) for il in layers}
+        if request.op == "clamp":
+            targets = {il: targets[il] + request.value * float(np.linalg.norm(vector.directions[il])) for il in layers}
+        reasons = self._projection_limits(units, targets)
+        exact = not reasons
+        centered = exact and any(t != 0.0 for t in targets.values())
+        baked = BakedOp(request.op, layers, request.value, vector_hash(vector, layers), exact,
+                        "centered" if centered else "plain", "", reasons)
+        self._require_approximate(baked)
+        if 0 in layers:
+            self.plan.embedding_steps.append(("project", units[0]))
+        previous = 0.0
+        for il in layers:
+            step = targets[il] - previous if centered else 0.0
+            previous = targets[il]
+            self._project_block(il, units[il], step)
+        baked.method = "token embeddings and steered blocks' writers orthogonalised" if 0 in layers else \
+            "steered blocks' writers orthogonalised"
+        return baked
+
+    # -- pieces ---------------------------------------------------------------------------
+    def _projection_limits(self, units: dict[int, np.ndarray], targets: dict[int, float]) -> list[str]:
+        layers = sorted(units)
+        reasons = []
+        if layers != list(range(layers[-1] + 1)):
+            reasons.append(f"layers {format_layers(layers)} do not start at 0, so unedited blocks still write along the direction")
+        first = units[layers[0]]
+        if any(float(units[il] @ first) < _PARALLEL for il in layers):
+            reasons.append("the vector's direction differs between layers, so no single direction can be kept out")
+        if any(t != 0.0 for t in targets.values()) and not self.arch.residual_bias:
+            reasons.append(f"{self.arch.name} has no residual bias to hold the centered offset (plain projection)")
+        return reasons
+
+    def _project_block(self, il: int, u: np.ndarray, step: float) -> None:
+        for k, writer in enumerate(WRITERS):
+            name = f"blk.{il}.{writer}.weight"
+            if name not in self.layout.tensors:
+                raise BakeError(f"{self.layout.path}: tensor {name} is missing (mixture-of-experts blocks cannot be baked)")
+            norm = None
+            if self.arch.post_norms:
+                norm = read_tensor(self.layout, self.layout.tensors[f"blk.{il}.{self.arch.post_norms[k]}.weight"])
+            w = edits.writer_direction(u, norm)
+            self.plan.writer_steps.setdefault(name, []).append(w)
+            bias_name = f"blk.{il}.{writer}.bias"
+            is_residual_bias = self.arch.residual_bias == f"{writer}.bias"
+            if bias_name in self.layout.tensors or bias_name in self.plan.biases or (is_residual_bias and step):
+                self.plan.biases[bias_name] = edits.project_bias(self._bias(bias_name), w, step if is_residual_bias else 0.0)
+
+    def _bias(self, name: str) -> np.ndarray:
+        if name in self.plan.biases:
+            return self.plan.biases[name]
+        if name in self.layout.tensors:
+            return read_tensor(self.layout, self.layout.tensors[name]).reshape(-1)
+        self.plan.created_biases.add(name)
+        return np.zeros(self.n_embd, dtype=np.float32)
+
+    def _embedding_scale(self) -> float:
+        return math.sqrt(self.n_embd) if self.arch.name == "gemma3" else 1.0  # gemma3.cpp scales inp_embd by sqrt(n_embd)
+
+    def _check_embedding_offset(self) -> None:
+        softcap = self.layout.hparam("final_logit_softcapping")
+        if "output.weight" not in self.layout.tensors and softcap:
+            # a tied head turns the offset into a constant logit shift, which a softcap no longer ignores
+            raise BakeError(f"cannot bake add into {self.arch.name}: its tied output head has a logit softcap")
+
+    def _require_approximate(self, baked: BakedOp) -> None:
+        if not baked.exact and not self.approximate:
+            raise BakeError(
+                f"cannot bake {baked.op} exactly into {self.arch.name}: {'; '.join(baked.reasons)} "
+                "(pass approximate=True / --approximate for the nearest edit)"
+            )
+
+
+def vector_hash(vector: ControlVector, layers) -> str:
+    digest = hashlib.sha256()
+    for il in layers:
+        digest.update(int(il).to_bytes(4, "little"))
+        digest.update(np.ascontiguousarray(vector.directions[il], dtype="<f4").tobytes())
+    return digest.hexdigest()[:16]
+
+
+def format_layers(layers: list[int]) -> str:
+    runs: list[list[int]] = []
+    for il in sorted(layers):
+        if runs and il == runs[-1][-1] + 1:
+            runs[-1].append(il)
+        else:
+            runs.append([il])
+    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
