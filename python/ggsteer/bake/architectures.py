@@ -5,7 +5,8 @@ A block's output (`l_out-i`) is `residual + attn_out + ffn_out` on pre-norm arch
   loader takes one: llama's graph passes the optional `blk.i.ffn_down.bias` (TENSOR_NOT_REQUIRED)
   to build_ffn, which adds it after the down projection and before the residual add;
 - no block writes along u when its attention-output and FFN-down projections (and their biases)
-  are orthogonalised against u.
+  are orthogonalised against u; the optional `blk.i.attn_output.bias` (wo_b, added by build_attn)
+  can then hold a constant offset along u.
 qwen2 and qwen3 have the same residual structure but their loaders take neither an
 `attn_output.bias` nor an `ffn_down.bias`: a new bias tensor would be rejected, so only plain
 projection bakes there. Gemma 3 normalises each projection's output (attn_post_norm,
@@ -23,6 +24,8 @@ class Architecture:
     name: str
     # a bias added straight into the residual stream, created when absent ("" = none the loader takes)
     residual_bias: str
+    # the first writer's bias (attention output), which holds a centered projection's offset
+    projection_bias: str
     # per-block norm weights applied to attn_output / ffn_down outputs before the residual add
     post_norms: tuple[str, str] | None
     # why an add bake can only be approximate here ("" = it is exact)
@@ -34,12 +37,12 @@ class Architecture:
 WRITERS = ("attn_output", "ffn_down")  # the per-block projections that write into the residual stream
 
 ARCHITECTURES = {
-    "llama": Architecture("llama", "ffn_down.bias", None, "", "src/models/llama.cpp", True),
-    "qwen2": Architecture("qwen2", "", None, "its loader takes no attn_output or ffn_down bias",
+    "llama": Architecture("llama", "ffn_down.bias", "attn_output.bias", None, "", "src/models/llama.cpp", True),
+    "qwen2": Architecture("qwen2", "", "", None, "its loader takes no attn_output or ffn_down bias",
                           "src/models/qwen2.cpp", False),
-    "qwen3": Architecture("qwen3", "", None, "its loader takes no attn_output or ffn_down bias",
+    "qwen3": Architecture("qwen3", "", "", None, "its loader takes no attn_output or ffn_down bias",
                           "src/models/qwen3.cpp", False),
-    "gemma3": Architecture("gemma3", "", ("post_attention_norm", "post_ffw_norm"),
+    "gemma3": Architecture("gemma3", "", "", ("post_attention_norm", "post_ffw_norm"),
                            "Gemma 3 normalises each block's writes (post-attention and post-FFN norms), so no "
                            "bias reaches the residual stream", "src/models/gemma3.cpp", True),
 }

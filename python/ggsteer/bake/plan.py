@@ -5,12 +5,16 @@ Runtime semantics being baked (ggsteer.interventions): `add` adds s * v_i to lay
 sets it to c_i + s * |v_i|.
 
 - add: exact wherever the architecture has a residual bias (llama: `blk.i.ffn_down.bias`).
-- ablate / clamp: the token embeddings and every steered block's writers are orthogonalised, so the
-  residual stream never carries u; where a bias reaches the residual, block i's bias carries the step
-  t_i - t_(i-1) of the targets (centered projection). This equals runtime projection at every layer
-  only when the residual never gets u from an unedited writer: one direction for all the layers, and
-  the layers running from 0 (the embedding is edited too). Otherwise (--approximate) each steered
-  block stops writing along its own layer's direction (plain projection), as abliteration does.
+- ablate / clamp: the token embeddings and every steered block's writers are orthogonalised, so no
+  write carries u; where the attention-output bias reaches the residual, block i's bias carries the
+  step t_i - t_(i-1) of the targets (centered projection). The baked model then equals projecting u
+  out of the embeddings and holding the projection at t_i after each sublayer of block i (after the
+  attention and after the FFN, as abliteration's equivalence has it), when the residual never gets u
+  from an unedited writer: one direction for all the layers, and the layers running from 0.
+  The hook acts only on block outputs (l_out-i), so the FFN of a hooked block still reads the
+  attention's u component: the hook and the bake differ by that (measured in the bake's docs).
+  Otherwise (approximate) each steered block stops writing along its own layer's direction (plain
+  projection), as abliteration does with per-layer directions.
 """
 
 from __future__ import annotations
@@ -124,7 +128,7 @@ class Planner:
         first = units[layers[0]]
         if any(float(units[il] @ first) < _PARALLEL for il in layers):
             reasons.append("the vector's direction differs between layers, so no single direction can be kept out")
-        if any(t != 0.0 for t in targets.values()) and not self.arch.residual_bias:
+        if any(t != 0.0 for t in targets.values()) and not self.arch.projection_bias:
             reasons.append(f"{self.arch.name} has no residual bias to hold the centered offset (plain projection)")
         return reasons
 
@@ -139,9 +143,9 @@ class Planner:
             w = edits.writer_direction(u, norm)
             self.plan.writer_steps.setdefault(name, []).append(w)
             bias_name = f"blk.{il}.{writer}.bias"
-            is_residual_bias = self.arch.residual_bias == f"{writer}.bias"
-            if bias_name in self.layout.tensors or bias_name in self.plan.biases or (is_residual_bias and step):
-                self.plan.biases[bias_name] = edits.project_bias(self._bias(bias_name), w, step if is_residual_bias else 0.0)
+            holds_offset = self.arch.projection_bias == f"{writer}.bias"
+            if bias_name in self.layout.tensors or bias_name in self.plan.biases or (holds_offset and step):
+                self.plan.biases[bias_name] = edits.project_bias(self._bias(bias_name), w, step if holds_offset else 0.0)
 
     def _bias(self, name: str) -> np.ndarray:
         if name in self.plan.biases:

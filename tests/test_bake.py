@@ -1,0 +1,315 @@
+"""Baking steering into a model GGUF: the baked model equals runtime steering (tiny llama oracle)."""
+
+import os
+
+import gguf
+import llama_cpp
+import numpy as np
+import pytest
+from conftest import TIGHT_LLAMA_KWARGS
+from reference_model import (
+    TinyWeights,
+    _add_hparams,
+    _add_tokenizer,
+    _add_tensors,
+    attention,
+    build_vocab,
+    feed_forward,
+    rms_norm,
+    write_tiny_llama_gguf,
+)
+
+from ggsteer import ControlVector, SteeredModel
+from ggsteer.bake import BakeError, ModelFileError, bake_model, describe_bake, edits, read_bake_metadata
+
+pytestmark = pytest.mark.usefixtures("unsteered_tiny_model")
+
+ATOL = 5e-5  # llama.cpp F32 vs float64 numpy on the tiny model (as in test_steer.py)
+PROMPTS = ["i am very happy and the dog", "the cat is sad", "you love a good dog today"]
+MODEL_KWARGS = dict(n_ctx=256, n_batch=128, n_seq_max=4, **TIGHT_LLAMA_KWARGS)
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def last_logits(model, prompt):
+    model.reset()
+    model.eval(model.tokenize_prompt(prompt))
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(model.ctx, -1), shape=(model.n_vocab(),)).copy()
+
+
+def random_vector(seed, layers, n_embd=48, center=None, same_direction=False):
+    rng = np.random.default_rng(seed)
+    shared = rng.normal(size=n_embd)
+    directions = {il: (shared if same_direction else rng.normal(size=n_embd)) * 1.5 for il in layers}
+    metadata = {"unit": "gap"}
+    if center is not None:
+        metadata.update(layers=list(layers), center=[float(c) for c in center])
+    return ControlVector(directions, "llama", metadata)
+
+
+def read_weights(path, hparams):
+    """The baked file's tensors, read with gguf-py (not ggsteer's reader): weights and biases."""
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    if any(t.tensor_type != gguf.GGMLQuantizationType.F32 for t in reader.tensors):
+        tensors = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors}
+    return tensors
+
+
+def numpy_forward(tensors, hparams, tokens, embedding_edit=None, sublayer_edit=None):
+    """llama's graph in float64 from raw tensors, biases added where llama.cpp adds them.
+
+    `sublayer_edit(il, h)` edits the residual stream after block il's attention and after its FFN.
+    """
+    from reference_model import LayerWeights
+
+    h = tensors["token_embd.weight"][np.asarray(tokens)].astype(np.float64)
+    if embedding_edit is not None:
+        h = embedding_edit(h)
+    zero = np.zeros(hparams.n_embd)
+    for il in range(hparams.n_layer):
+        p = f"blk.{il}."
+        layer = LayerWeights(*(tensors[p + n + ".weight"] for n in (
+            "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")))
+        edit = (lambda h: h) if sublayer_edit is None else (lambda h: sublayer_edit(il, h))
+        h = edit(h + attention(rms_norm(h, layer.attn_norm, hparams.eps), layer, hparams, kv_f16=False)
+                 + tensors.get(p + "attn_output.bias", zero))
+        h = edit(h + feed_forward(rms_norm(h, layer.ffn_norm, hparams.eps), layer) + tensors.get(p + "ffn_down.bias", zero))
+    return rms_norm(h, tensors["output_norm.weight"], hparams.eps) @ tensors["output.weight"].T
+
+
+def clamp_rows(h, u, target):
+    u = u / np.linalg.norm(u)
+    return h + (target - h @ u)[:, None] * u
+
+
+@pytest.fixture
+def baked_path(tmp_path):
+    return tmp_path / "baked.gguf"
+
+
+def write_weights(path, weights: TinyWeights):
+    writer = gguf.GGUFWriter(str(path), "llama")
+    _add_hparams(writer, weights.hparams)
+    _add_tokenizer(writer, *build_vocab())
+    _add_tensors(writer, weights)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+# -- add: exact on llama ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layers", [(1, 2), (2,), (1,)])
+def test_add_bake_equals_adapter_and_numpy(tiny_model, tiny_model_path, tiny_weights, baked_path, layers):
+    vector = random_vector(1, (1, 2))
+    report = bake_model(tiny_model_path, baked_path, add=[(vector, 0.7)], layers=layers)
+    assert report.exact and report.added_tensors == [f"blk.{il}.ffn_down.bias" for il in layers]
+    tiny_model.set_control(vector, 0.7, layers=list(layers))
+    baked = SteeredModel(baked_path, **MODEL_KWARGS)
+    tensors = read_weights(baked_path, tiny_weights.hparams)
+    for prompt in PROMPTS:
+        runtime = last_logits(tiny_model, prompt)
+        np.testing.assert_allclose(last_logits(baked, prompt), runtime, atol=ATOL, rtol=0)
+        expected = numpy_forward(tensors, tiny_weights.hparams, baked.tokenize_prompt(prompt))[-1]
+        np.testing.assert_allclose(expected, runtime, atol=ATOL, rtol=0)
+    baked.close()
+
+
+def test_steering_on_top_of_a_baked_model_adds_up(tiny_model, tiny_model_path, baked_path):
+    first, second = random_vector(2, (1, 2)), random_vector(3, (1, 2))
+    bake_model(tiny_model_path, baked_path, add=[(first, 0.5)], layers=[1, 2])
+    tiny_model.set_control([(first, 0.5), (second, -0.8)], layers=[1, 2])
+    baked = SteeredModel(baked_path, **MODEL_KWARGS)
+    baked.set_control(second, -0.8, layers=[1, 2])
+    np.testing.assert_allclose(last_logits(baked, PROMPTS[0]), last_logits(tiny_model, PROMPTS[0]), atol=ATOL, rtol=0)
+    baked.close()
+
+
+# -- ablate / clamp: exact when one direction runs from the embedding through the layers ----
+
+
+def projection_targets(vector, layers, op, value, center):
+    targets = {il: (center[k] if center else 0.0) for k, il in enumerate(layers)}
+    if op == "clamp":
+        targets = {il: t + value * np.linalg.norm(vector.directions[il]) for il, t in targets.items()}
+    return targets
+
+
+def projected_reference(tensors, hparams, tokens, u, targets):
+    """Runtime semantics of the exact bake: u out of the input, held at t_i after each sublayer of block i."""
+    return numpy_forward(tensors, hparams, tokens, embedding_edit=lambda h: clamp_rows(h, u, 0.0),
+                         sublayer_edit=lambda il, h: clamp_rows(h, u, targets[il]) if il in targets else h)[-1]
+
+
+@pytest.mark.parametrize("op, value, center, layers", [
+    ("ablate", None, None, (0, 1, 2)),
+    ("ablate", None, (0.8, -1.5, 2.0), (0, 1, 2)),
+    ("clamp", 0.6, (0.8, -1.5), (0, 1)),
+    ("clamp", -1.0, None, (0,)),
+])
+def test_projection_bake_equals_sublayer_projection(tiny_weights, tiny_model_path, baked_path, op, value, center, layers):
+    vector = random_vector(4, layers, center=center, same_direction=True)
+    kwargs = {"ablate": [vector]} if op == "ablate" else {"clamp": [(vector, value)]}
+    report = bake_model(tiny_model_path, baked_path, layers=layers, **kwargs)
+    centered = center is not None or op == "clamp"
+    assert report.exact and report.operations[0].projection == ("centered" if centered else "plain")
+    u = edits.unit(vector.directions[layers[0]])
+    targets = projection_targets(vector, layers, op, value, center)
+    baked = SteeredModel(baked_path, **MODEL_KWARGS)
+    original = read_weights(tiny_model_path, tiny_weights.hparams)
+    tensors = read_weights(baked_path, tiny_weights.hparams)
+    for prompt in PROMPTS:
+        tokens = baked.tokenize_prompt(prompt)
+        expected = projected_reference(original, tiny_weights.hparams, tokens, u, targets)
+        got = last_logits(baked, prompt)
+        np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(numpy_forward(tensors, tiny_weights.hparams, tokens)[-1], expected, atol=ATOL, rtol=0)
+    # every row of every steered layer sits at its target, as the hook's clamp leaves it
+    hidden = baked.hidden_states(PROMPTS, layers=list(layers), pool="all")
+    for states in hidden:
+        for k, il in enumerate(layers):
+            np.testing.assert_allclose(np.asarray(states[:, k], np.float64) @ u, targets[il], atol=1e-4)
+    baked.close()
+
+
+def test_approximate_ablation_stops_each_block_writing_along_its_direction(tiny_model_path, tiny_weights, baked_path):
+    vector = random_vector(5, (1, 2), center=(0.5, -0.7))
+    with pytest.raises(BakeError, match="do not start at 0.*direction differs.*approximate"):
+        bake_model(tiny_model_path, baked_path, ablate=[vector], layers=[1, 2])
+    assert not baked_path.exists()
+    report = bake_model(tiny_model_path, baked_path, ablate=[vector], layers=[1, 2], approximate=True)
+    assert not report.exact and report.operations[0].projection == "plain"
+    baked = SteeredModel(baked_path, **MODEL_KWARGS)
+    hidden = baked.hidden_states(PROMPTS, layers=[0, 1, 2], pool="all")
+    for states in hidden:
+        for k, il in ((1, 1), (2, 2)):
+            written = np.asarray(states[:, k], np.float64) - np.asarray(states[:, k - 1], np.float64)
+            along = np.abs(written @ edits.unit(vector.directions[il]))
+            assert along.max() < 1e-4 * np.abs(written).max(), (il, along.max())
+    unbaked = numpy_forward(read_weights(tiny_model_path, tiny_weights.hparams), tiny_weights.hparams,
+                            baked.tokenize_prompt(PROMPTS[0]))[-1]
+    tensors = read_weights(baked_path, tiny_weights.hparams)
+    got = last_logits(baked, PROMPTS[0])
+    np.testing.assert_allclose(got, numpy_forward(tensors, tiny_weights.hparams, baked.tokenize_prompt(PROMPTS[0]))[-1],
+                               atol=ATOL, rtol=0)
+    assert np.abs(got - unbaked).max() > 100 * ATOL  # the edit did something
+    baked.close()
+
+
+# -- wrong edits must fail the same comparison ----------------------------------------------
+
+
+def test_missing_bias_fails_the_comparison(tiny_model, tiny_model_path, baked_path, monkeypatch):
+    import ggsteer.bake.apply as apply
+
+    real = apply._producers
+    monkeypatch.setattr(apply, "_producers", lambda *a: (real(*a)[0], [], {}))  # drop the created biases
+    vector = random_vector(6, (1, 2))
+    bake_model(tiny_model_path, baked_path, add=[(vector, 0.7)], layers=[1, 2])
+    tiny_model.set_control(vector, 0.7, layers=[1, 2])
+    baked = SteeredModel(baked_path, **MODEL_KWARGS)
+    assert np.abs(last_logits(baked, PROMPTS[0]) - last_logits(tiny_model, PROMPTS[0])).max() > 100 * ATOL
+    baked.close()
+
+
+def test_transposed_projection_fails_the_comparison(tiny_weights, tiny_model_path, baked_path, monkeypatch):
+    import ggsteer.bake.apply as apply
+
+    real = edits.orthogonalise_writer
+
+    def transposed(weight, w):  # projects the input side of square writers: the classic orientation bug
+        return real(weight.T, w).T if weight.shape[0] == weight.shape[1] else real(weight, w)
+
+    monkeypatch.setattr(apply.edits, "orthogonalise_writer", transposed)
+    vector = random_vector(7, (0, 1, 2), same_direction=True)
+    bake_model(tiny_model_path, baked_path, ablate=[vector], layers=[0, 1, 2])
+    u = edits.unit(vector.directions[0])
+    baked = SteeredModel(baked_path, **MODEL_KWARGS)
+    tokens = baked.tokenize_prompt(PROMPTS[0])
+    expected = projected_reference(read_weights(tiny_model_path, tiny_weights.hparams), tiny_weights.hparams, tokens,
+                                   u, {0: 0.0, 1: 0.0, 2: 0.0})
+    assert np.abs(last_logits(baked, PROMPTS[0]) - expected).max() > 100 * ATOL
+    baked.close()
+
+
+# -- metadata -------------------------------------------------------------------------------
+
+
+def test_bake_is_recorded_and_everything_else_copied(tiny_model_path, baked_path):
+    vector = random_vector(8, (1, 2))
+    bake_model(tiny_model_path, baked_path, add=[(vector, 0.4)], layers=[1, 2])
+    meta = read_bake_metadata(baked_path)
+    assert meta["ops"] == ["add"] and meta["layers"] == ["1-2"] and meta["exact"] == [True]
+    assert meta["values"] == [pytest.approx(0.4)] and len(meta["vector_hashes"][0]) == 16
+    assert "add 0.4 at layers 1-2" in describe_bake(baked_path) and describe_bake(tiny_model_path) == "baked steering: none"
+    source, baked = gguf.GGUFReader(str(tiny_model_path)), gguf.GGUFReader(str(baked_path))
+    for name, field in source.fields.items():
+        if not name.startswith("GGUF."):
+            assert baked.fields[name].contents() == field.contents(), name
+    baked_tensors = {t.name: t for t in baked.tensors}
+    for tensor in source.tensors:
+        assert np.array_equal(np.asarray(baked_tensors[tensor.name].data), np.asarray(tensor.data)), tensor.name
+
+
+# -- bad input: clear errors, nothing written ------------------------------------------------
+
+
+def write_fake_model(path, arch, n_embd=48, n_layer=2):
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_tensor("token_embd.weight", np.ones((8, n_embd), np.float32))
+    for il in range(n_layer):
+        for name in ("attn_output", "ffn_down", "post_attention_norm", "post_ffw_norm"):
+            shape = (n_embd,) if "norm" in name else (n_embd, n_embd)
+            writer.add_tensor(f"blk.{il}.{name}.weight", np.ones(shape, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def assert_nothing_written(folder, before):
+    assert sorted(os.listdir(folder)) == before
+
+
+def test_bad_input_is_refused_and_nothing_written(tiny_model_path, tmp_path):
+    vector = random_vector(9, (1, 2))
+    out = tmp_path / "out.gguf"
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(BakeError, match="n_embd 64 .* n_embd 48"):
+        bake_model(tiny_model_path, out, add=[(random_vector(9, (1, 2), n_embd=64), 1.0)])
+    gemma = tmp_path / "gemma.gguf"
+    write_fake_model(gemma, "gemma3")
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(BakeError, match="gemma3.*post-attention and post-FFN norms.*approximate"):
+        bake_model(gemma, out, add=[(vector, 1.0)], layers=[1])
+    with pytest.raises(ValueError, match="architecture 'mamba'"):
+        mamba = tmp_path / "mamba.gguf"
+        write_fake_model(mamba, "mamba")
+        before = sorted(os.listdir(tmp_path))
+        bake_model(mamba, out, add=[(vector, 1.0)], layers=[1])
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(tiny_model_path.read_bytes()[:-1000])
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(ModelFileError, match="truncated.gguf: truncated GGUF file: tensor 'output.weight'"):
+        bake_model(truncated, out, add=[(vector, 1.0)], layers=[1])
+    vector_file = tmp_path / "v.gguf"
+    vector.save(vector_file)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(ModelFileError, match="v.gguf: is a control-vector file, not a model"):
+        bake_model(vector_file, out, add=[(vector, 1.0)], layers=[1])
+    with pytest.raises(BakeError, match=r"layers \[3\] are beyond the model"):
+        bake_model(tiny_model_path, out, add=[(vector, 1.0)], layers=[3])
+    assert_nothing_written(tmp_path, before)
+    out.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="out.gguf: exists; pass force=True"):
+        bake_model(tiny_model_path, out, add=[(vector, 1.0)], layers=[1])
+    assert out.read_bytes() == b"keep me"
+    bake_model(tiny_model_path, out, add=[(vector, 1.0)], layers=[1], force=True)
+    with pytest.raises(BakeError, match="already has baked steering"):
+        bake_model(out, tmp_path / "twice.gguf", add=[(vector, 1.0)], layers=[1])
