@@ -390,3 +390,33 @@ def test_quantized_ablation_stays_within_quantization_error(q5_models, baked_pat
     # are rounded twice (Q5_0 of the F32 weights, then Q5_0 of the edit), about sqrt(2) times once
     assert bake_error < 2.0 * quant_error, (bake_error, quant_error)
     assert bake_error > 10 * ATOL  # it is quantized: the comparison can tell
+
+
+# -- command line ---------------------------------------------------------------------------
+
+
+def test_cli_bake_and_inspect(tiny_model, tiny_model_path, tmp_path, capsys):
+    from ggsteer.bake_cli import describe_baked_model
+    from ggsteer.cli import main
+
+    vector = random_vector(12, (1, 2))
+    vector_path = tmp_path / "v.gguf"
+    vector.save(vector_path)
+    out = tmp_path / "baked.gguf"
+    assert main(["bake", str(tiny_model_path), "--vector", f"{vector_path}:0.7", "--layers", "1-2", "-o", str(out)]) == 0
+    assert "add 0.7 at layers 1-2: added to blk.N.ffn_down.bias (exact)" in capsys.readouterr().out
+    tiny_model.set_control(vector, 0.7, layers=[1, 2])
+    baked = SteeredModel(out, **MODEL_KWARGS)
+    np.testing.assert_allclose(last_logits(baked, PROMPTS[1]), last_logits(tiny_model, PROMPTS[1]), atol=ATOL, rtol=0)
+    baked.close()
+    assert "add 0.7 at layers 1-2" in describe_baked_model(out) and describe_baked_model(vector_path) is None
+
+    assert main(["bake", str(tiny_model_path), "--vector", str(vector_path), "-o", str(out)]) == 2
+    assert f"{out}: exists; pass force=True (--force)" in capsys.readouterr().err
+    assert main(["bake", str(vector_path), "--ablate", str(vector_path), "-o", str(tmp_path / "x.gguf")]) == 2
+    assert "is a control-vector file, not a model" in capsys.readouterr().err
+    assert main(["bake", str(tiny_model_path), "--clamp", str(vector_path), "-o", str(tmp_path / "x.gguf")]) == 2
+    assert "expected FILE:VALUE" in capsys.readouterr().err
+    assert main(["bake", str(tiny_model_path), "--ablate", str(vector_path), "--layers", "1-2", "-o", str(tmp_path / "x.gguf")]) == 2
+    assert "cannot bake ablate exactly into llama" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()

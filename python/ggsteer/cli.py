@@ -259,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ggsteer.server_cli import add_serve_command
 
     add_serve_command(sub)
+
+    from ggsteer.bake_cli import add_bake_command
+
+    add_bake_command(sub)
     return parser
 
 

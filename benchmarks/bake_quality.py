@@ -1,0 +1,148 @@
+"""How close an approximate bake on the default model (Gemma 3 270M, Q4_K_M) comes to runtime steering.
+
+Trains the `happy` preset (or loads --vector), then for each setting compares three models: the
+original unsteered, the original steered at run time (adapter for add, hook for ablate), and the
+baked file loaded with no steering. Prints, per setting:
+- KL(runtime-steered || baked) and KL(unsteered || baked) over the shipped neutral texts (nats per
+  position), next to KL(unsteered || runtime-steered);
+- the mean behaviour score (log P(positive) - log P(negative), happy eval prompts) of each;
+- for ablate: the spread (std over held-out prompts, last token) of the projection on each steered
+  layer's direction, original vs baked vs hook, and the ratio;
+- a greedy sample of each, the baked one from a plain llama_cpp.Llama (no ggsteer).
+
+    python benchmarks/bake_quality.py [--vector happy.gguf] [--strength 0.6] [--layers 3-14]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from ggsteer import ControlVector, SteeredModel, default_model_path, preset_dataset
+from ggsteer.bake import bake_model
+from ggsteer.dataset import load_eval_prompts
+from ggsteer.evaluate import behaviour_scores, load_neutral_texts
+from ggsteer.steer import parse_layer_range
+
+PROMPT = "I woke up this morning and"
+MODEL_KWARGS = dict(n_ctx=1024, n_batch=512, n_seq_max=16, n_threads=2)
+
+
+def log_softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = scores - scores.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def position_logprobs(model: SteeredModel, texts: list[str]) -> list[np.ndarray]:
+    out = []
+    for text in texts:
+        model.reset()
+        tokens = model.tokenize_prompt(text)
+        model.eval(tokens)
+        out.append(log_softmax(np.asarray(model.scores[: len(tokens)], dtype=np.float64)))
+    return out
+
+
+def mean_kl(p_logs: list[np.ndarray], q_logs: list[np.ndarray]) -> float:
+    kls = [(np.exp(p) * (p - q)).sum(axis=-1) for p, q in zip(p_logs, q_logs)]
+    return float(np.concatenate(kls).mean())
+
+
+def projection_spread(model: SteeredModel, vector: ControlVector, layers: list[int], prompts: list[str]) -> np.ndarray:
+    states = model.hidden_states(prompts, layers=layers, pool="last")  # [n_prompts, n_layers, n_embd]
+    units = np.stack([vector.directions[il] / np.linalg.norm(vector.directions[il]) for il in layers])
+    projections = np.einsum("pld,ld->pl", np.asarray(states, np.float64), units)
+    return projections.std(axis=0)
+
+
+def plain_sample(path: Path) -> str:
+    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, verbose=False)
+    text = llm.create_completion(PROMPT, max_tokens=32, temperature=0.0, repeat_penalty=1.3)["choices"][0]["text"]
+    llm.close()
+    return text
+
+
+def steered_sample(model: SteeredModel) -> str:
+    return model.create_completion(PROMPT, max_tokens=32, temperature=0.0, repeat_penalty=1.3)["choices"][0]["text"]
+
+
+def train_or_load(model: SteeredModel, path: str | None) -> ControlVector:
+    if path:
+        return ControlVector.load(path)
+    return ControlVector.train(model, preset_dataset("happy"), progress=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--vector")
+    parser.add_argument("--strength", type=float, default=0.6)
+    parser.add_argument("--layers", default="3-14")
+    parser.add_argument("--add-layers", nargs="*", default=["3", "3-5", "3-14"],
+                        help="layer sets whose summed vectors the add bake puts into the embeddings")
+    args = parser.parse_args()
+    layers = parse_layer_range(args.layers)
+    model_path = default_model_path()
+    model = SteeredModel(model_path, logits_all=True, **MODEL_KWARGS)
+    vector = train_or_load(model, args.vector)
+    texts = load_neutral_texts()
+    items = load_eval_prompts("happy")
+    held_out = [item["prompt"] for item in items]
+    with model.unsteered():
+        base_logs = position_logprobs(model, texts)
+        base_score = float(behaviour_scores(model, items).mean())
+        base_sample = steered_sample(model)
+        base_spread = projection_spread(model, vector, layers, held_out)
+    print(f"unsteered: behaviour {base_score:+.3f}; sample: {base_sample!r}")
+    folder = Path(tempfile.mkdtemp(prefix="ggsteer-bake-"))
+
+    for add_layers in [parse_layer_range(text) for text in args.add_layers]:
+        with model.steer(vector, args.strength, layers=layers):
+            run_logs, run_score, run_sample = position_logprobs(model, texts), float(behaviour_scores(model, items).mean()), steered_sample(model)
+        out = folder / f"add-{add_layers[0]}-{add_layers[-1]}.gguf"
+        report = bake_model(model_path, out, add=[(vector, args.strength)], layers=add_layers, approximate=True)
+        compare(f"add {args.strength} (runtime layers {args.layers}; baked: embeddings += sum of layers {add_layers[0]}-{add_layers[-1]})",
+                out, texts, items, base_logs, run_logs, run_score, run_sample, report)
+
+    with model.steer(vector, 1.0, layers=layers, op="ablate"):
+        run_logs, run_score, run_sample = position_logprobs(model, texts), float(behaviour_scores(model, items).mean()), steered_sample(model)
+        hook_spread = projection_spread(model, vector, layers, held_out)
+    out = folder / "ablate.gguf"
+    report = bake_model(model_path, out, ablate=[vector], layers=layers, approximate=True)
+    baked = compare(f"ablate (layers {args.layers})", out, texts, items, base_logs, run_logs, run_score, run_sample, report,
+                    keep_open=True)
+    baked_spread = projection_spread(baked, vector, layers, held_out)
+    baked.close()
+    print("  projection spread (std over held-out prompts, last token) per layer: original / hook / baked")
+    for k, il in enumerate(layers):
+        print(f"    layer {il:>2}: {base_spread[k]:10.2f} {hook_spread[k]:10.2f} {baked_spread[k]:10.2f}"
+              f"   baked/original {baked_spread[k] / base_spread[k]:.3f}")
+    ratio = baked_spread / base_spread
+    print(f"  baked/original spread: median {np.median(ratio):.3f}, range {ratio.min():.3f}-{ratio.max():.3f}")
+    model.close()
+
+
+def compare(title, path, texts, items, base_logs, run_logs, run_score, run_sample, report, keep_open=False):
+    baked = SteeredModel(path, logits_all=True, **MODEL_KWARGS)
+    baked_logs = position_logprobs(baked, texts)
+    baked_score = float(behaviour_scores(baked, items).mean())
+    print(f"\n{title}: bake took {report.seconds:.1f} s, {report.output_bytes / 1e6:.1f} MB "
+          f"(original {report.input_bytes / 1e6:.1f} MB)")
+    print(f"  KL(unsteered || runtime) {mean_kl(base_logs, run_logs):.3f}   KL(unsteered || baked) "
+          f"{mean_kl(base_logs, baked_logs):.3f}   KL(runtime || baked) {mean_kl(run_logs, baked_logs):.3f}")
+    print(f"  behaviour: runtime {run_score:+.3f}   baked {baked_score:+.3f}")
+    print(f"  runtime sample: {run_sample!r}")
+    print(f"  baked sample (plain llama_cpp.Llama): {plain_sample(path)!r}")
+    sys.stdout.flush()
+    if keep_open:
+        return baked
+    baked.close()
+    return None
+
+
+if __name__ == "__main__":
+    main()
