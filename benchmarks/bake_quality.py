@@ -11,11 +11,16 @@ baked file loaded with no steering. Prints, per setting:
 - a greedy sample of each, the baked one from a plain llama_cpp.Llama (no ggsteer).
 
     python benchmarks/bake_quality.py [--vector happy.gguf] [--strength 0.6] [--layers 3-14]
+
+GGSTEER_BENCH_NO_EXTRA_BUFTS=1 loads models without llama.cpp's extra CPU buffer types (AMX /
+repacked weights): on a VM that lists AMX but cannot run it, batched decodes otherwise die with an
+illegal instruction.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -30,6 +35,23 @@ from ggsteer.evaluate import behaviour_scores, load_neutral_texts
 from ggsteer.steer import parse_layer_range
 
 PROMPT = "I woke up this morning and"
+
+
+def _without_extra_buffer_types() -> None:
+    import llama_cpp.llama as llama_module
+
+    default = llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_module.llama_cpp.llama_model_default_params = params
+
+
+if os.environ.get("GGSTEER_BENCH_NO_EXTRA_BUFTS"):
+    _without_extra_buffer_types()
 MODEL_KWARGS = dict(n_ctx=1024, n_batch=512, n_seq_max=16, n_threads=2)
 
 

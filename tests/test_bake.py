@@ -48,7 +48,7 @@ def random_vector(seed, layers, n_embd=48, center=None, same_direction=False):
     return ControlVector(directions, "llama", metadata)
 
 
-def read_weights(path, hparams):
+def read_weights(path):
     """The baked file's tensors, read with gguf-py (not ggsteer's reader): weights and biases."""
     reader = gguf.GGUFReader(str(path))
     tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
@@ -110,7 +110,7 @@ def test_add_bake_equals_adapter_and_numpy(tiny_model, tiny_model_path, tiny_wei
     assert report.exact and report.added_tensors == [f"blk.{il}.ffn_down.bias" for il in layers]
     tiny_model.set_control(vector, 0.7, layers=list(layers))
     baked = SteeredModel(baked_path, **MODEL_KWARGS)
-    tensors = read_weights(baked_path, tiny_weights.hparams)
+    tensors = read_weights(baked_path)
     for prompt in PROMPTS:
         runtime = last_logits(tiny_model, prompt)
         np.testing.assert_allclose(last_logits(baked, prompt), runtime, atol=ATOL, rtol=0)
@@ -160,8 +160,8 @@ def test_projection_bake_equals_sublayer_projection(tiny_weights, tiny_model_pat
     u = edits.unit(vector.directions[layers[0]])
     targets = projection_targets(vector, layers, op, value, center)
     baked = SteeredModel(baked_path, **MODEL_KWARGS)
-    original = read_weights(tiny_model_path, tiny_weights.hparams)
-    tensors = read_weights(baked_path, tiny_weights.hparams)
+    original = read_weights(tiny_model_path)
+    tensors = read_weights(baked_path)
     for prompt in PROMPTS:
         tokens = baked.tokenize_prompt(prompt)
         expected = projected_reference(original, tiny_weights.hparams, tokens, u, targets)
@@ -190,9 +190,9 @@ def test_approximate_ablation_stops_each_block_writing_along_its_direction(tiny_
             written = np.asarray(states[:, k], np.float64) - np.asarray(states[:, k - 1], np.float64)
             along = np.abs(written @ edits.unit(vector.directions[il]))
             assert along.max() < 1e-4 * np.abs(written).max(), (il, along.max())
-    unbaked = numpy_forward(read_weights(tiny_model_path, tiny_weights.hparams), tiny_weights.hparams,
+    unbaked = numpy_forward(read_weights(tiny_model_path), tiny_weights.hparams,
                             baked.tokenize_prompt(PROMPTS[0]))[-1]
-    tensors = read_weights(baked_path, tiny_weights.hparams)
+    tensors = read_weights(baked_path)
     got = last_logits(baked, PROMPTS[0])
     np.testing.assert_allclose(got, numpy_forward(tensors, tiny_weights.hparams, baked.tokenize_prompt(PROMPTS[0]))[-1],
                                atol=ATOL, rtol=0)
@@ -230,7 +230,7 @@ def test_transposed_projection_fails_the_comparison(tiny_weights, tiny_model_pat
     u = edits.unit(vector.directions[0])
     baked = SteeredModel(baked_path, **MODEL_KWARGS)
     tokens = baked.tokenize_prompt(PROMPTS[0])
-    expected = projected_reference(read_weights(tiny_model_path, tiny_weights.hparams), tiny_weights.hparams, tokens,
+    expected = projected_reference(read_weights(tiny_model_path), tiny_weights.hparams, tokens,
                                    u, {0: 0.0, 1: 0.0, 2: 0.0})
     assert np.abs(last_logits(baked, PROMPTS[0]) - expected).max() > 100 * ATOL
     baked.close()
@@ -350,7 +350,7 @@ def q5_models(tmp_path_factory):
 def quantized_errors(q5_models, baked_path, expected_fn):
     """(baked Q5_0 vs the F32 oracle of the steering, unsteered Q5_0 vs F32): max |logit difference| over prompts."""
     f32_path, q5_path, weights = q5_models
-    f32 = read_weights(f32_path, weights.hparams)
+    f32 = read_weights(f32_path)
     baked, plain = SteeredModel(baked_path, **MODEL_KWARGS), SteeredModel(q5_path, **MODEL_KWARGS)
     bake_error = quant_error = 0.0
     for prompt in PROMPTS:
@@ -390,6 +390,62 @@ def test_quantized_ablation_stays_within_quantization_error(q5_models, baked_pat
     # are rounded twice (Q5_0 of the F32 weights, then Q5_0 of the edit), about sqrt(2) times once
     assert bake_error < 2.0 * quant_error, (bake_error, quant_error)
     assert bake_error > 10 * ATOL  # it is quantized: the comparison can tell
+
+
+# -- Gemma 3 (post-norms): approximate edits, checked on the edited weights ----------------------
+
+
+def write_fake_gemma(path, n_embd=48, n_layer=3, seed=0):
+    """A gemma3-shaped file (writers, post-norms, tied embeddings); llama.cpp does not need to load it."""
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    tensors = {"token_embd.weight": rng.normal(size=(16, n_embd)).astype(np.float32)}
+    for il in range(n_layer):
+        tensors[f"blk.{il}.attn_output.weight"] = rng.normal(size=(n_embd, 32)).astype(np.float32)
+        tensors[f"blk.{il}.ffn_down.weight"] = rng.normal(size=(n_embd, 64)).astype(np.float32)
+        for norm in ("post_attention_norm", "post_ffw_norm"):
+            tensors[f"blk.{il}.{norm}.weight"] = (1 + rng.uniform(-0.9, 3.0, size=n_embd)).astype(np.float32)
+    for name, array in tensors.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return tensors
+
+
+def test_gemma_ablation_leaves_nothing_along_u_after_the_post_norms(tmp_path, baked_path):
+    original = write_fake_gemma(tmp_path / "gemma.gguf")
+    vector = random_vector(13, (1, 2), center=(3.0, -2.0))
+    with pytest.raises(BakeError, match="cannot bake ablate exactly into gemma3"):
+        bake_model(tmp_path / "gemma.gguf", baked_path, ablate=[vector], layers=[1, 2])
+    report = bake_model(tmp_path / "gemma.gguf", baked_path, ablate=[vector], layers=[1, 2], approximate=True)
+    assert report.operations[0].projection == "plain" and "token_embd.weight" not in report.edited_tensors
+    tensors = read_weights(baked_path)
+    x = np.random.default_rng(1).normal(size=(64, 5))
+    for il in (1, 2):
+        u = edits.unit(vector.directions[il])
+        for writer, norm in (("attn_output", "post_attention_norm"), ("ffn_down", "post_ffw_norm")):
+            weight, g = tensors[f"blk.{il}.{writer}.weight"], tensors[f"blk.{il}.{norm}.weight"]
+            y = weight @ x[: weight.shape[1]]
+            normed = g[:, None] * y / np.sqrt((y * y).mean(axis=0))  # the post-norm, whatever its scale
+            assert np.abs(u @ normed).max() < 1e-4 * np.abs(normed).max()
+            before = original[f"blk.{il}.{writer}.weight"] @ x[: weight.shape[1]]
+            assert np.abs(u @ (g[:, None] * before)).max() > 1.0  # the original did write along u
+    assert np.array_equal(tensors["blk.0.ffn_down.weight"], original["blk.0.ffn_down.weight"])
+
+
+def test_gemma_add_is_an_embedding_offset(tmp_path, baked_path):
+    original = write_fake_gemma(tmp_path / "gemma.gguf")
+    vector = random_vector(14, (1, 2))
+    report = bake_model(tmp_path / "gemma.gguf", baked_path, add=[(vector, 0.5)], layers=[1, 2], approximate=True)
+    assert report.edited_tensors == ["token_embd.weight"] and report.added_tensors == []  # tied head: constant shift
+    tensors = read_weights(baked_path)
+    offset = 0.5 * (vector.directions[1] + vector.directions[2]) / np.sqrt(48)  # gemma3 scales embeddings by sqrt(n_embd)
+    np.testing.assert_allclose(tensors["token_embd.weight"] - original["token_embd.weight"], np.tile(offset, (16, 1)),
+                               atol=1e-6)
 
 
 # -- command line ---------------------------------------------------------------------------
