@@ -180,6 +180,8 @@ def test_approximate_ablation_stops_each_block_writing_along_its_direction(tiny_
     vector = random_vector(5, (1, 2), center=(0.5, -0.7))
     with pytest.raises(BakeError, match="do not start at 0.*direction differs.*approximate"):
         bake_model(tiny_model_path, baked_path, ablate=[vector], layers=[1, 2])
+    with pytest.raises(BakeError, match="cannot bake clamp into llama even approximately"):
+        bake_model(tiny_model_path, baked_path, clamp=[(vector, 1.0)], layers=[1, 2], approximate=True)
     assert not baked_path.exists()
     report = bake_model(tiny_model_path, baked_path, ablate=[vector], layers=[1, 2], approximate=True)
     assert not report.exact and report.operations[0].projection == "plain"
@@ -207,7 +209,7 @@ def test_missing_bias_fails_the_comparison(tiny_model, tiny_model_path, baked_pa
     import ggsteer.bake.apply as apply
 
     real = apply._producers
-    monkeypatch.setattr(apply, "_producers", lambda *a: (real(*a)[0], [], {}))  # drop the created biases
+    monkeypatch.setattr(apply, "_producers", lambda *a: (real(*a)[0], []))  # drop the created biases
     vector = random_vector(6, (1, 2))
     bake_model(tiny_model_path, baked_path, add=[(vector, 0.7)], layers=[1, 2])
     tiny_model.set_control(vector, 0.7, layers=[1, 2])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -32,7 +32,6 @@ class BakeReport:
     input_bytes: int
     output_bytes: int
     seconds: float
-    retyped: dict[str, str] = field(default_factory=dict)  # tensor -> "Q4_K -> Q8_0" where the type changed
 
     @property
     def exact(self) -> bool:
@@ -46,8 +45,7 @@ class BakeReport:
             kind = "exact" if op.exact else "approximate: " + "; ".join(op.reasons)
             projection = f", {op.projection} projection" if op.projection else ""
             lines.append(f"  {op.op}{value} at layers {format_layers(list(op.layers))}{projection}: {op.method} ({kind})")
-        lines.append(f"  {len(self.edited_tensors)} tensors edited, {len(self.added_tensors)} added")
-        lines += [f"  {name}: {change}" for name, change in self.retyped.items()]
+        lines.append(f"  {len(self.edited_tensors)} tensors edited (each in its own type), {len(self.added_tensors)} added")
         return "\n".join(lines)
 
 
@@ -80,12 +78,12 @@ def bake_model(
     # llama.cpp adds the adapter's vector inside the graph before the hook edits l_out: adds first
     baked = [planner.add(r) for r in requests if r.op == "add"]
     baked += [planner.project(r) for r in requests if r.op != "add"]
-    replaced, added, retyped = _producers(layout, planner.plan, n_embd)
+    replaced, added = _producers(layout, planner.plan, n_embd)
     records = {k: v for k, v in layout.records.items()}
     records.update(bake_records(baked, _version()))
     write_model_gguf(layout, output, replaced=replaced, added=added, records=records)
     return BakeReport(output, arch.name, baked, sorted(replaced), [a.info.name for a in added],
-                      os.path.getsize(layout.path), os.path.getsize(output), time.perf_counter() - started, retyped)
+                      os.path.getsize(layout.path), os.path.getsize(output), time.perf_counter() - started)
 
 
 def _open_model(model_path, output: Path, force: bool) -> GGUFLayout:
@@ -141,14 +139,12 @@ def _layers_for(vector: ControlVector, layers, n_layer: int) -> list[int]:
 
 
 def _producers(layout: GGUFLayout, plan: EditPlan, n_embd: int):
-    replaced, added, retyped = {}, [], {}
+    replaced, added = {}, []
     for name, directions in plan.writer_steps.items():
-        info = _writable(layout.tensors[name], retyped)
-        replaced[name] = _writer_producer(layout, layout.tensors[name], info.ggml_type, directions)
+        replaced[name] = _writer_producer(layout, _writable(layout.tensors[name]), directions)
     if plan.embedding_steps:
-        original = layout.tensors["token_embd.weight"]
-        info = _writable(original, retyped)
-        replaced[original.name] = _embedding_producer(layout, original, info.ggml_type, plan.embedding_steps)
+        original = _writable(layout.tensors["token_embd.weight"])
+        replaced[original.name] = _embedding_producer(layout, original, plan.embedding_steps)
         if "output.weight" not in layout.tensors and any(kind == "project" for kind, _ in plan.embedding_steps):
             # a tied head would read the orthogonalised embeddings: give it the original ones
             head = TensorInfo("output.weight", original.ne, original.ggml_type, 0, original.n_bytes)
@@ -163,31 +159,31 @@ def _producers(layout: GGUFLayout, plan: EditPlan, n_embd: int):
         else:
             added.append(AddedTensor(TensorInfo(name, (n_embd,), GGMLQuantizationType.F32, 0, 4 * n_embd),
                                      lambda data=data: [data]))
-    return replaced, added, retyped
+    return replaced, added
 
 
-def _writable(info: TensorInfo, retyped: dict[str, str]) -> TensorInfo:
+def _writable(info: TensorInfo) -> TensorInfo:
     if quant.can_encode(info.ggml_type):
         return info
     raise BakeError(f"tensor {info.name} has type {info.ggml_type.name}, which ggsteer cannot write back")
 
 
-def _writer_producer(layout, info: TensorInfo, ggml_type, directions):
+def _writer_producer(layout, info: TensorInfo, directions):
     def produce():
         weight = quant.read_tensor(layout, info)
         for w in directions:
             weight = edits.orthogonalise_writer(weight, w)
-        yield quant.encode_tensor(weight, ggml_type)
+        yield quant.encode_tensor(weight, info.ggml_type)
     return produce
 
 
-def _embedding_producer(layout, info: TensorInfo, ggml_type, steps):
+def _embedding_producer(layout, info: TensorInfo, steps):
     def produce():
         for first in range(0, info.n_rows, _EMBEDDING_ROWS_PER_CHUNK):
             rows = quant.read_rows(layout, info, first, min(_EMBEDDING_ROWS_PER_CHUNK, info.n_rows - first))
             for kind, vector in steps:
                 rows = edits.offset_rows(rows, vector) if kind == "offset" else edits.orthogonalise_rows(rows, vector)
-            yield quant.encode_tensor(rows, ggml_type)
+            yield quant.encode_tensor(rows, info.ggml_type)
     return produce
 
 

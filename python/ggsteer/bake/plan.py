@@ -67,7 +67,6 @@ class EditPlan:
     writer_steps: dict[str, list[np.ndarray]] = field(default_factory=dict)
     embedding_steps: list[tuple[str, np.ndarray]] = field(default_factory=list)  # ("offset" | "project", vector)
     biases: dict[str, np.ndarray] = field(default_factory=dict)
-    created_biases: set[str] = field(default_factory=set)
 
 
 class Planner:
@@ -108,6 +107,10 @@ class Planner:
         baked = BakedOp(request.op, layers, request.value, vector_hash(vector, layers), exact,
                         "centered" if centered else "plain", "", reasons)
         self._require_approximate(baked)
+        if request.op == "clamp" and not exact:
+            # a plain projection would hold it at 0, not at the value asked for: that is ablate, not clamp
+            raise BakeError(f"cannot bake clamp into {self.arch.name} even approximately: {'; '.join(reasons)} "
+                            "(bake --ablate for the plain projection)")
         if 0 in layers:
             self.plan.embedding_steps.append(("project", units[0]))
         previous = 0.0
@@ -152,7 +155,6 @@ class Planner:
             return self.plan.biases[name]
         if name in self.layout.tensors:
             return read_tensor(self.layout, self.layout.tensors[name]).reshape(-1)
-        self.plan.created_biases.add(name)
         return np.zeros(self.n_embd, dtype=np.float32)
 
     def _embedding_scale(self) -> float:
