@@ -20,6 +20,7 @@ illegal instruction.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -94,76 +95,94 @@ def steered_sample(model: SteeredModel) -> str:
 
 
 def train_or_load(model: SteeredModel, path: str | None) -> ControlVector:
-    if path:
+    """The vector at `path`; trained on the happy preset (and saved there) when the file does not exist."""
+    if path and Path(path).exists():
         return ControlVector.load(path)
-    return ControlVector.train(model, preset_dataset("happy"), progress=False)
+    vector = ControlVector.train(model, preset_dataset("happy"), progress=False)
+    if path:
+        vector.save(path)
+    return vector
+
+
+class Pair:
+    """One model file opened twice: for behaviour and hidden states, and with logits at every position for KL."""
+
+    def __init__(self, path: Path):
+        self.model = SteeredModel(path, **MODEL_KWARGS)
+        self.kl_model = SteeredModel(path, logits_all=True, **MODEL_KWARGS)
+
+    @contextlib.contextmanager
+    def steer(self, *args, **kwargs):
+        with self.model.steer(*args, **kwargs), self.kl_model.steer(*args, **kwargs):
+            yield self
+
+    def measure(self, texts, items, vector=None, layers=None, held_out=None) -> dict:
+        result = {"logs": position_logprobs(self.kl_model, texts), "score": float(behaviour_scores(self.model, items).mean()),
+                  "sample": steered_sample(self.model)}
+        if held_out is not None:
+            result["spread"] = projection_spread(self.model, vector, layers, held_out)
+        return result
+
+    def close(self) -> None:
+        self.model.close()
+        self.kl_model.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--vector")
+    parser.add_argument("--vector", help="vector file (trained on the happy preset and saved there if missing)")
+    parser.add_argument("--texts", type=int, default=None, help="use only the first N neutral texts")
     parser.add_argument("--strength", type=float, default=0.6)
     parser.add_argument("--layers", default="3-14")
-    parser.add_argument("--add-layers", nargs="*", default=["3", "3-5", "3-14"],
+    parser.add_argument("--add-layers", nargs="*", default=["3", "3-14"],
                         help="layer sets whose summed vectors the add bake puts into the embeddings")
     args = parser.parse_args()
     layers = parse_layer_range(args.layers)
     model_path = default_model_path()
-    model = SteeredModel(model_path, logits_all=True, **MODEL_KWARGS)
-    vector = train_or_load(model, args.vector)
-    texts = load_neutral_texts()
+    original = Pair(model_path)
+    vector = train_or_load(original.model, args.vector)
+    texts = load_neutral_texts()[: args.texts]
     items = load_eval_prompts("happy")
     held_out = [item["prompt"] for item in items]
-    with model.unsteered():
-        base_logs = position_logprobs(model, texts)
-        base_score = float(behaviour_scores(model, items).mean())
-        base_sample = steered_sample(model)
-        base_spread = projection_spread(model, vector, layers, held_out)
-    print(f"unsteered: behaviour {base_score:+.3f}; sample: {base_sample!r}")
+    base = original.measure(texts, items, vector, layers, held_out)
+    print(f"unsteered: behaviour {base['score']:+.3f}; sample: {base['sample']!r}", flush=True)
     folder = Path(tempfile.mkdtemp(prefix="ggsteer-bake-"))
 
-    for add_layers in [parse_layer_range(text) for text in args.add_layers]:
-        with model.steer(vector, args.strength, layers=layers):
-            run_logs, run_score, run_sample = position_logprobs(model, texts), float(behaviour_scores(model, items).mean()), steered_sample(model)
-        out = folder / f"add-{add_layers[0]}-{add_layers[-1]}.gguf"
-        report = bake_model(model_path, out, add=[(vector, args.strength)], layers=add_layers, approximate=True)
-        compare(f"add {args.strength} (runtime layers {args.layers}; baked: embeddings += sum of layers {add_layers[0]}-{add_layers[-1]})",
-                out, texts, items, base_logs, run_logs, run_score, run_sample, report)
-
-    with model.steer(vector, 1.0, layers=layers, op="ablate"):
-        run_logs, run_score, run_sample = position_logprobs(model, texts), float(behaviour_scores(model, items).mean()), steered_sample(model)
-        hook_spread = projection_spread(model, vector, layers, held_out)
+    with original.steer(vector, 1.0, layers=layers, op="ablate"):
+        runtime = original.measure(texts, items, vector, layers, held_out)
     out = folder / "ablate.gguf"
     report = bake_model(model_path, out, ablate=[vector], layers=layers, approximate=True)
-    baked = compare(f"ablate (layers {args.layers})", out, texts, items, base_logs, run_logs, run_score, run_sample, report,
-                    keep_open=True)
-    baked_spread = projection_spread(baked, vector, layers, held_out)
-    baked.close()
+    baked = compare(f"ablate (layers {args.layers})", out, texts, items, base, runtime, report, vector, layers, held_out)
     print("  projection spread (std over held-out prompts, last token) per layer: original / hook / baked")
     for k, il in enumerate(layers):
-        print(f"    layer {il:>2}: {base_spread[k]:10.2f} {hook_spread[k]:10.2f} {baked_spread[k]:10.2f}"
-              f"   baked/original {baked_spread[k] / base_spread[k]:.3f}")
-    ratio = baked_spread / base_spread
-    print(f"  baked/original spread: median {np.median(ratio):.3f}, range {ratio.min():.3f}-{ratio.max():.3f}")
-    model.close()
+        print(f"    layer {il:>2}: {base['spread'][k]:10.2f} {runtime['spread'][k]:10.2f} {baked['spread'][k]:10.2f}"
+              f"   baked/original {baked['spread'][k] / base['spread'][k]:.3f}")
+    for name, result in (("hook", runtime), ("baked", baked)):
+        ratio = result["spread"] / base["spread"]
+        print(f"  {name}/original spread: median {np.median(ratio):.3f}, range {ratio.min():.3f}-{ratio.max():.3f}")
+
+    with original.steer(vector, args.strength, layers=layers):
+        runtime = original.measure(texts, items)
+    for add_layers in [parse_layer_range(text) for text in args.add_layers]:
+        out = folder / f"add-{add_layers[0]}-{add_layers[-1]}.gguf"
+        report = bake_model(model_path, out, add=[(vector, args.strength)], layers=add_layers, approximate=True)
+        compare(f"add {args.strength} (runtime: layers {args.layers}; baked: embeddings += sum over layers "
+                f"{add_layers[0]}-{add_layers[-1]})", out, texts, items, base, runtime, report)
+    original.close()
 
 
-def compare(title, path, texts, items, base_logs, run_logs, run_score, run_sample, report, keep_open=False):
-    baked = SteeredModel(path, logits_all=True, **MODEL_KWARGS)
-    baked_logs = position_logprobs(baked, texts)
-    baked_score = float(behaviour_scores(baked, items).mean())
+def compare(title, path, texts, items, base, runtime, report, vector=None, layers=None, held_out=None) -> dict:
+    baked_pair = Pair(path)
+    baked = baked_pair.measure(texts, items, vector, layers, held_out)
+    baked_pair.close()
     print(f"\n{title}: bake took {report.seconds:.1f} s, {report.output_bytes / 1e6:.1f} MB "
           f"(original {report.input_bytes / 1e6:.1f} MB)")
-    print(f"  KL(unsteered || runtime) {mean_kl(base_logs, run_logs):.3f}   KL(unsteered || baked) "
-          f"{mean_kl(base_logs, baked_logs):.3f}   KL(runtime || baked) {mean_kl(run_logs, baked_logs):.3f}")
-    print(f"  behaviour: runtime {run_score:+.3f}   baked {baked_score:+.3f}")
-    print(f"  runtime sample: {run_sample!r}")
-    print(f"  baked sample (plain llama_cpp.Llama): {plain_sample(path)!r}")
-    sys.stdout.flush()
-    if keep_open:
-        return baked
-    baked.close()
-    return None
+    print(f"  KL(unsteered || runtime) {mean_kl(base['logs'], runtime['logs']):.3f}   KL(unsteered || baked) "
+          f"{mean_kl(base['logs'], baked['logs']):.3f}   KL(runtime || baked) {mean_kl(runtime['logs'], baked['logs']):.3f}")
+    print(f"  behaviour: unsteered {base['score']:+.3f}   runtime {runtime['score']:+.3f}   baked {baked['score']:+.3f}")
+    print(f"  runtime sample: {runtime['sample']!r}")
+    print(f"  baked sample (plain llama_cpp.Llama): {plain_sample(path)!r}", flush=True)
+    return baked
 
 
 if __name__ == "__main__":
