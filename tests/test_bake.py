@@ -394,6 +394,17 @@ def test_quantized_ablation_stays_within_quantization_error(q5_models, baked_pat
     assert bake_error > 10 * ATOL  # it is quantized: the comparison can tell
 
 
+def test_edited_tensors_are_encoded_by_ggmls_own_quantizer():
+    from ggsteer.bake import quant
+
+    x = np.random.default_rng(15).normal(size=(6, 512)).astype(np.float32)
+    for qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q5_0):  # gguf-py copies ggml's reference
+        assert quant.encode_tensor(x, qtype) == gguf.quants.quantize(x, qtype).tobytes()
+    q4k = np.frombuffer(quant.encode_tensor(x, gguf.GGMLQuantizationType.Q4_K), np.uint8).reshape(6, -1)
+    error = gguf.quants.dequantize(q4k, gguf.GGMLQuantizationType.Q4_K) - x  # gguf-py cannot write Q4_K
+    assert q4k.shape[1] == 512 // 256 * 144 and 0.01 < np.abs(error).mean() < 0.1
+
+
 # -- Gemma 3 (post-norms): approximate edits, checked on the edited weights ----------------------
 
 
