@@ -27,6 +27,14 @@ def writer_direction(u: np.ndarray, post_norm: np.ndarray | None) -> np.ndarray:
     return unit(u) if post_norm is None else unit(np.asarray(post_norm, np.float64) * u)
 
 
+def orthonormal_basis(directions: list[np.ndarray], post_norm: np.ndarray | None) -> list[np.ndarray]:
+    """An orthonormal basis of the span of the writer directions of several u (see writer_direction)."""
+    columns = np.stack([writer_direction(u, post_norm) for u in directions], axis=1)
+    q, r = np.linalg.qr(columns)
+    keep = np.abs(np.diag(r)) > 1e-9  # drop directions already in the span of the others
+    return list(q[:, keep].T)
+
+
 def orthogonalise_writer(weight: np.ndarray, w: np.ndarray) -> np.ndarray:
     """W - w (w^T W): every output W x has no component along the unit vector w."""
     weight64 = weight.astype(np.float64)

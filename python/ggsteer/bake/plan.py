@@ -111,16 +111,31 @@ class Planner:
             # a plain projection would hold it at 0, not at the value asked for: that is ablate, not clamp
             raise BakeError(f"cannot bake clamp into {self.arch.name} even approximately: {'; '.join(reasons)} "
                             "(bake --ablate for the plain projection)")
-        if 0 in layers:
-            self.plan.embedding_steps.append(("project", units[0]))
+        if not exact:
+            baked.method = self._project_span(layers, units)
+            return baked
+        self.plan.embedding_steps.append(("project", units[0]))
         previous = 0.0
         for il in layers:
             step = targets[il] - previous if centered else 0.0
             previous = targets[il]
-            self._project_block(il, units[il], step)
-        baked.method = "token embeddings and steered blocks' writers orthogonalised" if 0 in layers else \
-            "steered blocks' writers orthogonalised"
+            self._project_block(il, [units[il]], step)
+        baked.method = "token embeddings and steered blocks' writers orthogonalised"
         return baked
+
+    def _project_span(self, layers: tuple[int, ...], units: dict[int, np.ndarray]) -> str:
+        """Nothing written before a steered layer i may point along u_i: each block j <= max(layers) is
+        orthogonalised against {u_i : i >= j}, the embeddings against all of them."""
+        for block in range(max(layers) + 1):
+            self._project_block(block, [units[il] for il in layers if il >= block], 0.0)
+        blocks = f"blocks 0-{max(layers)}" if max(layers) else "block 0"
+        if "output.weight" in self.layout.tensors:
+            for q in edits.orthonormal_basis([units[il] for il in layers], None):
+                self.plan.embedding_steps.append(("project", q))
+            return f"writers of {blocks} and the token embeddings orthogonalised against the later steered layers' directions"
+        # a tied output head would need its own copy of the embeddings (the file would grow by that much)
+        return (f"writers of {blocks} orthogonalised against the later steered layers' directions "
+                "(token embeddings kept: they are the tied output head)")
 
     # -- pieces ---------------------------------------------------------------------------
     def _projection_limits(self, units: dict[int, np.ndarray], targets: dict[int, float]) -> list[str]:
@@ -135,7 +150,8 @@ class Planner:
             reasons.append(f"{self.arch.name} has no residual bias to hold the centered offset (plain projection)")
         return reasons
 
-    def _project_block(self, il: int, u: np.ndarray, step: float) -> None:
+    def _project_block(self, il: int, directions: list[np.ndarray], step: float) -> None:
+        """Block il's writers stop writing along `directions`; with one direction, its bias holds `step`."""
         for k, writer in enumerate(WRITERS):
             name = f"blk.{il}.{writer}.weight"
             if name not in self.layout.tensors:
@@ -143,12 +159,17 @@ class Planner:
             norm = None
             if self.arch.post_norms:
                 norm = read_tensor(self.layout, self.layout.tensors[f"blk.{il}.{self.arch.post_norms[k]}.weight"])
-            w = edits.writer_direction(u, norm)
-            self.plan.writer_steps.setdefault(name, []).append(w)
+            # one direction keeps its sign (the bias offset points along it); several become an orthonormal basis
+            basis = [edits.writer_direction(directions[0], norm)] if len(directions) == 1 else \
+                edits.orthonormal_basis(directions, norm)
+            self.plan.writer_steps.setdefault(name, []).extend(basis)
             bias_name = f"blk.{il}.{writer}.bias"
             holds_offset = self.arch.projection_bias == f"{writer}.bias"
             if bias_name in self.layout.tensors or bias_name in self.plan.biases or (holds_offset and step):
-                self.plan.biases[bias_name] = edits.project_bias(self._bias(bias_name), w, step if holds_offset else 0.0)
+                bias = self._bias(bias_name)
+                for w in basis:
+                    bias = edits.project_bias(bias, w, step if holds_offset and w is basis[0] else 0.0)
+                self.plan.biases[bias_name] = bias
 
     def _bias(self, name: str) -> np.ndarray:
         if name in self.plan.biases:
