@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--strength", type=float, default=0.6)
     parser.add_argument("--layers", default="3-14")
     parser.add_argument("--add-layers", nargs="*", default=["3", "3-14"],
-                        help="layer sets whose summed vectors the add bake puts into the embeddings")
+                        help="layer sets whose summed vectors the add bake puts into the embeddings (none: skip add)")
     args = parser.parse_args()
     layers = parse_layer_range(args.layers)
     model_path = default_model_path()
@@ -161,6 +161,9 @@ def main() -> None:
         ratio = result["spread"] / base["spread"]
         print(f"  {name}/original spread: median {np.median(ratio):.3f}, range {ratio.min():.3f}-{ratio.max():.3f}")
 
+    if not args.add_layers:
+        original.close()
+        return
     with original.steer(vector, args.strength, layers=layers):
         runtime = original.measure(texts, items)
     for add_layers in [parse_layer_range(text) for text in args.add_layers]:
