@@ -33,8 +33,7 @@ layers = list(range(3, min(15, n_layer)))
 vector = ControlVector({il: rng.normal(size=n_embd).astype(np.float32) for il in layers}, layout.architecture,
                        {"unit": "gap"})
 start = time.perf_counter()
-kwargs = {"add": [(vector, 0.6)]} if op == "add" else {"ablate": [vector]}
-report = bake_model(model, out, layers=layers, approximate=True, force=True, **kwargs)
+report = bake_model(model, out, ablate=[vector], layers=layers, approximate=True, force=True)
 print(json.dumps({"seconds": time.perf_counter() - start, "edited": len(report.edited_tensors),
                   "output_bytes": report.output_bytes, "input_bytes": report.input_bytes}))
 """
@@ -71,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     model = str(args.model or default_model_path())
     folder = Path(tempfile.mkdtemp(prefix="ggsteer-bake-bench-"))
-    results: dict[str, list[dict]] = {"ablate": [], "add": []}
+    results: dict[str, list[dict]] = {"ablate": []}  # add is refused on Gemma 3 (plan.py)
     for _ in range(args.rounds):
         for op in results:
             results[op].append(run_child(model, str(folder / f"{op}.gguf"), op))
@@ -85,7 +84,7 @@ def main() -> None:
         walls = [r["wall"] for r in runs]
         rss = max(r["peak_rss"] for r in runs)
         last = runs[-1]
-        label = "ablate (writers orthogonalised)" if op == "ablate" else "add (token-embedding offset)"
+        label = "ablate (writers orthogonalised)"
         print(f"{label:<40}{statistics.median(times):>12.1f} ({min(times):.1f}-{max(times):.1f}){'':>6}"
               f"{statistics.median(walls):>11.1f}{rss / 1e6:>13.0f}{last['edited']:>16}"
               f"{last['output_bytes'] / last['input_bytes']:>13.4f}")

@@ -1,7 +1,7 @@
 """How close an approximate bake on the default model (Gemma 3 270M, Q4_K_M) comes to runtime steering.
 
 Trains the `happy` preset (or loads --vector), then for each setting compares three models: the
-original unsteered, the original steered at run time (adapter for add, hook for ablate), and the
+original unsteered, the original ablated at run time (ggsteer's hook), and the
 baked file loaded with no steering. Prints, per setting:
 - KL(runtime-steered || baked) and KL(unsteered || baked) over the shipped neutral texts (nats per
   position), next to KL(unsteered || runtime-steered);
@@ -10,7 +10,11 @@ baked file loaded with no steering. Prints, per setting:
   layer's direction, original vs baked vs hook, and the ratio;
 - a greedy sample of each, the baked one from a plain llama_cpp.Llama (no ggsteer).
 
-    python benchmarks/bake_quality.py [--vector happy.gguf] [--strength 0.6] [--layers 3-14]
+    python benchmarks/bake_quality.py [--vector happy.gguf] [--layers 3-14]
+
+Add is refused on Gemma 3. The measurement behind that (an offset on the token embeddings, the one
+unnormalised entry into its residual stream) was made with this script at commit f8f3df9, where the
+bake still wrote that offset and the script compared it with runtime addition at --strength.
 
 GGSTEER_BENCH_NO_EXTRA_BUFTS=1 loads models without llama.cpp's extra CPU buffer types (AMX /
 repacked weights): on a VM that lists AMX but cannot run it, batched decodes otherwise die with an
@@ -132,10 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vector", help="vector file (trained on the happy preset and saved there if missing)")
     parser.add_argument("--texts", type=int, default=None, help="use only the first N neutral texts")
-    parser.add_argument("--strength", type=float, default=0.6)
     parser.add_argument("--layers", default="3-14")
-    parser.add_argument("--add-layers", nargs="*", default=["3", "3-14"],
-                        help="layer sets whose summed vectors the add bake puts into the embeddings (none: skip add)")
     args = parser.parse_args()
     layers = parse_layer_range(args.layers)
     model_path = default_model_path()
@@ -161,16 +162,6 @@ def main() -> None:
         ratio = result["spread"] / base["spread"]
         print(f"  {name}/original spread: median {np.median(ratio):.3f}, range {ratio.min():.3f}-{ratio.max():.3f}")
 
-    if not args.add_layers:
-        original.close()
-        return
-    with original.steer(vector, args.strength, layers=layers):
-        runtime = original.measure(texts, items)
-    for add_layers in [parse_layer_range(text) for text in args.add_layers]:
-        out = folder / f"add-{add_layers[0]}-{add_layers[-1]}.gguf"
-        report = bake_model(model_path, out, add=[(vector, args.strength)], layers=add_layers, approximate=True)
-        compare(f"add {args.strength} (runtime: layers {args.layers}; baked: embeddings += sum over layers "
-                f"{add_layers[0]}-{add_layers[-1]})", out, texts, items, base, runtime, report)
     original.close()
 
 

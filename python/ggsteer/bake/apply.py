@@ -145,7 +145,7 @@ def _producers(layout: GGUFLayout, plan: EditPlan, n_embd: int):
     if plan.embedding_steps:
         original = _writable(layout.tensors["token_embd.weight"])
         replaced[original.name] = _embedding_producer(layout, original, plan.embedding_steps)
-        if "output.weight" not in layout.tensors and any(kind == "project" for kind, _ in plan.embedding_steps):
+        if "output.weight" not in layout.tensors:
             # a tied head would read the orthogonalised embeddings: give it the original ones
             head = TensorInfo("output.weight", original.ne, original.ggml_type, 0, original.n_bytes)
             added.append(AddedTensor(head, copy_producer(layout, original)))
@@ -181,8 +181,8 @@ def _embedding_producer(layout, info: TensorInfo, steps):
     def produce():
         for first in range(0, info.n_rows, _EMBEDDING_ROWS_PER_CHUNK):
             rows = quant.read_rows(layout, info, first, min(_EMBEDDING_ROWS_PER_CHUNK, info.n_rows - first))
-            for kind, vector in steps:
-                rows = edits.offset_rows(rows, vector) if kind == "offset" else edits.orthogonalise_rows(rows, vector)
+            for vector in steps:
+                rows = edits.orthogonalise_rows(rows, vector)
             yield quant.encode_tensor(rows, info.ggml_type)
     return produce
 

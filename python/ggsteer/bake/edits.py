@@ -52,6 +52,3 @@ def project_bias(bias: np.ndarray, w: np.ndarray, target_step: float = 0.0) -> n
     bias64 = bias.astype(np.float64)
     return (bias64 - (bias64 @ w) * w + target_step * w).astype(np.float32)
 
-
-def offset_rows(rows: np.ndarray, offset: np.ndarray) -> np.ndarray:
-    return (rows.astype(np.float64) + offset).astype(np.float32)

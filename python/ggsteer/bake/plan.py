@@ -4,7 +4,8 @@ Runtime semantics being baked (ggsteer.interventions): `add` adds s * v_i to lay
 `ablate` sets the projection on u_i = v_i / |v_i| to the stored center c_i (0 without one); `clamp`
 sets it to c_i + s * |v_i|.
 
-- add: exact wherever the architecture has a residual bias (llama: `blk.i.ffn_down.bias`).
+- add: exact wherever the architecture has a residual bias (llama: `blk.i.ffn_down.bias`); refused
+  elsewhere, even approximately (see add()).
 - ablate / clamp: the token embeddings and every steered block's writers are orthogonalised, so no
   write carries u; where the attention-output bias reaches the residual, block i's bias carries the
   step t_i - t_(i-1) of the targets (centered projection). The baked model then equals projecting u
@@ -20,7 +21,6 @@ sets it to c_i + s * |v_i|.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,7 +65,7 @@ class EditPlan:
     """Edits per tensor, applied in order: writers' directions to project out, embedding row steps, biases."""
 
     writer_steps: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    embedding_steps: list[tuple[str, np.ndarray]] = field(default_factory=list)  # ("offset" | "project", vector)
+    embedding_steps: list[np.ndarray] = field(default_factory=list)  # unit vectors to project out, in order
     biases: dict[str, np.ndarray] = field(default_factory=dict)
 
 
@@ -85,14 +85,11 @@ class Planner:
                 self.plan.biases[name] = (self._bias(name).astype(np.float64) + delta).astype(np.float32)
             baked.method = f"added to blk.N.{self.arch.residual_bias}"
             return baked
-        baked.exact = False
-        baked.reasons.append(f"{self.arch.name}: {self.arch.add_limit}")
-        self._require_approximate(baked)
-        self._check_embedding_offset()
-        offset = sum(deltas.values()) / self._embedding_scale()
-        self.plan.embedding_steps.append(("offset", offset))
-        baked.method = "sum of the layers' vectors added to every token embedding (before layer 0)"
-        return baked
+        # no approximate add either: on Gemma 3 an offset on the token embeddings (the only entry into the
+        # residual stream that is not normalised) did nothing with layer 3's vector and broke the text with
+        # the sum of layers 3-14 (benchmarks/bake_quality.py, docs/bake-readme-section.md)
+        raise BakeError(f"cannot bake add into {self.arch.name}: {self.arch.add_limit}; steer it at run time "
+                        "(ggsteer generate/serve, or llama.cpp's --control-vector)")
 
     def project(self, request: BakeRequest) -> BakedOp:
         vector, layers = request.vector, request.layers
@@ -114,7 +111,7 @@ class Planner:
         if not exact:
             baked.method = self._project_span(layers, units)
             return baked
-        self.plan.embedding_steps.append(("project", units[0]))
+        self.plan.embedding_steps.append(units[0])
         previous = 0.0
         for il in layers:
             step = targets[il] - previous if centered else 0.0
@@ -131,7 +128,7 @@ class Planner:
         blocks = f"blocks 0-{max(layers)}" if max(layers) else "block 0"
         if "output.weight" in self.layout.tensors:
             for q in edits.orthonormal_basis([units[il] for il in layers], None):
-                self.plan.embedding_steps.append(("project", q))
+                self.plan.embedding_steps.append(q)
             return f"writers of {blocks} and the token embeddings orthogonalised against the later steered layers' directions"
         # a tied output head would need its own copy of the embeddings (the file would grow by that much)
         return (f"writers of {blocks} orthogonalised against the later steered layers' directions "
@@ -177,15 +174,6 @@ class Planner:
         if name in self.layout.tensors:
             return read_tensor(self.layout, self.layout.tensors[name]).reshape(-1)
         return np.zeros(self.n_embd, dtype=np.float32)
-
-    def _embedding_scale(self) -> float:
-        return math.sqrt(self.n_embd) if self.arch.name == "gemma3" else 1.0  # gemma3.cpp scales inp_embd by sqrt(n_embd)
-
-    def _check_embedding_offset(self) -> None:
-        softcap = self.layout.hparam("final_logit_softcapping")
-        if "output.weight" not in self.layout.tensors and softcap:
-            # a tied head turns the offset into a constant logit shift, which a softcap no longer ignores
-            raise BakeError(f"cannot bake add into {self.arch.name}: its tied output head has a logit softcap")
 
     def _require_approximate(self, baked: BakedOp) -> None:
         if not baked.exact and not self.approximate:
