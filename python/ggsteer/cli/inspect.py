@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ggsteer.cli.bake import describe_baked_model
 from ggsteer.vectors.file import describe_vector_file, read_vector_file
 
 
@@ -13,6 +14,11 @@ def add_parser(sub) -> None:
 
 
 def cmd_inspect(args) -> int:
+    baked = describe_baked_model(args.file)  # a model GGUF: what ggsteer bake wrote into it
+    if baked is not None:
+        print(f"file:        {args.file}")
+        print(baked)
+        return 0
     vf = read_vector_file(args.file, layer_offset=args.layer_offset)
     print(f"file:        {args.file}")
     print(describe_vector_file(vf))

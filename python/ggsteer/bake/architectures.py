@@ -1,0 +1,55 @@
+"""Where each architecture's graph (llama.cpp src/models/<arch>.cpp) lets a weight edit equal steering.
+
+A block's output (`l_out-i`) is `residual + attn_out + ffn_out` on pre-norm architectures:
+- adding v to `l_out-i` equals adding v to a bias summed straight into that residual, where the
+  loader takes one: llama's graph passes the optional `blk.i.ffn_down.bias` (TENSOR_NOT_REQUIRED)
+  to build_ffn, which adds it after the down projection and before the residual add;
+- no block writes along u when its attention-output and FFN-down projections (and their biases)
+  are orthogonalised against u; the optional `blk.i.attn_output.bias` (wo_b, added by build_attn)
+  can then hold a constant offset along u.
+qwen2 and qwen3 have the same residual structure but their loaders take neither an
+`attn_output.bias` nor an `ffn_down.bias`: a new bias tensor would be rejected, so only plain
+projection bakes there. Gemma 3 normalises each projection's output (attn_post_norm,
+ffn_post_norm, RMSNorm with a per-channel weight g) before the residual add: no bias reaches the
+residual, but a projection whose rows are orthogonal to g * u writes nothing along u after the norm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    # a bias added straight into the residual stream, created when absent ("" = none the loader takes)
+    residual_bias: str
+    # the first writer's bias (attention output), which holds a centered projection's offset
+    projection_bias: str
+    # per-block norm weights applied to attn_output / ffn_down outputs before the residual add
+    post_norms: tuple[str, str] | None
+    # why an add bake can only be approximate here ("" = it is exact)
+    add_limit: str
+    sources_read: str  # which llama.cpp file this entry was read from
+    tested: bool  # checked against llama.cpp in ggsteer's tests
+
+
+WRITERS = ("attn_output", "ffn_down")  # the per-block projections that write into the residual stream
+
+ARCHITECTURES = {
+    "llama": Architecture("llama", "ffn_down.bias", "attn_output.bias", None, "", "src/models/llama.cpp", True),
+    "qwen2": Architecture("qwen2", "", "", None, "its loader takes no attn_output or ffn_down bias",
+                          "src/models/qwen2.cpp", False),
+    "qwen3": Architecture("qwen3", "", "", None, "its loader takes no attn_output or ffn_down bias",
+                          "src/models/qwen3.cpp", False),
+    "gemma3": Architecture("gemma3", "", "", ("post_attention_norm", "post_ffw_norm"),
+                           "Gemma 3 normalises each block's writes (post-attention and post-FFN norms), so no "
+                           "bias reaches the residual stream", "src/models/gemma3.cpp", True),
+}
+
+
+def architecture_for(name: str) -> Architecture:
+    if name not in ARCHITECTURES:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise ValueError(f"cannot bake into architecture {name!r}: ggsteer knows where edits go only for {known}")
+    return ARCHITECTURES[name]
