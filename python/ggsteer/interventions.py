@@ -3,17 +3,20 @@
 Each operation acts on a block's output rows h (llama.cpp's `l_out-i`), per layer and per row:
 
 - `add`: h += s * v (what llama.cpp's adapter does, but here per sequence or gated);
-- `ablate`: the projection on u = v / |v| set to the neutral point c: h += (c - h . u) u. For
-  vectors trained by ggsteer, c is the mean projection of the training pairs' midpoints (stored in
-  the file as `center`): removing the whole projection would also remove the baseline every text
-  has along u, which can push toward either side. Vectors without a center use c = 0, plain
-  directional ablation h -= (h . u) u;
-- `clamp`: the projection held at t = c + s * |v|: s in strength units (for ggsteer vectors |v|
-  is the layer's trained gap), so `clamp 0` is `ablate` and `clamp 1` sits one gap past neutral;
+- `ablate`: the projection on a unit direction u set to the neutral point c: h += (c - h . u) u.
+  For vectors trained by ggsteer, u is the trained direction made orthogonal to the residual
+  stream's shared mean direction and c the mean projection of the training pairs' midpoints on it
+  (`ggsteer.projection` says why: projecting along the raw direction flattens every token).
+  Removing the whole projection would also remove the baseline every text has along u, which can
+  push toward either side. Vectors without these statistics use u = v / |v| and c = their `center`
+  or 0 (plain directional ablation h -= (h . u) u);
+- `clamp`: the projection held at t = c + s * gap: s in strength units (the layer's trained gap
+  along u), so `clamp 0` is `ablate` and `clamp 1` sits one gap past neutral;
 - `add_normalized`: add, then rescale each row back to its norm before the addition.
 
 Gating: `when="prompt"` (prompt tokens only), `"generated"` (generated tokens only), `first_k=k`
-(positions < k only). A `Condition` (CAST) decides per sequence from its prompt: the cosine between
+(positions < k only), `skip_first=k` (positions < k left alone: ablate and clamp leave the
+attention sink, position 0, alone by default; 0 acts on every row). A `Condition` (CAST) decides per sequence from its prompt: the cosine between
 the mean prompt state at the condition layer and the condition direction must reach the threshold
 for the intervention to act (at later layers, for the rest of that sequence).
 """
@@ -26,6 +29,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ggsteer.projection import SINK_POSITIONS, SINK_SAFE_OPS, projection_for_layer
 from ggsteer.steer import _choose_layers
 from ggsteer.vector import UNIT_RAW, ControlVector
 
@@ -66,12 +70,14 @@ class Intervention:
     when: str = "all"
     first_k: int | None = None
     condition: Condition | None = None
+    skip_first: int = 0  # positions < skip_first are left alone (the attention sink)
 
     @property
     def is_plain_add(self) -> bool:
         """Expressible by llama.cpp's control-vector adapter (which costs nothing)."""
         return (
             self.op == "add" and self.when == "all" and self.first_k is None and self.condition is None
+            and self.skip_first == 0
             and isinstance(self.vector, ControlVector) and 0 not in self.layers  # the adapter starts at block 1
         )
 
@@ -88,6 +94,7 @@ def make_intervention(
     when: str = "all",
     first_k: int | None = None,
     condition: Condition | tuple | None = None,
+    skip_first: int | None = None,
 ) -> Intervention:
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}: choose one of {', '.join(OPS)}")
@@ -98,6 +105,10 @@ def make_intervention(
         raise ValueError(f"strength must be a finite number, got {strength}")
     if first_k is not None and (int(first_k) != first_k or first_k < 1):
         raise ValueError(f"first_k must be a positive integer, got {first_k}")
+    if skip_first is None:
+        skip_first = SINK_POSITIONS if op in SINK_SAFE_OPS else 0
+    if isinstance(skip_first, bool) or int(skip_first) != skip_first or skip_first < 0:
+        raise ValueError(f"skip_first must be a non-negative integer, got {skip_first}")
     if vector.n_embd != n_embd:
         raise ValueError(f"vector has n_embd {vector.n_embd} but the model has n_embd {n_embd}: it was made for another model")
     if isinstance(vector, TokenAlignedVector):
@@ -109,7 +120,7 @@ def make_intervention(
             raise ValueError("this vector has no per-layer gap (not trained by ggsteer): pass raw=True to use the strength as a plain coefficient")
         chosen = tuple(_choose_layers(vector, n_layer, layers, allow_layer_zero=True))
     cond = _make_condition(condition, n_layer, n_embd, chosen)
-    return Intervention(vector, strength, op, chosen, when, None if first_k is None else int(first_k), cond)
+    return Intervention(vector, strength, op, chosen, when, None if first_k is None else int(first_k), cond, int(skip_first))
 
 
 def _make_condition(condition, n_layer: int, n_embd: int, layers: tuple[int, ...]) -> Condition | None:
@@ -135,7 +146,7 @@ def _make_condition(condition, n_layer: int, n_embd: int, layers: tuple[int, ...
 class Program:
     """The arrays `native.Hook.set_program` takes."""
 
-    ops: np.ndarray  # int32 [n, 7]
+    ops: np.ndarray  # int32 [n, 8]
     coeffs: np.ndarray
     vector_offsets: np.ndarray
     condition_layers: np.ndarray
@@ -190,12 +201,13 @@ def compile_program(
         for layer in item.layers:
             vector, coeff, n_rows = _op_vector(item, layer)
             kind = OP_CODES["clamp"] if item.op == "ablate" else OP_CODES[item.op]
-            ops.append([kind, layer, slot, WHEN_CODES[item.when], -1 if item.first_k is None else item.first_k, cond, n_rows])
+            first_k = -1 if item.first_k is None else item.first_k
+            ops.append([kind, layer, slot, WHEN_CODES[item.when], first_k, cond, n_rows, item.skip_first])
             coeffs.append(coeff)
             offsets.append(add_vector(vector))
     ordered = sorted(conditions.values())
     return Program(
-        ops=np.asarray(ops, dtype=np.int32).reshape(-1, 7),
+        ops=np.asarray(ops, dtype=np.int32).reshape(-1, 8),
         coeffs=np.asarray(coeffs, dtype=np.float32),
         vector_offsets=np.asarray(offsets, dtype=np.int64),
         condition_layers=np.asarray([c[1] for c in ordered], dtype=np.int32),
@@ -210,10 +222,7 @@ def _op_vector(item: Intervention, layer: int) -> tuple[np.ndarray, float, int]:
     """The vector the kernel reads, its coefficient, and how many position rows it has."""
     if isinstance(item.vector, TokenAlignedVector):
         return item.vector.rows, item.strength, item.vector.rows.shape[0]
-    v = item.vector.directions[layer]
-    center = item.vector.layer_stat("center").get(layer, 0.0)
-    if item.op == "ablate":
-        return _unit(v), center, 1
-    if item.op == "clamp":
-        return _unit(v), center + item.strength * float(np.linalg.norm(v)), 1
-    return v, item.strength, 1
+    if item.op in ("ablate", "clamp"):
+        direction, target = projection_for_layer(item.vector, layer, item.op, item.strength)
+        return direction, target, 1
+    return item.vector.directions[layer], item.strength, 1

@@ -128,6 +128,7 @@ class SteeredModel(llama_cpp.Llama):
         when: str = "all",
         first_k: int | None = None,
         condition=None,
+        skip_first: int | None = None,
     ) -> None:
         """Steer every following generation.
 
@@ -137,7 +138,8 @@ class SteeredModel(llama_cpp.Llama):
         `layers` defaults to the vector's recommended layers. `op` is "add", "ablate", "clamp" or
         "add_normalized"; `when` is "all", "prompt" or "generated"; `first_k` limits steering to the
         first k positions; `condition=(vector, threshold, layer)` steers only prompts whose mean state
-        at `layer` has at least that cosine with the condition vector. Plain addition on every token
+        at `layer` has at least that cosine with the condition vector; `skip_first=k` leaves positions < k
+alone (ablate and clamp leave the attention sink, position 0, alone by default). Plain addition on every token
         goes through llama.cpp's adapter (no cost); the rest runs in ggsteer's native hook.
         """
         from ggsteer.interventions import make_intervention
@@ -151,7 +153,7 @@ class SteeredModel(llama_cpp.Llama):
             if value is None:
                 value = getattr(vec, "recommended_strength", None) or 1.0
             items.append(make_intervention(vec, value, self.n_layer, self.n_embd, op=op, layers=layers, raw=raw,
-                                           when=when, first_k=first_k, condition=condition))
+                                           when=when, first_k=first_k, condition=condition, skip_first=skip_first))
         self._apply_controls(items)
 
     def intervention(self, vector, strength: float = 1.0, **options):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 
 from ggsteer import methods
+from ggsteer.projection import fit_orthogonal
 from ggsteer.vector_file import VectorFileError, read_vector_file, write_vector_file
 
 if TYPE_CHECKING:
@@ -29,7 +30,9 @@ if TYPE_CHECKING:
 UNIT_GAP = "gap"
 UNIT_RAW = "raw"
 # per-layer statistics that stop meaning anything once vectors are combined
-PER_LAYER_STATS = ("separation", "gap", "residual_norm", "center")
+PER_LAYER_STATS = ("separation", "gap", "residual_norm", "center", "orth_center", "orth_gap")
+# per-layer statistics holding one n_embd vector per layer, concatenated in the order of "layers"
+PER_LAYER_VECTORS = ("mean_direction",)
 
 
 class TrainingWarning(UserWarning):
@@ -94,6 +97,15 @@ class ControlVector:
             return {}
         return {int(il): float(v) for il, v in zip(stat_layers, values)}
 
+    def layer_vector(self, name: str) -> dict[int, np.ndarray]:
+        """A per-layer vector statistic (mean_direction) keyed by layer, float32 [n_embd] each."""
+        values = self.metadata.get(name)
+        stat_layers = self.metadata.get("layers")
+        if values is None or stat_layers is None:
+            return {}
+        rows = np.asarray(values, dtype=np.float32).reshape(len(stat_layers), -1)
+        return {int(il): row for il, row in zip(stat_layers, rows)}
+
     # -- training -------------------------------------------------------------------------
     @classmethod
     def train(
@@ -129,6 +141,8 @@ class ControlVector:
             hidden = model.hidden_states(prompts, layers=train_layers, pool=pool, batch_size=batch_size, progress=progress)
         fits = [methods.fit_layer(hidden[0::2, k], hidden[1::2, k], method) for k in range(len(train_layers))]
         _warn_near_chance(train_layers, fits)
+        # what ablate and clamp act on (ggsteer.projection): the direction without the shared mean direction
+        orth = [fit_orthogonal(hidden[0::2, k], hidden[1::2, k], fit.direction) for k, fit in enumerate(fits)]
         directions = {il: fit.direction * abs(fit.gap) for il, fit in zip(train_layers, fits)}
         recommended = [il for il in default_steering_layers(model.n_layer) if il in directions]
         metadata = {
@@ -143,6 +157,9 @@ class ControlVector:
             "gap": [abs(fit.gap) for fit in fits],
             "residual_norm": [fit.residual_norm for fit in fits],
             "center": [fit.center for fit in fits],
+            "mean_direction": np.concatenate([o.mean_direction for o in orth]).tolist(),
+            "orth_center": [o.center for o in orth],
+            "orth_gap": [o.gap for o in orth],
             "dataset_size": len(entries),
             "dataset_hash": dataset_hash(entries),
             "recommended_layers": recommended or list(train_layers),
@@ -190,6 +207,10 @@ class ControlVector:
             for name in PER_LAYER_STATS:
                 if name in metadata:
                     metadata[name] = [metadata[name][k] for k in index]
+            for name in PER_LAYER_VECTORS:
+                if name in metadata:
+                    rows = np.asarray(self.metadata[name], dtype=np.float32).reshape(len(self.metadata["layers"]), -1)
+                    metadata[name] = rows[index].reshape(-1).tolist()
         if "recommended_layers" in metadata:
             metadata["recommended_layers"] = [il for il in metadata["recommended_layers"] if il in keep] or sorted(keep)
         return ControlVector({il: self.directions[il] for il in wanted}, self.model_hint, metadata)

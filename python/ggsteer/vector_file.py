@@ -180,6 +180,10 @@ METADATA_KEYS: dict[str, MetadataSpec] = {
     "gap": _FLOAT32_LIST,  # per layer: mean gap of positive minus negative projections (strength unit)
     "residual_norm": _FLOAT32_LIST,  # per layer: typical norm of the residual stream there
     "center": _FLOAT32_LIST,  # per layer: mean projection of the pair midpoints (the neutral point)
+    # per layer, n_embd values each: unit mean of the training states (the residual stream's shared direction)
+    "mean_direction": _FLOAT32_LIST,
+    "orth_center": _FLOAT32_LIST,  # per layer: center along the direction orthogonalised against mean_direction
+    "orth_gap": _FLOAT32_LIST,  # per layer: mean gap along that orthogonalised direction
     "dataset_size": _UINT32,  # number of contrast pairs
     "dataset_hash": _STR,  # hash of the contrast dataset
     "recommended_strength": _FLOAT32,
@@ -189,7 +193,9 @@ METADATA_KEYS: dict[str, MetadataSpec] = {
     "pool": _STR,  # how token states were pooled during training, e.g. "last", "mean"
     "n_layer": _UINT32,  # number of blocks of the model the vector was made for
 }
-PER_LAYER_KEYS = ("separation", "gap", "residual_norm", "center")
+PER_LAYER_KEYS = ("separation", "gap", "residual_norm", "center", "orth_center", "orth_gap")
+# per-layer keys holding one n_embd vector per layer, concatenated in layer order
+PER_LAYER_VECTOR_KEYS = ("mean_direction",)
 _LAYER_LIST_KEYS = ("layers", "recommended_layers")
 
 _INTEGER_GGUF_TYPES = {
@@ -254,7 +260,7 @@ def _show(value: object) -> str:
 
 def _check_metadata_consistency(meta: dict[str, object], layers: list[int], n_embd: int, where: str) -> None:
     """Check the metadata against the directions it describes (shared by reading and writing)."""
-    if "layers" not in meta and any(key in meta for key in PER_LAYER_KEYS):
+    if "layers" not in meta and any(key in meta for key in (*PER_LAYER_KEYS, *PER_LAYER_VECTOR_KEYS)):
         raise VectorFileError(f"{where}: per-layer ggsteer keys need ggsteer.layers to say which layers they are for")
     if "n_embd" in meta and meta["n_embd"] != n_embd:
         raise VectorFileError(f"{where}: ggsteer.n_embd is {meta['n_embd']} but the directions have length {n_embd}")
@@ -264,6 +270,12 @@ def _check_metadata_consistency(meta: dict[str, object], layers: list[int], n_em
         if key in meta and len(meta[key]) != len(layers):  # type: ignore[arg-type]
             raise VectorFileError(
                 f"{where}: ggsteer.{key} has {len(meta[key])} values but there are {len(layers)} layers {layers}"  # type: ignore[arg-type]
+            )
+    for key in PER_LAYER_VECTOR_KEYS:
+        if key in meta and len(meta[key]) != len(layers) * n_embd:  # type: ignore[arg-type]
+            raise VectorFileError(
+                f"{where}: ggsteer.{key} has {len(meta[key])} values but {len(layers)} layers of n_embd {n_embd} need "  # type: ignore[arg-type]
+                f"{len(layers) * n_embd}"
             )
     if "n_layer" in meta and max(layers) >= meta["n_layer"]:  # type: ignore[operator]
         raise VectorFileError(f"{where}: ggsteer.n_layer is {meta['n_layer']} but layer {max(layers)} has a direction")
@@ -420,6 +432,11 @@ def _per_layer_values_in_file_order(given: dict[str, object], layers: list[int],
             result[key] = _align_to_layers(key, values, layers, where)
         elif _is_flat_sequence(values) and len(values) == len(layers):  # type: ignore[arg-type]
             result[key] = [values[position[layer]] for layer in layers]  # type: ignore[index]
+    for key in PER_LAYER_VECTOR_KEYS:
+        values = given.get(key)
+        if _is_flat_sequence(values) and len(values) % max(1, len(layers)) == 0:  # type: ignore[arg-type]
+            width = len(values) // max(1, len(layers))  # type: ignore[arg-type]
+            result[key] = [x for layer in layers for x in values[position[layer] * width : (position[layer] + 1) * width]]  # type: ignore[index]
     return result
 
 
