@@ -1,14 +1,15 @@
-"""Ablate and clamp that keep the model fluent: sink rows left alone, the direction orthogonalised
-against the residual stream's shared mean direction (ggsteer.projection), against numpy."""
+"""Ablate and clamp that keep the model fluent: sink rows left alone, the direction stripped of the
+directions every token shares (ggsteer.projection), against numpy."""
 
 import numpy as np
 import pytest
+from reference_model import reference_forward
 from test_interventions import numpy_op, reference_with, unit
 from test_steer import ATOL, PROMPT, last_logits, random_vector
 from test_train import SUFFIXES, reference_last_states
 
 from ggsteer.dataset import make_dataset
-from ggsteer.projection import orthogonal_direction, projection_for_layer
+from ggsteer.projection import SHARED_DIRECTIONS, SHARED_PROMPTS, projection_for_layer, shared_prompts
 from ggsteer.vector import ControlVector
 
 pytestmark = pytest.mark.usefixtures("unsteered_tiny_model")
@@ -86,41 +87,45 @@ def test_plain_add_still_goes_through_the_adapter(tiny_model):
 # -- what training stores and what the ops act on -----------------------------------------------
 
 
-def test_training_stores_mean_direction_and_orthogonal_statistics(tiny_model, tiny_weights, trained):
+def test_training_stores_the_ablation_direction_and_its_statistics(tiny_model, tiny_weights, trained):
     pairs, vector = trained
     pos = reference_last_states(tiny_model, tiny_weights, [e.positive for e in pairs])
     neg = reference_last_states(tiny_model, tiny_weights, [e.negative for e in pairs])
-    means = vector.layer_vector("mean_direction")
-    assert sorted(means) == vector.layers
+    prompts = shared_prompts([text for e in pairs for text in (e.positive, e.negative)])
+    assert len(prompts) == min(SHARED_PROMPTS, 2 * len(pairs))
+    states = [reference_forward(tiny_weights, tiny_model.tokenize_prompt(p), kv_f16=False)[0] for p in prompts]
+    stored = vector.layer_vector("ablation_direction")
+    assert sorted(stored) == vector.layers
     for il in vector.layers:
-        both = np.concatenate([pos[:, il], neg[:, il]])
-        expected_m = both.mean(axis=0) / np.linalg.norm(both.mean(axis=0))
-        np.testing.assert_allclose(means[il], expected_m, atol=1e-5)
+        # numpy: top principal directions of the non-sink token states (eigh of the uncentred second moment)
+        rows = np.concatenate([h[il, 1:] for h in states])
+        basis = np.linalg.eigh(rows.T @ rows)[1][:, ::-1][:, :SHARED_DIRECTIONS].T
         u = unit(vector.directions[il].astype(np.float64))
-        u_orth = u - (u @ expected_m) * expected_m
-        u_orth /= np.linalg.norm(u_orth)
-        assert abs(float(u_orth @ expected_m)) < 1e-9
-        assert vector.layer_stat("orth_center")[il] == pytest.approx(float((((pos[:, il] + neg[:, il]) / 2) @ u_orth).mean()), rel=1e-4, abs=1e-4)
-        assert vector.layer_stat("orth_gap")[il] == pytest.approx(float(((pos[:, il] - neg[:, il]) @ u_orth).mean()), rel=1e-4, abs=1e-4)
+        expected = u - basis.T @ (basis @ u)
+        expected /= np.linalg.norm(expected)
+        assert float(stored[il] @ expected) > 0.9999, f"layer {il}: cos {float(stored[il] @ expected):.6f}"
+        assert np.abs(basis @ stored[il]).max() < 1e-3  # nothing left along the shared directions
+        mid = (pos[:, il] + neg[:, il]) / 2
+        assert vector.layer_stat("ablation_center")[il] == pytest.approx(float((mid @ expected).mean()), rel=1e-3, abs=1e-3)
+        assert vector.layer_stat("ablation_gap")[il] == pytest.approx(float(((pos[:, il] - neg[:, il]) @ expected).mean()), rel=1e-3, abs=1e-3)
         direction, target = projection_for_layer(vector, il, "clamp", 0.5)
-        np.testing.assert_allclose(direction, u_orth, atol=1e-6)
-        assert target == pytest.approx(vector.layer_stat("orth_center")[il] + 0.5 * vector.layer_stat("orth_gap")[il])
+        np.testing.assert_array_equal(direction, stored[il])
+        assert target == pytest.approx(vector.layer_stat("ablation_center")[il] + 0.5 * vector.layer_stat("ablation_gap")[il])
 
 
 @pytest.mark.parametrize("op, strength", [("ablate", 1.0), ("clamp", 1.0), ("clamp", -1.0)])
-def test_trained_vector_is_clamped_along_the_orthogonal_direction(tiny_model, tiny_weights, trained, op, strength):
+def test_trained_vector_is_clamped_along_the_ablation_direction(tiny_model, tiny_weights, trained, op, strength):
     _, vector = trained
     tiny_model.set_control(vector, strength, layers=[1, 2], op=op)
     tokens = tiny_model.tokenize_prompt(PROMPT)
-    means = vector.layer_vector("mean_direction")
+    directions = vector.layer_vector("ablation_direction")
 
     def edit(il, h, positions):
         if il not in (1, 2):
             return h
-        u_orth = orthogonal_direction(vector.directions[il], means[il].astype(np.float64))
         shift = 0.0 if op == "ablate" else strength
-        target = vector.layer_stat("orth_center")[il] + shift * vector.layer_stat("orth_gap")[il]
-        clamped = numpy_op("clamp", h, np.broadcast_to(u_orth, h.shape), target)
+        target = vector.layer_stat("ablation_center")[il] + shift * vector.layer_stat("ablation_gap")[il]
+        clamped = numpy_op("clamp", h, np.broadcast_to(directions[il].astype(np.float64), h.shape), target)
         return np.where((positions >= 1)[:, None], clamped, h)
 
     expected = reference_with(tiny_model, tiny_weights, tokens, edit)[-1]
@@ -132,17 +137,17 @@ def test_trained_vector_is_clamped_along_the_orthogonal_direction(tiny_model, ti
     assert np.abs(last_logits(tiny_model) - got).max() > 100 * ATOL
 
 
-def test_mean_direction_survives_files_and_layer_selection(tmp_path, trained):
+def test_ablation_direction_survives_files_and_layer_selection(tmp_path, trained):
     _, vector = trained
     path = tmp_path / "v.gguf"
     vector.save(path)
     loaded = ControlVector.load(path)
     for il in vector.layers:
-        np.testing.assert_array_equal(loaded.layer_vector("mean_direction")[il], vector.layer_vector("mean_direction")[il])
-        assert loaded.layer_stat("orth_gap")[il] == pytest.approx(vector.layer_stat("orth_gap")[il], rel=1e-6)
+        np.testing.assert_array_equal(loaded.layer_vector("ablation_direction")[il], vector.layer_vector("ablation_direction")[il])
+        assert loaded.layer_stat("ablation_gap")[il] == pytest.approx(vector.layer_stat("ablation_gap")[il], rel=1e-6)
     only = vector.select_layers([2])
-    np.testing.assert_array_equal(only.layer_vector("mean_direction")[2], vector.layer_vector("mean_direction")[2])
-    assert only.layer_stat("orth_center") == {2: vector.layer_stat("orth_center")[2]}
+    np.testing.assert_array_equal(only.layer_vector("ablation_direction")[2], vector.layer_vector("ablation_direction")[2])
+    assert only.layer_stat("ablation_center") == {2: vector.layer_stat("ablation_center")[2]}
 
 
 def test_vector_without_statistics_falls_back_to_its_own_direction(tiny_model):
@@ -150,3 +155,34 @@ def test_vector_without_statistics_falls_back_to_its_own_direction(tiny_model):
     direction, target = projection_for_layer(vector, 1, "clamp", 0.5)
     np.testing.assert_allclose(direction, unit(vector.directions[1]), atol=1e-7)
     assert target == pytest.approx(0.5 * float(np.linalg.norm(vector.directions[1])), rel=1e-6)
+
+
+# -- the ablation view ----------------------------------------------------------------------------
+
+
+def test_ablation_view_reports_what_direct_measurements_give(tiny_model, trained):
+    from ggsteer.ablation_view import ablation_view
+    from ggsteer.evaluate import behaviour_scores, fluency_cost
+
+    _, vector = trained
+    items = [{"prompt": "i feel", "positive": " happy", "negative": " sad"},
+             {"prompt": "the dog is", "positive": " good", "negative": " bad"}]
+    asking = [{**item, "prompt": f"i am very happy and {item['prompt']}"} for item in items]
+    texts = ["the dog is good and i love the cat", "today i feel sad and the dog"]
+    view = ablation_view(tiny_model, vector, items, asking, layers=[1, 2], neutral_texts=texts)
+    assert view.layers == [1, 2] and view.op == "ablate"
+    with tiny_model.unsteered():
+        neutral = float(behaviour_scores(tiny_model, items).mean())
+        asked = float(behaviour_scores(tiny_model, asking).mean())
+    with tiny_model.steer(vector, 0.0, op="ablate", layers=[1, 2]):
+        ablated = float(behaviour_scores(tiny_model, asking).mean())
+        cost = fluency_cost(tiny_model, texts)
+    assert (view.neutral_behaviour, view.asking_behaviour, view.ablated_behaviour) == pytest.approx((neutral, asked, ablated))
+    assert view.kl == pytest.approx(cost.kl) and view.kl > 0
+    if asked - neutral >= 0.1:
+        assert view.recovery == pytest.approx((asked - ablated) / (asked - neutral))
+    else:
+        assert view.recovery is None
+    # along the direction the op acts on, the non-sink rows all sit at the target: the spread is gone
+    assert min(view.spread_shrink.values()) > 1e3
+    assert min(view.raw_spread_shrink.values()) < min(view.spread_shrink.values())

@@ -4,9 +4,10 @@ Each operation acts on a block's output rows h (llama.cpp's `l_out-i`), per laye
 
 - `add`: h += s * v (what llama.cpp's adapter does, but here per sequence or gated);
 - `ablate`: the projection on a unit direction u set to the neutral point c: h += (c - h . u) u.
-  For vectors trained by ggsteer, u is the trained direction made orthogonal to the residual
-  stream's shared mean direction and c the mean projection of the training pairs' midpoints on it
-  (`ggsteer.projection` says why: projecting along the raw direction flattens every token).
+  For vectors trained by ggsteer, u is the trained direction without its components along the
+  few directions every ordinary token shares, and c the mean projection of the training pairs'
+  midpoints on it (`ggsteer.projection` says why: projecting along the raw direction flattens
+  every token).
   Removing the whole projection would also remove the baseline every text has along u, which can
   push toward either side. Vectors without these statistics use u = v / |v| and c = their `center`
   or 0 (plain directional ablation h -= (h . u) u);

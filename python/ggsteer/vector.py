@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from ggsteer import methods
-from ggsteer.projection import fit_orthogonal
+from ggsteer import methods, projection
 from ggsteer.vector_file import VectorFileError, read_vector_file, write_vector_file
 
 if TYPE_CHECKING:
@@ -30,9 +29,9 @@ if TYPE_CHECKING:
 UNIT_GAP = "gap"
 UNIT_RAW = "raw"
 # per-layer statistics that stop meaning anything once vectors are combined
-PER_LAYER_STATS = ("separation", "gap", "residual_norm", "center", "orth_center", "orth_gap")
+PER_LAYER_STATS = ("separation", "gap", "residual_norm", "center", "ablation_center", "ablation_gap")
 # per-layer statistics holding one n_embd vector per layer, concatenated in the order of "layers"
-PER_LAYER_VECTORS = ("mean_direction",)
+PER_LAYER_VECTORS = ("ablation_direction",)
 
 
 class TrainingWarning(UserWarning):
@@ -98,7 +97,7 @@ class ControlVector:
         return {int(il): float(v) for il, v in zip(stat_layers, values)}
 
     def layer_vector(self, name: str) -> dict[int, np.ndarray]:
-        """A per-layer vector statistic (mean_direction) keyed by layer, float32 [n_embd] each."""
+        """A per-layer vector statistic (ablation_direction) keyed by layer, float32 [n_embd] each."""
         values = self.metadata.get(name)
         stat_layers = self.metadata.get("layers")
         if values is None or stat_layers is None:
@@ -139,10 +138,15 @@ class ControlVector:
         prompts = [text for entry in entries for text in (entry.positive, entry.negative)]
         with model.unsteered():
             hidden = model.hidden_states(prompts, layers=train_layers, pool=pool, batch_size=batch_size, progress=progress)
+            # every token of a few prompts: the directions ordinary tokens share (ggsteer.projection)
+            tokens = model.hidden_states(projection.shared_prompts(prompts), layers=train_layers, pool="all", batch_size=batch_size)
         fits = [methods.fit_layer(hidden[0::2, k], hidden[1::2, k], method) for k in range(len(train_layers))]
         _warn_near_chance(train_layers, fits)
-        # what ablate and clamp act on (ggsteer.projection): the direction without the shared mean direction
-        orth = [fit_orthogonal(hidden[0::2, k], hidden[1::2, k], fit.direction) for k, fit in enumerate(fits)]
+        ablation = [
+            projection.fit_projection(hidden[0::2, k], hidden[1::2, k], fit.direction,
+                                      projection.shared_directions(projection.non_sink_rows(tokens, k)))
+            for k, fit in enumerate(fits)
+        ]
         directions = {il: fit.direction * abs(fit.gap) for il, fit in zip(train_layers, fits)}
         recommended = [il for il in default_steering_layers(model.n_layer) if il in directions]
         metadata = {
@@ -157,9 +161,9 @@ class ControlVector:
             "gap": [abs(fit.gap) for fit in fits],
             "residual_norm": [fit.residual_norm for fit in fits],
             "center": [fit.center for fit in fits],
-            "mean_direction": np.concatenate([o.mean_direction for o in orth]).tolist(),
-            "orth_center": [o.center for o in orth],
-            "orth_gap": [o.gap for o in orth],
+            "ablation_direction": np.concatenate([a.direction for a in ablation]).tolist(),
+            "ablation_center": [a.center for a in ablation],
+            "ablation_gap": [a.gap for a in ablation],
             "dataset_size": len(entries),
             "dataset_hash": dataset_hash(entries),
             "recommended_layers": recommended or list(train_layers),

@@ -180,10 +180,10 @@ METADATA_KEYS: dict[str, MetadataSpec] = {
     "gap": _FLOAT32_LIST,  # per layer: mean gap of positive minus negative projections (strength unit)
     "residual_norm": _FLOAT32_LIST,  # per layer: typical norm of the residual stream there
     "center": _FLOAT32_LIST,  # per layer: mean projection of the pair midpoints (the neutral point)
-    # per layer, n_embd values each: unit mean of the training states (the residual stream's shared direction)
-    "mean_direction": _FLOAT32_LIST,
-    "orth_center": _FLOAT32_LIST,  # per layer: center along the direction orthogonalised against mean_direction
-    "orth_gap": _FLOAT32_LIST,  # per layer: mean gap along that orthogonalised direction
+    # per layer, n_embd values each: the unit direction ablate and clamp act on (ggsteer.projection)
+    "ablation_direction": _FLOAT32_LIST,
+    "ablation_center": _FLOAT32_LIST,  # per layer: mean projection of the pair midpoints on ablation_direction
+    "ablation_gap": _FLOAT32_LIST,  # per layer: mean gap along ablation_direction (clamp's strength unit)
     "dataset_size": _UINT32,  # number of contrast pairs
     "dataset_hash": _STR,  # hash of the contrast dataset
     "recommended_strength": _FLOAT32,
@@ -193,9 +193,9 @@ METADATA_KEYS: dict[str, MetadataSpec] = {
     "pool": _STR,  # how token states were pooled during training, e.g. "last", "mean"
     "n_layer": _UINT32,  # number of blocks of the model the vector was made for
 }
-PER_LAYER_KEYS = ("separation", "gap", "residual_norm", "center", "orth_center", "orth_gap")
+PER_LAYER_KEYS = ("separation", "gap", "residual_norm", "center", "ablation_center", "ablation_gap")
 # per-layer keys holding one n_embd vector per layer, concatenated in layer order
-PER_LAYER_VECTOR_KEYS = ("mean_direction",)
+PER_LAYER_VECTOR_KEYS = ("ablation_direction",)
 _LAYER_LIST_KEYS = ("layers", "recommended_layers")
 
 _INTEGER_GGUF_TYPES = {
@@ -986,9 +986,9 @@ def _layer_table(vf: VectorFile) -> list[str]:
     norms = {layer: float(np.linalg.norm(vector.astype(np.float64))) for layer, vector in vf.directions.items()}
     columns = [("norm", norms)]
     columns += [(key.replace("_", " "), vf.per_layer(key)) for key in PER_LAYER_KEYS if key in vf.metadata]
-    header = f"{'layer':>6}" + "".join(f"{title:>15}" for title, _ in columns)
+    header = f"{'layer':>6}" + "".join(f"{title:>17}" for title, _ in columns)
     rows = [
-        f"{layer:>6}" + "".join(f"{_format_number(values.get(layer)):>15}" for _, values in columns)
+        f"{layer:>6}" + "".join(f"{_format_number(values.get(layer)):>17}" for _, values in columns)
         for layer in vf.layers
     ]
     return ["", header, *rows]
