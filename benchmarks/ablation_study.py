@@ -223,9 +223,11 @@ def add_principal_statistics(model: PyHookModel, dataset, stats: dict, ks=(2, 4,
 def make_program(stats: dict, variant: str, strength: float) -> dict:
     """Row edits per layer: the projection on the variant's direction set to center + strength*gap.
 
-    Variant names combine: orth (u' against m from all non-sink tokens), trained (u' and its
-    statistics as training stores them: m from the last-token states, see ggsteer.projection),
-    skipbos / skipnorm (sink rows left alone), rowscale, keepnorm, and _L<a>-<b> (those layers only).
+    Variant names combine: orth (u' against m, the mean direction of the non-sink tokens), pc<k>
+    (u against the top-k uncentred principal directions of those tokens), trained (the direction
+    and statistics training stores, ggsteer.projection; during the study this was u against the
+    mean of the last-token states), skipbos / skipnorm (sink rows left alone), rowscale, keepnorm,
+    and _L<a>-<b> (those layers only).
     """
     if "_L" in variant:
         variant, span = variant.split("_L")
@@ -315,8 +317,7 @@ def study_preset(model: PyHookModel, name: str, cases: list[tuple[str, float]], 
     for il, s in stats.items():
         direction, s["center_trained"] = projection_for_layer(vector, il, "ablate", 0.0)
         s["u_trained"] = direction.astype(np.float64)
-        s["gap_trained"] = vector.layer_stat("orth_gap")[il]
-        s["cos_m_trained_m_all"] = float(vector.layer_vector("mean_direction")[il].astype(np.float64) @ s["m"])
+        s["gap_trained"] = vector.layer_stat("ablation_gap").get(il, s["gap"])
     print(f"[{name}] trained + stats in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     items = load_eval_prompts(name)
     asking = persona_items(name, items)
