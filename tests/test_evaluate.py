@@ -106,7 +106,8 @@ def test_fluency_under_a_hook_intervention_matches_reference(tiny_model, tiny_we
     for text in TEXTS:
         tokens = tiny_model.tokenize_prompt(text)
         _, log_p = reference_log_softmax(tiny_model, tiny_weights, text)
-        hook = lambda il, h: h - np.outer(h @ units[il], units[il]) if il in units else h  # noqa: E731
+        # ablate leaves the attention sink (position 0) alone
+        hook = lambda il, h: np.vstack([h[:1], (h - np.outer(h @ units[il], units[il]))[1:]]) if il in units else h  # noqa: E731
         _, logits = reference_forward(tiny_weights, tokens, kv_f16=False, block_output_hook=hook)
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_q = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
