@@ -46,6 +46,9 @@ void check_op_fields(const hook_op & op, int32_t n_layer, size_t n_vectors, int6
     if (op.condition >= (int32_t) n_conditions) {
         throw std::out_of_range("op condition index out of range");
     }
+    if (op.skip_first < 0) {
+        throw std::invalid_argument("skip_first must be >= 0, got " + std::to_string(op.skip_first));
+    }
 }
 
 class Hook {
@@ -103,11 +106,11 @@ class Hook {
         return state_.seen;
     }
 
-    // ops: int32 [n_ops, 7] = kind, layer, slot, when, first_k, condition, n_vector_rows
+    // ops: int32 [n_ops, 8] = kind, layer, slot, when, first_k, condition, n_vector_rows, skip_first
     void set_program(int_array ops, float_in coeffs, int64_in vector_offsets, int_array condition_layers,
                      float_in condition_thresholds, int64_in condition_offsets, float_in vectors, int32_t n_slots) {
-        if (ops.ndim() != 2 || ops.shape(1) != 7 || coeffs.size() != ops.shape(0) || vector_offsets.size() != ops.shape(0)) {
-            throw std::invalid_argument("ops must be int32 [n_ops, 7] with one coeff and vector offset per op");
+        if (ops.ndim() != 2 || ops.shape(1) != 8 || coeffs.size() != ops.shape(0) || vector_offsets.size() != ops.shape(0)) {
+            throw std::invalid_argument("ops must be int32 [n_ops, 8] with one coeff and vector offset per op");
         }
         if (condition_thresholds.size() != condition_layers.size() || condition_offsets.size() != condition_layers.size()) {
             throw std::invalid_argument("condition arrays differ in length");
@@ -128,7 +131,7 @@ class Hook {
         }
         const int32_t * fields = ops.data();
         for (py::ssize_t i = 0; i < ops.shape(0); ++i) {
-            const int32_t * f = fields + i * 7;
+            const int32_t * f = fields + i * 8;
             hook_op op;
             op.kind = f[0];
             op.layer = f[1];
@@ -137,6 +140,7 @@ class Hook {
             op.first_k = f[4];
             op.condition = f[5];
             op.n_vector_rows = f[6];
+            op.skip_first = f[7];
             op.coeff = coeffs.data()[i];
             op.vector_offset = vector_offsets.data()[i];
             check_op_fields(op, state_.n_layer, prog.vectors.size(), state_.n_embd, prog.conditions.size());
@@ -216,7 +220,7 @@ PYBIND11_MODULE(_native, m) {
         .def("set_program", &Hook::set_program, py::arg("ops"), py::arg("coeffs"), py::arg("vector_offsets"),
              py::arg("condition_layers"), py::arg("condition_thresholds"), py::arg("condition_offsets"),
              py::arg("vectors"), py::arg("n_slots"),
-             "Install interventions: ops int32 [n, 7] (kind, layer, slot, when, first_k, condition, n_vector_rows).")
+             "Install interventions: ops int32 [n, 8] (kind, layer, slot, when, first_k, condition, n_vector_rows, skip_first).")
         .def("clear_program", &Hook::clear_program, "Remove every intervention.")
         .def("set_rows", &Hook::set_rows, py::arg("slots"), py::arg("positions"), py::arg("generated"),
              py::arg("output_rows"), "Describe the rows of the next decode: sequence slot, position, phase, outputs.")

@@ -115,6 +115,9 @@ bool op_applies(const hook_state & state, const hook_op & op, int32_t b) {
     if ((op.first_k >= 0 && pos >= op.first_k) || (op.n_vector_rows > 1 && pos >= op.n_vector_rows)) {
         return false;
     }
+    if (pos < op.skip_first) {
+        return false;  // the sink rows every later token attends to: rewriting them breaks the text
+    }
     if (op.condition >= 0) {
         const hook_program & prog = state.program;
         if (slot < 0 || slot >= prog.n_slots || !prog.cond_on[op.condition * prog.n_slots + slot]) {

@@ -40,6 +40,7 @@ struct hook_op {
     float coeff = 0.0f;
     int64_t vector_offset = 0;  // into hook_program::vectors
     int32_t n_vector_rows = 1;  // > 1: position p uses vector row p (token-aligned, ActAdd)
+    int32_t skip_first = 0;     // positions < skip_first are left alone (attention sinks)
 };
 
 // CAST-style condition: the cosine between the mean of a sequence's prompt rows at `layer` and

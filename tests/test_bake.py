@@ -464,8 +464,8 @@ def test_gemma_add_is_refused_even_approximately(tmp_path, baked_path):
 
 
 def test_cli_bake_and_inspect(tiny_model, tiny_model_path, tmp_path, capsys):
-    from ggsteer.cli.bake import describe_baked_model
     from ggsteer.cli import main
+    from ggsteer.cli.bake import describe_baked_model
 
     vector = random_vector(12, (1, 2))
     vector_path = tmp_path / "v.gguf"

@@ -80,6 +80,19 @@ def test_ablating_happy_direction_lowers_cheerful_gap(default_model, happy_vecto
     assert ablated < plain - 0.2, f"ablation did not lower the cheerful gap: {plain:.3f} -> {ablated:.3f}"
 
 
+def test_ablating_happy_direction_keeps_the_model_fluent(default_model, happy_vector):
+    """Issue 16: ablating along the raw direction on every row gave KL ~4 and "I I I I ..."."""
+    from ggsteer.evaluate import fluency_cost, load_neutral_texts
+
+    texts = load_neutral_texts()[:4]
+    default_model.set_control(happy_vector, 1.0, op="ablate")
+    cost = fluency_cost(default_model, texts)
+    default_model.set_control(happy_vector, 1.0, op="ablate", skip_first=0)
+    sink_rewritten = fluency_cost(default_model, texts)
+    assert cost.kl <= 0.5, f"ablation costs KL {cost.kl:.3f} on neutral text"
+    assert sink_rewritten.kl > 2 * cost.kl, f"rewriting the sink row too: KL {sink_rewritten.kl:.3f} vs {cost.kl:.3f}"
+
+
 def test_when_generated_keeps_prompt_states(default_model, happy_vector):
     import llama_cpp
 

@@ -108,7 +108,8 @@ def test_fluency_under_a_hook_intervention_matches_reference(tiny_model, tiny_we
     for text in TEXTS:
         tokens = tiny_model.tokenize_prompt(text)
         _, log_p = reference_log_softmax(tiny_model, tiny_weights, text)
-        hook = lambda il, h: h - np.outer(h @ units[il], units[il]) if il in units else h  # noqa: E731
+        # ablate leaves the attention sink (position 0) alone
+        hook = lambda il, h: np.vstack([h[:1], (h - np.outer(h @ units[il], units[il]))[1:]]) if il in units else h  # noqa: E731
         _, logits = reference_forward(tiny_weights, tokens, kv_f16=False, block_output_hook=hook)
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_q = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -355,3 +356,21 @@ def test_behaviour_rises_and_kl_grows_over_the_calibrated_range(default_model, h
     assert kl[0] > kl[1] > 0 and kl[4] > kl[3] > 0, kl
     assert sweep.steerability > 0
     assert max(p.wrong_way for p in sweep.points if p.wrong_way is not None) <= 0.25
+
+
+def test_cli_eval_ablation_view_reports_what_the_ops_cost(capsys, tiny_model, tiny_vector_file, tiny_model_path,
+                                                          monkeypatch):
+    monkeypatch.setattr(fluency, "load_neutral_texts", lambda: list(TEXTS))
+    monkeypatch.setattr("ggsteer.cli.evaluate.load_eval_prompts", lambda name: load_eval_prompts(name)[:3])
+    code = cli.main(["eval", str(tiny_vector_file), "--model", str(tiny_model_path), "--preset", "happy",
+                     "--strengths", "0", "--ablation"])
+    assert code == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0] + ("" if line.startswith("ablate") else line.split()[1]): line.split()
+            for line in out.splitlines() if line.startswith(("ablate", "clamp"))}
+    assert sorted(rows) == ["ablate", "clamp+1", "clamp-1"]
+    vector = ControlVector.load(tiny_vector_file)
+    with tiny_model.steer(vector, 0.0, op="ablate"):
+        expected_kl = fluency.fluency_cost(tiny_model).kl
+    assert float(rows["ablate"][1]) == pytest.approx(expected_kl, abs=1e-3)
+    assert float(rows["clamp+1"][1]) > 0

@@ -85,7 +85,7 @@ class FakeGraph:
 def add_at_layer_1():
     """A hook for 2 layers that adds 1.0 to every row of layer 1."""
     hook = native.Hook(2, N_EMBD)
-    ops = np.array([[0, 1, -1, 0, -1, -1, 1]], np.int32)  # add, layer 1, every row, always
+    ops = np.array([[0, 1, -1, 0, -1, -1, 1, 0]], np.int32)  # add, layer 1, every row, always, sink included
     empty = np.zeros(0)
     hook.set_program(ops, np.ones(1), np.zeros(1), empty, empty, empty, np.ones(N_EMBD, np.float32), 1)
     return hook

@@ -151,20 +151,28 @@ def unit(v):
     return v / np.linalg.norm(v)
 
 
+def rows_from(first, positions, edited, original):
+    """`edited` on positions >= first, `original` on the rows before (the sink rows left alone)."""
+    return np.where((positions >= first)[:, None], edited, original)
+
+
+@pytest.mark.parametrize("skip_first", [None, 0, 2])
 @pytest.mark.parametrize("op, strength", [("ablate", 1.0), ("clamp", 0.7), ("clamp", -2.0), ("add_normalized", 1.3)])
-def test_op_matches_reference(tiny_model, tiny_weights, op, strength):
+def test_op_matches_reference(tiny_model, tiny_weights, op, strength, skip_first):
     vector = random_vector(tiny_model, 11)
-    tiny_model.set_control(vector, strength, layers=[1, 2], op=op)
+    tiny_model.set_control(vector, strength, layers=[1, 2], op=op, skip_first=skip_first)
     tokens = tiny_model.tokenize_prompt(PROMPT)
+    # by default ablate and clamp leave the attention sink (position 0) alone, add_normalized does not
+    first = {"ablate": 1, "clamp": 1}.get(op, 0) if skip_first is None else skip_first
 
     def edit(il, h, positions):
         if il not in (1, 2):
             return h
         v = vector.directions[il].astype(np.float64)
         if op == "add_normalized":
-            return numpy_op(op, h, np.broadcast_to(v, h.shape), strength)
+            return rows_from(first, positions, numpy_op(op, h, np.broadcast_to(v, h.shape), strength), h)
         target = strength * np.linalg.norm(v) if op == "clamp" else 0.0
-        return numpy_op("clamp", h, np.broadcast_to(unit(v), h.shape), target)
+        return rows_from(first, positions, numpy_op("clamp", h, np.broadcast_to(unit(v), h.shape), target), h)
 
     expected = reference_with(tiny_model, tiny_weights, tokens, edit)[-1]
     before = tiny_model.hook.counts()
@@ -507,7 +515,7 @@ def test_ablate_sets_projection_to_trained_center(tiny_model, tiny_weights):
                 return h
             v = vector.directions[il].astype(np.float64)
             target = centers[il] + offset * np.linalg.norm(v)
-            return numpy_op("clamp", h, np.broadcast_to(unit(v), h.shape), target)
+            return rows_from(1, positions, numpy_op("clamp", h, np.broadcast_to(unit(v), h.shape), target), h)
 
         expected = reference_with(tiny_model, tiny_weights, tokens, edit)[-1]
         np.testing.assert_allclose(last_logits(tiny_model), expected, atol=ATOL, rtol=0)

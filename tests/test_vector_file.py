@@ -65,6 +65,9 @@ def full_metadata() -> dict[str, object]:
         "gap": [f32(1.25), f32(2.5), f32(3.1)],
         "residual_norm": [f32(12.3), f32(45.6), f32(78.9)],
         "center": [f32(-3.5), f32(0.25), f32(17.0)],
+        "ablation_direction": [f32(x) for x in np.linspace(-1.0, 1.0, 3 * N_EMBD)],
+        "ablation_center": [f32(-2.5), f32(0.5), f32(11.0)],
+        "ablation_gap": [f32(1.0), f32(2.0), f32(2.75)],
         "dataset_size": 256,
         "dataset_hash": "sha256:0123abcd",
         "recommended_strength": f32(4.2),
@@ -458,6 +461,17 @@ def test_per_layer_values_follow_the_callers_layer_order(tmp_path):
     assert vf.metadata["layers"] == [1, 4, 7]  # files hold layers, and per-layer values, sorted
     assert vf.metadata["gap"] == [1.0, 4.0, 7.0]
     assert vf.per_layer("separation") == {1: f32(0.1), 4: f32(0.4), 7: f32(0.7)}
+
+
+def test_per_layer_vectors_follow_the_callers_layer_order(tmp_path):
+    path = tmp_path / "order.gguf"
+    rows = {7: [7.0] * N_EMBD, 1: [1.0] * N_EMBD, 4: [4.0] * N_EMBD}
+    metadata = {"layers": [7, 1, 4], "ablation_direction": rows[7] + rows[1] + rows[4]}
+    write_vector_file(path, random_directions([4, 7, 1]), model_hint="llama", metadata=metadata)
+    assert read_vector_file(path).metadata["ablation_direction"] == rows[1] + rows[4] + rows[7]
+    with pytest.raises(VectorFileError, match=r"ablation_direction has 47 values but 3 layers of n_embd 16 need 48"):
+        write_vector_file(tmp_path / "short.gguf", random_directions([1, 4, 7]), model_hint="llama",
+                          metadata={"ablation_direction": [1.0] * 47})
 
 
 def test_extra_metadata_keys_round_trip_exactly(tmp_path):
@@ -1052,10 +1066,11 @@ def test_describe_ggsteer_file(ggsteer_file):
     assert "method:      pca_diff" in text
     assert "recommended layers:   4, 7" in text
     header_line = next(line for line in text.splitlines() if line.strip().startswith("layer "))
-    assert header_line.split() == ["layer", "norm", "separation", "gap", "residual", "norm", "center"]
+    assert header_line.split() == ["layer", "norm", "separation", "gap", "residual", "norm", "center", "ablation", "center",
+                                   "ablation", "gap"]
     row = next(line for line in text.splitlines() if line.split()[:1] == ["4"]).split()
     assert float(row[1]) == pytest.approx(np.linalg.norm(vf.directions[4]), rel=1e-3)
-    assert [float(value) for value in row[2:]] == pytest.approx([0.83, 2.5, 45.6, 0.25], rel=1e-3)
+    assert [float(value) for value in row[2:]] == pytest.approx([0.83, 2.5, 45.6, 0.25, 0.5, 2.0], rel=1e-3)
 
 
 def test_describe_external_file_and_layer_ranges(tmp_path):
@@ -1073,7 +1088,8 @@ def test_describe_external_file_and_layer_ranges(tmp_path):
 @pytest.fixture(scope="module")
 def fuzz_seed_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("fuzz") / "seed.gguf"
-    per_layer = {"separation": [0.5, 0.25, 0.125], "gap": [1.0, 2.0, 3.0], "residual_norm": [4.0, 5.0, 6.0]}
+    per_layer = {"separation": [0.5, 0.25, 0.125], "gap": [1.0, 2.0, 3.0], "residual_norm": [4.0, 5.0, 6.0],
+                 "ablation_direction": [0.25] * 24}
     metadata = {**full_metadata(), **per_layer}
     write_vector_file(path, random_directions([1, 4, 7], n_embd=8), model_hint="llama", metadata=metadata)
     return path

@@ -53,7 +53,7 @@ class Hook:
         vectors: npt.ArrayLike,
         n_slots: int,
     ) -> None:
-        """Install interventions: ops int32 [n, 7] (kind, layer, slot, when, first_k, condition, n_vector_rows)."""
+        """Install interventions: ops int32 [n, 8] (kind, layer, slot, when, first_k, condition, n_vector_rows, skip_first)."""
     def clear_program(self) -> None:
         """Remove every intervention."""
     def set_rows(

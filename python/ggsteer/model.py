@@ -127,6 +127,7 @@ class SteeredModel(llama_cpp.Llama):
         when: str = "all",
         first_k: int | None = None,
         condition=None,
+        skip_first: int | None = None,
     ) -> None:
         """Steer every following generation.
 
@@ -136,14 +137,15 @@ class SteeredModel(llama_cpp.Llama):
         `layers` defaults to the vector's recommended layers. `op` is "add", "ablate", "clamp" or
         "add_normalized"; `when` is "all", "prompt" or "generated"; `first_k` limits steering to the
         first k positions; `condition=(vector, threshold, layer)` steers only prompts whose mean state
-        at `layer` has at least that cosine with the condition vector. Plain addition on every token
+        at `layer` has at least that cosine with the condition vector; `skip_first=k` leaves positions
+        < k alone (ablate and clamp leave the attention sink, position 0, alone by default). Plain addition on every token
         goes through llama.cpp's adapter (no cost); the rest runs in ggsteer's native hook.
         """
         if isinstance(vector, (list, tuple)) and not all(isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in vector):
             raise TypeError("set_control takes a ControlVector or a list of (ControlVector, strength) pairs")
         control = vector if isinstance(vector, (list, tuple)) else [(vector, strength)]
         self._apply_controls(normalize_controls(self, control, op=op, layers=layers, raw=raw, when=when,
-                                                first_k=first_k, condition=condition))
+                                                first_k=first_k, condition=condition, skip_first=skip_first))
 
     def intervention(self, vector, strength: float = 1.0, **options):
         """One Intervention for this model (see set_control for the options), to combine with others."""

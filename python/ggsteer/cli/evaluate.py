@@ -49,6 +49,7 @@ from ggsteer.evaluate import (
     steered_layers,
     strength_sweep,
 )
+from ggsteer.evaluate.ablation import ablation_view, asking_items
 from ggsteer.train import get_preset, load_eval_prompts
 from ggsteer.vectors import ControlVector
 
@@ -64,6 +65,9 @@ def add_parser(subparsers) -> None:
     )
     evaluate.add_argument("--samples", action="store_true",
                           help="print a greedy completion of the first eval prompt per strength")
+    evaluate.add_argument("--ablation", action="store_true",
+                          help="also measure ablate and clamp at -1, 0, +1 gap: fluency cost, behaviour left on "
+                               "prompts that ask for it, and how much the projections collapse")
 
     calibrate = _sweep_parser(
         subparsers, "calibrate", CALIBRATE_STRENGTHS, cmd_calibrate,
@@ -291,8 +295,26 @@ def cmd_eval(args) -> int:
     print(f"{job.vector_path.name}: {len(job.eval_items)} '{job.preset}' prompts, {len(job.strengths)} strengths")
     print_sweeps(sweeps, samples=args.samples)
     write_reports(args, job, sweeps, seconds)
-    print(f"(eval took {seconds:.0f} s)", file=sys.stderr)
+    if args.ablation:
+        print_ablation(job, args.layers)
+    print(f"(eval took {time.perf_counter() - started:.0f} s)", file=sys.stderr)
     return 0
+
+
+def print_ablation(job: SweepJob, layers_text: str | None) -> None:
+    """The ablation view: what ablate and clamp cost in fluency and how much behaviour they remove."""
+    layers = layers_argument(layers_text)
+    asking = asking_items(job.preset, job.eval_items)
+    print(f"\nablation view ({len(asking)} prompts asking for '{job.preset}'; recovery: share of the asking "
+          "prompts' push taken back)")
+    print(f"{'op':<10}{'KL':>8}{'ppl x':>8}{'asking':>9}{'ablated':>9}{'recovery':>10}{'spread /':>10}")
+    for op, strength in (("ablate", 0.0), ("clamp", -1.0), ("clamp", 1.0)):
+        view = ablation_view(job.model, job.vector, job.eval_items, asking, op=op, strength=strength, layers=layers)
+        label = op if op == "ablate" else f"clamp {strength:+g}"
+        recovery = "-" if view.recovery is None else f"{view.recovery:.2f}"
+        shrink = min(view.spread_shrink.values())
+        print(f"{label:<10}{view.kl:>8.3f}{view.perplexity_ratio:>8.2f}{view.asking_behaviour:>9.3f}"
+              f"{view.ablated_behaviour:>9.3f}{recovery:>10}{shrink:>10.3g}")
 
 
 def cmd_calibrate(args) -> int:

@@ -3,17 +3,20 @@
 Each operation acts on a block's output rows h (llama.cpp's `l_out-i`), per layer and per row:
 
 - `add`: h += s * v (what llama.cpp's adapter does, but here per sequence or gated);
-- `ablate`: the projection on u = v / |v| set to the neutral point c: h += (c - h . u) u. For
-  vectors trained by ggsteer, c is the mean projection of the training pairs' midpoints (stored in
-  the file as `center`): removing the whole projection would also remove the baseline every text
-  has along u, which can push toward either side. Vectors without a center use c = 0, plain
-  directional ablation h -= (h . u) u;
-- `clamp`: the projection held at t = c + s * |v|: s in strength units (for ggsteer vectors |v|
-  is the layer's trained gap), so `clamp 0` is `ablate` and `clamp 1` sits one gap past neutral;
+- `ablate`: the projection on a unit direction u set to the neutral point c: h += (c - h . u) u.
+  For vectors trained by ggsteer, u is the trained direction without its components along the
+  few directions every ordinary token shares, and c the mean projection of the training pairs'
+  midpoints on it (vectors/projection.py says why: projecting along the raw direction flattens
+  every token). Removing the whole projection would also remove the baseline every text has along
+  u, which can push toward either side. Vectors without these statistics use u = v / |v| and
+  c = their `center` or 0 (plain directional ablation h -= (h . u) u);
+- `clamp`: the projection held at t = c + s * gap: s in strength units (the layer's trained gap
+  along u), so `clamp 0` is `ablate` and `clamp 1` sits one gap past neutral;
 - `add_normalized`: add, then rescale each row back to its norm before the addition.
 
 Gating: `when="prompt"` (prompt tokens only), `"generated"` (generated tokens only), `first_k=k`
-(positions < k only). A `Condition` (CAST) decides per sequence from its prompt: the cosine between
+(positions < k only), `skip_first=k` (positions < k left alone: ablate and clamp leave the
+attention sink, position 0, alone by default; 0 acts on every row). A `Condition` (CAST) decides per sequence from its prompt: the cosine between
 the mean prompt state at the condition layer and the condition direction must reach the threshold
 for the intervention to act (at later layers, for the rest of that sequence).
 """
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from ggsteer.vectors import UNIT_RAW, ControlVector, TokenAlignedVector, choose_layers
+from ggsteer.vectors.projection import SINK_POSITIONS, SINK_SAFE_OPS
 
 OPS = ("add", "ablate", "clamp", "add_normalized")
 WHEN = ("all", "prompt", "generated")
@@ -54,12 +58,14 @@ class Intervention:
     when: str = "all"
     first_k: int | None = None
     condition: Condition | None = None
+    skip_first: int = 0  # positions < skip_first are left alone (the attention sink)
 
     @property
     def is_plain_add(self) -> bool:
         """Expressible by llama.cpp's control-vector adapter (which costs nothing)."""
         return (
             self.op == "add" and self.when == "all" and self.first_k is None and self.condition is None
+            and self.skip_first == 0
             and isinstance(self.vector, ControlVector) and 0 not in self.layers  # the adapter starts at block 1
         )
 
@@ -76,6 +82,7 @@ def make_intervention(
     when: str = "all",
     first_k: int | None = None,
     condition: Condition | tuple | None = None,
+    skip_first: int | None = None,
 ) -> Intervention:
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}: choose one of {', '.join(OPS)}")
@@ -86,6 +93,10 @@ def make_intervention(
         raise ValueError(f"strength must be a finite number, got {strength}")
     if first_k is not None and (int(first_k) != first_k or first_k < 1):
         raise ValueError(f"first_k must be a positive integer, got {first_k}")
+    if skip_first is None:
+        skip_first = SINK_POSITIONS if op in SINK_SAFE_OPS else 0
+    if isinstance(skip_first, bool) or int(skip_first) != skip_first or skip_first < 0:
+        raise ValueError(f"skip_first must be a non-negative integer, got {skip_first}")
     if vector.n_embd != n_embd:
         raise ValueError(f"vector has n_embd {vector.n_embd} but the model has n_embd {n_embd}: it was made for another model")
     if isinstance(vector, TokenAlignedVector):
@@ -101,7 +112,8 @@ def make_intervention(
             )
         chosen = tuple(choose_layers(vector, n_layer, layers, allow_layer_zero=True))
     cond = _make_condition(condition, n_layer, n_embd, chosen)
-    return Intervention(vector, strength, op, chosen, when, None if first_k is None else int(first_k), cond)
+    return Intervention(vector, strength, op, chosen, when, None if first_k is None else int(first_k), cond,
+                        int(skip_first))
 
 
 def _make_condition(condition, n_layer: int, n_embd: int, layers: tuple[int, ...]) -> Condition | None:

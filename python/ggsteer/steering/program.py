@@ -10,13 +10,14 @@ import numpy as np
 from ggsteer.steering.interventions import OP_CODES, WHEN_CODES, Condition, Intervention
 from ggsteer.vectors import TokenAlignedVector
 from ggsteer.vectors.layers import unit_vector
+from ggsteer.vectors.projection import projection_for_layer
 
 
 @dataclass
 class Program:
     """The arrays `native.Hook.set_program` takes."""
 
-    ops: np.ndarray  # int32 [n, 7]
+    ops: np.ndarray  # int32 [n, 8]
     coeffs: np.ndarray
     vector_offsets: np.ndarray
     condition_layers: np.ndarray
@@ -64,12 +65,13 @@ def compile_program(
         for layer in item.layers:
             vector, coeff, n_rows = _op_vector(item, layer)
             kind = OP_CODES["clamp"] if item.op == "ablate" else OP_CODES[item.op]
-            ops.append([kind, layer, slot, WHEN_CODES[item.when], -1 if item.first_k is None else item.first_k, cond, n_rows])
+            first_k = -1 if item.first_k is None else item.first_k
+            ops.append([kind, layer, slot, WHEN_CODES[item.when], first_k, cond, n_rows, item.skip_first])
             coeffs.append(coeff)
             offsets.append(add_vector(vector))
     ordered = sorted(conditions.values())
     return Program(
-        ops=np.asarray(ops, dtype=np.int32).reshape(-1, 7),
+        ops=np.asarray(ops, dtype=np.int32).reshape(-1, 8),
         coeffs=np.asarray(coeffs, dtype=np.float32),
         vector_offsets=np.asarray(offsets, dtype=np.int64),
         condition_layers=np.asarray([c[1] for c in ordered], dtype=np.int32),
@@ -84,13 +86,10 @@ def _op_vector(item: Intervention, layer: int) -> tuple[np.ndarray, float, int]:
     """The vector the kernel reads, its coefficient, and how many position rows it has."""
     if isinstance(item.vector, TokenAlignedVector):
         return item.vector.rows, item.strength, item.vector.rows.shape[0]
-    v = item.vector.directions[layer]
-    center = item.vector.layer_stat("center").get(layer, 0.0)
-    if item.op == "ablate":
-        return _unit_along(v), center, 1
-    if item.op == "clamp":
-        return _unit_along(v), center + item.strength * float(np.linalg.norm(v)), 1
-    return v, item.strength, 1
+    if item.op in ("ablate", "clamp"):
+        direction, target = projection_for_layer(item.vector, layer, item.op, item.strength)
+        return direction, target, 1
+    return item.vector.directions[layer], item.strength, 1
 
 
 def _unit_along(v: np.ndarray) -> np.ndarray:

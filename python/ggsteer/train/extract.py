@@ -24,6 +24,7 @@ from ggsteer.vectors import (
     TokenAlignedVector,
     default_steering_layers,
     default_training_layers,
+    projection,
 )
 
 TRAIN_POOLS = ("last", "mean")
@@ -53,8 +54,16 @@ def train_vector(
     with model.unsteered():
         hidden = capture_hidden_states(model, prompts, layers=train_layers, pool=pool, batch_size=batch_size,
                                        progress=progress)
+        # every token of a few prompts: the directions ordinary tokens share (vectors/projection.py)
+        tokens = capture_hidden_states(model, projection.shared_prompts(prompts), layers=train_layers, pool="all",
+                                       batch_size=batch_size)
     fits = [methods.fit_layer(hidden[0::2, k], hidden[1::2, k], method) for k in range(len(train_layers))]
     _warn_near_chance(train_layers, fits)
+    ablation = [
+        projection.fit_projection(hidden[0::2, k], hidden[1::2, k], fit.direction,
+                                  projection.shared_directions(projection.non_sink_rows(tokens, k)))
+        for k, fit in enumerate(fits)
+    ]
     directions = {il: fit.direction * abs(fit.gap) for il, fit in zip(train_layers, fits)}
     recommended = [il for il in default_steering_layers(model.n_layer) if il in directions]
     metadata = {
@@ -69,6 +78,9 @@ def train_vector(
         "gap": [abs(fit.gap) for fit in fits],
         "residual_norm": [fit.residual_norm for fit in fits],
         "center": [fit.center for fit in fits],
+        "ablation_direction": np.concatenate([a.direction for a in ablation]).tolist(),
+        "ablation_center": [a.center for a in ablation],
+        "ablation_gap": [a.gap for a in ablation],
         "dataset_size": len(entries),
         "dataset_hash": dataset_hash(entries),
         "recommended_layers": recommended or list(train_layers),

@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from ggsteer.vectors.file import PER_LAYER_KEYS, VectorFileError, read_vector_file, write_vector_file
+from ggsteer.vectors.file import (
+    PER_LAYER_KEYS,
+    PER_LAYER_VECTOR_KEYS,
+    VectorFileError,
+    read_vector_file,
+    write_vector_file,
+)
 from ggsteer.vectors.layers import default_steering_layers
 
 if TYPE_CHECKING:
@@ -80,6 +86,15 @@ class ControlVector:
             return {}
         return {int(il): float(v) for il, v in zip(stat_layers, values)}
 
+    def layer_vector(self, name: str) -> dict[int, np.ndarray]:
+        """A per-layer vector statistic (ablation_direction) keyed by layer, float32 [n_embd] each."""
+        values = self.metadata.get(name)
+        stat_layers = self.metadata.get("layers")
+        if values is None or stat_layers is None:
+            return {}
+        rows = np.asarray(values, dtype=np.float32).reshape(len(stat_layers), -1)
+        return {int(il): row for il, row in zip(stat_layers, rows)}
+
     # -- training: thin entry points into ggsteer.train (the one upward import, kept on purpose) --
     @classmethod
     def train(cls, model: "HookedModel", dataset: Sequence, method: str = "mean_diff",
@@ -122,6 +137,10 @@ class ControlVector:
             for name in PER_LAYER_KEYS:
                 if name in metadata:
                     metadata[name] = [metadata[name][k] for k in index]
+            for name in PER_LAYER_VECTOR_KEYS:
+                if name in metadata:
+                    rows = np.asarray(self.metadata[name], dtype=np.float32).reshape(len(self.metadata["layers"]), -1)
+                    metadata[name] = rows[index].reshape(-1).tolist()
         if "recommended_layers" in metadata:
             metadata["recommended_layers"] = [il for il in metadata["recommended_layers"] if il in keep] or sorted(keep)
         return ControlVector({il: self.directions[il] for il in wanted}, self.model_hint, metadata)

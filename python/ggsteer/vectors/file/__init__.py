@@ -4,7 +4,7 @@ reading, a bounds-checked header scan that guards gguf's reader (scan.py), and `
 from ggsteer.vectors.file.describe import describe_vector_file
 from ggsteer.vectors.file.format import FORMAT_VERSION, VectorFile, VectorFileError, VectorFileWarning
 from ggsteer.vectors.file.read import read_vector_file
-from ggsteer.vectors.file.schema import METADATA_KEYS, PER_LAYER_KEYS, MetadataSpec
+from ggsteer.vectors.file.schema import METADATA_KEYS, PER_LAYER_KEYS, PER_LAYER_VECTOR_KEYS, MetadataSpec
 from ggsteer.vectors.file.write import write_vector_file
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "METADATA_KEYS",
     "MetadataSpec",
     "PER_LAYER_KEYS",
+    "PER_LAYER_VECTOR_KEYS",
     "VectorFile",
     "VectorFileError",
     "VectorFileWarning",

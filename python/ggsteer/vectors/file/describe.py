@@ -52,9 +52,9 @@ def _layer_table(vf: VectorFile) -> list[str]:
     norms = {layer: float(np.linalg.norm(vector.astype(np.float64))) for layer, vector in vf.directions.items()}
     columns = [("norm", norms)]
     columns += [(key.replace("_", " "), vf.per_layer(key)) for key in PER_LAYER_KEYS if key in vf.metadata]
-    header = f"{'layer':>6}" + "".join(f"{title:>15}" for title, _ in columns)
+    header = f"{'layer':>6}" + "".join(f"{title:>17}" for title, _ in columns)
     rows = [
-        f"{layer:>6}" + "".join(f"{_format_number(values.get(layer)):>15}" for _, values in columns)
+        f"{layer:>6}" + "".join(f"{_format_number(values.get(layer)):>17}" for _, values in columns)
         for layer in vf.layers
     ]
     return ["", header, *rows]

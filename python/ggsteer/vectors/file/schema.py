@@ -37,6 +37,10 @@ METADATA_KEYS: dict[str, MetadataSpec] = {
     "gap": _FLOAT32_LIST,  # per layer: mean gap of positive minus negative projections (strength unit)
     "residual_norm": _FLOAT32_LIST,  # per layer: typical norm of the residual stream there
     "center": _FLOAT32_LIST,  # per layer: mean projection of the pair midpoints (the neutral point)
+    # per layer, n_embd values each: the unit direction ablate and clamp act on (steering/projection.py)
+    "ablation_direction": _FLOAT32_LIST,
+    "ablation_center": _FLOAT32_LIST,  # per layer: mean projection of the pair midpoints on ablation_direction
+    "ablation_gap": _FLOAT32_LIST,  # per layer: mean gap along ablation_direction (clamp's strength unit)
     "dataset_size": _UINT32,  # number of contrast pairs
     "dataset_hash": _STR,  # hash of the contrast dataset
     "recommended_strength": _FLOAT32,
@@ -46,7 +50,9 @@ METADATA_KEYS: dict[str, MetadataSpec] = {
     "pool": _STR,  # how token states were pooled during training, e.g. "last", "mean"
     "n_layer": _UINT32,  # number of blocks of the model the vector was made for
 }
-PER_LAYER_KEYS = ("separation", "gap", "residual_norm", "center")
+PER_LAYER_KEYS = ("separation", "gap", "residual_norm", "center", "ablation_center", "ablation_gap")
+# per-layer keys holding one n_embd vector per layer, concatenated in layer order
+PER_LAYER_VECTOR_KEYS = ("ablation_direction",)
 LAYER_LIST_KEYS = ("layers", "recommended_layers")
 
 INTEGER_GGUF_TYPES = {
@@ -111,7 +117,7 @@ def show(value: object) -> str:
 
 def check_metadata_consistency(meta: dict[str, object], layers: list[int], n_embd: int, where: str) -> None:
     """Check the metadata against the directions it describes (shared by reading and writing)."""
-    if "layers" not in meta and any(key in meta for key in PER_LAYER_KEYS):
+    if "layers" not in meta and any(key in meta for key in (*PER_LAYER_KEYS, *PER_LAYER_VECTOR_KEYS)):
         raise VectorFileError(f"{where}: per-layer ggsteer keys need ggsteer.layers to say which layers they are for")
     if "n_embd" in meta and meta["n_embd"] != n_embd:
         raise VectorFileError(f"{where}: ggsteer.n_embd is {meta['n_embd']} but the directions have length {n_embd}")
@@ -121,6 +127,12 @@ def check_metadata_consistency(meta: dict[str, object], layers: list[int], n_emb
         if key in meta and len(meta[key]) != len(layers):  # type: ignore[arg-type]
             raise VectorFileError(
                 f"{where}: ggsteer.{key} has {len(meta[key])} values but there are {len(layers)} layers {layers}"  # type: ignore[arg-type]
+            )
+    for key in PER_LAYER_VECTOR_KEYS:
+        if key in meta and len(meta[key]) != len(layers) * n_embd:  # type: ignore[arg-type]
+            raise VectorFileError(
+                f"{where}: ggsteer.{key} has {len(meta[key])} values but {len(layers)} layers of n_embd {n_embd} need "  # type: ignore[arg-type]
+                f"{len(layers) * n_embd}"
             )
     if "n_layer" in meta and max(layers) >= meta["n_layer"]:  # type: ignore[operator]
         raise VectorFileError(f"{where}: ggsteer.n_layer is {meta['n_layer']} but layer {max(layers)} has a direction")

@@ -25,6 +25,7 @@ from ggsteer.vectors.file.format import (
 from ggsteer.vectors.file.schema import (
     METADATA_KEYS,
     PER_LAYER_KEYS,
+    PER_LAYER_VECTOR_KEYS,
     MetadataSpec,
     check_metadata_consistency,
     is_flat_sequence,
@@ -176,6 +177,11 @@ def _per_layer_values_in_file_order(given: dict[str, object], layers: list[int],
             result[key] = _align_to_layers(key, values, layers, where)
         elif is_flat_sequence(values) and len(values) == len(layers):  # type: ignore[arg-type]
             result[key] = [values[position[layer]] for layer in layers]  # type: ignore[index]
+    for key in PER_LAYER_VECTOR_KEYS:
+        values = given.get(key)
+        if is_flat_sequence(values) and len(values) % max(1, len(layers)) == 0:  # type: ignore[arg-type]
+            width = len(values) // max(1, len(layers))  # type: ignore[arg-type]
+            result[key] = [x for layer in layers for x in values[position[layer] * width : (position[layer] + 1) * width]]  # type: ignore[index]
     return result
 
 

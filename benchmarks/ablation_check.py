@@ -1,0 +1,75 @@
+"""Issue 16's check through the library itself: train, then the ablation view of ablate and clamp.
+
+    python benchmarks/ablation_check.py --preset happy [--max-suffixes 64] [--neutral 4] [--out view.json]
+
+Rows: "before" (every row, raw direction: what ablate did before issue 16), ablate, clamp +1, clamp -1
+(ggsteer.projection's method: the sink left alone, the direction without the shared directions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import llama_cpp
+
+from ggsteer import SteeredModel
+from ggsteer.evaluate import load_neutral_texts
+from ggsteer.evaluate.ablation import ablation_view, asking_items
+from ggsteer.train import load_eval_prompts, preset_dataset
+from ggsteer.vectors import ControlVector
+
+SAMPLE_PROMPT = "I woke up this morning and"
+
+
+def _without_extra_buffers():
+    """This sandbox's kernel does not grant AMX tiles, but the wheel's ggml-cpu repacks weights for
+    AMX and dies with SIGILL on the first matmul: load models without extra buffer types."""
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="happy")
+    parser.add_argument("--max-suffixes", type=int, default=None)
+    parser.add_argument("--neutral", type=int, default=None, help="only the first N neutral texts")
+    parser.add_argument("--no-amx-workaround", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if not args.no_amx_workaround:
+        _without_extra_buffers()
+    model = SteeredModel(n_ctx=8192, n_threads=1, n_threads_batch=1)
+    start = time.time()
+    vector = ControlVector.train(model, preset_dataset(args.preset, max_suffixes=args.max_suffixes), progress=False)
+    print(f"trained in {time.time() - start:.0f}s", flush=True)
+    before = ControlVector(vector.directions, vector.model_hint,
+                           {k: v for k, v in vector.metadata.items() if not k.startswith("ablation_")})
+    items = load_eval_prompts(args.preset)
+    asking = asking_items(args.preset, items)
+    texts = load_neutral_texts()[: args.neutral]
+    rows = []
+    for label, vec, op, strength, skip in [("before", before, "ablate", 0.0, 0), ("ablate", vector, "ablate", 0.0, None),
+                                           ("clamp +1", vector, "clamp", 1.0, None), ("clamp -1", vector, "clamp", -1.0, None)]:
+        view = ablation_view(model, vec, items, asking, op=op, strength=strength, neutral_texts=texts,
+                             sample_prompt=SAMPLE_PROMPT, skip_first=skip)
+        row = {"preset": args.preset, "setting": label, **view.to_dict()}
+        rows.append(row)
+        shrink, raw = list(view.spread_shrink.values()), list(view.raw_spread_shrink.values())
+        print(f"{args.preset} {label}: KL {view.kl:.3f} ppl x{view.perplexity_ratio:.2f} behaviour neutral {view.neutral_behaviour:.2f} "
+              f"asking {view.asking_behaviour:.2f} -> {view.ablated_behaviour:.2f} recovery {view.recovery} "
+              f"shrink min {min(shrink):.3g} raw min {min(raw):.3g} | {view.sample!r}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
