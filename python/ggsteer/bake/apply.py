@@ -81,7 +81,7 @@ def bake_model(
     replaced, added = _producers(layout, planner.plan, n_embd)
     records = {k: v for k, v in layout.records.items()}
     records.update(bake_records(baked, _version()))
-    write_model_gguf(layout, output, replaced=replaced, added=added, records=records)
+    write_model_gguf(layout, output, replaced=replaced, added=added, records=records, overwrite=force)
     return BakeReport(output, arch.name, baked, sorted(replaced), [a.info.name for a in added],
                       os.path.getsize(layout.path), os.path.getsize(output), time.perf_counter() - started)
 

@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Sequence
 
 from gguf import GGUFValueType
 
+from ggsteer.atomic_file import write_atomically
 from ggsteer.bake.gguf_layout import GGUFLayout, TensorInfo
 
 _COPY_CHUNK = 16 << 20
@@ -66,6 +67,7 @@ def write_model_gguf(
     replaced: dict[str, Producer],
     added: Sequence[AddedTensor] = (),
     records: dict[str, bytes] | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Write `layout`'s model to `output` with `replaced` tensors' bytes and `added` tensors appended.
 
@@ -75,9 +77,9 @@ def write_model_gguf(
     records = dict(layout.records) if records is None else records
     infos = [*layout.tensors.values(), *(item.info for item in added)]
     producers = {**replaced, **{item.info.name: item.produce for item in added}}
-    partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
-    try:
-        with open(partial, "wb") as out, open(layout.path, "rb") as source:
+
+    def write(temp: str) -> None:
+        with open(temp, "wb") as out, open(layout.path, "rb") as source:
             _write_header(out, layout, infos, records)
             for info in infos:
                 if info.name in producers:
@@ -85,11 +87,8 @@ def write_model_gguf(
                 else:
                     _copy_range(source, out, layout.data_start + info.offset, info.n_bytes)
                 _pad(out, layout.alignment)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(partial, output)
-    finally:
-        partial.unlink(missing_ok=True)
+
+    write_atomically(output, write, overwrite=overwrite, what="model file")
 
 
 def _write_header(out, layout: GGUFLayout, infos: list[TensorInfo], records: dict[str, bytes]) -> None:
