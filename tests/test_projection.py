@@ -100,11 +100,13 @@ def test_training_stores_the_ablation_direction_and_its_statistics(tiny_model, t
         # numpy: top principal directions of the non-sink token states (eigh of the uncentred second moment)
         rows = np.concatenate([h[il, 1:] for h in states])
         basis = np.linalg.eigh(rows.T @ rows)[1][:, ::-1][:, :SHARED_DIRECTIONS].T
+        if il == tiny_model.n_layer - 1:
+            basis = basis[:0]  # the last layer is not captured token by token: its raw direction is kept
         u = unit(vector.directions[il].astype(np.float64))
         expected = u - basis.T @ (basis @ u)
         expected /= np.linalg.norm(expected)
         assert float(stored[il] @ expected) > 0.9999, f"layer {il}: cos {float(stored[il] @ expected):.6f}"
-        assert np.abs(basis @ stored[il]).max() < 1e-3  # nothing left along the shared directions
+        assert np.abs(basis @ stored[il]).max(initial=0.0) < 1e-3  # nothing left along the shared directions
         mid = (pos[:, il] + neg[:, il]) / 2
         assert vector.layer_stat("ablation_center")[il] == pytest.approx(float((mid @ expected).mean()), rel=1e-3, abs=1e-3)
         assert vector.layer_stat("ablation_gap")[il] == pytest.approx(float(((pos[:, il] - neg[:, il]) @ expected).mean()), rel=1e-3, abs=1e-3)

@@ -54,15 +54,17 @@ def train_vector(
     with model.unsteered():
         hidden = capture_hidden_states(model, prompts, layers=train_layers, pool=pool, batch_size=batch_size,
                                        progress=progress)
-        # every token of a few prompts: the directions ordinary tokens share (vectors/projection.py)
-        tokens = capture_hidden_states(model, projection.shared_prompts(prompts), layers=train_layers, pool="all",
-                                       batch_size=batch_size)
+        # every token of a few prompts: the directions ordinary tokens share (vectors/projection.py);
+        # not at the last layer, whose captured rows would each run the 262k-entry output head
+        shared_layers = [il for il in train_layers if il != model.n_layer - 1]
+        tokens = capture_hidden_states(model, projection.shared_prompts(prompts), layers=shared_layers, pool="all",
+                                       batch_size=batch_size) if shared_layers else []
     fits = [methods.fit_layer(hidden[0::2, k], hidden[1::2, k], method) for k in range(len(train_layers))]
     _warn_near_chance(train_layers, fits)
     ablation = [
         projection.fit_projection(hidden[0::2, k], hidden[1::2, k], fit.direction,
-                                  projection.shared_directions(projection.non_sink_rows(tokens, k)))
-        for k, fit in enumerate(fits)
+                                  _shared_directions(tokens, shared_layers, il, model.n_embd))
+        for k, (il, fit) in enumerate(zip(train_layers, fits))
     ]
     directions = {il: fit.direction * abs(fit.gap) for il, fit in zip(train_layers, fits)}
     recommended = [il for il in default_steering_layers(model.n_layer) if il in directions]
@@ -86,6 +88,13 @@ def train_vector(
         "recommended_layers": recommended or list(train_layers),
     }
     return ControlVector(directions, model_hint=model.model_hint, metadata=metadata)
+
+
+def _shared_directions(tokens, shared_layers: list[int], layer: int, n_embd: int) -> np.ndarray:
+    """The directions ordinary tokens share at `layer`; none (the raw direction is kept) where not captured."""
+    if layer not in shared_layers:
+        return np.zeros((0, n_embd))
+    return projection.shared_directions(projection.non_sink_rows(tokens, shared_layers.index(layer)))
 
 
 def _checked_entries(dataset: Sequence[DatasetEntry], method: str, pool: str) -> list[DatasetEntry]:
