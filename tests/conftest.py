@@ -61,4 +61,11 @@ def default_model():
     model = SteeredModel(n_ctx=2048, n_threads=2)
     yield model
     model.close()
+@pytest.fixture(scope="module")
+def reference(tiny_model_path):
+    """The tiny model with the server's settings, that server replies are compared with (tests/test_server*.py)."""
+    from test_server import tiny_server_model
+
+    with tiny_server_model(tiny_model_path) as model:
+        yield model
 # ---- end ggsteer models ------------------------------------------------------------------

@@ -95,14 +95,23 @@ def tiny_server_model(path):
         model.close()
 
 
+@contextlib.contextmanager
+def serving(model, vector_dir, config: ServerConfig):
+    """A real uvicorn on loopback serving `model` with the vectors in `vector_dir`; yields (base URL, app)."""
+    app = create_app(model, VectorRegistry.load(vector_dir, model), config)
+    with running_server(app) as url:
+        yield url, app
+
+
+@contextlib.contextmanager
+def fresh_server(model_path, vector_dir, config: ServerConfig):
+    """`serving` on a tiny model of its own (its own worker and KV cache), closed on exit."""
+    with tiny_server_model(model_path) as model, serving(model, vector_dir, config) as pair:
+        yield pair
+
+
 @pytest.fixture(scope="module")
 def server_model(tiny_model_path):
-    with tiny_server_model(tiny_model_path) as model:
-        yield model
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model_path):
     with tiny_server_model(tiny_model_path) as model:
         yield model
 
@@ -415,9 +424,8 @@ def test_server_keeps_serving_after_errors(client):
 
 
 def test_api_key_is_enforced(tiny_model_path, vector_dir, vectors):
-    with tiny_server_model(tiny_model_path) as model:
-        app = create_app(model, VectorRegistry.load(vector_dir, model), ServerConfig(api_key="s3cret", max_batch=4))
-        with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+    with fresh_server(tiny_model_path, vector_dir, ServerConfig(api_key="s3cret", max_batch=4)) as (url, _):
+        with httpx.Client(base_url=url, timeout=60) as c:
             body = {"prompt": "hi", **GREEDY}
             assert c.post("/v1/completions", json=body).status_code == 401
             assert c.get("/v1/vectors").status_code == 401

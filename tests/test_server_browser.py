@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_server import expected_text, running_server, tiny_server_model, transcript, write_vectors
+from test_server import expected_text, fresh_server, transcript, write_vectors
 
-from ggsteer.serve import ServerConfig, VectorRegistry, create_app
+from ggsteer.serve import ServerConfig
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -31,16 +31,8 @@ pytestmark = pytest.mark.skipif(
 def page_server(tmp_path_factory, tiny_model_path):
     directory = tmp_path_factory.mktemp("page_vectors")
     vectors = write_vectors(directory)
-    with tiny_server_model(tiny_model_path) as model:
-        app = create_app(model, VectorRegistry.load(directory, model), ServerConfig(max_batch=4))
-        with running_server(app) as url:
-            yield url, vectors
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model_path):
-    with tiny_server_model(tiny_model_path) as model:
-        yield model
+    with fresh_server(tiny_model_path, directory, ServerConfig(max_batch=4)) as (url, _):
+        yield url, vectors
 
 
 @pytest.fixture

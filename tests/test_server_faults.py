@@ -17,9 +17,14 @@ import time
 
 import httpx
 import pytest
-from test_server import GREEDY, expected_result, running_server, tiny_server_model, write_vectors
+from test_server import (
+    GREEDY,
+    expected_result,
+    fresh_server,
+    write_vectors,
+)
 
-from ggsteer.serve import ServerConfig, VectorRegistry, create_app
+from ggsteer.serve import ServerConfig
 
 POISON = "~"  # a prompt with this character makes every decode of its prompt rows raise
 
@@ -36,12 +41,6 @@ def vector_dir(vectors_and_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_path):
-    with tiny_server_model(tiny_model_path) as model:
-        yield model
-
-
-@pytest.fixture(scope="module")
 def vectors(vectors_and_dir):
     return vectors_and_dir[0]
 
@@ -49,10 +48,8 @@ def vectors(vectors_and_dir):
 @contextlib.contextmanager
 def fault_server(tiny_model_path, vector_dir, **config):
     """A fresh server (its own model and worker); yields (base URL, SteeringServer)."""
-    with tiny_server_model(tiny_model_path) as model:
-        app = create_app(model, VectorRegistry.load(vector_dir, model), ServerConfig(**{"max_batch": 4, **config}))
-        with running_server(app) as url:
-            yield url, app.state.server
+    with fresh_server(tiny_model_path, vector_dir, ServerConfig(**{"max_batch": 4, **config})) as (url, app):
+        yield url, app.state.server
 
 
 @pytest.fixture

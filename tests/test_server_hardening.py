@@ -7,11 +7,16 @@ import socket
 
 import httpx
 import pytest
-from test_server import GREEDY, expected_result, running_server, tiny_server_model, write_vectors
+from test_server import (
+    GREEDY,
+    expected_result,
+    fresh_server,
+    write_vectors,
+)
 from test_server_faults import metrics
 
 from ggsteer.cli import main
-from ggsteer.serve import ServerConfig, VectorRegistry, create_app
+from ggsteer.serve import ServerConfig
 
 
 @pytest.fixture(scope="module")
@@ -21,26 +26,16 @@ def vectors_and_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_path):
-    with tiny_server_model(tiny_model_path) as model:
-        yield model
-
-
-@pytest.fixture(scope="module")
 def served(tiny_model_path, vectors_and_dir):
-    with tiny_server_model(tiny_model_path) as model:
-        app = create_app(model, VectorRegistry.load(vectors_and_dir[1], model), ServerConfig(max_batch=4))
-        with running_server(app) as url:
-            yield url, app.state.server
+    with fresh_server(tiny_model_path, vectors_and_dir[1], ServerConfig(max_batch=4)) as (url, app):
+        yield url, app.state.server
 
 
 @pytest.fixture(scope="module")
 def keyed(tiny_model_path, vectors_and_dir):
-    with tiny_server_model(tiny_model_path) as model:
-        config = ServerConfig(max_batch=2, api_key="s3cret", allowed_hosts=("localhost", "127.0.0.1", "::1", "box.lan"))
-        app = create_app(model, VectorRegistry.load(vectors_and_dir[1], model), config)
-        with running_server(app) as url:
-            yield url
+    config = ServerConfig(max_batch=2, api_key="s3cret", allowed_hosts=("localhost", "127.0.0.1", "::1", "box.lan"))
+    with fresh_server(tiny_model_path, vectors_and_dir[1], config) as (url, _):
+        yield url
 
 
 # -- /health and /metrics -------------------------------------------------------------------------

@@ -11,10 +11,16 @@ import json
 
 import httpx
 import pytest
-from test_server import TOKENS, expected_result, running_server, tiny_server_model, transcript, write_vectors
+from test_server import (
+    TOKENS,
+    expected_result,
+    fresh_server,
+    transcript,
+    write_vectors,
+)
 
 from ggsteer.generation import ContinuousBatch, SequenceSampling
-from ggsteer.serve import ServerConfig, VectorRegistry, create_app
+from ggsteer.serve import ServerConfig
 
 openai = pytest.importorskip("openai")
 
@@ -28,17 +34,9 @@ def vectors(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_path):
-    with tiny_server_model(tiny_model_path) as model:
-        yield model
-
-
-@pytest.fixture(scope="module")
 def base_url(tiny_model_path, vectors):
-    with tiny_server_model(tiny_model_path) as model:
-        app = create_app(model, VectorRegistry.load(vectors[0], model), ServerConfig(max_batch=8))
-        with running_server(app) as url:
-            yield url
+    with fresh_server(tiny_model_path, vectors[0], ServerConfig(max_batch=8)) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -194,15 +192,13 @@ def test_bad_steering_raises_bad_request(client):
 
 
 def test_api_key_errors_are_the_clients_authentication_error(tiny_model_path, vectors):
-    with tiny_server_model(tiny_model_path) as model:
-        app = create_app(model, VectorRegistry.load(vectors[0], model), ServerConfig(api_key="s3cret", max_batch=2))
-        with running_server(app) as url:
-            with pytest.raises(openai.AuthenticationError):
-                openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
-            good = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
-            assert good.completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens == 2
-            assert httpx.post(f"{url}/v1/steering", json={"steering": {}}).status_code == 401
-            assert httpx.get(f"{url}/control-vectors").status_code == 401
+    with fresh_server(tiny_model_path, vectors[0], ServerConfig(api_key="s3cret", max_batch=2)) as (url, _):
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
+        assert good.completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens == 2
+        assert httpx.post(f"{url}/v1/steering", json={"steering": {}}).status_code == 401
+        assert httpx.get(f"{url}/control-vectors").status_code == 401
 
 
 SCHEMA = {"type": "object", "properties": {"mood": {"enum": ["calm", "happy"]}, "score": {"type": "integer"}},

@@ -15,9 +15,15 @@ import threading
 import httpx
 import numpy as np
 import pytest
-from test_server import TOKENS, expected_text, make_vector, running_server, tiny_server_model
+from test_server import (
+    TOKENS,
+    expected_text,
+    make_vector,
+    serving,
+    tiny_server_model,
+)
 
-from ggsteer.serve import ServerConfig, VectorRegistry, create_app
+from ggsteer.serve import ServerConfig
 from ggsteer.vectors import ControlVector
 
 PROMPT = "the cat sat on"
@@ -48,17 +54,10 @@ def server_model(tiny_model_path):
         yield model
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model_path):
-    with tiny_server_model(tiny_model_path) as model:
-        yield model
-
-
 @pytest.fixture
 def client(server_model, vector_dir, vectors):
     """A fresh server on its own vectors directory for each test (the tests change both)."""
-    app = create_app(server_model, VectorRegistry.load(vector_dir, server_model), ServerConfig(max_batch=4))
-    with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+    with serving(server_model, vector_dir, ServerConfig(max_batch=4)) as (url, _), httpx.Client(base_url=url, timeout=60) as c:
         yield c
 
 
@@ -221,8 +220,8 @@ def test_an_uploaded_vector_is_usable_at_once_and_after_a_restart(client, refere
     assert client.put("/v1/vectors/calm", content=gguf_bytes(tmp_path, make_vector(48, 78))).status_code == 409
     np.testing.assert_array_equal(ControlVector.load(vector_dir / "calm.gguf").directions[1], new.directions[1])
     # a restart: a new server loading the same directory knows it
-    restarted = create_app(server_model, VectorRegistry.load(vector_dir, server_model), ServerConfig(max_batch=2))
-    with running_server(restarted) as url, httpx.Client(base_url=url, timeout=60) as other:
+    with serving(server_model, vector_dir, ServerConfig(max_batch=2)) as (url, _), \
+            httpx.Client(base_url=url, timeout=60) as other:
         assert complete(other, {"calm": 0.7}) == expected
 
 
@@ -235,12 +234,11 @@ def nan_vector_bytes(tmp_path) -> bytes:
 @pytest.mark.parametrize(("kind", "message"), [
     ("wrong_n_embd", "n_embd 32"), ("nan", "bad.gguf: tensor 'direction.2': direction has 1 non-finite values"), ("not_gguf", "uploaded vector 'bad'"), ("too_big", "larger than 4096 bytes")])
 def test_a_bad_upload_gets_400_and_leaves_the_directory_unchanged(server_model, vector_dir, vectors, tmp_path, kind, message):
-    app = create_app(server_model, VectorRegistry.load(vector_dir, server_model),
-                     ServerConfig(max_batch=2, max_vector_file_bytes=4096))
+    config = ServerConfig(max_batch=2, max_vector_file_bytes=4096)
     content = {"wrong_n_embd": lambda: gguf_bytes(tmp_path, make_vector(32, 1)), "nan": lambda: nan_vector_bytes(tmp_path),
                "not_gguf": lambda: b"GGUF but not really" * 3, "too_big": lambda: b"\0" * 5000}[kind]()
     before = directory_state(vector_dir)
-    with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+    with serving(server_model, vector_dir, config) as (url, _), httpx.Client(base_url=url, timeout=60) as c:
         response = c.put("/v1/vectors/bad", content=content)
         assert response.status_code == 400, response.text
         assert message in response.json()["error"]["message"]
