@@ -158,3 +158,15 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
         print(line(row))
     print()
 
+
+def load_models_without_extra_buffers() -> None:
+    """Models loaded from now on skip llama.cpp's extra CPU buffer types (AMX, repacked weights): for a
+    native llama.cpp build on a machine whose CPU advertises AMX that traps (README, install note)."""
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params

@@ -12,7 +12,7 @@ import argparse
 import json
 import time
 
-import llama_cpp
+from _common import load_models_without_extra_buffers
 
 from ggsteer import SteeredModel
 from ggsteer.evaluate import load_neutral_texts
@@ -21,19 +21,6 @@ from ggsteer.train import load_eval_prompts, preset_dataset
 from ggsteer.vectors import ControlVector
 
 SAMPLE_PROMPT = "I woke up this morning and"
-
-
-def _without_extra_buffers():
-    """This sandbox's kernel does not grant AMX tiles, but the wheel's ggml-cpu repacks weights for
-    AMX and dies with SIGILL on the first matmul: load models without extra buffer types."""
-    default = llama_cpp.llama_cpp.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    llama_cpp.llama_cpp.llama_model_default_params = params
 
 
 def main() -> None:
@@ -45,7 +32,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not args.no_amx_workaround:
-        _without_extra_buffers()
+        load_models_without_extra_buffers()
     model = SteeredModel(n_ctx=8192, n_threads=1, n_threads_batch=1)
     start = time.time()
     vector = ControlVector.train(model, preset_dataset(args.preset, max_suffixes=args.max_suffixes), progress=False)

@@ -29,14 +29,11 @@ import time
 
 import llama_cpp
 import numpy as np
+from _common import load_models_without_extra_buffers
 
 from ggsteer import SteeredModel
-from ggsteer.evaluate import (
-    _fluency_costs,
-    _plan_neutral,
-    behaviour_scores,
-    generation_sample,
-)
+from ggsteer.evaluate import behaviour_scores, generation_sample
+from ggsteer.evaluate.fluency import fluency_costs, plan_neutral
 from ggsteer.train import get_preset, load_eval_prompts, preset_dataset
 from ggsteer.vectors import ControlVector
 from ggsteer.vectors.projection import projection_for_layer
@@ -44,20 +41,7 @@ from ggsteer.vectors.projection import projection_for_layer
 LAYERS = list(range(3, 15))
 
 
-def _without_extra_buffers():
-    """This sandbox's kernel does not grant AMX tiles, but the wheel's ggml-cpu repacks weights for
-    AMX and dies with SIGILL on the first matmul: load models without extra buffer types."""
-    default = llama_cpp.llama_cpp.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    llama_cpp.llama_cpp.llama_model_default_params = params
-
-
-_without_extra_buffers()
+load_models_without_extra_buffers()
 SAMPLE_PROMPT = "I woke up this morning and"
 # a row whose norm exceeds this many times the layer's median non-sink norm counts as a sink
 OUTLIER_FACTOR = 4.0
@@ -327,7 +311,7 @@ def study_preset(model: PyHookModel, name: str, cases: list[tuple[str, float]], 
         base_sample = generation_sample(model, SAMPLE_PROMPT)
     labels = list(cases)
     settings = [lambda p=make_program(stats, variant, strength): model.program(p) for variant, strength in labels]
-    costs, plain = _fluency_costs(model, plan, settings)
+    costs, plain = fluency_costs(model, plan, settings)
     for label, cost in zip(labels, costs):
         print(f"[{name}] {label}: KL {cost.kl:.3f}, perplexity {cost.perplexity:.1f} (unsteered {plain.perplexity:.1f})", file=sys.stderr, flush=True)
     rows = []
@@ -371,7 +355,7 @@ def main() -> None:
     from ggsteer.evaluate import load_neutral_texts
 
     texts = load_neutral_texts()[: args.neutral]
-    plan = _plan_neutral(model, texts)
+    plan = plan_neutral(model, texts)
     results = []
     for name in args.presets.split(","):
         cases = [(v, 0.0) for v in args.variants.split(",") if v]

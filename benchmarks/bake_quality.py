@@ -31,6 +31,7 @@ from pathlib import Path
 
 import llama_cpp
 import numpy as np
+from _common import load_models_without_extra_buffers
 
 from ggsteer import ControlVector, SteeredModel, default_model_path, preset_dataset
 from ggsteer.bake import bake_model
@@ -41,21 +42,8 @@ from ggsteer.vectors import parse_layer_range
 PROMPT = "I woke up this morning and"
 
 
-def _without_extra_buffer_types() -> None:
-    import llama_cpp.llama as llama_module
-
-    default = llama_cpp.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    llama_module.llama_cpp.llama_model_default_params = params
-
-
 if os.environ.get("GGSTEER_BENCH_NO_EXTRA_BUFTS"):
-    _without_extra_buffer_types()
+    load_models_without_extra_buffers()
 MODEL_KWARGS = dict(n_ctx=1024, n_batch=512, n_seq_max=16, n_threads=2)
 
 
