@@ -247,7 +247,6 @@ class SteeredModel(llama_cpp.Llama):
             positions = np.arange(self.n_tokens, self.n_tokens + n, dtype=np.int32)
             outputs = np.arange(n, dtype=np.int32) if self._logits_all else np.array([n - 1], np.int32)
             generated = np.full(n, self._generating, dtype=np.uint8)
-            self.hook.take_error()  # an error left by a decode ggsteer did not run is not this call's
             self.hook.set_rows(np.zeros(n, np.int32), positions, generated, outputs)
             before = self.n_tokens
             try:

@@ -70,7 +70,6 @@ def decode_batch(ctx, hook, batch, generated=False, architecture: str = "unknown
     slots = np.array([batch.seq_id[i][0] for i in range(n)], dtype=np.int32)
     outputs = np.flatnonzero(np.ctypeslib.as_array(batch.logits, shape=(n,))).astype(np.int32)
     flags = np.broadcast_to(np.asarray(generated, dtype=np.uint8), (n,))
-    hook.take_error()  # an error left by a decode ggsteer did not run is not this call's
     hook.set_rows(slots, positions, np.ascontiguousarray(flags), outputs)
     try:
         status = llama_cpp.llama_decode(ctx, batch)
