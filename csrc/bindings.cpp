@@ -189,6 +189,18 @@ class Hook {
         return counts;
     }
     bool intervening() const { return state_.intervening; }
+
+    // -1 turns it off; otherwise every decode ends after l_out-<layer>
+    void set_stop_after(int32_t layer) {
+        if (layer < -1 || layer >= state_.n_layer) {
+            throw std::out_of_range("stop_after layer " + std::to_string(layer) + " out of range -1.." +
+                                    std::to_string(state_.n_layer - 1));
+        }
+        state_.stop_after_layer = layer;
+    }
+    int32_t stop_after() const { return state_.stop_after_layer; }
+    // the layer the last decode stopped at, -1 when it ran the whole graph
+    int32_t stopped_at() const { return state_.stopped_at; }
     void set_host_as_device(bool on) { state_.host_as_device = on; }
 
     ~Hook() { hook_free(state_); }
@@ -231,6 +243,12 @@ PYBIND11_MODULE(_native, m) {
         .def("counts", &Hook::counts,
              "Totals since creation: op applications per path (host_kernel, cuda_kernel, copy_path) and row_transfers.")
         .def_property_readonly("intervening", &Hook::intervening)
+        .def("set_stop_after", &Hook::set_stop_after, py::arg("layer"),
+             "End every following decode right after l_out-<layer> (-1: run whole graphs). For decodes whose "
+             "logits nobody reads: the later blocks' KV cells are left unwritten.")
+        .def_property_readonly("stop_after", &Hook::stop_after)
+        .def_property_readonly("stopped_at", &Hook::stopped_at,
+                               "The layer the last described decode stopped at, or -1.")
         .def("set_host_as_device", &Hook::set_host_as_device,
              "Testing: handle host buffers through the transfer paths of other backends.")
         .def("finish_capture", &Hook::finish_capture,

@@ -108,8 +108,9 @@ bool hook_eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     const int32_t il = hook_layer_of(t);
     const bool capture = capture_wants(*state, il);
     const bool intervene = program_wants(*state, il);
+    const bool stop = il >= 0 && il == state->stop_after_layer;
     if (ask) {
-        return capture || intervene;
+        return capture || intervene || stop;
     }
     // interventions first: a capture reads what the next block will read
     if (intervene) {
@@ -119,7 +120,11 @@ bool hook_eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     if (capture) {
         capture_copy_rows(*state, t, il);
     }
-    // false here would cancel the rest of the graph
+    if (stop) {
+        // false cancels the rest of this graph split: the scheduler computes no further node
+        state->stopped_at = il;
+        return false;
+    }
     return true;
 }
 
@@ -204,6 +209,7 @@ void hook_begin_decode(hook_state & state, hook_rows rows) {
     state.rows = std::move(rows);
     state.rows.described = true;
     state.decode_nodes = 0;
+    state.stopped_at = -1;
     state.intervened.assign(state.n_layer, 0);
     state.error.clear();
 }
@@ -211,7 +217,9 @@ void hook_begin_decode(hook_state & state, hook_rows rows) {
 void hook_end_decode(hook_state & state) {
     // a decode that failed before computing its graph visited nothing, and has its own error
     if (state.rows.described && state.intervening && state.decode_nodes > 0) {
-        for (int32_t il = 0; il < state.n_layer; ++il) {
+        // a graph ended early (stop_after_layer) never reached the layers after it
+        const int32_t n_reached = state.stopped_at >= 0 ? state.stopped_at + 1 : state.n_layer;
+        for (int32_t il = 0; il < n_reached; ++il) {
             if (state.program.layer_active[il] && state.intervened[il] != 1) {
                 hook_fail(state, "layer " + std::to_string(il) + ": the graph had " + std::to_string(state.intervened[il]) +
                                      " nodes named l_out-" + std::to_string(il) + " in this decode, expected exactly 1");

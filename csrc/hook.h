@@ -101,6 +101,11 @@ struct hook_state {
     hook_rows rows;
     hook_cuda_scratch * cuda = nullptr;
 
+    // >= 0: end the graph after this layer's l_out (capture-only decodes: the later blocks and the
+    // output head would compute logits nobody reads); the layer it stopped at in this decode, or -1
+    int32_t stop_after_layer = -1;
+    int32_t stopped_at = -1;
+
     // per decode: callback calls (0 when the graph never ran) and per-layer intervention visits
     int64_t decode_nodes = 0;
     std::vector<int32_t> intervened;

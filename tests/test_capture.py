@@ -157,6 +157,29 @@ def test_prompt_longer_than_a_batch(tiny_weights, tiny_model_path):
     model.close()
 
 
+def test_graph_ends_at_the_deepest_captured_layer(tiny_weights, tiny_model_path):
+    """Nobody reads a capture's logits, so each decode ends right after the deepest captured l_out
+    (the blocks after it leave their KV cells unwritten): a prompt spread over several decodes is
+    still exact, and generation afterwards does not read the unwritten cells."""
+    model = SteeredModel(tiny_model_path, n_ctx=256, n_batch=32, n_seq_max=4, flash_attn=False, type_k=0, type_v=0)
+    before = model("the happy", max_tokens=6, temperature=0)["choices"][0]["text"]
+    prompt = " ".join(["the happy dog"] * 33)
+    states = model.hidden_states([prompt, "the sad cat"], layers=[1], pool="all")
+    assert model.hook.stopped_at == 1  # the callback ended the last decode at l_out-1
+    assert model.hook.stop_after == -1  # and the stop is off again
+    expected = reference_states(model, tiny_weights, prompt)[:, [1]]
+    assert len(expected) > 32
+    np.testing.assert_allclose(states[0], expected, atol=ATOL, rtol=0)
+    assert model("the happy", max_tokens=6, temperature=0)["choices"][0]["text"] == before
+    model.close()
+
+
+def test_stop_after_range_checked(tiny_model):
+    with pytest.raises(IndexError, match="out of range"):
+        tiny_model.hook.set_stop_after(tiny_model.n_layer)
+    assert tiny_model.hook.stop_after == -1
+
+
 def test_capture_leaves_generation_unchanged(tiny_model):
     before = tiny_model("the happy", max_tokens=5, temperature=0)["choices"][0]["text"]
     tiny_model.hidden_states(PROMPTS)

@@ -30,6 +30,13 @@ class Hook:
     @property
     def intervening(self) -> bool:
         """Whether a program with ops or conditions is installed."""
+    def set_stop_after(self, layer: int) -> None:
+        """End every following decode right after l_out-<layer> (-1: run whole graphs); the later blocks' KV cells stay unwritten."""
+    @property
+    def stop_after(self) -> int: ...
+    @property
+    def stopped_at(self) -> int:
+        """The layer the last described decode stopped at, or -1."""
     def set_capture(
         self,
         layers: list[int],

@@ -10,7 +10,9 @@ as separate sequences; the C++ callback copies only the wanted rows into a buffe
 Logits are requested only for rows whose last-block state is captured: llama.cpp keeps just the
 output rows in the last block (it drops the others before it), and every output row also runs the
 output head (Gemma 3's 262k-entry vocabulary: ~0.34 GFLOP a row, more than all its blocks). Without
-the last layer a capture asks for no output row at all.
+the last layer a capture asks for no output row at all. And since nobody reads a capture's logits,
+the callback ends each graph right after the deepest captured layer (`Hook.set_stop_after`): the
+blocks below it and the output head never run, so even the last layer's output rows cost no head.
 """
 
 from __future__ import annotations
@@ -277,13 +279,17 @@ def run_plan(model: HookedModel, plan: CapturePlan, layers: list[int], max_seque
     total = sum(len(s.tokens) for s in plan.segments)
     model.reset()
     llama_cpp.llama_memory_clear(decoder.memory, True)
+    # nothing reads these decodes' logits: each graph ends at the deepest captured layer, so the
+    # blocks after it and the output head (the dearest part of a row) never run
+    model.hook.set_stop_after(max(layers))
     try:
         with tqdm(total=total, unit="tok", desc="capture", disable=not progress, leave=False) as bar:
             for pieces in walk_plan(plan, decoder):
                 decoder.decode(pieces, store, stats)
                 bar.update(sum(p.hi - p.lo for p in pieces))
     finally:
-        decoder.close()
+        model.hook.set_stop_after(-1)
+        decoder.close()  # the KV cells of the blocks that never ran go with the rest
         model.reset()
     return store
 
