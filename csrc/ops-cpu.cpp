@@ -17,10 +17,20 @@ static void row_axpy(float * h, const float * v, double scale, int64_t n) {
     }
 }
 
+// Plain addition rounds exactly like llama.cpp's control-vector adapter, which adds the float
+// product coeff * v to the row (ggml_add): steering through the hook or the adapter gives the
+// same bits. (The build turns off FMA contraction, which would round once instead of twice.)
+static void row_add(float * h, const float * v, float coeff, int64_t n) {
+    for (int64_t k = 0; k < n; ++k) {
+        const float product = coeff * v[k];
+        h[k] = h[k] + product;
+    }
+}
+
 static void row_apply(int32_t kind, float * h, const float * v, float coeff, int64_t n) {
     switch (kind) {
         case OPS_ADD:
-            row_axpy(h, v, coeff, n);
+            row_add(h, v, coeff, n);
             break;
         case OPS_ABLATE:
             row_axpy(h, v, -row_dot(h, v, n), n);

@@ -30,6 +30,15 @@ static __device__ void block_axpy(float * h, const float * v, double scale, int6
     __syncthreads();
 }
 
+// Plain addition rounds like llama.cpp's adapter (a float product, then a float add): the
+// _rn intrinsics are never fused into an FMA by nvcc.
+static __device__ void block_add(float * h, const float * v, float coeff, int64_t n) {
+    for (int64_t k = threadIdx.x; k < n; k += blockDim.x) {
+        h[k] = __fadd_rn(h[k], __fmul_rn(coeff, v[k]));
+    }
+    __syncthreads();
+}
+
 static __global__ void ops_cuda_kernel(int32_t kind, float * data, int64_t row_stride, const int32_t * rows,
                                        const float * vectors, const int64_t * vector_offsets, float coeff,
                                        int64_t n_embd) {
@@ -38,7 +47,7 @@ static __global__ void ops_cuda_kernel(int32_t kind, float * data, int64_t row_s
     const float * v = vectors + vector_offsets[blockIdx.x];
     switch (kind) {
         case OPS_ADD:
-            block_axpy(h, v, coeff, n_embd);
+            block_add(h, v, coeff, n_embd);
             break;
         case OPS_ABLATE:
             block_axpy(h, v, -block_dot(h, v, n_embd, scratch), n_embd);

@@ -52,6 +52,16 @@ def test_cpu_kernel_matches_numpy(kind, n):
     assert np.abs(got - expected).max() <= 1e-6 * scale.max() + 1e-6
 
 
+def test_cpu_add_rounds_like_ggml_add():
+    # llama.cpp's adapter adds the float32 product strength * v: two roundings, bit for bit
+    h, v = random_rows(64, 640, seed=5)
+    got = h.copy()
+    native.apply_op_cpu(OPS.index("add"), got, v, 0.37)
+    np.testing.assert_array_equal(got, h + np.float32(0.37) * v)
+    once = (h.astype(np.float64) + np.float32(0.37) * v.astype(np.float64)).astype(np.float32)
+    assert (once != got).any()  # a kernel rounding once (double or FMA) would not pass
+
+
 @pytest.mark.skipif(not native.cuda_device_available(), reason="no CUDA device here: CUDA kernels are compiled but not run")
 @pytest.mark.parametrize("kind", range(len(OPS)))
 @pytest.mark.parametrize("n", [1, 7, 33, 640, 1001, 4096])
@@ -179,6 +189,25 @@ def test_op_matches_reference(tiny_model, tiny_weights, op, strength, skip_first
     np.testing.assert_allclose(last_logits(tiny_model), expected, atol=ATOL, rtol=0)
     # one decode, layers 1 and 2: the host kernel ran once on each, in place
     assert ran_since(tiny_model, before) == dict(host_kernel=2, cuda_kernel=0, copy_path=0, row_transfers=0)
+
+
+def test_hook_add_has_the_bits_of_llamas_adapter(tiny_model):
+    """Addition in the hook (here forced by first_k) rounds like llama.cpp's control-vector adapter,
+    so per-sequence steering in shared decodes gives the very logits of plain steering."""
+    vector = random_vector(tiny_model, 13)
+    tiny_model.set_control(vector, 0.37, layers=[1, 2])
+    adapter = last_logits(tiny_model)
+    before = tiny_model.hook.counts()
+    tiny_model.set_control(vector, 0.37, layers=[1, 2], first_k=1000)
+    hooked = last_logits(tiny_model)
+    assert ran_since(tiny_model, before)["host_kernel"] == 2
+    assert np.abs(adapter - last_logits_unsteered(tiny_model)).max() > 1e-3  # the steering did something
+    np.testing.assert_array_equal(hooked, adapter)
+
+
+def last_logits_unsteered(model):
+    with model.unsteered():
+        return last_logits(model)
 
 
 def test_clamp_zero_equals_ablate(tiny_model):
