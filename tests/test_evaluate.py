@@ -18,6 +18,7 @@ from ggsteer.evaluate import (
     fluency_cost,
     fluency_sweep,
     layer_windows,
+    side_by_side,
     steerability,
     strength_sweep,
     unsteered_perplexity,
@@ -68,7 +69,7 @@ def reference_fluency(model, weights, vector, strength):
 @pytest.mark.parametrize("rows_per_decode", [None, 9])  # None: all texts in one decode; 9: texts split over decodes
 def test_kl_and_perplexity_match_reference(tiny_model, tiny_weights, monkeypatch, rows_per_decode):
     if rows_per_decode:
-        monkeypatch.setattr(fluency, "LOGITS_BUDGET_BYTES", rows_per_decode * 4 * tiny_model.n_vocab())
+        monkeypatch.setattr(side_by_side, "LOGITS_BUDGET_BYTES", rows_per_decode * 4 * tiny_model.n_vocab())
     vector = random_vector(tiny_model.n_embd)
     strengths = [0.7, -1.2]
     costs = fluency_sweep(tiny_model, vector, strengths, layers=list(STEERED_LAYERS), texts=TEXTS)
@@ -82,11 +83,14 @@ def test_kl_and_perplexity_match_reference(tiny_model, tiny_weights, monkeypatch
     assert unsteered_perplexity(tiny_model, TEXTS) == pytest.approx(plain_perplexity, rel=TOL)
 
 
-def test_strength_zero_costs_exactly_nothing(tiny_model):
+def test_strength_zero_costs_nothing(tiny_model):
+    # strength 0 adds exact zeros; the plain and the zero-strength copy of a text sit in different
+    # KV cells of one decode, which changes only the order of attention's float sums (~1e-9 nats)
     vector = random_vector(tiny_model.n_embd, seed=1)
-    zero, _ = fluency_sweep(tiny_model, vector, [0.0, 1.0], layers=list(STEERED_LAYERS), texts=TEXTS)
-    assert zero.kl == 0.0
-    assert zero.perplexity == unsteered_perplexity(tiny_model, TEXTS)
+    zero, one = fluency_sweep(tiny_model, vector, [0.0, 1.0], layers=list(STEERED_LAYERS), texts=TEXTS)
+    assert 0.0 <= zero.kl < 1e-8
+    assert one.kl > 1e-3
+    assert zero.perplexity == pytest.approx(unsteered_perplexity(tiny_model, TEXTS), rel=1e-6)
 
 
 def test_fluency_cost_uses_current_controls_and_keeps_them(tiny_model):
@@ -352,7 +356,11 @@ def test_behaviour_rises_and_kl_grows_over_the_calibrated_range(default_model, h
     behaviour, kl = sweep.column("behaviour"), sweep.column("kl")
     assert np.all(np.diff(behaviour) > 0), behaviour
     assert behaviour[-1] > sweep.baseline_behaviour + 3 and behaviour[0] < sweep.baseline_behaviour - 3
-    assert kl[2] == 0.0
+    # strength 0 adds zeros, but side by side the plain and the zero-strength copy of a text sit in
+    # different rows of a decode, and quantized CPU matmuls round rows by their place in the batch
+    # (measured: ~4e-4 nats, against 0.05 at half the calibrated strength)
+    assert 0 <= kl[2] < 0.1 * min(kl[1], kl[3]), kl
+    assert behaviour[2] == pytest.approx(sweep.baseline_behaviour, abs=0.05)
     assert kl[0] > kl[1] > 0 and kl[4] > kl[3] > 0, kl
     assert sweep.steerability > 0
     assert max(p.wrong_way for p in sweep.points if p.wrong_way is not None) <= 0.25

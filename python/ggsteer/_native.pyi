@@ -33,7 +33,8 @@ class Hook:
     def set_stop_after(self, layer: int) -> None:
         """End every following decode right after l_out-<layer> (-1: run whole graphs); the later blocks' KV cells stay unwritten."""
     @property
-    def stop_after(self) -> int: ...
+    def stop_after(self) -> int:
+        """The layer every decode ends after, or -1."""
     @property
     def stopped_at(self) -> int:
         """The layer the last described decode stopped at, or -1."""

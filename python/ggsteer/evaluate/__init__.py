@@ -3,6 +3,7 @@ strengths and layer ranges, calibration, and plots (plot.py needs the optional [
 
 from ggsteer.evaluate.behaviour import (
     behaviour_curve,
+    behaviour_matrix,
     behaviour_scores,
     continuation_logprobs,
     generation_sample,
@@ -43,6 +44,7 @@ __all__ = [
     "Sweep",
     "SweepPoint",
     "behaviour_curve",
+    "behaviour_matrix",
     "behaviour_scores",
     "calibrated_vector",
     "choose_calibration",

@@ -5,21 +5,18 @@ around 0 is the vector's steerability."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
-import llama_cpp
 import numpy as np
 
 from ggsteer.evaluate.settings import (
     SAMPLE_TOKENS,
     STEERABILITY_MIN_POINTS,
     STEERABILITY_WINDOW,
-    Setting,
     settings_per_strength,
-    under_each,
 )
+from ggsteer.evaluate.side_by_side import Settings, Unit, run_side_by_side
 from ggsteer.model import SteeredModel
-from ggsteer.runtime.batch import OwnedBatch
 from ggsteer.vectors import ControlVector
 
 
@@ -41,58 +38,57 @@ def _log_softmax_at(logits: np.ndarray, token: int) -> float:
 
 
 def continuation_logprobs(model: SteeredModel, items: Sequence[tuple[str, str]]) -> np.ndarray:
-    """Sum of log P(continuation token | everything before) for each (prompt, continuation)."""
-    encoded = [_pair_tokens(model, p, c) for p, c in items]
+    """Sum of log P(continuation token | everything before) for each (prompt, continuation),
+    under the model's current controls."""
     scores = np.zeros(len(items))
-    memory = llama_cpp.llama_get_memory(model.ctx)
-    batch = OwnedBatch(model.n_batch)
-    n_vocab = model.n_vocab()
-    model.reset()
-    try:
-        start = 0
-        while start < len(encoded):
-            stop = _fill_batch(batch, encoded, start, model.n_batch, model.n_seq_max)
-            llama_cpp.llama_memory_clear(memory, True)
-            model.decode_batch(batch.batch)  # describes the rows to the hook, so hook interventions apply too
-            row = 0
-            for index in range(start, stop):
-                tokens, n_prompt = encoded[index]
-                row += n_prompt - 1
-                for token in tokens[n_prompt:]:
-                    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(model.ctx, row), shape=(n_vocab,))
-                    scores[index] += _log_softmax_at(logits, token)
-                    row += 1
-                row += 1  # the last token predicts nothing we score
-            start = stop
-    finally:
-        batch.close()
-        llama_cpp.llama_memory_clear(memory, True)
-        model.reset()
+    units = []
+    for index, (prompt, continuation) in enumerate(items):
+        tokens, n_prompt = _pair_tokens(model, prompt, continuation)
+        units.append(_scoring_unit(0, tokens[:n_prompt], [tokens[n_prompt:]], scores[None, None, :], index))
+    run_side_by_side(model, [model.controls], units)
     return scores
 
 
-def _fill_batch(batch: OwnedBatch, encoded, start: int, n_batch: int, n_seq_max: int) -> int:
-    """Pack sequences from `start` on; logits only where a continuation token is predicted."""
-    batch.clear()
-    index = start
-    while index < len(encoded) and index - start < n_seq_max:
-        tokens, n_prompt = encoded[index]
-        if len(tokens) > n_batch:
-            raise ValueError(f"prompt and continuation {index} have {len(tokens)} tokens, more than n_batch={n_batch}")
-        if batch.n_rows + len(tokens) > n_batch:
-            break
-        for pos, token in enumerate(tokens):
-            batch.add(token, pos, index - start, n_prompt - 1 <= pos < len(tokens) - 1)
-        index += 1
-    return index
+def behaviour_units(model: SteeredModel, n_settings: int, eval_items: Sequence[dict]) -> tuple[list[Unit], np.ndarray]:
+    """Units scoring each eval prompt under each setting, the prompt decoded once for both of its
+    continuations; and the array [n_settings, 2, n_items] of log-probabilities they fill."""
+    logprobs = np.zeros((n_settings, 2, len(eval_items)))
+    units = []
+    for index, item in enumerate(eval_items):
+        positive, n_prompt = _pair_tokens(model, item["prompt"], item["positive"])
+        negative, n_negative = _pair_tokens(model, item["prompt"], item["negative"])
+        assert positive[:n_prompt] == negative[:n_negative]  # both start with the prompt's own tokens
+        for setting in range(n_settings):
+            units.append(_scoring_unit(setting, positive[:n_prompt], [positive[n_prompt:], negative[n_prompt:]], logprobs, index))
+    return units, logprobs
+
+
+def behaviour_matrix(model: SteeredModel, settings: Settings, eval_items: Sequence[dict]) -> np.ndarray:
+    """Behaviour scores [len(settings), len(eval_items)], every setting decoded side by side."""
+    units, logprobs = behaviour_units(model, len(settings), eval_items)
+    run_side_by_side(model, settings, units)
+    return logprobs[:, 0] - logprobs[:, 1]
+
+
+def _scoring_unit(setting: int, prompt: list[int], continuations: list[list[int]], out: np.ndarray, index: int) -> Unit:
+    """A unit adding log P(continuation k | prompt) into out[setting, k, index]: the prompt's last
+    row predicts each continuation's first token, a continuation's row k its token k + 1."""
+
+    def consume(pieces: list[np.ndarray]) -> None:
+        last_prompt_row = pieces[0][0]
+        for k, tokens in enumerate(continuations):
+            rows = pieces[1 + k]
+            total = _log_softmax_at(last_prompt_row, tokens[0])
+            for row, token in zip(rows, tokens[1:]):
+                total += _log_softmax_at(row, token)
+            out[setting, k, index] += total
+
+    return Unit(setting, prompt, [len(prompt) - 1], consume, continuations, [range(len(c) - 1) for c in continuations])
 
 
 def behaviour_scores(model: SteeredModel, eval_items: Sequence[dict]) -> np.ndarray:
     """log P(positive) - log P(negative) per prompt, under the model's current controls."""
-    pairs = [(item["prompt"], item["positive"]) for item in eval_items] + [(item["prompt"], item["negative"]) for item in eval_items]
-    logprobs = continuation_logprobs(model, pairs)
-    n = len(eval_items)
-    return logprobs[:n] - logprobs[n:]
+    return behaviour_matrix(model, [model.controls], eval_items)[0]
 
 
 # -- behaviour against strength ---------------------------------------------------------------
@@ -101,13 +97,7 @@ def behaviour_scores(model: SteeredModel, eval_items: Sequence[dict]) -> np.ndar
 def behaviour_curve(model: SteeredModel, vector: ControlVector, strengths: Sequence[float], eval_items: Sequence[dict],
                     *, layers: Sequence[int] | None = None, raw: bool = False) -> np.ndarray:
     """Behaviour scores [len(strengths), len(eval_items)] of `vector` at each strength."""
-    settings = settings_per_strength(model, vector, strengths, layers, raw)
-    return behaviour_per_setting(model, settings, eval_items)
-
-
-
-def behaviour_per_setting(model, settings: Sequence[Setting], eval_items, tick: Callable[[], None] | None = None) -> np.ndarray:
-    return np.array(under_each(settings, lambda: behaviour_scores(model, eval_items), tick))
+    return behaviour_matrix(model, settings_per_strength(model, vector, strengths, layers, raw), eval_items)
 
 
 def steerability(strengths: Sequence[float], mean_scores: Sequence[float]) -> float:

@@ -5,33 +5,29 @@
   plain model expects, so it grows when steering takes probability away from ordinary text.
 - Perplexity: exp of the mean negative log-likelihood, under steering, of every text token after
   the first (token-weighted over all texts).
-Log-softmax is computed in float64 from llama.cpp's float32 logits, one row at a time, so only one
-decode's logits are held (Gemma 3's vocabulary has 262,144 entries: 1 MiB of float32 per row).
-Texts are decoded side by side (at most LOGITS_BUDGET_BYTES of logits per decode); each batch's
-unsteered logits are decoded once and compared with every strength of a sweep. Decodes go through
-`SteeredModel.decode_batch`, so hook interventions (ablate, clamp, ...) are measured too.
+Normalisers (log-sum-exp) sum float32 exponentials in float64. Every (text, setting) pair is a unit
+decoded side by side (evaluate/side_by_side.py, at most LOGITS_BUDGET_BYTES of logits per decode),
+text by text: a text's plain logits are decoded once, next to its steered versions, and held only
+until they have been compared (Gemma 3's vocabulary has 262,144 entries: 1 MiB of float32 per row).
+Hook interventions (ablate, clamp, ...) are measured like additions.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable, Sequence
+from typing import Sequence
 
-import llama_cpp
 import numpy as np
 
-from ggsteer.evaluate.settings import Setting, settings_per_strength, under_each
+from ggsteer.evaluate.settings import settings_per_strength
+from ggsteer.evaluate.side_by_side import Settings, Unit, run_side_by_side
 from ggsteer.model import SteeredModel
-from ggsteer.runtime.batch import OwnedBatch
 from ggsteer.vectors import ControlVector
 
 NEUTRAL_TEXT_FILE = "neutral_text.json"
-# Logit rows decoded at once for fluency: 128 MiB of float32 logits (128 rows of Gemma 3's vocabulary)
-LOGITS_BUDGET_BYTES = 128 * 2**20
 
 # -- neutral text ---------------------------------------------------------------------------
 
@@ -57,17 +53,9 @@ class FluencyCost:
     n_positions: int  # positions the KL is averaged over
 
 
-@dataclass(frozen=True)
-class _NeutralPlan:
-    """Tokenized neutral texts and how they are packed into decodes."""
-
-    token_lists: list[list[int]]
-    groups: list[list[int]]  # text indices decoded together
-
-
 def fluency_cost(model: SteeredModel, texts: Sequence[str] | None = None) -> FluencyCost:
     """KL(unsteered || current controls) and perplexity under the current controls (default texts: the shipped neutral ones)."""
-    costs, _ = fluency_costs(model, plan_neutral(model, texts), [contextlib.nullcontext])
+    costs, _ = fluency_costs(model, neutral_tokens(model, texts), [model.controls])
     return costs[0]
 
 
@@ -80,19 +68,20 @@ def fluency_sweep(
     raw: bool = False,
     texts: Sequence[str] | None = None,
 ) -> list[FluencyCost]:
-    """Fluency cost of `vector` at each strength; the unsteered reference is decoded once per batch."""
+    """Fluency cost of `vector` at each strength, every strength decoded side by side."""
     settings = settings_per_strength(model, vector, strengths, layers, raw)
-    costs, _ = fluency_costs(model, plan_neutral(model, texts), settings)
+    costs, _ = fluency_costs(model, neutral_tokens(model, texts), settings)
     return costs
 
 
 def unsteered_perplexity(model: SteeredModel, texts: Sequence[str] | None = None) -> float:
     """Perplexity of the neutral texts under the plain model."""
-    _, plain = fluency_costs(model, plan_neutral(model, texts), [])
+    _, plain = fluency_costs(model, neutral_tokens(model, texts), [])
     return plain.perplexity
 
 
-def plan_neutral(model: SteeredModel, texts: Sequence[str] | None) -> _NeutralPlan:
+def neutral_tokens(model: SteeredModel, texts: Sequence[str] | None) -> list[list[int]]:
+    """Tokens of each neutral text (default: the shipped ones), checked to fit a decode."""
     texts = load_neutral_texts() if texts is None else list(texts)
     if not texts:
         raise ValueError("no neutral texts to measure fluency on")
@@ -102,108 +91,86 @@ def plan_neutral(model: SteeredModel, texts: Sequence[str] | None) -> _NeutralPl
             raise ValueError(f"neutral text {text!r} has fewer than 2 tokens: nothing to predict")
         if len(tokens) > model.n_batch:
             raise ValueError(f"neutral text {text[:40]!r}... has {len(tokens)} tokens, more than n_batch={model.n_batch}")
-    max_rows = min(model.n_batch, max(1, LOGITS_BUDGET_BYTES // (4 * model.n_vocab())))
-    return _NeutralPlan(token_lists, _pack_rows(token_lists, max_rows, model.n_seq_max))
+    return token_lists
 
 
-def _pack_rows(token_lists: list[list[int]], max_rows: int, max_sequences: int) -> list[list[int]]:
-    """Consecutive texts per decode, at most `max_rows` logit rows (a longer text goes alone)."""
-    groups: list[list[int]] = []
-    current: list[int] = []
-    rows = 0
-    for index, tokens in enumerate(token_lists):
-        if current and (rows + len(tokens) > max_rows or len(current) == max_sequences):
-            groups.append(current)
-            current, rows = [], 0
-        current.append(index)
-        rows += len(tokens)
-    groups.append(current)
-    return groups
+def fluency_costs(model: SteeredModel, token_lists: list[list[int]], settings: Settings,
+                  **progress) -> tuple[list[FluencyCost], FluencyCost]:
+    """FluencyCost per setting and the plain model's own cost, all decoded side by side."""
+    tally = FluencyTally(token_lists, len(settings))
+    run_side_by_side(model, [[], *settings], tally.units, **progress)
+    return tally.costs()
 
 
-def fluency_costs(
-    model: SteeredModel,
-    plan: _NeutralPlan,
-    settings: Sequence[Setting],
-    tick: Callable[[], None] | None = None,
-) -> tuple[list[FluencyCost], FluencyCost]:
-    """FluencyCost per setting and the unsteered model's own cost.
+class FluencyTally:
+    """Units for every (text, setting) pair, text by text with the plain model first (setting 0;
+    setting k + 1 is settings[k]), and the sums they add up. A text's plain logits are kept only
+    until its steered units have been compared with them."""
 
-    Batches outside, settings inside: each batch's unsteered logits are decoded once and kept
-    only while the settings are compared with them.
-    """
-    kl_sums = np.zeros(len(settings))
-    nll_sums = np.zeros(len(settings))
-    plain_nll = 0.0
-    decoder = _AllPositionsDecoder(model)
-    try:
-        for group in plan.groups:
-            targets = _next_tokens(plan.token_lists, group)
-            with model.unsteered():
-                reference = decoder.decode(plan.token_lists, group).copy()
-            reference_lse = np.array([_logsumexp(row) for row in reference])
-            plain_nll -= sum(reference[r, t] - reference_lse[r] for r, t in enumerate(targets) if t >= 0)
-            compared = under_each(
-                settings, lambda: _compare_rows(reference, reference_lse, decoder.decode(plan.token_lists, group), targets), tick
-            )
-            kl_sums += [kl for kl, _ in compared]
-            nll_sums += [nll for _, nll in compared]
-    finally:
-        decoder.close()
-    n_positions = sum(len(tokens) for tokens in plan.token_lists)
-    n_predicted = n_positions - len(plan.token_lists)
-    costs = [FluencyCost(float(kl / n_positions), math.exp(nll / n_predicted), n_positions) for kl, nll in zip(kl_sums, nll_sums)]
-    return costs, FluencyCost(0.0, math.exp(plain_nll / n_predicted), n_positions)
+    def __init__(self, token_lists: list[list[int]], n_settings: int):
+        self.token_lists = token_lists
+        self.kl_sums = np.zeros(n_settings)
+        self.nll_sums = np.zeros(n_settings)
+        self.plain_nll = 0.0
+        self._reference: dict[int, _Reference] = {}
+        self.units = [
+            Unit(setting, tokens, range(len(tokens)), self._consumer(index, setting))
+            for index, tokens in enumerate(token_lists)
+            for setting in range(n_settings + 1)
+        ]
 
+    def _consumer(self, text: int, setting: int):
+        targets = np.array([*self.token_lists[text][1:], -1])  # the token each row predicts (-1 after the last)
+        last = setting == len(self.kl_sums)
 
-def _next_tokens(token_lists: list[list[int]], group: list[int]) -> list[int]:
-    """For each logit row of the group, the token that follows it in its text (-1 after the last)."""
-    return [t for index in group for t in [*token_lists[index][1:], -1]]
+        def consume(pieces: list[np.ndarray]) -> None:
+            logits = pieces[0]
+            if setting == 0:
+                self._reference[text] = reference = _Reference(logits, targets)
+                self.plain_nll += reference.nll
+            else:
+                kl, nll = self._reference[text].compare(logits)
+                self.kl_sums[setting - 1] += kl
+                self.nll_sums[setting - 1] += nll
+            if last:
+                del self._reference[text]
 
+        return consume
 
-def _logsumexp(row: np.ndarray) -> float:
-    row = row.astype(np.float64)
-    top = row.max()
-    return float(top + np.log(np.exp(row - top).sum()))
+    def costs(self) -> tuple[list[FluencyCost], FluencyCost]:
+        n_positions = sum(len(tokens) for tokens in self.token_lists)
+        n_predicted = n_positions - len(self.token_lists)
+        costs = [FluencyCost(float(kl / n_positions), math.exp(nll / n_predicted), n_positions)
+                 for kl, nll in zip(self.kl_sums, self.nll_sums)]
+        return costs, FluencyCost(0.0, math.exp(self.plain_nll / n_predicted), n_positions)
 
 
-def _compare_rows(
-    reference: np.ndarray, reference_lse: np.ndarray, steered: np.ndarray, targets: list[int]
-) -> tuple[float, float]:
-    """Summed KL(reference || steered) over the rows, and the steered NLL of each row's target."""
-    kl = nll = 0.0
-    for r, target in enumerate(targets):
-        log_p = reference[r].astype(np.float64) - reference_lse[r]
-        log_q = steered[r].astype(np.float64) - _logsumexp(steered[r])
-        # identical logits give log_p == log_q exactly, so strength 0 costs exactly 0
-        kl += float(np.dot(np.exp(log_p), log_p - log_q))
-        if target >= 0:
-            nll -= float(log_q[target])
-    return kl, nll
+def _row_logsumexp(logits: np.ndarray) -> np.ndarray:
+    """log sum exp of each float32 row: float32 exponentials summed in float64."""
+    top = logits.max(axis=1)
+    return top + np.log(np.exp(logits - top[:, None]).sum(axis=1, dtype=np.float64))
 
 
-class _AllPositionsDecoder:
-    """Decodes whole texts side by side with logits at every position."""
+class _Reference:
+    """A text's plain logits and what comparing steered logits with them needs."""
 
-    def __init__(self, model: SteeredModel):
-        self.model = model
-        self.memory = llama_cpp.llama_get_memory(model.ctx)
-        self.batch = OwnedBatch(model.n_batch)
-        self.n_vocab = model.n_vocab()
+    def __init__(self, logits: np.ndarray, targets: np.ndarray):
+        self.logits = logits.copy()
+        self.targets = targets
+        self.lse = _row_logsumexp(self.logits)
+        self.probs = np.exp(self.logits - self.lse[:, None]).astype(np.float32)
+        self.nll = self._nll(self.logits, self.lse)
 
-    def decode(self, token_lists: list[list[int]], group: list[int]) -> np.ndarray:
-        """float32 logits [rows, n_vocab] in batch order: a view valid until the next decode."""
-        self.batch.clear()
-        for seq, index in enumerate(group):
-            for pos, token in enumerate(token_lists[index]):
-                self.batch.add(token, pos, seq, True)
-        n_rows = self.batch.n_rows
-        llama_cpp.llama_memory_clear(self.memory, True)
-        self.model.decode_batch(self.batch.batch)
-        # llama.h: the requested logits are stored contiguously in batch order
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.model.ctx), shape=(n_rows, self.n_vocab))
+    def _nll(self, logits: np.ndarray, lse: np.ndarray) -> float:
+        rows = np.flatnonzero(self.targets >= 0)
+        return float(np.sum(lse[rows] - logits[rows, self.targets[rows]]))
 
-    def close(self) -> None:
-        self.batch.close()
-        llama_cpp.llama_memory_clear(self.memory, True)
-        self.model.reset()
+    def compare(self, steered: np.ndarray) -> tuple[float, float]:
+        """Summed KL(plain || steered) over the rows, and the steered NLL of each row's next token.
+
+        KL per row = sum_v p(v) (x_p(v) - x_q(v)) - lse_p + lse_q, with x the logits: the
+        difference of logits is small and exact in float32, so equal logits cost exactly 0.
+        """
+        lse = _row_logsumexp(steered)
+        gap = (self.probs * (self.logits - steered)).sum(axis=1, dtype=np.float64)
+        return float(np.sum(gap - self.lse + lse)), self._nll(steered, lse)

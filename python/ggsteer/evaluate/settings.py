@@ -1,16 +1,15 @@
-"""Steering settings a measurement runs under: one per strength of a sweep."""
+"""Steering settings a measurement runs under (lists of Interventions): one per strength of a sweep."""
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import math
-from typing import Callable, ContextManager, Sequence
+from typing import Sequence
 
 from ggsteer.model import SteeredModel
+from ggsteer.steering.interventions import Intervention, normalize_controls
 from ggsteer.vectors import ControlVector
 
-# a function entering one steering setting: `with setting(): ...` runs under it
-Setting = Callable[[], ContextManager]
 # steerability: least squares over the strengths within this distance of 0 ...
 STEERABILITY_WINDOW = 0.25
 # ... or over this many strengths nearest 0 when the window holds fewer
@@ -18,15 +17,15 @@ STEERABILITY_MIN_POINTS = 3
 SAMPLE_TOKENS = 40
 
 
-def under_each(settings: Sequence[Setting], measure: Callable[[], object], tick: Callable[[], None] | None = None) -> list:
-    """`measure()` under each steering setting in turn."""
-    results = []
-    for setting in settings:
-        with setting():
-            results.append(measure())
-        if tick is not None:
-            tick()
-    return results
+@contextlib.contextmanager
+def steered_by(model: SteeredModel, items: Sequence[Intervention]):
+    """Run the block under exactly these interventions, then restore the model's controls."""
+    previous = model.controls
+    model.set_interventions(items)
+    try:
+        yield model
+    finally:
+        model.set_interventions(previous)
 
 
 def steered_layers(
@@ -37,11 +36,12 @@ def steered_layers(
     return list(model.intervention(vector, 0.0, layers=layers, raw=raw).layers)
 
 
-def settings_per_strength(model, vector, strengths, layers, raw) -> list[Setting]:
+def settings_per_strength(model, vector, strengths, layers, raw) -> list[list[Intervention]]:
+    """The interventions `model.set_control(vector, s, layers=layers, raw=raw)` installs, for each strength s."""
     if len(strengths) == 0:
         raise ValueError("no strengths to evaluate")
     for strength in strengths:
         if not math.isfinite(strength):
             raise ValueError(f"strength must be a finite number, got {strength}")
     steered_layers(model, vector, layers, raw)  # fail before any decoding
-    return [functools.partial(model.steer, vector, float(s), layers=layers, raw=raw) for s in strengths]
+    return [normalize_controls(model, [(vector, float(s))], layers=layers, raw=raw) for s in strengths]

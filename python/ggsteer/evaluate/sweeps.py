@@ -4,20 +4,20 @@ range (`strength_sweep`), and the layer ranges a layer sweep tries (`layer_windo
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from ggsteer.evaluate.behaviour import (
-    behaviour_per_setting,
-    behaviour_scores,
+    behaviour_units,
     generation_sample,
     steerability,
     wrong_way_share,
 )
-from ggsteer.evaluate.fluency import fluency_costs, plan_neutral
-from ggsteer.evaluate.settings import settings_per_strength, steered_layers, under_each
+from ggsteer.evaluate.fluency import FluencyTally, neutral_tokens
+from ggsteer.evaluate.settings import settings_per_strength, steered_by, steered_layers
+from ggsteer.evaluate.side_by_side import run_side_by_side
 from ggsteer.model import SteeredModel
 from ggsteer.vectors import ControlVector, default_steering_layers
 
@@ -88,28 +88,43 @@ def strength_sweep(
     strengths = [float(s) for s in strengths]
     settings = settings_per_strength(model, vector, strengths, layers, raw)
     chosen_layers = steered_layers(model, vector, layers, raw)
-    plan = plan_neutral(model, neutral_texts)
-    steps = len(settings) * (1 + len(plan.groups) + int(samples))
-    with tqdm(total=steps, desc=f"layers {format_layers(chosen_layers)}", unit="step", disable=not progress) as bar:
-        with model.unsteered():
-            baseline = behaviour_scores(model, eval_items)
-        scores = behaviour_per_setting(model, settings, eval_items, bar.update)
-        costs, plain = fluency_costs(model, plan, settings, bar.update)
-        texts = _samples(model, settings, eval_items[0]["prompt"], bar.update) if samples else [None] * len(settings)
+    token_lists = neutral_tokens(model, neutral_texts)
+    # one side-by-side run: setting 0 is the plain model, setting k + 1 strength k
+    fluency = FluencyTally(token_lists, len(settings))
+    units, logprobs = behaviour_units(model, len(settings) + 1, eval_items)
+    label = f"layers {format_layers(chosen_layers)}"
+    with tqdm(total=0, desc=label, unit="decode", disable=not progress) as bar:
+        run_side_by_side(model, [[], *settings], fluency.units + units, tick=bar.update, on_plan=_grow(bar))
+        texts = _samples(model, [[], *settings], eval_items[0]["prompt"], bar) if samples else [None] * (len(settings) + 1)
+    scores = logprobs[:, 0] - logprobs[:, 1]
+    baseline, scores = scores[0], scores[1:]
+    costs, plain = fluency.costs()
     means = scores.mean(axis=1)
     points = [
         SweepPoint(s, float(m), float(m - baseline.mean()), wrong_way_share(s, row, baseline), cost.kl, cost.perplexity, text)
-        for s, m, row, cost, text in zip(strengths, means, scores, costs, texts)
+        for s, m, row, cost, text in zip(strengths, means, scores, costs, texts[1:])
     ]
     with_zero = (strengths, means) if 0.0 in strengths else ([*strengths, 0.0], [*means, baseline.mean()])
-    baseline_text = _samples(model, [model.unsteered], eval_items[0]["prompt"])[0] if samples else None
-    return Sweep(chosen_layers, float(baseline.mean()), plain.perplexity, steerability(*with_zero), points, baseline_text)
+    return Sweep(chosen_layers, float(baseline.mean()), plain.perplexity, steerability(*with_zero), points, texts[0])
 
 
-def _samples(model, settings, prompt: str, tick: Callable[[], None] | None = None) -> list[str]:
-    return under_each(settings, lambda: generation_sample(model, prompt), tick)
+def _grow(bar):
+    def on_plan(n_decodes: int) -> None:
+        bar.total += n_decodes
+        bar.refresh()
+
+    return on_plan
 
 
+def _samples(model, settings, prompt: str, bar) -> list[str]:
+    """A greedy sample under each setting (generation is sequential: one setting at a time)."""
+    _grow(bar)(len(settings))
+    texts = []
+    for items in settings:
+        with steered_by(model, items):
+            texts.append(generation_sample(model, prompt))
+        bar.update()
+    return texts
 
 
 def layer_windows(vector: ControlVector, n_layer: int, n_windows: int = 3) -> list[list[int]]:
