@@ -13,13 +13,8 @@ them) and as a JSONL file for ggsteer. Timed: each side as a whole process, wall
 interpreter start, model load and writing the file:
   - `llama-cvector-generator --method mean -m MODEL --positive-file P --negative-file N -o OUT
     -t T -c 4096 -fa off` (ggsteer's context size and flash-attention setting);
-  - ggsteer: `ControlVector.train(model, pairs, method="mean_diff", pool="mean")` on a
-    `SteeredModel(n_threads=T, n_threads_batch=T)` in a fresh Python process, saving the file
-    (what `ggsteer train --pairs P --method mean_diff` does, but with mean pooling: the CLI has no
-    --pool option and always pools the last token; and its --threads leaves llama-cpp-python's
-    n_threads_batch, which batched decodes use, at every core). `--ggsteer-cli` times the CLI
-    itself instead (last-token pooling, so its directions are not the same quantity as
-    cvector-generator's).
+  - `ggsteer train --pairs PAIRS.jsonl --method mean_diff --pool mean --threads T -o OUT` (the CLI
+    as a user runs it: interpreter start, imports, model load, training, writing the file).
 One untimed warm-up run of each side first (page cache, both files checked), then paired rounds,
 the side that goes first alternating each round; the table gives the median of the per-round
 speed-ups (cvector-generator s / ggsteer s) and their range.
@@ -71,19 +66,6 @@ from ggsteer.train import preset_dataset
 from ggsteer.vectors import ControlVector
 
 DEFAULT_BINARY = "/tmp/lcpp-build/bin/llama-cvector-generator"
-
-# the ggsteer side, run in a fresh interpreter: argv = pairs.jsonl, output, model, threads
-GGSTEER_TRAIN = """
-import sys
-from ggsteer import SteeredModel
-from ggsteer.train import load_jsonl
-from ggsteer.vectors import ControlVector
-pairs_path, output, model_path, threads = sys.argv[1:5]
-model = SteeredModel(model_path, n_threads=int(threads), n_threads_batch=int(threads))
-vector = ControlVector.train(model, load_jsonl(pairs_path), method="mean_diff", pool="mean", progress=False)
-vector.save(output, overwrite=True)
-model.close()
-"""
 
 GGSTEER_CLI = "import sys; from ggsteer.cli.main import main; sys.exit(main(sys.argv[1:]))"
 
@@ -144,8 +126,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads on both sides")
     parser.add_argument("--cvector-flash-attn", choices=("on", "off", "auto"), default="off",
                         help="cvector-generator's -fa (default off: ggsteer's llama-cpp-python context has it off)")
-    parser.add_argument("--ggsteer-cli", action="store_true",
-                        help="time `ggsteer train --pairs ... --method mean_diff` (last-token pooling) instead")
     parser.add_argument("--explain", action="store_true",
                         help="also recompute cvector-generator's pooling from ggsteer's token states")
     parser.add_argument("--per-layer", action="store_true", help="also print the cosines of every layer")
@@ -171,15 +151,10 @@ def main() -> None:
     cvector_cmd = [binary, "-m", str(model_path), "--positive-file", str(paths["positive.txt"]),
                    "--negative-file", str(paths["negative.txt"]), "--method", "mean", "-o", str(cv_out),
                    "-t", threads, "-c", str(DEFAULT_N_CTX), "-fa", args.cvector_flash_attn]
-    if args.ggsteer_cli:
-        ggsteer_cmd = [sys.executable, "-c", GGSTEER_CLI, "train", "--pairs", str(paths["pairs.jsonl"]),
-                       "--model", str(model_path), "--threads", threads, "--method", "mean_diff",
-                       "-o", str(gg_out), "--force"]
-        ggsteer_label = "ggsteer train CLI (mean_diff, last token)"
-    else:
-        ggsteer_cmd = [sys.executable, "-c", GGSTEER_TRAIN, str(paths["pairs.jsonl"]), str(gg_out),
-                       str(model_path), threads]
-        ggsteer_label = "ggsteer mean_diff, pool=mean"
+    ggsteer_cmd = [sys.executable, "-c", GGSTEER_CLI, "train", "--pairs", str(paths["pairs.jsonl"]),
+                   "--model", str(model_path), "--threads", threads, "--method", "mean_diff", "--pool", "mean",
+                   "-o", str(gg_out), "--force"]
+    ggsteer_label = "ggsteer train --method mean_diff --pool mean"
     sides = {
         "cvector": lambda: run_process(cvector_cmd, folder / "cvector.log"),
         "ggsteer": lambda: run_process(ggsteer_cmd, folder / "ggsteer.log"),

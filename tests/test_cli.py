@@ -40,6 +40,31 @@ def test_train_writes_a_loadable_vector(trained_file):
     assert vector.unit == "gap"
 
 
+def test_train_pool_mean_is_the_library_mean_pooling(capsys, tiny_model, tiny_model_path, pairs_file, trained_file, tmp_path):
+    out = tmp_path / "mean.gguf"
+    code, _, _ = run(capsys, "train", "--pairs", pairs_file, "--model", tiny_model_path, "-o", out, "--pool", "mean")
+    assert code == 0
+    from ggsteer.train import load_jsonl
+
+    expected = ControlVector.train(tiny_model, load_jsonl(pairs_file), pool="mean")
+    got, last = ControlVector.load(out), ControlVector.load(trained_file)
+    cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
+    for il in expected.layers:
+        # the CLI's context keeps its KV cache in F16, the fixture's in F32: equal up to that rounding
+        assert cos(got.directions[il], expected.directions[il]) > 0.9999
+        assert cos(got.directions[il], last.directions[il]) < 0.999  # not the last-token direction
+
+
+def test_threads_option_sets_batch_threads_too(tiny_model_path):
+    import argparse
+
+    from ggsteer.cli.common import load_model
+
+    model = load_model(argparse.Namespace(model=str(tiny_model_path), threads=1))
+    assert (model.context_params.n_threads, model.context_params.n_threads_batch) == (1, 1)
+    model.close()
+
+
 def test_train_refuses_existing_output(capsys, tiny_model_path, pairs_file, trained_file):
     before = trained_file.read_bytes()
     code, _, err = run(capsys, "train", "--pairs", pairs_file, "--model", tiny_model_path, "-o", trained_file)

@@ -52,7 +52,9 @@ def finite_number(text: str, not_a_number: str, not_finite: str) -> float:
 
 def load_model(args, **kwargs):
     threads = getattr(args, "threads", None) or os.cpu_count()
-    return SteeredModel(args.model, n_threads=threads, n_gpu_layers=getattr(args, "gpu_layers", 0), **kwargs)
+    # n_threads_batch too: prompt and batched decodes (training, sweeps) would use every core
+    return SteeredModel(args.model, n_threads=threads, n_threads_batch=threads,
+                        n_gpu_layers=getattr(args, "gpu_layers", 0), **kwargs)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

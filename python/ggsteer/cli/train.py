@@ -26,6 +26,9 @@ def add_parser(sub) -> None:
     train.add_argument("--method", default="mean_diff", choices=METHODS,
                        help="mean_diff (default), pca_diff, pca_center or probe")
     train.add_argument("--layers", default=None, help="layers to train, e.g. 1-17 (default: all steerable layers)")
+    train.add_argument("--pool", default="last", choices=("last", "mean"),
+                       help="read each prompt's last token (default) or the mean over its tokens "
+                            "(llama.cpp's cvector-generator averages tokens)")
     train.add_argument("--max-pairs", type=int, default=None, help="use at most this many pairs")
     train.add_argument("-o", "--output", required=True, help="output GGUF file")
     train.add_argument("--force", action="store_true", help="overwrite an existing output file")
@@ -56,7 +59,7 @@ def cmd_train(args) -> int:
     if args.max_pairs is not None:
         pairs = pairs[: args.max_pairs]
     print(f"training {args.method} on {len(pairs)} pairs with {model.model_name}", file=sys.stderr)
-    vector = ControlVector.train(model, pairs, method=args.method, layers=layers, progress=True)
+    vector = ControlVector.train(model, pairs, method=args.method, layers=layers, pool=args.pool, progress=True)
     vector.save(output, overwrite=args.force)
     print(f"wrote {output} ({len(vector.layers)} layers, n_embd {vector.n_embd})")
     print(llama_cpp_usage_line(model.model_path, output, vector))
