@@ -10,7 +10,8 @@ import time
 import llama_cpp
 
 from ggsteer.runtime.batch import OwnedBatch
-from ggsteer.train.capture import BatchDecoder, CapturePlan, Piece, walk_plan
+from ggsteer.train.capture import BatchDecoder, walk_plan
+from ggsteer.train.capture_plan import CapturePlan, Piece
 
 
 def machine_line() -> str:

@@ -25,7 +25,7 @@ from train import truncated_dataset
 
 from ggsteer import CaptureStats, SteeredModel
 from ggsteer.train import preset_dataset
-from ggsteer.train.capture import plan_shared
+from ggsteer.train.capture_plan import plan_shared
 
 
 def main() -> None:

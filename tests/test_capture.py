@@ -180,6 +180,21 @@ def test_stop_after_range_checked(tiny_model):
     assert tiny_model.hook.stop_after == -1
 
 
+def test_a_pool_per_prompt_in_one_pass(tiny_model):
+    """Training reads the last token of every prompt and every token of a few in one trie walk."""
+    from ggsteer.train.capture import capture_pooled
+
+    prompts = ["the happy dog and a cat", "the happy dog", "i love the bad cat", "the happy dog and a cat"]
+    pools = ["last", "all", "mean", "all"]
+    stats = ggsteer.CaptureStats()
+    states = capture_pooled(tiny_model, prompts, pools, layers=[0, 2], stats=stats)
+    for prompt, pool, got in zip(prompts, pools, states):
+        alone = tiny_model.hidden_states([prompt], layers=[0, 2], pool=pool)[0]
+        np.testing.assert_allclose(got, alone, atol=1e-5, rtol=0)
+    distinct = {tuple(t[:k]) for t in map(tiny_model.tokenize_prompt, prompts) for k in range(1, len(t) + 1)}
+    assert stats.tokens == len(distinct)  # each shared prefix decoded once, whatever its prompts pool
+
+
 def test_capture_leaves_generation_unchanged(tiny_model):
     before = tiny_model("the happy", max_tokens=5, temperature=0)["choices"][0]["text"]
     tiny_model.hidden_states(PROMPTS)

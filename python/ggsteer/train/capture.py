@@ -17,7 +17,7 @@ blocks below it and the output head never run, so even the last layer's output r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import llama_cpp
@@ -26,6 +26,15 @@ from tqdm.auto import tqdm
 
 from ggsteer.runtime.batch import OwnedBatch
 from ggsteer.runtime.protocol import HookedModel
+from ggsteer.train.capture_plan import (
+    CapturePlan,
+    Piece,
+    Segment,
+    plan_shared,
+    plan_unshared,
+    pool_rows,
+    pools_per_prompt,
+)
 
 POOLS = ("last", "mean", "all")
 # show a progress bar by default from this many prompts on
@@ -34,30 +43,6 @@ PROGRESS_MIN_PROMPTS = 64
 
 class CaptureError(RuntimeError):
     """llama.cpp refused a decode, or the callback saw tensors it did not expect."""
-
-
-@dataclass
-class Segment:
-    """A run of tokens decoded together into one sequence: an edge of the compressed trie."""
-
-    tokens: list[int]
-    start: int  # position of tokens[0] in its sequence
-    parent: int  # index of the segment it continues, -1 at the root
-    # offset within the segment -> index into the capture store
-    wanted: dict[int, int] = field(default_factory=dict)
-    children: list[int] = field(default_factory=list)
-    seq: int = -1
-    unscheduled_children: int = 0
-    done: int = 0  # tokens already decoded (a segment may span several decodes)
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Tokens [lo, hi) of a segment, decoded in one llama_decode call."""
-
-    segment: Segment
-    lo: int
-    hi: int
 
 
 @dataclass
@@ -75,16 +60,8 @@ class CaptureStats:
         return self.tokens / self.decodes if self.decodes else 0.0
 
 
-@dataclass
-class CapturePlan:
-    segments: list[Segment]
-    roots: list[int]
-    n_captures: int
-    # per prompt, the capture indices of the positions it pools over
-    prompt_rows: list[list[int]]
-
-
-def validate_request(model: HookedModel, prompts, layers, pool) -> list[int]:
+def validate_request(model: HookedModel, prompts, layers, pool: str | Sequence[str]) -> tuple[list[int], list[str]]:
+    """The layers to capture and each prompt's pool; raises on a bad request."""
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, not a single string")
     if len(prompts) == 0:
@@ -94,9 +71,11 @@ def validate_request(model: HookedModel, prompts, layers, pool) -> list[int]:
             raise TypeError(f"prompt {i} is {type(prompt).__name__}, not str")
         if prompt == "":
             raise ValueError(f"prompt {i} is empty")
-    if pool not in POOLS:
-        raise ValueError(f"unknown pool {pool!r}: choose one of {', '.join(POOLS)}")
-    return resolve_layers(layers, model.n_layer)
+    pools = pools_per_prompt(pool, len(prompts))
+    for name in set(pools):
+        if name not in POOLS:
+            raise ValueError(f"unknown pool {name!r}: choose one of {', '.join(POOLS)}")
+    return resolve_layers(layers, model.n_layer), pools
 
 
 def resolve_layers(layers: Sequence[int] | None, n_layer: int) -> list[int]:
@@ -125,74 +104,6 @@ def tokenize_prompts(model: HookedModel, prompts: Sequence[str]) -> list[list[in
             raise ValueError(f"prompt {i} has {len(tokens)} tokens, more than the context holds (n_ctx={n_ctx})")
         token_lists.append(tokens)
     return token_lists
-
-
-def plan_shared(token_lists: list[list[int]], pool: str, max_segment: int) -> CapturePlan:
-    """Compressed token trie over all prompts: each distinct token prefix is decoded once."""
-    children: list[dict[int, int]] = [{}]  # node 0 is the empty root
-    node_paths = []
-    for tokens in token_lists:
-        node, path = 0, []
-        for token in tokens:
-            nxt = children[node].get(token)
-            if nxt is None:
-                nxt = len(children)
-                children[node][token] = nxt
-                children.append({})
-            node = nxt
-            path.append(node)
-        node_paths.append(path)
-    capture_of_node: dict[int, int] = {}
-    prompt_rows = []
-    for path in node_paths:
-        pooled = path[-1:] if pool == "last" else path
-        prompt_rows.append([capture_of_node.setdefault(node, len(capture_of_node)) for node in pooled])
-
-    segments: list[Segment] = []
-    roots: list[int] = []
-    # (first node of the segment, its token, position, parent segment)
-    todo = [(node, token, 0, -1) for token, node in reversed(children[0].items())]
-    while todo:
-        node, token, start, parent = todo.pop()
-        seg = Segment(tokens=[token], start=start, parent=parent)
-        _note_wanted(seg, 0, node, capture_of_node)
-        while len(children[node]) == 1 and len(seg.tokens) < max_segment:
-            (token, node), = children[node].items()
-            _note_wanted(seg, len(seg.tokens), node, capture_of_node)
-            seg.tokens.append(token)
-        index = len(segments)
-        segments.append(seg)
-        (segments[parent].children if parent >= 0 else roots).append(index)
-        end = start + len(seg.tokens)
-        todo.extend((child, tok, end, index) for tok, child in reversed(children[node].items()))
-    return CapturePlan(segments, roots, len(capture_of_node), prompt_rows)
-
-
-def _note_wanted(seg: Segment, offset: int, node: int, capture_of_node: dict[int, int]) -> None:
-    if node in capture_of_node:
-        seg.wanted[offset] = capture_of_node[node]
-
-
-def plan_unshared(token_lists: list[list[int]], pool: str, max_segment: int) -> CapturePlan:
-    """Every prompt decoded in full on its own sequence (the baseline the trie must equal)."""
-    segments: list[Segment] = []
-    roots: list[int] = []
-    prompt_rows = []
-    n_captures = 0
-    for tokens in token_lists:
-        offsets = [len(tokens) - 1] if pool == "last" else list(range(len(tokens)))
-        capture_of_offset = {off: n_captures + k for k, off in enumerate(offsets)}
-        n_captures += len(offsets)
-        prompt_rows.append(list(capture_of_offset.values()))
-        parent = -1
-        for start in range(0, len(tokens), max_segment):
-            chunk = tokens[start : start + max_segment]
-            wanted = {o - start: c for o, c in capture_of_offset.items() if start <= o < start + len(chunk)}
-            segments.append(Segment(tokens=chunk, start=start, parent=parent, wanted=wanted))
-            index = len(segments) - 1
-            (segments[parent].children if parent >= 0 else roots).append(index)
-            parent = index
-    return CapturePlan(segments, roots, n_captures, prompt_rows)
 
 
 class BatchDecoder:
@@ -329,14 +240,6 @@ def _next_batch(plan: CapturePlan, decoder: BatchDecoder, ready: list[int]) -> l
     return pieces
 
 
-def pool_rows(store: np.ndarray, plan: CapturePlan, pool: str):
-    if pool == "last":
-        return store[[rows[0] for rows in plan.prompt_rows]]
-    if pool == "mean":
-        return np.stack([store[rows].mean(axis=0, dtype=np.float64) for rows in plan.prompt_rows]).astype(np.float32)
-    return [store[rows] for rows in plan.prompt_rows]
-
-
 def capture_hidden_states(
     model: HookedModel,
     prompts: Sequence[str],
@@ -350,17 +253,34 @@ def capture_hidden_states(
 ):
     """States of `prompts` at `layers` (see SteeredModel.hidden_states); `stats`, when given, is
     filled with what the capture cost."""
-    resolved = validate_request(model, prompts, layers, pool)
+    states = capture_pooled(model, prompts, pool, layers=layers, batch_size=batch_size, share_prefixes=share_prefixes,
+                            progress=progress, stats=stats)
+    return states if pool == "all" else np.stack(states)
+
+
+def capture_pooled(
+    model: HookedModel,
+    prompts: Sequence[str],
+    pools: str | Sequence[str],
+    *,
+    layers: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    share_prefixes: bool = True,
+    progress: bool | None = None,
+    stats: CaptureStats | None = None,
+) -> list[np.ndarray]:
+    """Like capture_hidden_states with a pool per prompt, in one pass: one array per prompt."""
+    resolved, pools = validate_request(model, prompts, layers, pools)
     max_sequences = model.n_seq_max if batch_size is None else int(batch_size)
     if not 1 <= max_sequences <= model.n_seq_max:
         raise ValueError(f"batch_size={batch_size} must be between 1 and the context's n_seq_max={model.n_seq_max}")
     token_lists = tokenize_prompts(model, prompts)
     make_plan = plan_shared if share_prefixes else plan_unshared
-    plan = make_plan(token_lists, pool, model.n_batch)
+    plan = make_plan(token_lists, pools, model.n_batch)
     if progress is None:
         progress = len(prompts) >= PROGRESS_MIN_PROMPTS
     stats = CaptureStats() if stats is None else stats
     stats.prompts += len(token_lists)
     stats.prompt_tokens += sum(map(len, token_lists))
     store = run_plan(model, plan, resolved, max_sequences, progress, stats)
-    return pool_rows(store, plan, pool)
+    return pool_rows(store, plan, pools)

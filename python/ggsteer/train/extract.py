@@ -15,7 +15,7 @@ import numpy as np
 
 from ggsteer.runtime.protocol import HookedModel
 from ggsteer.train import methods
-from ggsteer.train.capture import capture_hidden_states
+from ggsteer.train.capture import capture_hidden_states, capture_pooled
 from ggsteer.train.dataset import DatasetEntry, dataset_hash
 from ggsteer.vectors import (
     UNIT_GAP,
@@ -51,14 +51,15 @@ def train_vector(
     entries = _checked_entries(dataset, method, pool)
     train_layers = default_training_layers(model.n_layer) if layers is None else [int(il) for il in layers]
     prompts = [text for entry in entries for text in (entry.positive, entry.negative)]
+    # and, in the same pass, every token of a few of them: the directions ordinary tokens share
+    # (vectors/projection.py); the last layer keeps its raw direction (tests/test_projection.py)
+    shared = projection.shared_prompts(prompts)
     with model.unsteered():
-        hidden = capture_hidden_states(model, prompts, layers=train_layers, pool=pool, batch_size=batch_size,
-                                       progress=progress)
-        # every token of a few prompts: the directions ordinary tokens share (vectors/projection.py);
-        # not at the last layer, whose captured rows would each run the 262k-entry output head
-        shared_layers = [il for il in train_layers if il != model.n_layer - 1]
-        tokens = capture_hidden_states(model, projection.shared_prompts(prompts), layers=shared_layers, pool="all",
-                                       batch_size=batch_size) if shared_layers else []
+        states = capture_pooled(model, prompts + shared, [pool] * len(prompts) + ["all"] * len(shared),
+                                layers=train_layers, batch_size=batch_size, progress=progress)
+    hidden = np.stack(states[: len(prompts)])
+    shared_layers = [il for il in train_layers if il != model.n_layer - 1]
+    tokens = [s[:, [train_layers.index(il) for il in shared_layers]] for s in states[len(prompts):]]
     fits = [methods.fit_layer(hidden[0::2, k], hidden[1::2, k], method) for k in range(len(train_layers))]
     _warn_near_chance(train_layers, fits)
     ablation = [
