@@ -10,7 +10,13 @@ from test_train import SUFFIXES, reference_last_states
 
 from ggsteer.train import make_dataset
 from ggsteer.vectors import ControlVector
-from ggsteer.vectors.projection import SHARED_DIRECTIONS, SHARED_PROMPTS, projection_for_layer, shared_prompts
+from ggsteer.vectors.projection import (
+    SHARED_DIRECTIONS,
+    SHARED_PROMPTS,
+    projection_for_layer,
+    shared_directions,
+    shared_prompts,
+)
 
 pytestmark = pytest.mark.usefixtures("unsteered_tiny_model")
 
@@ -188,3 +194,16 @@ def test_ablation_view_reports_what_direct_measurements_give(tiny_model, trained
     # along the direction the op acts on, the non-sink rows all sit at the target: the spread is gone
     assert min(view.spread_shrink.values()) > 1e3
     assert min(view.raw_spread_shrink.values()) < min(view.spread_shrink.values())
+
+
+@pytest.mark.parametrize("n_rows", [3, 50, 700])
+def test_shared_directions_span_the_top_singular_vectors(n_rows):
+    rng = np.random.default_rng(n_rows)
+    scales = np.r_[[40.0, 20.0, 10.0, 5.0], np.ones(60)]
+    rows = rng.normal(size=(n_rows, 64)) * scales + 3.0  # a shared offset, then decaying directions
+    got = shared_directions(rows)
+    k = min(4, n_rows)
+    _, _, vt = np.linalg.svd(rows, full_matrices=False)
+    assert got.shape == (k, 64)
+    np.testing.assert_allclose(got @ got.T, np.eye(k), atol=1e-10)
+    np.testing.assert_allclose(got.T @ got, vt[:k].T @ vt[:k], atol=1e-8)  # the same subspace

@@ -60,8 +60,11 @@ def shared_directions(token_states: np.ndarray, k: int = SHARED_DIRECTIONS) -> n
     rows = np.asarray(token_states, dtype=np.float64)
     if rows.ndim != 2 or len(rows) == 0:
         raise ValueError("shared directions need at least one token state")
-    _, _, vt = np.linalg.svd(rows, full_matrices=False)
-    return vt[: min(k, len(vt))]
+    # the top eigenvectors of the small Gram matrix rows^T rows: the SVD's right singular vectors
+    # (up to sign, which a span does not need) at a fraction of a full SVD's cost
+    k = min(k, *rows.shape)
+    values, vectors = np.linalg.eigh(rows.T @ rows)  # ascending
+    return vectors[:, ::-1][:, :k].T
 
 
 def remove_shared(direction: np.ndarray, shared: np.ndarray) -> np.ndarray:
