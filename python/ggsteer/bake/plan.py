@@ -30,6 +30,7 @@ from ggsteer.bake.architectures import WRITERS, Architecture
 from ggsteer.bake.gguf_layout import GGUFLayout
 from ggsteer.bake.quant import read_tensor
 from ggsteer.vectors import ControlVector
+from ggsteer.vectors.projection import projection_for_layer
 
 _PARALLEL = 1.0 - 1e-6  # cosine above which two layers' directions count as one
 
@@ -93,11 +94,11 @@ class Planner:
 
     def project(self, request: BakeRequest) -> BakedOp:
         vector, layers = request.vector, request.layers
-        units = {il: edits.unit(vector.directions[il]) for il in layers}
-        centers = vector.layer_stat("center")
-        targets = {il: centers.get(il, 0.0) for il in layers}
-        if request.op == "clamp":
-            targets = {il: targets[il] + request.value * float(np.linalg.norm(vector.directions[il])) for il in layers}
+        # the direction and projection the hook's ablate/clamp use: with training's statistics, the
+        # direction without the ones every token shares (which the attention sink is made of)
+        fits = {il: projection_for_layer(vector, il, request.op, request.value) for il in layers}
+        units = {il: edits.unit(direction.astype(np.float64)) for il, (direction, _) in fits.items()}
+        targets = {il: float(target) for il, (_, target) in fits.items()}
         reasons = self._projection_limits(units, targets)
         exact = not reasons
         centered = exact and any(t != 0.0 for t in targets.values())
