@@ -322,8 +322,8 @@ class SteeredModel(llama_cpp.Llama):
         or `"mean"` (mean over the prompt's tokens), and for `pool="all"` a list of
         `[n_tokens, len(layers), n_embd]` arrays. `layers` defaults to every layer, in order.
         `batch_size` caps the sequences decoded together (default: the context's n_seq_max);
-        with `share_prefixes`, text shared between prompts is decoded once. Capturing the last
-        layer costs more: its rows must be logits outputs, and each runs the output head. Pass a
+        with `share_prefixes`, text shared between prompts is decoded once. The graph ends at the
+        deepest layer asked for (no output head runs; the last layer's rows are outputs). Pass a
         `ggsteer.CaptureStats()` as `stats` to count decodes, tokens and output rows.
         """
         return capture_hidden_states(self, prompts, layers=layers, pool=pool, batch_size=batch_size,

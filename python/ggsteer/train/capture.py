@@ -12,7 +12,7 @@ output rows in the last block (it drops the others before it), and every output 
 output head (Gemma 3's 262k-entry vocabulary: ~0.34 GFLOP a row, more than all its blocks). Without
 the last layer a capture asks for no output row at all. And since nobody reads a capture's logits,
 the callback ends each graph right after the deepest captured layer (`Hook.set_stop_after`): the
-blocks below it and the output head never run, so even the last layer's output rows cost no head.
+blocks after it and the output head never run, so even the last layer's output rows cost no head.
 """
 
 from __future__ import annotations

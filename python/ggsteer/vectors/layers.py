@@ -37,10 +37,10 @@ def default_steering_layers(n_layer: int) -> list[int]:
 def default_training_layers(n_layer: int) -> list[int]:
     """Every layer llama.cpp can steer: 1..n_layer-1.
 
-    The last layer costs the most to capture: llama.cpp keeps only output rows in the last block, so
-    its captured rows must ask for logits, and each runs the output head (on Gemma 3 270M ~0.34 GFLOP
-    a row, more than all 18 blocks for one token). benchmarks/train.py measures the cost and
-    benchmarks/last_layer.py whether steering it helps; recommended steering layers never include it.
+    llama.cpp keeps only output rows in the last block, so its captured rows must ask for logits;
+    capture ends the graph right after the last captured layer, so they never run the output head.
+    benchmarks/train.py measures the cost and benchmarks/last_layer.py whether steering it helps;
+    recommended steering layers never include it.
     """
     return list(range(1, n_layer))
 
