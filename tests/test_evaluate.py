@@ -148,6 +148,23 @@ def test_behaviour_scores_in_a_sweep_match_reference(tiny_model, tiny_weights):
     assert sweep.layers == list(STEERED_LAYERS)
 
 
+def test_one_sequence_context_scores_each_continuation_alone(tiny_model, tiny_model_path):
+    """A context of one sequence cannot share a prompt between two continuations: each is decoded
+    with its own copy of the prompt, and the scores stay the same."""
+    from conftest import TIGHT_LLAMA_KWARGS
+
+    from ggsteer import SteeredModel
+    from ggsteer.evaluate import behaviour_scores
+
+    items = [{"prompt": "i am very", "positive": " happy and good", "negative": " sad"},
+             {"prompt": "the dog", "positive": " is good", "negative": " is bad today"}]
+    single = SteeredModel(tiny_model_path, n_ctx=256, n_batch=128, n_seq_max=1, **TIGHT_LLAMA_KWARGS)
+    try:
+        np.testing.assert_allclose(behaviour_scores(single, items), behaviour_scores(tiny_model, items), atol=1e-5)
+    finally:
+        single.close()
+
+
 # -- summaries --------------------------------------------------------------------------------
 
 

@@ -51,15 +51,20 @@ def continuation_logprobs(model: SteeredModel, items: Sequence[tuple[str, str]])
 
 def behaviour_units(model: SteeredModel, n_settings: int, eval_items: Sequence[dict]) -> tuple[list[Unit], np.ndarray]:
     """Units scoring each eval prompt under each setting, the prompt decoded once for both of its
-    continuations; and the array [n_settings, 2, n_items] of log-probabilities they fill."""
+    continuations (twice on a context of one sequence); and the array [n_settings, 2, n_items] of
+    log-probabilities they fill."""
     logprobs = np.zeros((n_settings, 2, len(eval_items)))
     units = []
     for index, item in enumerate(eval_items):
         positive, n_prompt = _pair_tokens(model, item["prompt"], item["positive"])
         negative, n_negative = _pair_tokens(model, item["prompt"], item["negative"])
         assert positive[:n_prompt] == negative[:n_negative]  # both start with the prompt's own tokens
+        continuations = [positive[n_prompt:], negative[n_prompt:]]
         for setting in range(n_settings):
-            units.append(_scoring_unit(setting, positive[:n_prompt], [positive[n_prompt:], negative[n_prompt:]], logprobs, index))
+            if model.n_seq_max >= 2:
+                units.append(_scoring_unit(setting, positive[:n_prompt], continuations, logprobs, index))
+            else:
+                units += [_scoring_unit(setting, positive[:n_prompt], [c], logprobs, index, side) for side, c in enumerate(continuations)]
     return units, logprobs
 
 
@@ -70,9 +75,10 @@ def behaviour_matrix(model: SteeredModel, settings: Settings, eval_items: Sequen
     return logprobs[:, 0] - logprobs[:, 1]
 
 
-def _scoring_unit(setting: int, prompt: list[int], continuations: list[list[int]], out: np.ndarray, index: int) -> Unit:
-    """A unit adding log P(continuation k | prompt) into out[setting, k, index]: the prompt's last
-    row predicts each continuation's first token, a continuation's row k its token k + 1."""
+def _scoring_unit(setting: int, prompt: list[int], continuations: list[list[int]], out: np.ndarray, index: int,
+                  first_side: int = 0) -> Unit:
+    """A unit adding log P(continuation k | prompt) into out[setting, first_side + k, index]: the
+    prompt's last row predicts each continuation's first token, a continuation's row k its token k + 1."""
 
     def consume(pieces: list[np.ndarray]) -> None:
         last_prompt_row = pieces[0][0]
@@ -81,7 +87,7 @@ def _scoring_unit(setting: int, prompt: list[int], continuations: list[list[int]
             total = _log_softmax_at(last_prompt_row, tokens[0])
             for row, token in zip(rows, tokens[1:]):
                 total += _log_softmax_at(row, token)
-            out[setting, k, index] += total
+            out[setting, first_side + k, index] += total
 
     return Unit(setting, prompt, [len(prompt) - 1], consume, continuations, [range(len(c) - 1) for c in continuations])
 
