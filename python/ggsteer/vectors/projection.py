@@ -60,11 +60,16 @@ def shared_directions(token_states: np.ndarray, k: int = SHARED_DIRECTIONS) -> n
     rows = np.asarray(token_states, dtype=np.float64)
     if rows.ndim != 2 or len(rows) == 0:
         raise ValueError("shared directions need at least one token state")
-    # the top eigenvectors of the small Gram matrix rows^T rows: the SVD's right singular vectors
-    # (up to sign, which a span does not need) at a fraction of a full SVD's cost
-    k = min(k, *rows.shape)
-    values, vectors = np.linalg.eigh(rows.T @ rows)  # ascending
-    return vectors[:, ::-1][:, :k].T
+    # the SVD's top right singular vectors (up to sign, which a span does not need) from the
+    # eigenvectors of the smaller Gram matrix, at a fraction of a full SVD's cost
+    n_rows, n_embd = rows.shape
+    k = min(k, n_rows, n_embd)
+    if n_rows >= n_embd:
+        _, vectors = np.linalg.eigh(rows.T @ rows)  # ascending
+        return vectors[:, ::-1][:, :k].T
+    _, left = np.linalg.eigh(rows @ rows.T)
+    directions = rows.T @ left[:, ::-1][:, :k]  # v_i = X^T u_i / s_i: normalise instead of dividing
+    return (directions / np.linalg.norm(directions, axis=0)).T
 
 
 def remove_shared(direction: np.ndarray, shared: np.ndarray) -> np.ndarray:
