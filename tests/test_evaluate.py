@@ -148,6 +148,23 @@ def test_behaviour_scores_in_a_sweep_match_reference(tiny_model, tiny_weights):
     assert sweep.layers == list(STEERED_LAYERS)
 
 
+def test_layer_sweep_equals_one_sweep_per_range(tiny_model):
+    """Every range's strengths decoded side by side, the plain model once for all ranges."""
+    from ggsteer.evaluate import layer_sweep
+
+    items = [{"prompt": "i am very", "positive": " happy and good", "negative": " sad"}]
+    vector = random_vector(tiny_model.n_embd, seed=4)
+    ranges = [[1], [1, 2]]
+    together = layer_sweep(tiny_model, vector, [-0.5, 0.7], items, ranges, neutral_texts=TEXTS[:2])
+    for sweep, layers in zip(together, ranges):
+        alone = strength_sweep(tiny_model, vector, [-0.5, 0.7], items, layers=layers, neutral_texts=TEXTS[:2])
+        assert sweep.layers == layers
+        np.testing.assert_allclose(sweep.column("behaviour"), alone.column("behaviour"), atol=1e-5)
+        np.testing.assert_allclose(sweep.column("kl"), alone.column("kl"), atol=1e-7)
+        assert sweep.baseline_behaviour == pytest.approx(alone.baseline_behaviour, abs=1e-5)
+    assert not np.allclose(together[0].column("kl"), together[1].column("kl"))
+
+
 def test_one_sequence_context_scores_each_continuation_alone(tiny_model, tiny_model_path):
     """A context of one sequence cannot share a prompt between two continuations: each is decoded
     with its own copy of the prompt, and the scores stay the same."""

@@ -45,9 +45,9 @@ from ggsteer.evaluate import (
     choose_calibration,
     format_layers,
     infer_preset,
+    layer_sweep,
     layer_windows,
     steered_layers,
-    strength_sweep,
 )
 from ggsteer.evaluate.ablation import ablation_view, asking_items
 from ggsteer.train import get_preset, load_eval_prompts
@@ -207,12 +207,8 @@ def resolve_preset(name: str | None, vector, model, vector_path: Path) -> str:
 
 
 def run_sweeps(job: SweepJob, raw: bool, samples: bool = False) -> list:
-    return [
-        strength_sweep(
-            job.model, job.vector, job.strengths, job.eval_items, layers=layers, raw=raw, samples=samples, progress=True
-        )
-        for layers in job.layer_ranges
-    ]
+    return layer_sweep(job.model, job.vector, job.strengths, job.eval_items, job.layer_ranges, raw=raw,
+                       samples=samples, progress=True)
 
 
 # -- output -------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from ggsteer.evaluate.sweeps import (
     Sweep,
     SweepPoint,
     format_layers,
+    layer_sweep,
     layer_windows,
     strength_sweep,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "format_layers",
     "generation_sample",
     "infer_preset",
+    "layer_sweep",
     "layer_windows",
     "load_neutral_texts",
     "steerability",

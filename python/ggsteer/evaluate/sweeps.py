@@ -1,5 +1,5 @@
 """Strength and layer sweeps: behaviour and fluency of one vector at a list of strengths on one layer
-range (`strength_sweep`), and the layer ranges a layer sweep tries (`layer_windows`)."""
+range (`strength_sweep`) or several (`layer_sweep`), and the ranges a layer sweep tries (`layer_windows`)."""
 
 from __future__ import annotations
 
@@ -85,27 +85,53 @@ def strength_sweep(
     `layers` defaults to the vector's recommended layers; `samples` adds a greedy completion of
     the first eval prompt at each strength.
     """
+    return layer_sweep(model, vector, strengths, eval_items, [layers], raw=raw, neutral_texts=neutral_texts,
+                       samples=samples, progress=progress)[0]
+
+
+def layer_sweep(
+    model: SteeredModel,
+    vector: ControlVector,
+    strengths: Sequence[float],
+    eval_items: Sequence[dict],
+    layer_ranges: Sequence[Sequence[int] | None],
+    *,
+    raw: bool = False,
+    neutral_texts: Sequence[str] | None = None,
+    samples: bool = False,
+    progress: bool = False,
+) -> list[Sweep]:
+    """A strength sweep on each layer range (None: the vector's recommended layers), every
+    (range, strength) decoded side by side with the plain model, which is decoded once for all."""
     strengths = [float(s) for s in strengths]
-    settings = settings_per_strength(model, vector, strengths, layers, raw)
-    chosen_layers = steered_layers(model, vector, layers, raw)
-    token_lists = neutral_tokens(model, neutral_texts)
-    # one side-by-side run: setting 0 is the plain model, setting k + 1 strength k
-    fluency = FluencyTally(token_lists, len(settings))
-    units, logprobs = behaviour_units(model, len(settings) + 1, eval_items)
-    label = f"layers {format_layers(chosen_layers)}"
+    per_range = [settings_per_strength(model, vector, strengths, layers, raw) for layers in layer_ranges]
+    chosen = [steered_layers(model, vector, layers, raw) for layers in layer_ranges]
+    # setting 0 is the plain model; range r's strength k is setting 1 + r * len(strengths) + k
+    settings = [[], *(items for block in per_range for items in block)]
+    fluency = FluencyTally(neutral_tokens(model, neutral_texts), len(settings) - 1)
+    units, logprobs = behaviour_units(model, len(settings), eval_items)
+    label = f"layers {format_layers(chosen[0])}" if len(chosen) == 1 else f"{len(chosen)} layer ranges"
     with tqdm(total=0, desc=label, unit="decode", disable=not progress) as bar:
-        run_side_by_side(model, [[], *settings], fluency.units + units, tick=bar.update, on_plan=_grow(bar))
-        texts = _samples(model, [[], *settings], eval_items[0]["prompt"], bar) if samples else [None] * (len(settings) + 1)
+        run_side_by_side(model, settings, fluency.units + units, tick=bar.update, on_plan=_grow(bar))
+        texts = _samples(model, settings, eval_items[0]["prompt"], bar) if samples else [None] * len(settings)
     scores = logprobs[:, 0] - logprobs[:, 1]
-    baseline, scores = scores[0], scores[1:]
     costs, plain = fluency.costs()
+    sweeps = []
+    for r, layers in enumerate(chosen):
+        block = slice(1 + r * len(strengths), 1 + (r + 1) * len(strengths))
+        sweeps.append(_sweep(layers, strengths, scores[0], scores[block], costs[block.start - 1 : block.stop - 1],
+                             plain.perplexity, texts[block], texts[0]))
+    return sweeps
+
+
+def _sweep(layers, strengths, baseline, scores, costs, plain_perplexity, texts, baseline_text) -> Sweep:
     means = scores.mean(axis=1)
     points = [
         SweepPoint(s, float(m), float(m - baseline.mean()), wrong_way_share(s, row, baseline), cost.kl, cost.perplexity, text)
-        for s, m, row, cost, text in zip(strengths, means, scores, costs, texts[1:])
+        for s, m, row, cost, text in zip(strengths, means, scores, costs, texts)
     ]
     with_zero = (strengths, means) if 0.0 in strengths else ([*strengths, 0.0], [*means, baseline.mean()])
-    return Sweep(chosen_layers, float(baseline.mean()), plain.perplexity, steerability(*with_zero), points, texts[0])
+    return Sweep(layers, float(baseline.mean()), plain_perplexity, steerability(*with_zero), points, baseline_text)
 
 
 def _grow(bar):
