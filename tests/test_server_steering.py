@@ -21,21 +21,13 @@ from test_server import (
     make_vector,
     serving,
     tiny_server_model,
+    write_vectors,
 )
 
 from ggsteer.serve import ServerConfig
 from ggsteer.vectors import ControlVector
 
 PROMPT = "the cat sat on"
-
-
-def write_vectors(directory) -> dict[str, ControlVector]:
-    vectors = {"happy": make_vector(48, 10), "honest": make_vector(48, 11, recommended=None),
-               "plain": make_vector(48, 12, unit="raw", recommended=None)}
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, vector in vectors.items():
-        vector.save(directory / f"{name}.gguf")
-    return {name: ControlVector.load(directory / f"{name}.gguf") for name in vectors}
 
 
 @pytest.fixture
