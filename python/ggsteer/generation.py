@@ -85,6 +85,24 @@ class SequenceState:
                                tuple(self.generated), logprobs)
 
 
+@contextlib.contextmanager
+def per_slot_steering(model: HookedModel, seqs_per_row: int = 1):
+    """Yields a batch of n_batch rows for decodes steered only by per-slot hook programs: inside,
+    the model is unsteered (adapter and global program off) and starts from an empty cache; on
+    exit the batch is freed, the program cleared, the cache emptied, the controls restored."""
+    memory = llama_cpp.llama_get_memory(model.ctx)
+    with model.unsteered():
+        batch = OwnedBatch(model.n_batch, seqs_per_row)
+        llama_cpp.llama_memory_clear(memory, True)
+        try:
+            yield batch
+        finally:
+            batch.close()
+            model.hook.clear_program()
+            llama_cpp.llama_memory_clear(memory, True)
+            model.reset()
+
+
 class ContinuousBatch:
     """Sequences that join and leave between decodes, each with its own controls and sampling.
 
@@ -108,11 +126,8 @@ class ContinuousBatch:
         self.n_decodes = 0
         self._joined = 0
         self._cleanup = contextlib.ExitStack()
-        self._cleanup.enter_context(model.unsteered())
-        self.batch = OwnedBatch(model.n_batch)
-        self._cleanup.callback(self._release)
+        self.batch = self._cleanup.enter_context(per_slot_steering(model))
         self.memory = llama_cpp.llama_get_memory(model.ctx)
-        llama_cpp.llama_memory_clear(self.memory, True)
 
     def __enter__(self) -> "ContinuousBatch":
         return self
@@ -122,12 +137,6 @@ class ContinuousBatch:
 
     def close(self) -> None:
         self._cleanup.close()
-
-    def _release(self) -> None:
-        self.batch.close()
-        self.model.hook.clear_program()
-        llama_cpp.llama_memory_clear(self.memory, True)
-        self.model.reset()
 
     @property
     def active(self) -> list[SequenceState]:

@@ -14,12 +14,14 @@ to its `consume` callback in unit order, as views valid only during the call.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import llama_cpp
 import numpy as np
 
+from ggsteer.generation import per_slot_steering
 from ggsteer.model import SteeredModel
 from ggsteer.runtime.batch import OwnedBatch
 from ggsteer.steering.interventions import Intervention
@@ -93,23 +95,15 @@ class SideBySide:
         self.memory = llama_cpp.llama_get_memory(model.ctx)
         self.batch: OwnedBatch | None = None
         self._installed: tuple[int, ...] | None = None
-        self._unsteered = None
+        self._session = contextlib.ExitStack()
 
     def __enter__(self) -> "SideBySide":
-        # the adapter and any global program are off; only the per-slot program steers
-        self._unsteered = self.model.unsteered()
-        self._unsteered.__enter__()
-        self.batch = OwnedBatch(self.model.n_batch, seqs_per_row=self.model.n_seq_max)
+        # a prefix row belongs to every branch's sequence of its unit
+        self.batch = self._session.enter_context(per_slot_steering(self.model, seqs_per_row=self.model.n_seq_max))
         return self
 
     def __exit__(self, *exc) -> None:
-        try:
-            self.batch.close()
-            self.model.hook.clear_program()
-            llama_cpp.llama_memory_clear(self.memory, True)
-            self.model.reset()
-        finally:
-            self._unsteered.__exit__(*exc)
+        self._session.close()
 
     def pack(self, units: Sequence[Unit]) -> list[list[Unit]]:
         return pack_units(units, self.model.n_batch, self.model.n_seq_max, max_output_rows(self.model))
