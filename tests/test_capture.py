@@ -195,6 +195,15 @@ def test_a_pool_per_prompt_in_one_pass(tiny_model):
     assert stats.tokens == len(distinct)  # each shared prefix decoded once, whatever its prompts pool
 
 
+def test_a_pool_per_prompt_is_checked(tiny_model):
+    from ggsteer.train.capture import capture_pooled
+
+    with pytest.raises(ValueError, match="2 prompts but 1 pools"):
+        capture_pooled(tiny_model, ["the dog", "a cat"], ["last"])
+    with pytest.raises(ValueError, match="unknown pool 'first'"):
+        capture_pooled(tiny_model, ["the dog", "a cat"], ["last", "first"])
+
+
 def test_capture_leaves_generation_unchanged(tiny_model):
     before = tiny_model("the happy", max_tokens=5, temperature=0)["choices"][0]["text"]
     tiny_model.hidden_states(PROMPTS)

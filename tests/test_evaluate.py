@@ -165,6 +165,14 @@ def test_layer_sweep_equals_one_sweep_per_range(tiny_model):
     assert not np.allclose(together[0].column("kl"), together[1].column("kl"))
 
 
+def test_a_prompt_longer_than_a_decode_is_refused_by_name(tiny_model):
+    from ggsteer.evaluate import behaviour_scores
+
+    items = [{"prompt": " ".join(["the happy dog"] * 60), "positive": " good", "negative": " bad"}]
+    with pytest.raises(ValueError, match=r"does not fit n_batch=128 \(raise n_batch\)"):
+        behaviour_scores(tiny_model, items)
+
+
 def test_one_sequence_context_scores_each_continuation_alone(tiny_model, tiny_model_path):
     """A context of one sequence cannot share a prompt between two continuations: each is decoded
     with its own copy of the prompt, and the scores stay the same."""
