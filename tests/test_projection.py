@@ -103,9 +103,12 @@ def test_training_stores_the_ablation_direction_and_its_statistics(tiny_model, t
     stored = vector.layer_vector("ablation_direction")
     assert sorted(stored) == vector.layers
     for il in vector.layers:
-        # numpy: top principal directions of the non-sink token states (eigh of the uncentred second moment)
+        # numpy: top principal directions of the non-sink token states (eigh of the uncentred second
+        # moment) and the sink's state (position 0: the same in every prompt), made orthonormal
         rows = np.concatenate([h[il, 1:] for h in states])
-        basis = np.linalg.eigh(rows.T @ rows)[1][:, ::-1][:, :SHARED_DIRECTIONS].T
+        shared = np.linalg.eigh(rows.T @ rows)[1][:, ::-1][:, :SHARED_DIRECTIONS].T
+        np.testing.assert_allclose(states[0][il, 0], states[-1][il, 0], rtol=1e-5, atol=1e-5)
+        basis = np.linalg.qr(np.vstack([shared, states[0][il, 0]]).T)[0].T
         if il == tiny_model.n_layer - 1:
             basis = basis[:0]  # the last layer is not captured token by token: its raw direction is kept
         u = unit(vector.directions[il].astype(np.float64))
@@ -113,6 +116,9 @@ def test_training_stores_the_ablation_direction_and_its_statistics(tiny_model, t
         expected /= np.linalg.norm(expected)
         assert float(stored[il] @ expected) > 0.9999, f"layer {il}: cos {float(stored[il] @ expected):.6f}"
         assert np.abs(basis @ stored[il]).max(initial=0.0) < 1e-3  # nothing left along the shared directions
+        if il != tiny_model.n_layer - 1:
+            sink = states[0][il, 0]  # nor along the sink's state
+            assert abs(float(sink @ stored[il])) < 1e-5 * float(np.linalg.norm(sink))
         mid = (pos[:, il] + neg[:, il]) / 2
         assert vector.layer_stat("ablation_center")[il] == pytest.approx(float((mid @ expected).mean()), rel=1e-3, abs=1e-3)
         assert vector.layer_stat("ablation_gap")[il] == pytest.approx(float(((pos[:, il] - neg[:, il]) @ expected).mean()), rel=1e-3, abs=1e-3)
@@ -143,6 +149,24 @@ def test_trained_vector_is_clamped_along_the_ablation_direction(tiny_model, tiny
     raw = ControlVector(vector.directions, "llama", {"unit": "gap", "layers": vector.layers, "center": list(vector.metadata["center"])})
     tiny_model.set_control(raw, strength, layers=[1, 2], op=op)
     assert np.abs(last_logits(tiny_model) - got).max() > 100 * ATOL
+
+
+@pytest.mark.parametrize("op, strength", [("ablate", 0.0), ("clamp", 1.0)])
+def test_every_row_op_moves_the_sink_only_by_the_target(tiny_model, trained, op, strength):
+    """u' is orthogonal to the sink's state, so even skip_first=0 (what a weight bake must do) moves
+    the sink row by the target alone, along u', and the other rows by their own distance to it."""
+    _, vector = trained
+    layers = [1, 2]
+    plain = hidden_all(tiny_model, layers)
+    with tiny_model.steer(vector, strength, layers=[1], op=op, skip_first=0):
+        steered = hidden_all(tiny_model, layers)
+    direction, target = projection_for_layer(vector, 1, op, strength)
+    u = direction.astype(np.float64)
+    assert abs(float(plain[0, 0] @ u)) < 1e-5 * float(np.linalg.norm(plain[0, 0]))
+    np.testing.assert_allclose(steered[0, 0], plain[0, 0] + target * u, rtol=0, atol=1e-3)
+    expected = plain[1:, 0] + np.outer(target - plain[1:, 0] @ u, u)
+    np.testing.assert_allclose(steered[1:, 0], expected, rtol=0, atol=1e-3)
+    assert np.abs(plain[1:, 0] @ u - target).max() > 0.1  # the other rows did move
 
 
 def test_ablation_direction_survives_files_and_layer_selection(tmp_path, trained):
@@ -176,19 +200,25 @@ def test_ablation_view_reports_what_direct_measurements_give(tiny_model, trained
     items = [{"prompt": "i feel", "positive": " happy", "negative": " sad"},
              {"prompt": "the dog is", "positive": " good", "negative": " bad"}]
     asking = [{**item, "prompt": f"i am very happy and {item['prompt']}"} for item in items]
+    opposite = [{**item, "prompt": f"i am very sad and {item['prompt']}"} for item in items]
     texts = ["the dog is good and i love the cat", "today i feel sad and the dog"]
-    view = ablation_view(tiny_model, vector, items, asking, layers=[1, 2], neutral_texts=texts)
+    view = ablation_view(tiny_model, vector, items, asking, opposite=opposite, layers=[1, 2], neutral_texts=texts)
     assert view.layers == [1, 2] and view.op == "ablate"
     with tiny_model.unsteered():
         neutral = float(behaviour_scores(tiny_model, items).mean())
         asked = float(behaviour_scores(tiny_model, asking).mean())
+        opposed = float(behaviour_scores(tiny_model, opposite).mean())
     with tiny_model.steer(vector, 0.0, op="ablate", layers=[1, 2]):
         ablated = float(behaviour_scores(tiny_model, asking).mean())
+        opposed_ablated = float(behaviour_scores(tiny_model, opposite).mean())
         cost = fluency_cost(tiny_model, texts)
-    assert (view.neutral_behaviour, view.asking_behaviour, view.ablated_behaviour) == pytest.approx((neutral, asked, ablated))
+    assert (view.neutral_behaviour, view.asking_behaviour, view.ablated_behaviour) == pytest.approx((neutral, asked, ablated), abs=1e-5)
+    assert (view.opposite_behaviour, view.opposite_ablated) == pytest.approx((opposed, opposed_ablated), abs=1e-5)
+    assert abs(opposed - neutral) >= 0.1, "the test needs an opposite persona that moves the score"
+    assert view.opposite_recovery == pytest.approx((opposed - opposed_ablated) / (opposed - neutral), abs=1e-4)
     assert view.kl == pytest.approx(cost.kl) and view.kl > 0
-    if asked - neutral >= 0.1:
-        assert view.recovery == pytest.approx((asked - ablated) / (asked - neutral))
+    if abs(asked - neutral) >= 0.1:
+        assert view.recovery == pytest.approx((asked - ablated) / (asked - neutral), abs=1e-4)
     else:
         assert view.recovery is None
     # along the direction the op acts on, the non-sink rows all sit at the target: the spread is gone

@@ -301,16 +301,23 @@ def print_ablation(job: SweepJob, layers_text: str | None) -> None:
     """The ablation view: what ablate and clamp cost in fluency and how much behaviour they remove."""
     layers = layers_argument(layers_text)
     asking = asking_items(job.preset, job.eval_items)
-    print(f"\nablation view ({len(asking)} prompts asking for '{job.preset}'; recovery: share of the asking "
-          "prompts' push taken back)")
-    print(f"{'op':<10}{'KL':>8}{'ppl x':>8}{'asking':>9}{'ablated':>9}{'recovery':>10}{'spread /':>10}")
+    opposite = asking_items(job.preset, job.eval_items, side="negative")
+    print(f"\nablation view ({len(asking)} prompts asking for '{job.preset}' (+) and as many for its opposite (-); "
+          "recovery: share of the persona's push taken back, - where it does not move the score)")
+    print(f"{'op':<10}{'KL':>8}{'ppl x':>8}{'asking+':>9}{'ablated':>9}{'recov+':>8}{'asking-':>9}{'ablated':>9}"
+          f"{'recov-':>8}{'spread /':>10}")
     for op, strength in (("ablate", 0.0), ("clamp", -1.0), ("clamp", 1.0)):
-        view = ablation_view(job.model, job.vector, job.eval_items, asking, op=op, strength=strength, layers=layers)
+        view = ablation_view(job.model, job.vector, job.eval_items, asking, opposite=opposite, op=op,
+                             strength=strength, layers=layers)
         label = op if op == "ablate" else f"clamp {strength:+g}"
-        recovery = "-" if view.recovery is None else f"{view.recovery:.2f}"
         shrink = min(view.spread_shrink.values())
         print(f"{label:<10}{view.kl:>8.3f}{view.perplexity_ratio:>8.2f}{view.asking_behaviour:>9.3f}"
-              f"{view.ablated_behaviour:>9.3f}{recovery:>10}{shrink:>10.3g}")
+              f"{view.ablated_behaviour:>9.3f}{_share(view.recovery):>8}{view.opposite_behaviour:>9.3f}"
+              f"{view.opposite_ablated:>9.3f}{_share(view.opposite_recovery):>8}{shrink:>10.3g}")
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def cmd_calibrate(args) -> int:

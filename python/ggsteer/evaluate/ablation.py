@@ -7,7 +7,10 @@ For `ablate` (or `clamp` at a strength) on a layer range:
   prompt), unsteered and under the op, next to the plain eval prompts unsteered. `recovery` is the
   share of the persona's push that the op takes back: (asking - ablated) / (asking - neutral); 1
   means back at the neutral prompts' score, >= 0.5 is the bar of issue 16. None when the persona
-  instruction does not raise the score on this model (nothing to take back);
+  instruction does not move the score on this model (nothing to take back);
+- the same for prompts that ask for the opposite (the preset's negative persona): an ablated
+  direction is gone for both sides. On Gemma 3 270M the calm and honest eval prompts already score
+  high, so their positive persona adds nothing there while the negative one pushes by 1.5-2.5 nats;
 - spread: per ablated layer, the std of those prompts' projections (sink rows left out) unsteered
   over the std under the op, along the direction the op acts on and along the raw trained
   direction (the latter keeps the parts every token shares, so it shrinks far less).
@@ -28,7 +31,7 @@ from ggsteer.train import get_preset
 from ggsteer.vectors import ControlVector
 from ggsteer.vectors.projection import SINK_POSITIONS, projection_for_layer
 
-# a persona instruction must raise the mean score by this much (nats) for recovery to mean anything
+# a persona instruction must move the mean score by this much (nats) for recovery to mean anything
 MIN_PERSONA_PUSH = 0.1
 
 
@@ -44,6 +47,9 @@ class AblationView:
     asking_behaviour: float  # prompts asking for the behaviour, unsteered
     ablated_behaviour: float  # prompts asking for the behaviour, under the op
     recovery: float | None
+    opposite_behaviour: float | None  # prompts asking for the opposite, unsteered
+    opposite_ablated: float | None  # prompts asking for the opposite, under the op
+    opposite_recovery: float | None
     spread_shrink: dict[int, float]  # per layer, along the direction the op acts on
     raw_spread_shrink: dict[int, float]  # per layer, along the trained direction
     sample: str | None = None
@@ -57,10 +63,13 @@ class AblationView:
         return {**asdict(self), "perplexity_ratio": self.perplexity_ratio}
 
 
-def asking_items(preset_name: str, items: Sequence[dict]) -> list[dict]:
-    """The eval items with the preset's first positive persona instruction before each prompt."""
+def asking_items(preset_name: str, items: Sequence[dict], side: str = "positive") -> list[dict]:
+    """The eval items with the preset's first positive (or negative) persona instruction before each prompt."""
+    if side not in ("positive", "negative"):
+        raise ValueError(f"side must be 'positive' or 'negative', got {side!r}")
     preset = get_preset(preset_name)
-    instruction = preset.template.format(persona=preset.positive_personas[0])
+    personas = preset.positive_personas if side == "positive" else preset.negative_personas
+    instruction = preset.template.format(persona=personas[0])
     return [{**item, "prompt": f"{instruction} {item['prompt']}"} for item in items]
 
 
@@ -70,6 +79,7 @@ def ablation_view(
     eval_items: Sequence[dict],
     asking: Sequence[dict],
     *,
+    opposite: Sequence[dict] | None = None,
     op: str = "ablate",
     strength: float = 0.0,
     layers: Sequence[int] | None = None,
@@ -77,23 +87,22 @@ def ablation_view(
     sample_prompt: str | None = None,
     skip_first: int | None = None,
 ) -> AblationView:
-    """Measure `op` (ablate, or clamp at `strength`) of `vector` on `layers` (default: recommended)."""
+    """Measure `op` (ablate, or clamp at `strength`) of `vector` on `layers` (default: recommended);
+    `asking` and `opposite` are the eval items asking for the behaviour and for its opposite."""
     if op not in ("ablate", "clamp"):
         raise ValueError(f"the ablation view is for ablate and clamp, got {op!r}")
     options = dict(op=op, layers=layers, skip_first=skip_first)
     with model.unsteered():
         neutral = float(behaviour_scores(model, eval_items).mean())
-        asked = float(behaviour_scores(model, asking).mean())
+        asked, opposed = _asked_behaviour(model, asking, opposite)
         plain_states = _states(model, asking, layers, vector)
         baseline_sample = generation_sample(model, sample_prompt) if sample_prompt else None
     with model.steer(vector, strength, **options):
         chosen = list(model.controls[0].layers)
         cost = fluency_cost(model, neutral_texts)
-        ablated = float(behaviour_scores(model, asking).mean())
+        ablated, opposed_ablated = _asked_behaviour(model, asking, opposite)
         steered_states = _states(model, asking, chosen, vector)
         sample = generation_sample(model, sample_prompt) if sample_prompt else None
-    push = asked - neutral
-    recovery = (asked - ablated) / push if push >= MIN_PERSONA_PUSH else None
     shrink, raw_shrink = {}, {}
     for k, il in enumerate(chosen):
         direction, _ = projection_for_layer(vector, il, op, strength)
@@ -101,7 +110,21 @@ def ablation_view(
         shrink[il] = _spread(plain_states, k, direction) / max(_spread(steered_states, k, direction), 1e-30)
         raw_shrink[il] = _spread(plain_states, k, raw) / max(_spread(steered_states, k, raw), 1e-30)
     return AblationView(op, float(strength), chosen, cost.kl, cost.perplexity, unsteered_perplexity(model, neutral_texts),
-                        neutral, asked, ablated, recovery, shrink, raw_shrink, sample, baseline_sample)
+                        neutral, asked, ablated, _recovery(neutral, asked, ablated), opposed, opposed_ablated,
+                        _recovery(neutral, opposed, opposed_ablated), shrink, raw_shrink, sample, baseline_sample)
+
+
+def _asked_behaviour(model, asking, opposite) -> tuple[float, float | None]:
+    """Mean score of the prompts asking for the behaviour and of those asking for its opposite (one run)."""
+    scores = behaviour_scores(model, list(asking) + list(opposite or []))
+    return float(scores[: len(asking)].mean()), float(scores[len(asking):].mean()) if opposite else None
+
+
+def _recovery(neutral: float, asked: float | None, ablated: float | None) -> float | None:
+    """Share of the persona's push (either sign) taken back; None without a push to take back."""
+    if asked is None or ablated is None or abs(asked - neutral) < MIN_PERSONA_PUSH:
+        return None
+    return (asked - ablated) / (asked - neutral)
 
 
 def _states(model, asking, layers, vector) -> list[np.ndarray]:

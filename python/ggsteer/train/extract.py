@@ -92,10 +92,11 @@ def train_vector(
 
 
 def _shared_directions(tokens, shared_layers: list[int], layer: int, n_embd: int) -> np.ndarray:
-    """The directions ordinary tokens share at `layer`; none (the raw direction is kept) where not captured."""
+    """The directions ordinary tokens share at `layer` and the sink's; none (the raw direction is
+    kept) where not captured."""
     if layer not in shared_layers:
         return np.zeros((0, n_embd))
-    return projection.shared_directions(projection.non_sink_rows(tokens, shared_layers.index(layer)))
+    return projection.kept_out_directions(tokens, shared_layers.index(layer))
 
 
 def _checked_entries(dataset: Sequence[DatasetEntry], method: str, pool: str) -> list[DatasetEntry]:
