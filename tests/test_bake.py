@@ -409,7 +409,8 @@ def test_edited_tensors_are_encoded_by_ggmls_own_quantizer():
 
 
 def write_fake_gemma(path, n_embd=48, n_layer=3, seed=0):
-    """A gemma3-shaped file (writers, post-norms, tied embeddings); llama.cpp does not need to load it."""
+    """A gemma3-shaped file (readers behind their pre-norms, writers, post-norms, tied embeddings);
+    llama.cpp does not need to load it."""
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), "gemma3")
     writer.add_embedding_length(n_embd)
@@ -418,8 +419,10 @@ def write_fake_gemma(path, n_embd=48, n_layer=3, seed=0):
     for il in range(n_layer):
         tensors[f"blk.{il}.attn_output.weight"] = rng.normal(size=(n_embd, 32)).astype(np.float32)
         tensors[f"blk.{il}.ffn_down.weight"] = rng.normal(size=(n_embd, 64)).astype(np.float32)
-        for norm in ("post_attention_norm", "post_ffw_norm"):
+        for norm in ("post_attention_norm", "post_ffw_norm", "attn_norm", "ffn_norm"):
             tensors[f"blk.{il}.{norm}.weight"] = (1 + rng.uniform(-0.9, 3.0, size=n_embd)).astype(np.float32)
+        for reader, n_out in (("attn_q", 32), ("attn_k", 16), ("attn_v", 16), ("ffn_gate", 64), ("ffn_up", 64)):
+            tensors[f"blk.{il}.{reader}.weight"] = rng.normal(size=(n_out, n_embd)).astype(np.float32)
     for name, array in tensors.items():
         writer.add_tensor(name, array)
     writer.write_header_to_file()
@@ -429,25 +432,33 @@ def write_fake_gemma(path, n_embd=48, n_layer=3, seed=0):
     return tensors
 
 
-def test_gemma_ablation_leaves_nothing_along_u_after_the_post_norms(tmp_path, baked_path):
+def test_gemma_ablation_hides_u_from_the_next_blocks_readers(tmp_path, baked_path):
     original = write_fake_gemma(tmp_path / "gemma.gguf")
-    vector = random_vector(13, (1, 2), center=(3.0, -2.0))
+    vector = random_vector(13, (0, 1), center=(3.0, -2.0))
     with pytest.raises(BakeError, match="cannot bake ablate exactly into gemma3"):
-        bake_model(tmp_path / "gemma.gguf", baked_path, ablate=[vector], layers=[1, 2])
-    report = bake_model(tmp_path / "gemma.gguf", baked_path, ablate=[vector], layers=[1, 2], approximate=True)
-    assert report.operations[0].projection == "plain" and "token_embd.weight" not in report.edited_tensors  # tied head
+        bake_model(tmp_path / "gemma.gguf", baked_path, ablate=[vector], layers=[0, 1])
+    report = bake_model(tmp_path / "gemma.gguf", baked_path, ablate=[vector], layers=[0, 1], approximate=True)
+    assert report.operations[0].projection == "plain" and "read it without" in report.operations[0].method
     tensors = read_weights(baked_path)
-    x = np.random.default_rng(1).normal(size=(64, 5))
-    for block, il in ((0, 1), (0, 2), (1, 1), (1, 2), (2, 2)):  # blocks up to layer il write nothing along u_il
-        u = edits.unit(vector.directions[il])
-        for writer, norm in (("attn_output", "post_attention_norm"), ("ffn_down", "post_ffw_norm")):
-            weight, g = tensors[f"blk.{block}.{writer}.weight"], tensors[f"blk.{block}.{norm}.weight"]
-            y = weight @ x[: weight.shape[1]]
-            normed = g[:, None] * y / np.sqrt((y * y).mean(axis=0))  # the post-norm, whatever its scale
-            assert np.abs(u @ normed).max() < 1e-4 * np.abs(normed).max()
-            before = original[f"blk.{block}.{writer}.weight"] @ x[: weight.shape[1]]
-            assert np.abs(u @ (g[:, None] * before)).max() > 1.0  # the original did write along u
-    assert "blk.2.ffn_down.weight" in report.edited_tensors and len(report.edited_tensors) == 6
+    rng = np.random.default_rng(1)
+    h = rng.normal(size=(48, 5)) * 10
+    for il in (0, 1):  # block il + 1 reads layer il's output as if it had nothing along u_il
+        u = edits.unit(vector.directions[il].astype(np.float64))
+        ablated = h - np.outer(u, u @ h)
+        for norm, readers in (("attn_norm", ("attn_q", "attn_k", "attn_v")), ("ffn_norm", ("ffn_gate", "ffn_up"))):
+            g = original[f"blk.{il + 1}.{norm}.weight"].astype(np.float64)
+            normed = g[:, None] * h / np.sqrt((h * h).mean(axis=0))  # the RMS of h: a common factor
+            for reader in readers:
+                name = f"blk.{il + 1}.{reader}.weight"
+                expected = original[name] @ (g[:, None] * ablated / np.sqrt((h * h).mean(axis=0)))
+                np.testing.assert_allclose(tensors[name] @ normed, expected, rtol=1e-4, atol=1e-4)
+                assert np.abs(original[name] @ normed - expected).max() > 0.1  # the original did read u
+    # the writers, the embeddings and block 0's readers are untouched
+    assert sorted(report.edited_tensors) == sorted(f"blk.{b}.{r}.weight" for b in (1, 2)
+                                                   for r in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up"))
+    with pytest.raises(BakeError, match="layer 2 is read only by the output head"):
+        bake_model(tmp_path / "gemma.gguf", baked_path, ablate=[random_vector(13, (2,))], layers=[2], approximate=True,
+                   force=True)
 
 
 def test_gemma_add_is_refused_even_approximately(tmp_path, baked_path):

@@ -149,3 +149,38 @@ def test_demo_trains_writes_and_steers(capsys, monkeypatch, default_model, tmp_p
     assert "using the cached vector" in second.err and "left untouched" in second.err
     assert out.read_bytes() == b"not mine"
     assert second.out.splitlines()[:-2] == first.out.splitlines()[:-2]
+
+
+def test_baked_ablation_keeps_gemma_fluent(happy_vector, tmp_path):
+    """Issue 16: the approximate Gemma bake (the next block's readers edited) stays near the plain
+    model (it was KL 10-23 with the writers orthogonalised) and still changes it."""
+    from ggsteer import SteeredModel, default_model_path
+    from ggsteer.bake import bake_model
+    from ggsteer.evaluate import load_neutral_texts
+
+    baked_path = tmp_path / "baked.gguf"
+    bake_model(default_model_path(), baked_path, ablate=[happy_vector], layers=list(range(3, 15)), approximate=True)
+    texts = load_neutral_texts()[:3]
+
+    def log_probs(model):
+        out = []
+        for text in texts:
+            model.reset()
+            tokens = model.tokenize_prompt(text)
+            model.eval(tokens)
+            scores = np.asarray(model.scores[: len(tokens)], dtype=np.float64)
+            shifted = scores - scores.max(axis=-1, keepdims=True)
+            out.append(shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True)))
+        return np.concatenate(out)
+
+    logprobs = {}
+    for name, path in (("plain", default_model_path()), ("baked", baked_path)):
+        model = SteeredModel(model_path=str(path), n_ctx=2048, n_threads=2, logits_all=True)  # scores of every row
+        try:
+            logprobs[name] = log_probs(model)
+        finally:
+            model.close()
+    plain, baked = logprobs["plain"], logprobs["baked"]
+    assert np.abs(plain).min() > 0  # every row was scored
+    kl = float((np.exp(plain) * (plain - baked)).sum(axis=-1).mean())
+    assert 0.01 < kl <= 0.5, f"KL(plain || baked ablation) {kl:.3f}"

@@ -142,6 +142,8 @@ def _producers(layout: GGUFLayout, plan: EditPlan, n_embd: int):
     replaced, added = {}, []
     for name, directions in plan.writer_steps.items():
         replaced[name] = _writer_producer(layout, _writable(layout.tensors[name]), directions)
+    for name, steps in plan.reader_steps.items():
+        replaced[name] = _reader_producer(layout, _writable(layout.tensors[name]), steps)
     if plan.embedding_steps:
         original = _writable(layout.tensors["token_embd.weight"])
         replaced[original.name] = _embedding_producer(layout, original, plan.embedding_steps)
@@ -173,6 +175,15 @@ def _writer_producer(layout, info: TensorInfo, directions):
         weight = quant.read_tensor(layout, info)
         for w in directions:
             weight = edits.orthogonalise_writer(weight, w)
+        yield quant.encode_tensor(weight, info.ggml_type)
+    return produce
+
+
+def _reader_producer(layout, info: TensorInfo, steps):
+    def produce():
+        weight = quant.read_tensor(layout, info)
+        for a, b in steps:
+            weight = edits.project_reader(weight, a, b)
         yield quant.encode_tensor(weight, info.ggml_type)
     return produce
 

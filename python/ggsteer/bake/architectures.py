@@ -11,7 +11,12 @@ qwen2 and qwen3 have the same residual structure but their loaders take neither 
 `attn_output.bias` nor an `ffn_down.bias`: a new bias tensor would be rejected, so only plain
 projection bakes there. Gemma 3 normalises each projection's output (attn_post_norm,
 ffn_post_norm, RMSNorm with a per-channel weight g) before the residual add: no bias reaches the
-residual, but a projection whose rows are orthogonal to g * u writes nothing along u after the norm.
+residual, and a projection whose rows are orthogonal to g * u writes nothing along u after the norm,
+but removing that part of its output shrinks the output's RMS, so the norm scales up everything
+else it writes (measured: block 0's outputs changed by ~90% and the text broke). An approximate
+ablation edits the next block's readers instead (`readers`: each reads the residual through an
+RMSNorm with weight g, and a reader W (g * h / rms) that sees h without its u component is
+W (I - (g u)(u / g)^T) applied to the same normalised input, up to the RMS of the small u part).
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ class Architecture:
     add_limit: str
     sources_read: str  # which llama.cpp file this entry was read from
     tested: bool  # checked against llama.cpp in ggsteer's tests
+    # the pre-norms and the projections reading through them: where an approximate ablation goes on
+    # post-norm architectures (empty: orthogonalise the writers instead)
+    readers: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 WRITERS = ("attn_output", "ffn_down")  # the per-block projections that write into the residual stream
@@ -44,7 +52,8 @@ ARCHITECTURES = {
                           "src/models/qwen3.cpp", False),
     "gemma3": Architecture("gemma3", "", "", ("post_attention_norm", "post_ffw_norm"),
                            "Gemma 3 normalises each block's writes (post-attention and post-FFN norms), so no "
-                           "bias reaches the residual stream", "src/models/gemma3.cpp", True),
+                           "bias reaches the residual stream", "src/models/gemma3.cpp", True,
+                           (("attn_norm", ("attn_q", "attn_k", "attn_v")), ("ffn_norm", ("ffn_gate", "ffn_up")))),
 }
 
 

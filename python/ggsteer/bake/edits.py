@@ -52,3 +52,20 @@ def project_bias(bias: np.ndarray, w: np.ndarray, target_step: float = 0.0) -> n
     bias64 = bias.astype(np.float64)
     return (bias64 - (bias64 @ w) * w + target_step * w).astype(np.float32)
 
+
+
+def reader_projection(u: np.ndarray, norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) such that W (I - a b^T) reads, through an RMSNorm with weight `norm`, the residual h
+    without its component along the unit u: g * (h - (h . u) u) = x - (g * u)((u / g) . x) for the
+    normalised x = g * h (the RMS is a common factor). b^T a = 1: an oblique projector. A channel
+    with g = 0 is not read at all, so its part of h . u cannot be recovered there (b is 0 there)."""
+    g = np.asarray(norm, dtype=np.float64).reshape(-1)
+    u = unit(u)
+    safe = np.where(g != 0.0, g, 1.0)
+    return g * u, np.where(g != 0.0, u / safe, 0.0)
+
+
+def project_reader(weight: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """W - (W a) b^T: the reader applied to its input without the part (b . x) a."""
+    weight64 = weight.astype(np.float64)
+    return (weight64 - np.outer(weight64 @ a, b)).astype(np.float32)
