@@ -53,7 +53,6 @@ def project_bias(bias: np.ndarray, w: np.ndarray, target_step: float = 0.0) -> n
     return (bias64 - (bias64 @ w) * w + target_step * w).astype(np.float32)
 
 
-
 def reader_projection(u: np.ndarray, norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(a, b) such that W (I - a b^T) reads, through an RMSNorm with weight `norm`, the residual h
     without its component along the unit u: g * (h - (h . u) u) = x - (g * u)((u / g) . x) for the

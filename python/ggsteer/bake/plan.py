@@ -178,8 +178,7 @@ class Planner:
         """Block il's writers stop writing along `directions`; with one direction, its bias holds `step`."""
         for k, writer in enumerate(WRITERS):
             name = f"blk.{il}.{writer}.weight"
-            if name not in self.layout.tensors:
-                raise BakeError(f"{self.layout.path}: tensor {name} is missing (mixture-of-experts blocks cannot be baked)")
+            self._tensor(name)
             norm = None
             if self.arch.post_norms:
                 norm = read_tensor(self.layout, self.layout.tensors[f"blk.{il}.{self.arch.post_norms[k]}.weight"])
