@@ -408,7 +408,7 @@ def test_edited_tensors_are_encoded_by_ggmls_own_quantizer():
 # -- Gemma 3 (post-norms): approximate edits, checked on the edited weights ----------------------
 
 
-def write_fake_gemma(path, n_embd=48, n_layer=3, seed=0):
+def write_fake_gemma(path, n_embd=48, n_layer=3, seed=0, missing=()):
     """A gemma3-shaped file (readers behind their pre-norms, writers, post-norms, tied embeddings);
     llama.cpp does not need to load it."""
     rng = np.random.default_rng(seed)
@@ -423,6 +423,8 @@ def write_fake_gemma(path, n_embd=48, n_layer=3, seed=0):
             tensors[f"blk.{il}.{norm}.weight"] = (1 + rng.uniform(-0.9, 3.0, size=n_embd)).astype(np.float32)
         for reader, n_out in (("attn_q", 32), ("attn_k", 16), ("attn_v", 16), ("ffn_gate", 64), ("ffn_up", 64)):
             tensors[f"blk.{il}.{reader}.weight"] = rng.normal(size=(n_out, n_embd)).astype(np.float32)
+    for name in missing:
+        del tensors[name]
     for name, array in tensors.items():
         writer.add_tensor(name, array)
     writer.write_header_to_file()
@@ -456,6 +458,12 @@ def test_gemma_ablation_hides_u_from_the_next_blocks_readers(tmp_path, baked_pat
     # the writers, the embeddings and block 0's readers are untouched
     assert sorted(report.edited_tensors) == sorted(f"blk.{b}.{r}.weight" for b in (1, 2)
                                                    for r in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up"))
+    before = sorted(os.listdir(tmp_path))
+    broken = tmp_path / "broken.gguf"
+    write_fake_gemma(broken, missing=("blk.2.ffn_up.weight",))  # e.g. a mixture-of-experts block
+    with pytest.raises(BakeError, match=r"broken.gguf: tensor blk.2.ffn_up.weight is missing"):
+        bake_model(broken, tmp_path / "out.gguf", ablate=[vector], layers=[0, 1], approximate=True)
+    assert sorted(os.listdir(tmp_path)) == sorted(before + ["broken.gguf"])
     with pytest.raises(BakeError, match="layer 2 is read only by the output head"):
         bake_model(tmp_path / "gemma.gguf", baked_path, ablate=[random_vector(13, (2,))], layers=[2], approximate=True,
                    force=True)

@@ -412,6 +412,14 @@ def test_cli_eval_ablation_view_reports_what_the_ops_cost(capsys, tiny_model, ti
                                                           monkeypatch):
     monkeypatch.setattr(fluency, "load_neutral_texts", lambda: list(TEXTS))
     monkeypatch.setattr("ggsteer.cli.evaluate.load_eval_prompts", lambda name: load_eval_prompts(name)[:3])
+    seen = []  # the model the command loads
+    real_view = evaluate.ablation.ablation_view
+
+    def recording_view(model, *args, **kwargs):
+        seen.append(model)
+        return real_view(model, *args, **kwargs)
+
+    monkeypatch.setattr("ggsteer.cli.evaluate.ablation_view", recording_view)
     code = cli.main(["eval", str(tiny_vector_file), "--model", str(tiny_model_path), "--preset", "happy",
                      "--strengths", "0", "--ablation"])
     assert code == 0
@@ -424,3 +432,25 @@ def test_cli_eval_ablation_view_reports_what_the_ops_cost(capsys, tiny_model, ti
         expected_kl = fluency.fluency_cost(tiny_model).kl
     assert float(rows["ablate"][1]) == pytest.approx(expected_kl, abs=1e-3)
     assert float(rows["clamp+1"][1]) > 0
+    # the opposite side: prompts behind the negative persona, unsteered (column asking-) and ablated,
+    # measured again on the model the command loaded (its KV cache type differs from tiny_model's)
+    from ggsteer.evaluate import behaviour_scores
+    from ggsteer.evaluate.ablation import asking_items
+
+    cli_model = seen[0]
+    opposite = asking_items("happy", load_eval_prompts("happy")[:3], side="negative")
+    assert all(item["prompt"].startswith("Act as if you are an extremely sad person. ") for item in opposite)
+    with cli_model.unsteered():
+        unsteered = float(behaviour_scores(cli_model, opposite).mean())
+    with cli_model.steer(vector, 0.0, op="ablate"):
+        ablated = float(behaviour_scores(cli_model, opposite).mean())
+    assert len(rows["ablate"]) == 10
+    assert float(rows["ablate"][6]) == pytest.approx(unsteered, abs=2e-3)
+    assert float(rows["ablate"][7]) == pytest.approx(ablated, abs=2e-3)
+
+
+def test_asking_items_refuse_an_unknown_side():
+    from ggsteer.evaluate.ablation import asking_items
+
+    with pytest.raises(ValueError, match="side must be 'positive' or 'negative', got 'neutral'"):
+        asking_items("happy", load_eval_prompts("happy")[:1], side="neutral")
