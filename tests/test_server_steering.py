@@ -8,6 +8,7 @@ interventions alone on a second model instance.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
@@ -192,8 +193,12 @@ def test_compatible_endpoints_refuse_paths_outside_the_directory(client, vector_
 # -- live vector management -----------------------------------------------------------------------
 
 
+_FILE_NUMBERS = itertools.count()
+
+
 def gguf_bytes(tmp_path, vector: ControlVector, name="v") -> bytes:
-    path = tmp_path / f"{name}-{id(vector)}.gguf"
+    # a fresh file each call: id(vector) was reused once an earlier vector was freed (FileExistsError)
+    path = tmp_path / f"{name}-{next(_FILE_NUMBERS)}.gguf"
     vector.save(path)
     return path.read_bytes()
 
