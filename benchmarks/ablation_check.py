@@ -57,6 +57,7 @@ def main() -> None:
         print(f"{args.preset} {label}: KL {view.kl:.3f} ppl x{view.perplexity_ratio:.2f} behaviour neutral {view.neutral_behaviour:.2f} "
               f"asking {view.asking_behaviour:.2f} -> {view.ablated_behaviour:.2f} recovery {_share(view.recovery)} "
               f"opposite {view.opposite_behaviour:.2f} -> {view.opposite_ablated:.2f} recovery {_share(view.opposite_recovery)} "
+              f"gap left {_share(view.gap_left)} "
               f"shrink min {min(shrink):.3g} raw min {min(raw):.3g} | {view.sample!r}", flush=True)
     if args.out:
         with open(args.out, "w") as f:

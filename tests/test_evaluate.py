@@ -438,15 +438,25 @@ def test_cli_eval_ablation_view_reports_what_the_ops_cost(capsys, tiny_model, ti
     from ggsteer.evaluate.ablation import asking_items
 
     cli_model = seen[0]
-    opposite = asking_items("happy", load_eval_prompts("happy")[:3], side="negative")
-    assert all(item["prompt"].startswith("Act as if you are an extremely sad person. ") for item in opposite)
+    items = load_eval_prompts("happy")[:3]
+    asking = asking_items("happy", items)
+    opposite = asking_items("happy", items, side="negative")
+    # every negative persona before every prompt, persona by persona
+    assert [item["prompt"].split(" person. ")[0] for item in opposite] == [
+        f"Act as if you are an extremely {persona}" for persona in ("sad", "depressed", "gloomy") for _ in items]
+    assert [item["prompt"].split(" person. ")[1] for item in opposite] == [item["prompt"] for item in items] * 3
     with cli_model.unsteered():
         unsteered = float(behaviour_scores(cli_model, opposite).mean())
+        asked = float(behaviour_scores(cli_model, asking).mean())
     with cli_model.steer(vector, 0.0, op="ablate"):
         ablated = float(behaviour_scores(cli_model, opposite).mean())
-    assert len(rows["ablate"]) == 10
-    assert float(rows["ablate"][6]) == pytest.approx(unsteered, abs=2e-3)
-    assert float(rows["ablate"][7]) == pytest.approx(ablated, abs=2e-3)
+        plain = float(behaviour_scores(cli_model, items).mean())
+        asked_ablated = float(behaviour_scores(cli_model, asking).mean())
+    assert len(rows["ablate"]) == 12
+    assert float(rows["ablate"][3]) == pytest.approx(plain, abs=2e-3)
+    assert float(rows["ablate"][7]) == pytest.approx(unsteered, abs=2e-3)
+    assert float(rows["ablate"][8]) == pytest.approx(ablated, abs=2e-3)
+    assert float(rows["ablate"][10]) == pytest.approx((asked_ablated - ablated) / (asked - unsteered), abs=5e-3)
 
 
 def test_asking_items_refuse_an_unknown_side():

@@ -216,6 +216,9 @@ def test_ablation_view_reports_what_direct_measurements_give(tiny_model, trained
     assert (view.opposite_behaviour, view.opposite_ablated) == pytest.approx((opposed, opposed_ablated), abs=1e-5)
     assert abs(opposed - neutral) >= 0.1, "the test needs an opposite persona that moves the score"
     assert view.opposite_recovery == pytest.approx((opposed - opposed_ablated) / (opposed - neutral), abs=1e-4)
+    assert view.gap_left == pytest.approx((ablated - opposed_ablated) / (asked - opposed), abs=1e-4)
+    with tiny_model.steer(vector, 0.0, op="ablate", layers=[1, 2]):
+        assert view.neutral_ablated == pytest.approx(float(behaviour_scores(tiny_model, items).mean()), abs=1e-5)
     assert view.kl == pytest.approx(cost.kl) and view.kl > 0
     if abs(asked - neutral) >= 0.1:
         assert view.recovery == pytest.approx((asked - ablated) / (asked - neutral), abs=1e-4)

@@ -303,17 +303,20 @@ def print_ablation(job: SweepJob, layers_text: str | None) -> None:
     asking = asking_items(job.preset, job.eval_items)
     opposite = asking_items(job.preset, job.eval_items, side="negative")
     print(f"\nablation view ({len(asking)} prompts asking for '{job.preset}' (+) and as many for its opposite (-); "
-          "recovery: share of the persona's push taken back, - where it does not move the score)")
-    print(f"{'op':<10}{'KL':>8}{'ppl x':>8}{'asking+':>9}{'ablated':>9}{'recov+':>8}{'asking-':>9}{'ablated':>9}"
-          f"{'recov-':>8}{'spread /':>10}")
+          "plain: the eval prompts under the op; recovery: share of the persona's push taken back, - where it "
+          "does not move the score; gap left: share of (asking+ - asking-) that survives)")
+    print(f"{'op':<10}{'KL':>8}{'ppl x':>8}{'plain':>9}{'asking+':>9}{'ablated':>9}{'recov+':>8}{'asking-':>9}"
+          f"{'ablated':>9}{'recov-':>8}{'gap left':>9}{'spread /':>10}")
     for op, strength in (("ablate", 0.0), ("clamp", -1.0), ("clamp", 1.0)):
         view = ablation_view(job.model, job.vector, job.eval_items, asking, opposite=opposite, op=op,
                              strength=strength, layers=layers)
         label = op if op == "ablate" else f"clamp {strength:+g}"
         shrink = min(view.spread_shrink.values())
-        print(f"{label:<10}{view.kl:>8.3f}{view.perplexity_ratio:>8.2f}{view.asking_behaviour:>9.3f}"
-              f"{view.ablated_behaviour:>9.3f}{_share(view.recovery):>8}{view.opposite_behaviour:>9.3f}"
-              f"{view.opposite_ablated:>9.3f}{_share(view.opposite_recovery):>8}{shrink:>10.3g}")
+        print(f"{label:<10}{view.kl:>8.3f}{view.perplexity_ratio:>8.2f}{view.neutral_ablated:>9.3f}"
+              f"{view.asking_behaviour:>9.3f}{view.ablated_behaviour:>9.3f}{_share(view.recovery):>8}"
+              f"{view.opposite_behaviour:>9.3f}{view.opposite_ablated:>9.3f}{_share(view.opposite_recovery):>8}"
+              f"{_share(view.gap_left):>9}{shrink:>10.3g}")
+    print(f"(plain eval prompts unsteered: {view.neutral_behaviour:.3f})")
 
 
 def _share(value: float | None) -> str:

@@ -7,10 +7,16 @@ For `ablate` (or `clamp` at a strength) on a layer range:
   prompt), unsteered and under the op, next to the plain eval prompts unsteered. `recovery` is the
   share of the persona's push that the op takes back: (asking - ablated) / (asking - neutral); 1
   means back at the neutral prompts' score, >= 0.5 is the bar of issue 16. None when the persona
-  instruction does not move the score on this model (nothing to take back);
-- the same for prompts that ask for the opposite (the preset's negative persona): an ablated
+  instruction does not move the score on this model (nothing to take back). Every persona of the
+  preset is asked, each before every eval prompt;
+- the same for prompts that ask for the opposite (the preset's negative personas): an ablated
   direction is gone for both sides. On Gemma 3 270M the calm and honest eval prompts already score
-  high, so their positive persona adds nothing there while the negative one pushes by 1.5-2.5 nats;
+  high, so their positive personas add little there while the negative ones push by 1.4-2.4 nats;
+- gap left: what survives of the difference between asking for the behaviour and asking for its
+  opposite, (ablated - opposite ablated) / (asking - opposite). 0 means the persona no longer matters
+  along this behaviour; unlike recovery it does not depend on where the op puts the plain eval
+  prompts (their score under the op is reported too: an op that erases the behaviour moves them as
+  well, to wherever its target sits);
 - spread: per ablated layer, the std of those prompts' projections (sink rows left out) unsteered
   over the std under the op, along the direction the op acts on and along the raw trained
   direction (the latter keeps the parts every token shares, so it shrinks far less).
@@ -44,12 +50,14 @@ class AblationView:
     perplexity: float
     baseline_perplexity: float
     neutral_behaviour: float  # plain eval prompts, unsteered
+    neutral_ablated: float  # plain eval prompts, under the op
     asking_behaviour: float  # prompts asking for the behaviour, unsteered
     ablated_behaviour: float  # prompts asking for the behaviour, under the op
     recovery: float | None
     opposite_behaviour: float | None  # prompts asking for the opposite, unsteered
     opposite_ablated: float | None  # prompts asking for the opposite, under the op
     opposite_recovery: float | None
+    gap_left: float | None  # (ablated - opposite_ablated) / (asking - opposite): what survives of the personas' difference
     spread_shrink: dict[int, float]  # per layer, along the direction the op acts on
     raw_spread_shrink: dict[int, float]  # per layer, along the trained direction
     sample: str | None = None
@@ -64,13 +72,14 @@ class AblationView:
 
 
 def asking_items(preset_name: str, items: Sequence[dict], side: str = "positive") -> list[dict]:
-    """The eval items with the preset's first positive (or negative) persona instruction before each prompt."""
+    """The eval items behind each of the preset's positive (or negative) persona instructions, persona
+    by persona (one phrasing alone moved the mean by as little as the noise between phrasings)."""
     if side not in ("positive", "negative"):
         raise ValueError(f"side must be 'positive' or 'negative', got {side!r}")
     preset = get_preset(preset_name)
     personas = preset.positive_personas if side == "positive" else preset.negative_personas
-    instruction = preset.template.format(persona=personas[0])
-    return [{**item, "prompt": f"{instruction} {item['prompt']}"} for item in items]
+    instructions = [preset.template.format(persona=persona) for persona in personas]
+    return [{**item, "prompt": f"{instruction} {item['prompt']}"} for instruction in instructions for item in items]
 
 
 def ablation_view(
@@ -100,6 +109,7 @@ def ablation_view(
     with model.steer(vector, strength, **options):
         chosen = list(model.controls[0].layers)
         cost = fluency_cost(model, neutral_texts)
+        neutral_ablated = float(behaviour_scores(model, eval_items).mean())
         ablated, opposed_ablated = _asked_behaviour(model, asking, opposite)
         steered_states = _states(model, asking, chosen, vector)
         sample = generation_sample(model, sample_prompt) if sample_prompt else None
@@ -110,8 +120,9 @@ def ablation_view(
         shrink[il] = _spread(plain_states, k, direction) / max(_spread(steered_states, k, direction), 1e-30)
         raw_shrink[il] = _spread(plain_states, k, raw) / max(_spread(steered_states, k, raw), 1e-30)
     return AblationView(op, float(strength), chosen, cost.kl, cost.perplexity, unsteered_perplexity(model, neutral_texts),
-                        neutral, asked, ablated, _recovery(neutral, asked, ablated), opposed, opposed_ablated,
-                        _recovery(neutral, opposed, opposed_ablated), shrink, raw_shrink, sample, baseline_sample)
+                        neutral, neutral_ablated, asked, ablated, _recovery(neutral, asked, ablated), opposed, opposed_ablated,
+                        _recovery(neutral, opposed, opposed_ablated), _gap_left(asked, opposed, ablated, opposed_ablated),
+                        shrink, raw_shrink, sample, baseline_sample)
 
 
 def _asked_behaviour(model, asking, opposite) -> tuple[float, float | None]:
@@ -125,6 +136,13 @@ def _recovery(neutral: float, asked: float | None, ablated: float | None) -> flo
     if asked is None or ablated is None or abs(asked - neutral) < MIN_PERSONA_PUSH:
         return None
     return (asked - ablated) / (asked - neutral)
+
+
+def _gap_left(asked: float, opposed: float | None, ablated: float, opposed_ablated: float | None) -> float | None:
+    """Share of the difference between asking for the behaviour and for its opposite that survives the op."""
+    if opposed is None or opposed_ablated is None or abs(asked - opposed) < MIN_PERSONA_PUSH:
+        return None
+    return (ablated - opposed_ablated) / (asked - opposed)
 
 
 def _states(model, asking, layers, vector) -> list[np.ndarray]:
