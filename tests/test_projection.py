@@ -13,6 +13,7 @@ from ggsteer.vectors import ControlVector
 from ggsteer.vectors.projection import (
     SHARED_DIRECTIONS,
     SHARED_PROMPTS,
+    ablation_prompts,
     projection_for_layer,
     shared_directions,
     shared_prompts,
@@ -100,6 +101,11 @@ def test_training_stores_the_ablation_direction_and_its_statistics(tiny_model, t
     prompts = shared_prompts([text for e in pairs for text in (e.positive, e.negative)])
     assert len(prompts) == min(SHARED_PROMPTS, 2 * len(pairs))
     states = [reference_forward(tiny_weights, tiny_model.tokenize_prompt(p), kv_f16=False)[0] for p in prompts]
+    pooled = ablation_prompts([text for e in pairs for text in (e.positive, e.negative)])
+    assert pooled == [text for e in pairs for text in (e.positive, e.negative)]  # 24 pairs: all of them
+    # mean over every token (the sink included, as mean pooling does) of each prompt
+    means = np.stack([reference_forward(tiny_weights, tiny_model.tokenize_prompt(p), kv_f16=False)[0].mean(axis=1)
+                      for p in pooled])  # [n_prompts, n_layer, n_embd]
     stored = vector.layer_vector("ablation_direction")
     assert sorted(stored) == vector.layers
     for il in vector.layers:
@@ -111,7 +117,10 @@ def test_training_stores_the_ablation_direction_and_its_statistics(tiny_model, t
         basis = np.linalg.qr(np.vstack([shared, states[0][il, 0]]).T)[0].T
         if il == tiny_model.n_layer - 1:
             basis = basis[:0]  # the last layer is not captured token by token: its raw direction is kept
-        u = unit(vector.directions[il].astype(np.float64))
+            u = unit(vector.directions[il].astype(np.float64))
+        else:  # u' is made from the mean-pooled pair difference
+            u = unit(means[0::2, il].mean(axis=0) - means[1::2, il].mean(axis=0))
+            assert float(u @ unit(vector.directions[il].astype(np.float64))) < 0.9999  # not the trained direction
         expected = u - basis.T @ (basis @ u)
         expected /= np.linalg.norm(expected)
         assert float(stored[il] @ expected) > 0.9999, f"layer {il}: cos {float(stored[il] @ expected):.6f}"
@@ -125,6 +134,12 @@ def test_training_stores_the_ablation_direction_and_its_statistics(tiny_model, t
         direction, target = projection_for_layer(vector, il, "clamp", 0.5)
         np.testing.assert_array_equal(direction, stored[il])
         assert target == pytest.approx(vector.layer_stat("ablation_center")[il] + 0.5 * vector.layer_stat("ablation_gap")[il])
+
+
+def test_ablation_prompts_take_whole_pairs_spread_over_the_dataset():
+    prompts = [f"{side} {i}" for i in range(10) for side in ("pos", "neg")]
+    assert ablation_prompts(prompts, n_pairs=3) == ["pos 0", "neg 0", "pos 4", "neg 4", "pos 9", "neg 9"]
+    assert ablation_prompts(prompts, n_pairs=64) == prompts
 
 
 @pytest.mark.parametrize("op, strength", [("ablate", 1.0), ("clamp", 1.0), ("clamp", -1.0)])

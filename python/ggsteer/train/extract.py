@@ -53,17 +53,22 @@ def train_vector(
     prompts = [text for entry in entries for text in (entry.positive, entry.negative)]
     # and, in the same pass, every token of a few of them: the directions ordinary tokens share
     # (vectors/projection.py); the last layer keeps its raw direction (tests/test_projection.py)
+    # and of some pairs the mean over all tokens: the direction ablate and clamp act on
     shared = projection.shared_prompts(prompts)
+    pooled = projection.ablation_prompts(prompts)
+    pools = [pool] * len(prompts) + ["all"] * len(shared) + ["mean"] * len(pooled)
     with model.unsteered():
-        states = capture_pooled(model, prompts + shared, [pool] * len(prompts) + ["all"] * len(shared),
+        states = capture_pooled(model, prompts + shared + pooled, pools,
                                 layers=train_layers, batch_size=batch_size, progress=progress)
     hidden = np.stack(states[: len(prompts)])
     shared_layers = [il for il in train_layers if il != model.n_layer - 1]
-    tokens = [s[:, [train_layers.index(il) for il in shared_layers]] for s in states[len(prompts):]]
+    tokens = [s[:, [train_layers.index(il) for il in shared_layers]] for s in states[len(prompts):-len(pooled)]]
+    mean_pooled = np.stack(states[-len(pooled):])
     fits = [methods.fit_layer(hidden[0::2, k], hidden[1::2, k], method) for k in range(len(train_layers))]
     _warn_near_chance(train_layers, fits)
     ablation = [
-        projection.fit_projection(hidden[0::2, k], hidden[1::2, k], fit.direction,
+        projection.fit_projection(hidden[0::2, k], hidden[1::2, k],
+                                  _ablation_source(mean_pooled[:, k], fit.direction, il in shared_layers),
                                   _shared_directions(tokens, shared_layers, il, model.n_embd))
         for k, (il, fit) in enumerate(zip(train_layers, fits))
     ]
@@ -89,6 +94,15 @@ def train_vector(
         "recommended_layers": recommended or list(train_layers),
     }
     return ControlVector(directions, model_hint=model.model_hint, metadata=metadata)
+
+
+def _ablation_source(mean_pooled: np.ndarray, trained: np.ndarray, token_states: bool) -> np.ndarray:
+    """What u' is made from: the mean-pooled pair difference where token states were captured (it
+    carries the behaviour of every token, not the last one's), else the trained direction."""
+    if not token_states:
+        return trained
+    difference = projection.mean_pooled_difference(mean_pooled)
+    return difference if np.linalg.norm(difference) > 0 else trained
 
 
 def _shared_directions(tokens, shared_layers: list[int], layer: int, n_embd: int) -> np.ndarray:
