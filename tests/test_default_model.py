@@ -102,6 +102,26 @@ def test_ablating_happy_direction_keeps_the_model_fluent(default_model, happy_ve
     assert raw_every_row.kl > 2.0, f"the raw direction on every row should break the text: KL {raw_every_row.kl:.3f}"
 
 
+def test_ablation_erases_what_the_persona_asks_for(default_model):
+    """Issue 16: on prompts behind the honest personas and behind the dishonest ones, ablating the
+    honest direction leaves little of the difference between them. u' made from the last-token
+    trained direction left 43% of it; made from the mean-pooled pair difference, 4%."""
+    from ggsteer.evaluate.ablation import asking_items
+
+    vector = ControlVector.train(default_model, preset_dataset("honest", max_suffixes=40), method="mean_diff")
+    items = load_eval_prompts("honest")
+    asking, opposite = asking_items("honest", items), asking_items("honest", items, side="negative")
+
+    def persona_gap():
+        return float(behaviour_scores(default_model, asking).mean() - behaviour_scores(default_model, opposite).mean())
+
+    plain = persona_gap()
+    default_model.set_control(vector, 0.0, op="ablate")
+    ablated = persona_gap()
+    assert plain > 1.0, f"the personas should move the honest score apart: {plain:.3f}"
+    assert abs(ablated) <= 0.2 * plain, f"ablation left {ablated:.3f} of the personas' {plain:.3f}"
+
+
 def test_when_generated_keeps_prompt_states(default_model, happy_vector):
     import llama_cpp
 
