@@ -65,7 +65,7 @@ def main() -> None:
         prompts = [text for entry in entries for text in (entry.positive, entry.negative)]
         token_lists = [model.tokenize_prompt(p) for p in prompts]
         for variant, (method, layers) in variants.items():
-            stats = CaptureStats()  # what train's capture costs: the same call ControlVector.train makes
+            stats = CaptureStats()  # the pairs' capture; train's walk adds the shared and ablation prompts' tokens
             model.hidden_states(prompts, layers=layers, batch_size=args.batch, progress=False, stats=stats)
             facts[(name, variant)] = (len(prompts), stats)
             pairs[(name, variant)] = (
