@@ -424,6 +424,7 @@ def test_cli_eval_ablation_view_reports_what_the_ops_cost(capsys, tiny_model, ti
                      "--strengths", "0", "--ablation"])
     assert code == 0
     out = capsys.readouterr().out
+    assert "steerability unknown (it needs two different strengths)" in out  # one strength: no slope, not "+nan"
     rows = {line.split()[0] + ("" if line.startswith("ablate") else line.split()[1]): line.split()
             for line in out.splitlines() if line.startswith(("ablate", "clamp"))}
     assert sorted(rows) == ["ablate", "clamp+1", "clamp-1"]

@@ -216,7 +216,9 @@ def run_sweeps(job: SweepJob, raw: bool, samples: bool = False) -> list:
 
 def print_sweeps(sweeps, samples: bool = False) -> None:
     for sweep in sweeps:
-        print(f"\n{sweep.label}: steerability {sweep.steerability:+.3g} nats per unit strength; "
+        slope = ("unknown (it needs two different strengths)" if math.isnan(sweep.steerability)
+                 else f"{sweep.steerability:+.3g} nats per unit strength")
+        print(f"\n{sweep.label}: steerability {slope}; "
               f"unsteered behaviour {sweep.baseline_behaviour:+.3f}, perplexity {sweep.baseline_perplexity:.2f}")
         print(f"{'strength':>9} {'behaviour':>10} {'gain':>8} {'wrong-way':>10} {'KL':>9} {'perplexity':>11}")
         for p in sweep.points:
