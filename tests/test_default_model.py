@@ -171,16 +171,21 @@ def test_demo_trains_writes_and_steers(capsys, monkeypatch, default_model, tmp_p
     assert second.out.splitlines()[:-2] == first.out.splitlines()[:-2]
 
 
-def test_baked_ablation_keeps_gemma_fluent(happy_vector, tmp_path):
-    """Issue 16: the approximate Gemma bake (the next block's readers edited) stays near the plain
-    model (it was KL 10-23 with the writers orthogonalised) and still changes it."""
+def test_baked_ablation_keeps_gemma_fluent_and_erases_the_personas(happy_vector, tmp_path):
+    """Issue 16: the approximate Gemma bake (the next block's value projection reads without u) stays
+    near the plain model (it was KL 10-23 with the writers orthogonalised, and with the FFN readers
+    edited as well every prompt moved by about -3 nats) and takes away most of what the happy and
+    sad personas do to the happy score."""
     from ggsteer import SteeredModel, default_model_path
     from ggsteer.bake import bake_model
     from ggsteer.evaluate import load_neutral_texts
+    from ggsteer.evaluate.ablation import asking_items
 
     baked_path = tmp_path / "baked.gguf"
     bake_model(default_model_path(), baked_path, ablate=[happy_vector], layers=list(range(3, 15)), approximate=True)
     texts = load_neutral_texts()[:3]
+    items = load_eval_prompts("happy")
+    asking, opposite = asking_items("happy", items), asking_items("happy", items, side="negative")
 
     def log_probs(model):
         out = []
@@ -193,14 +198,19 @@ def test_baked_ablation_keeps_gemma_fluent(happy_vector, tmp_path):
             out.append(shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True)))
         return np.concatenate(out)
 
-    logprobs = {}
+    logprobs, persona_gap, plain_score = {}, {}, {}
     for name, path in (("plain", default_model_path()), ("baked", baked_path)):
         model = SteeredModel(model_path=str(path), n_ctx=2048, n_threads=2, logits_all=True)  # scores of every row
         try:
             logprobs[name] = log_probs(model)
+            persona_gap[name] = float(behaviour_scores(model, asking).mean() - behaviour_scores(model, opposite).mean())
+            plain_score[name] = float(behaviour_scores(model, items).mean())
         finally:
             model.close()
     plain, baked = logprobs["plain"], logprobs["baked"]
     assert np.abs(plain).min() > 0  # every row was scored
     kl = float((np.exp(plain) * (plain - baked)).sum(axis=-1).mean())
-    assert 0.01 < kl <= 0.5, f"KL(plain || baked ablation) {kl:.3f}"
+    assert kl <= 0.5, f"KL(plain || baked ablation) {kl:.3f}"
+    assert persona_gap["plain"] > 2.0, persona_gap
+    assert abs(persona_gap["baked"]) <= 0.25 * persona_gap["plain"], persona_gap
+    assert abs(plain_score["baked"] - plain_score["plain"]) < 1.5, plain_score  # no big shift of every prompt

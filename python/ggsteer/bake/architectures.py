@@ -17,6 +17,11 @@ else it writes (measured: block 0's outputs changed by ~90% and the text broke).
 ablation edits the next block's readers instead (`readers`: each reads the residual through an
 RMSNorm with weight g, and a reader W (g * h / rms) that sees h without its u component is
 W (I - (g u)(u / g)^T) applied to the same normalised input, up to the RMS of the small u part).
+Only the attention's value projection: what later tokens can copy from earlier ones is where a
+persona's effect travels. Measured on Gemma 3 270M (happy, calm, honest vectors, layers 3-14): with
+the values alone the difference between the positive and negative personas' scores fell to 4-14%
+of unsteered at 0.99-1.01x perplexity; adding the FFN's gate and up erased it but moved every prompt
+by about -3 nats (the happy text turned sad, 1.21x perplexity); adding queries and keys left 11-29%.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ ARCHITECTURES = {
     "gemma3": Architecture("gemma3", "", "", ("post_attention_norm", "post_ffw_norm"),
                            "Gemma 3 normalises each block's writes (post-attention and post-FFN norms), so no "
                            "bias reaches the residual stream", "src/models/gemma3.cpp", True,
-                           (("attn_norm", ("attn_q", "attn_k", "attn_v")), ("ffn_norm", ("ffn_gate", "ffn_up")))),
+                           (("attn_norm", ("attn_v",)),)),
 }
 
 

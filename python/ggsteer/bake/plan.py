@@ -17,9 +17,9 @@ sets it to c_i + s * |v_i|.
   Otherwise (approximate) each steered block stops writing along its own layer's direction (plain
   projection), as abliteration does with per-layer directions; on post-norm architectures (Gemma 3),
   where a writer edit also rescales the rest of the write, the block after each steered layer i
-  reads the residual without u_i instead (Architecture.readers): the attention and FFN of block
-  i + 1 see layer i's output (and the attention's write) with nothing along u_i, the sink included,
-  which u_i does not point along (vectors/projection.py).
+  reads the residual without u_i instead (Architecture.readers): the attention values of block
+  i + 1 see layer i's output with nothing along u_i, the sink included, which u_i does not point
+  along (vectors/projection.py).
 """
 
 from __future__ import annotations
@@ -154,7 +154,8 @@ class Planner:
                     name = f"blk.{il + 1}.{reader}.weight"
                     self._tensor(name)
                     self.plan.reader_steps.setdefault(name, []).append(step)
-        return "the projections of the block after each steered layer read it without that layer's direction"
+        readers = ", ".join(reader for _, names in self.arch.readers for reader in names)
+        return f"the {readers} projections of the block after each steered layer read it without that layer's direction"
 
     def _tensor(self, name: str):
         if name not in self.layout.tensors:
@@ -163,6 +164,9 @@ class Planner:
 
     # -- pieces ---------------------------------------------------------------------------
     def _projection_limits(self, units: dict[int, np.ndarray], targets: dict[int, float]) -> list[str]:
+        if self.arch.readers:  # post-norm writes: no writer edit holds a projection, whatever the layers
+            return [f"{self.arch.name} normalises each block's writes, so the next block's readers are edited instead: "
+                    "the residual stream, the other readers, later blocks and the output head still see the direction"]
         layers = sorted(units)
         reasons = []
         if layers != list(range(layers[-1] + 1)):
