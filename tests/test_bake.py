@@ -474,6 +474,21 @@ def test_gemma_ablation_hides_u_from_the_next_blocks_readers(tmp_path, baked_pat
                    force=True)
 
 
+def test_gemma_ablation_is_never_called_exact(tmp_path, baked_path):
+    """One direction from layer 0 without a center would be exact on llama; Gemma's post-norms still
+    rescale a writer edit, so the bake asks for --approximate and then edits block 1's values."""
+    original = write_fake_gemma(tmp_path / "gemma.gguf")
+    vector = random_vector(15, (0,))
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(BakeError, match="cannot bake ablate exactly into gemma3"):
+        bake_model(tmp_path / "gemma.gguf", baked_path, ablate=[vector], layers=[0])
+    assert_nothing_written(tmp_path, before)
+    report = bake_model(tmp_path / "gemma.gguf", baked_path, ablate=[vector], layers=[0], approximate=True)
+    assert report.edited_tensors == ["blk.1.attn_v.weight"]
+    tensors = read_weights(baked_path)
+    np.testing.assert_array_equal(tensors["blk.0.attn_output.weight"], original["blk.0.attn_output.weight"])
+
+
 def test_gemma_add_is_refused_even_approximately(tmp_path, baked_path):
     write_fake_gemma(tmp_path / "gemma.gguf")
     before = sorted(os.listdir(tmp_path))
