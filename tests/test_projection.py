@@ -208,7 +208,7 @@ def test_vector_without_statistics_falls_back_to_its_own_direction(tiny_model):
 
 
 def test_ablation_view_reports_what_direct_measurements_give(tiny_model, trained):
-    from ggsteer.evaluate import behaviour_scores, fluency_cost
+    from ggsteer.evaluate import behaviour_scores, fluency_cost, unsteered_perplexity
     from ggsteer.evaluate.ablation import ablation_view
 
     _, vector = trained
@@ -235,6 +235,7 @@ def test_ablation_view_reports_what_direct_measurements_give(tiny_model, trained
     with tiny_model.steer(vector, 0.0, op="ablate", layers=[1, 2]):
         assert view.neutral_ablated == pytest.approx(float(behaviour_scores(tiny_model, items).mean()), abs=1e-5)
     assert view.kl == pytest.approx(cost.kl) and view.kl > 0
+    assert view.perplexity_ratio == pytest.approx(cost.perplexity / unsteered_perplexity(tiny_model, texts), rel=1e-6)
     if abs(asked - neutral) >= 0.1:
         assert view.recovery == pytest.approx((asked - ablated) / (asked - neutral), abs=1e-4)
     else:

@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from ggsteer.evaluate.behaviour import behaviour_scores, generation_sample
-from ggsteer.evaluate.fluency import fluency_cost, unsteered_perplexity
+from ggsteer.evaluate.fluency import fluency_costs, neutral_tokens
 from ggsteer.evaluate.settings import steered_layers
 from ggsteer.model import SteeredModel
 from ggsteer.train import get_preset
@@ -102,15 +102,14 @@ def ablation_view(
         raise ValueError(f"the ablation view is for ablate and clamp, got {op!r}")
     options = dict(op=op, layers=layers, skip_first=skip_first)
     with model.unsteered():
-        neutral = float(behaviour_scores(model, eval_items).mean())
-        asked, opposed = _asked_behaviour(model, asking, opposite)
+        neutral, asked, opposed = _mean_scores(model, eval_items, asking, opposite)
         plain_states = _states(model, asking, layers, vector)
         baseline_sample = generation_sample(model, sample_prompt) if sample_prompt else None
     with model.steer(vector, strength, **options):
         chosen = list(model.controls[0].layers)
-        cost = fluency_cost(model, neutral_texts)
-        neutral_ablated = float(behaviour_scores(model, eval_items).mean())
-        ablated, opposed_ablated = _asked_behaviour(model, asking, opposite)
+        # the plain model's perplexity comes from the decode KL is measured against
+        (cost,), plain = fluency_costs(model, neutral_tokens(model, neutral_texts), [model.controls])
+        neutral_ablated, ablated, opposed_ablated = _mean_scores(model, eval_items, asking, opposite)
         steered_states = _states(model, asking, chosen, vector)
         sample = generation_sample(model, sample_prompt) if sample_prompt else None
     shrink, raw_shrink = {}, {}
@@ -119,16 +118,20 @@ def ablation_view(
         raw = vector.directions[il] / np.linalg.norm(vector.directions[il])
         shrink[il] = _spread(plain_states, k, direction) / max(_spread(steered_states, k, direction), 1e-30)
         raw_shrink[il] = _spread(plain_states, k, raw) / max(_spread(steered_states, k, raw), 1e-30)
-    return AblationView(op, float(strength), chosen, cost.kl, cost.perplexity, unsteered_perplexity(model, neutral_texts),
+    return AblationView(op, float(strength), chosen, cost.kl, cost.perplexity, plain.perplexity,
                         neutral, neutral_ablated, asked, ablated, _recovery(neutral, asked, ablated), opposed, opposed_ablated,
                         _recovery(neutral, opposed, opposed_ablated), _gap_left(asked, opposed, ablated, opposed_ablated),
                         shrink, raw_shrink, sample, baseline_sample)
 
 
-def _asked_behaviour(model, asking, opposite) -> tuple[float, float | None]:
-    """Mean score of the prompts asking for the behaviour and of those asking for its opposite (one run)."""
-    scores = behaviour_scores(model, list(asking) + list(opposite or []))
-    return float(scores[: len(asking)].mean()), float(scores[len(asking):].mean()) if opposite else None
+def _mean_scores(model, plain, asking, opposite) -> tuple[float, float, float | None]:
+    """Mean score of the plain eval prompts, of those asking for the behaviour and of those asking
+    for its opposite (None without them), scored in one run."""
+    groups = [list(plain), list(asking), list(opposite or [])]
+    scores = behaviour_scores(model, [item for group in groups for item in group])
+    means = [float(part.mean()) if len(part) else None
+             for part in np.split(scores, np.cumsum([len(group) for group in groups])[:-1])]
+    return means[0], means[1], means[2]
 
 
 def _recovery(neutral: float, asked: float | None, ablated: float | None) -> float | None:

@@ -27,7 +27,7 @@ What u' starts from: the difference of the pairs' states averaged over every tok
 the last token only. Ablation rewrites every token, and the behaviour a persona instruction carries
 to later tokens lives along the tokens' average difference: on Gemma 3 270M (honest, calm, happy) the
 share of the difference between asking for the behaviour and asking for its opposite that survives
-ablation fell from 43% / 3% / 13% to 4% / ~0 / ~0, with KL on neutral text 0.03-0.08 instead of
+ablation fell from 43% / 3% / 13% to 6% / ~0 / ~0, with KL on neutral text 0.03-0.08 instead of
 0.07-0.13. The center and gap stay those of the training states (the last token by default) along u',
 so clamp +-1 still means one trained gap.
 
