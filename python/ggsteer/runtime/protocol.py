@@ -7,18 +7,20 @@ from __future__ import annotations
 
 from typing import Any, ContextManager, Protocol, Sequence
 
+from llama_cpp import llama_batch
+
+from ggsteer.runtime.context import Context
+
 
 class HookedModel(Protocol):
     n_layer: int
     n_embd: int
     n_batch: int
     hook: Any  # the native hook (ggsteer._native.Hook) installed as this model's eval callback
+    context: Context  # decodes, KV cache, logits: the only way above runtime/ into llama.cpp
 
     @property
     def n_seq_max(self) -> int: ...
-
-    @property
-    def ctx(self) -> Any: ...  # the llama_context pointer
 
     @property
     def model_hint(self) -> str: ...
@@ -37,7 +39,9 @@ class HookedModel(Protocol):
 
     def is_end_of_generation(self, token: int) -> bool: ...
 
-    def decode_batch(self, batch: Any, generated: Any = False) -> None: ...
+    def token_bos(self) -> int: ...
+
+    def decode_batch(self, batch: llama_batch, generated: Any = False) -> None: ...
 
     def reset(self) -> None: ...
 
