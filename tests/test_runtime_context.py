@@ -64,9 +64,9 @@ def test_a_token_outside_the_vocabulary_is_an_invalid_batch(model):
         model.decode_batch(batch.batch)  # positive control: the same batch with valid tokens decodes
     assert model.context.seq_pos_max(0) == len(good) - 1
     model.context.clear_memory()
-    with filled(good[:-1] + [model.n_vocab() + 5]) as batch:
-        with pytest.raises(InvalidBatchError, match="status -1: invalid input batch") as caught:
-            model.decode_batch(batch.batch)
+    bad = filled(good[:-1] + [model.n_vocab() + 5])
+    with bad, pytest.raises(InvalidBatchError, match="status -1: invalid input batch") as caught:
+        model.decode_batch(bad.batch)
     assert caught.value.status == -1
     assert model.context.seq_pos_max(0) == -1  # llama.cpp restored the cache: nothing was kept
 
@@ -76,9 +76,8 @@ def test_a_sequence_id_past_n_seq_max_is_an_invalid_batch(model):
     tokens = model.tokenize_prompt("the dog")
     with filled(tokens, seq=model.n_seq_max - 1) as batch:
         model.decode_batch(batch.batch)
-    with filled(tokens, seq=model.n_seq_max) as batch:
-        with pytest.raises(InvalidBatchError) as caught:
-            model.decode_batch(batch.batch)
+    with filled(tokens, seq=model.n_seq_max) as batch, pytest.raises(InvalidBatchError) as caught:
+        model.decode_batch(batch.batch)
     assert caught.value.status == -1
     model.context.clear_memory()
 
@@ -91,9 +90,9 @@ def test_a_full_context_is_reported_as_a_full_kv_cache(model):
         with filled([token] * n_batch, start=start) as batch:
             model.decode_batch(batch.batch)
     assert model.context.seq_pos_max(0) == n_ctx - 1
-    with filled([token], seq=1) as batch:
-        with pytest.raises(KVCacheFullError, match="status 1: the KV cache is full") as caught:
-            model.decode_batch(batch.batch)
+    one_more = filled([token], seq=1)
+    with one_more, pytest.raises(KVCacheFullError, match="status 1: the KV cache is full") as caught:
+        model.decode_batch(one_more.batch)
     assert caught.value.status == 1
     assert model.context.seq_pos_max(0) == n_ctx - 1 and model.context.seq_pos_max(1) == -1
     model.context.clear_memory()
@@ -110,9 +109,9 @@ def test_an_aborted_decode_is_reported_as_aborted(model):
 
     llama_cpp.llama_set_abort_callback(model.ctx, abort, None)
     try:
-        with filled(model.tokenize_prompt("the happy dog")) as batch:
-            with pytest.raises(DecodeAbortedError, match="status 2: the decode was aborted") as caught:
-                model.decode_batch(batch.batch)
+        batch = filled(model.tokenize_prompt("the happy dog"))
+        with batch, pytest.raises(DecodeAbortedError, match="status 2: the decode was aborted") as caught:
+            model.decode_batch(batch.batch)
     finally:
         llama_cpp.llama_set_abort_callback(model.ctx, llama_cpp.ggml_abort_callback(0), None)
     assert caught.value.status == 2 and calls

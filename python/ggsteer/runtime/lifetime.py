@@ -8,7 +8,8 @@ avoid a leak; `close()` and `with` only make the moment explicit.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class NativeHandle:

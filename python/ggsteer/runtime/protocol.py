@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
-from typing import Any, ContextManager, Protocol, Sequence
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 from llama_cpp import llama_batch
 
@@ -45,4 +47,4 @@ class HookedModel(Protocol):
 
     def reset(self) -> None: ...
 
-    def unsteered(self) -> ContextManager[Any]: ...
+    def unsteered(self) -> AbstractContextManager[Any]: ...
