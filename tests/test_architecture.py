@@ -116,6 +116,67 @@ def test_no_private_state_is_used_outside_runtime():
     assert offenders == []
 
 
+# llama_cpp's ctypes binding of llama.h/ggml.h: its functions, types and constants, and its private modules
+C_API_PREFIXES = ("llama_", "ggml_", "LLAMA_", "GGML_", "_")
+C_API_MODULES = ("llama_cpp.llama_cpp", "llama_cpp._internals", "llama_cpp._ctypes_extensions", "llama_cpp._ggml")
+
+
+def llama_c_api_uses(sources: dict[str, Path]) -> list[str]:
+    """Every use of llama_cpp's C API outside runtime/: `llama_cpp.llama_decode(...)` (under any
+    alias), `from llama_cpp import llama_decode` and imports of the binding modules themselves.
+    llama-cpp-python's Python helpers (`llama_cpp.Llama`, `llama_cpp.llama_grammar`) stay allowed."""
+    found = []
+    for module, path in sources.items():
+        if group_of(module) == "runtime":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        aliases = {alias.asname or "llama_cpp" for node in ast.walk(tree) if isinstance(node, ast.Import)
+                   for alias in node.names if alias.name == "llama_cpp"}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                if node.attr.startswith(C_API_PREFIXES) and not node.attr.startswith("__"):
+                    found.append(f"{module}:{node.lineno} {node.value.id}.{node.attr}")
+            elif isinstance(node, ast.Import):
+                found += [f"{module}:{node.lineno} import {a.name}" for a in node.names
+                          if a.name.startswith(C_API_MODULES)]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("llama_cpp"):
+                if node.module.startswith(C_API_MODULES):
+                    found.append(f"{module}:{node.lineno} from {node.module} import ...")
+                elif node.module == "llama_cpp":
+                    found += [f"{module}:{node.lineno} from llama_cpp import {a.name}" for a in node.names
+                              if a.name.startswith(C_API_PREFIXES)]
+    return sorted(found, key=lambda text: (text.split(":")[0], int(text.split(":")[1].split()[0])))
+
+
+def test_no_llama_c_api_outside_runtime():
+    assert llama_c_api_uses(modules()) == []
+
+
+def test_a_llama_c_api_call_outside_runtime_is_caught(tmp_path):
+    """The checker itself can fail: calls as the capture made them before runtime.Context, under
+    an alias, imported by name, and through the binding module are each reported."""
+    sources = modules()
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "import llama_cpp\nimport llama_cpp as lc\nfrom llama_cpp import llama_decode, Llama\n"
+        "from llama_cpp.llama_grammar import JSON_GBNF\nfrom llama_cpp._internals import LlamaContext\n"
+        "def f(model):\n"
+        "    memory = llama_cpp.llama_get_memory(model.ctx)\n"
+        "    lc.llama_memory_clear(memory, True)\n"
+        "    return llama_cpp.Llama, lc.GGML_TYPE_F32\n"
+    )
+    sources["ggsteer.train.bad"] = bad
+    assert llama_c_api_uses(sources) == [
+        "ggsteer.train.bad:3 from llama_cpp import llama_decode",
+        "ggsteer.train.bad:5 from llama_cpp._internals import ...",
+        "ggsteer.train.bad:7 llama_cpp.llama_get_memory",
+        "ggsteer.train.bad:8 lc.llama_memory_clear",
+        "ggsteer.train.bad:9 lc.GGML_TYPE_F32",
+    ]
+    sources["ggsteer.runtime.bad"] = sources.pop("ggsteer.train.bad")
+    assert llama_c_api_uses(sources) == []  # runtime/ is where these calls belong
+
+
 @pytest.mark.parametrize("module", sorted(modules()))
 def test_modules_stay_short(module):
     lines = len(modules()[module].read_text().splitlines())

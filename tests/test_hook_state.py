@@ -181,13 +181,12 @@ def raw_decode(model, text):
     """llama_decode straight on the context, as code that bypasses ggsteer would."""
     tokens = model.tokenize_prompt(text)
     llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(model.ctx), True)
-    batch = OwnedBatch(len(tokens))
     try:
-        for i, token in enumerate(tokens):
-            batch.add(token, i, 0, i == len(tokens) - 1)
-        assert llama_cpp.llama_decode(model.ctx, batch.batch) == 0
+        with OwnedBatch(len(tokens)) as batch:
+            for i, token in enumerate(tokens):
+                batch.add(token, i, 0, i == len(tokens) - 1)
+            assert llama_cpp.llama_decode(model.ctx, batch.batch) == 0
     finally:
-        batch.close()
         model.reset()
 
 

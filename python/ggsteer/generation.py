@@ -13,7 +13,6 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-import llama_cpp
 import numpy as np
 
 from ggsteer.runtime.batch import OwnedBatch
@@ -90,16 +89,13 @@ def per_slot_steering(model: HookedModel, seqs_per_row: int = 1):
     """Yields a batch of n_batch rows for decodes steered only by per-slot hook programs: inside,
     the model is unsteered (adapter and global program off) and starts from an empty cache; on
     exit the batch is freed, the program cleared, the cache emptied, the controls restored."""
-    memory = llama_cpp.llama_get_memory(model.ctx)
-    with model.unsteered():
-        batch = OwnedBatch(model.n_batch, seqs_per_row)
-        llama_cpp.llama_memory_clear(memory, True)
+    with model.unsteered(), OwnedBatch(model.n_batch, seqs_per_row) as batch:
+        model.context.clear_memory()
         try:
             yield batch
         finally:
-            batch.close()
             model.hook.clear_program()
-            llama_cpp.llama_memory_clear(memory, True)
+            model.context.clear_memory()
             model.reset()
 
 
@@ -127,7 +123,6 @@ class ContinuousBatch:
         self._joined = 0
         self._cleanup = contextlib.ExitStack()
         self.batch = self._cleanup.enter_context(per_slot_steering(model))
-        self.memory = llama_cpp.llama_get_memory(model.ctx)
 
     def __enter__(self) -> "ContinuousBatch":
         return self
@@ -171,7 +166,7 @@ class ContinuousBatch:
         """Drop a sequence (finished or abandoned) and free its KV cells and slot."""
         if self.slots[state.slot] is not state:
             return
-        llama_cpp.llama_memory_seq_rm(self.memory, state.slot, -1, -1)
+        self.model.context.seq_rm(state.slot)
         self.slots[state.slot] = None
         self.reserved_cells -= state.kv_cells
         self._program_stale = True
@@ -287,8 +282,7 @@ class ContinuousBatch:
         self.n_decodes += 1
         # a later decode overwrites llama.cpp's logits: keep each sequence's own
         for state, row in outputs:
-            pointer = llama_cpp.llama_get_logits_ith(self.model.ctx, row)
-            state.next_logits = np.ctypeslib.as_array(pointer, shape=(self.model.n_vocab(),)).copy()
+            state.next_logits = self.model.context.logits_ith(row).copy()
             state.ready_since = self.n_decodes
 
 

@@ -11,7 +11,6 @@ composes the layers below it: steering (controls -> adapter buffer + hook progra
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import warnings
 from pathlib import Path
@@ -25,11 +24,13 @@ from ggsteer.generation import generate_batch
 from ggsteer.runtime.default_model import default_model_path
 from ggsteer.runtime.hooked_context import (
     HookError,
-    decode_batch,
     install_hooked_context,
     is_end_of_generation,
+    max_parallel_sequences,
+    model_dimensions,
     new_hook,
 )
+from ggsteer.runtime.logs import install_log_filter
 from ggsteer.steering.adapter import cvec_buffer
 from ggsteer.steering.interventions import Intervention, make_intervention, normalize_controls
 from ggsteer.steering.program import compile_program
@@ -68,7 +69,8 @@ class SteeredModel(llama_cpp.Llama):
 
     `model_path=None` opens the embedded default model (Gemma 3 270M Q4_K_M). Other keyword
     arguments pass through to `Llama` (`n_gpu_layers`, `n_threads`, `n_ctx`, `verbose`, ...).
-    `n_seq_max` bounds how many prompts run side by side in one decode.
+    `n_seq_max` bounds how many prompts run side by side in one decode. llama.cpp's log lines are
+    shown with `verbose=True` (errors always); `model.context` is ggsteer's handle on the context.
     """
 
     def __init__(
@@ -82,20 +84,20 @@ class SteeredModel(llama_cpp.Llama):
         **llama_kwargs,
     ):
         path = check_model_path(default_model_path() if model_path is None else model_path)
-        if not 1 <= n_seq_max <= llama_cpp.llama_max_parallel_sequences():
-            raise ValueError(
-                f"n_seq_max={n_seq_max} must be between 1 and {llama_cpp.llama_max_parallel_sequences()}"
-            )
+        if not 1 <= n_seq_max <= max_parallel_sequences():
+            raise ValueError(f"n_seq_max={n_seq_max} must be between 1 and {max_parallel_sequences()}")
+        # llama.cpp's log lines (model loading, cache setup) stay quiet unless verbose
+        install_log_filter()
         # one ubatch per decode keeps the callback's batch rows equal to ours
         llama_kwargs["n_ubatch"] = n_batch
         super().__init__(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, verbose=verbose, **llama_kwargs)
-        self.n_layer = llama_cpp.llama_model_n_layer(self.model)
-        self.n_embd = EmbeddingWidth(llama_cpp.llama_model_n_embd(self.model))
+        self.n_layer, n_embd = model_dimensions(self)
+        self.n_embd = EmbeddingWidth(n_embd)
         self.hook = new_hook(self.n_layer, self.n_embd)
         self._controls: list = []
         self._generating = False
         self._generated_from: int | None = None  # first cached position evaluated as a generated token
-        install_hooked_context(self, self.hook, n_seq_max)
+        self.context = install_hooked_context(self, self.hook, n_seq_max, self.model_hint)
 
     def close(self) -> None:
         # __init__ may fail on a bad path before Llama has built anything to close
@@ -104,7 +106,7 @@ class SteeredModel(llama_cpp.Llama):
 
     @property
     def n_seq_max(self) -> int:
-        return llama_cpp.llama_n_seq_max(self.ctx)
+        return self.context.n_seq_max()
 
     @property
     def model_hint(self) -> str:
@@ -193,13 +195,7 @@ class SteeredModel(llama_cpp.Llama):
         additive = [i for i in items if i.is_plain_add]
         hooked = [i for i in items if not i.is_plain_add]
         buffer, first, last = cvec_buffer(additive, self.n_layer, self.n_embd)
-        if first < 0:
-            status = llama_cpp.llama_set_adapter_cvec(self.ctx, None, 0, self.n_embd, -1, -1)
-        else:
-            pointer = buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            status = llama_cpp.llama_set_adapter_cvec(self.ctx, pointer, buffer.size, self.n_embd, first, last)
-        if status != 0:
-            raise RuntimeError(f"llama_set_adapter_cvec failed with status {status}")
+        self.context.set_adapter_cvec(None if first < 0 else buffer, self.n_embd, first, last)
         if hooked:
             compile_program([], hooked, n_slots=self.n_seq_max).install(self.hook)
         else:
@@ -261,7 +257,7 @@ class SteeredModel(llama_cpp.Llama):
     def _forget_tokens_from(self, position: int) -> None:
         """Drop cached states from `position` on (computed without the interventions they needed),
         so no later call reuses them as a prefix."""
-        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), 0, position, -1)
+        self.context.seq_rm(0, position, -1)
         self.n_tokens = position
 
     def embed(self, *args, **kwargs):
@@ -287,7 +283,7 @@ class SteeredModel(llama_cpp.Llama):
     def decode_batch(self, batch, generated=False) -> None:
         """llama_decode on a filled llama_batch, describing its rows to the hook first
         (slot = sequence id; `generated`, a bool or per-row array, marks generated tokens)."""
-        decode_batch(self.ctx, self.hook, batch, generated, architecture=self.model_hint)
+        self.context.decode(batch, generated)
 
     def is_end_of_generation(self, token: int) -> bool:
         return is_end_of_generation(self, token)

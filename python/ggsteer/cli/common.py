@@ -8,7 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-import llama_cpp
 import numpy as np
 
 from ggsteer.atomic_file import check_destination
@@ -54,13 +53,15 @@ def load_model(args, **kwargs):
     threads = getattr(args, "threads", None) or os.cpu_count()
     # n_threads_batch too: prompt and batched decodes (training, sweeps) would use every core
     return SteeredModel(args.model, n_threads=threads, n_threads_batch=threads,
-                        n_gpu_layers=getattr(args, "gpu_layers", 0), **kwargs)
+                        n_gpu_layers=getattr(args, "gpu_layers", 0), verbose=getattr(args, "verbose", False),
+                        **kwargs)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default=None, help="GGUF model (default: the embedded Gemma 3 270M)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to the GPU (llama.cpp's -ngl)")
+    parser.add_argument("--verbose", action="store_true", help="show llama.cpp's log lines (errors are always shown)")
 
 
 def add_steering_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,11 +145,8 @@ def warn_if_steering_is_absurd(vectors) -> None:
 def warn_if_output_is_not_finite(model, what: str = "the steered model") -> bool:
     """After a completion: warn in one line if the last logits hold NaN or inf (a vector with absurd
     values, or an absurd strength, makes the text empty or meaningless). Returns whether it warned."""
-    pointer = llama_cpp.llama_get_logits_ith(model.ctx, -1)
-    if not pointer:
-        return False
-    logits = np.ctypeslib.as_array(pointer, shape=(model.n_vocab(),))
-    if np.isfinite(logits).all():
+    logits = model.context.logits_ith(-1)
+    if logits is None or np.isfinite(logits).all():
         return False
     print(f"ggsteer: warning: {what} computed non-finite values (NaN or inf): the vector's values or the strength "
           "are far too large, so this output is meaningless", file=sys.stderr)

@@ -18,7 +18,6 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-import llama_cpp
 import numpy as np
 
 from ggsteer.generation import per_slot_steering
@@ -92,7 +91,6 @@ class SideBySide:
         self.model = model
         self.settings = [list(items) for items in settings]
         self.n_vocab = model.n_vocab()
-        self.memory = llama_cpp.llama_get_memory(model.ctx)
         self.batch: OwnedBatch | None = None
         self._installed: tuple[int, ...] | None = None
         self._session = contextlib.ExitStack()
@@ -129,10 +127,10 @@ class SideBySide:
                 n_outputs += len(wanted)
             spans.append(unit_spans)
         self._install(tuple(slot_settings))
-        llama_cpp.llama_memory_clear(self.memory, True)
+        self.model.context.clear_memory()
         self.model.decode_batch(batch.batch)
         # llama.h: the requested logits are stored contiguously in batch order
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.model.ctx), shape=(n_outputs, self.n_vocab))
+        logits = self.model.context.logits(n_outputs)
         for unit, unit_spans in zip(group, spans):
             unit.consume([logits[lo:hi] for lo, hi in unit_spans])
 

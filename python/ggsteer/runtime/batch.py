@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import llama_cpp
 
+from ggsteer.runtime.lifetime import NativeHandle
+
 
 class BatchFullError(IndexError):
     """A row was added past the batch's capacity (the caller must defer it to the next decode)."""
 
 
-class OwnedBatch:
-    """A llama_batch of up to `capacity` rows, freed on close; writes past the end raise."""
+class OwnedBatch(NativeHandle):
+    """A llama_batch of up to `capacity` rows; writes past the end raise. Freed by `close()`, at the
+    end of a `with` block, or when collected."""
 
     def __init__(self, capacity: int, seqs_per_row: int = 1):
         if capacity < 1:
@@ -18,6 +21,7 @@ class OwnedBatch:
         if seqs_per_row < 1:
             raise ValueError(f"a row belongs to at least one sequence, got seqs_per_row={seqs_per_row}")
         self.batch = llama_cpp.llama_batch_init(capacity, 0, seqs_per_row)
+        self.own(llama_cpp.llama_batch_free, self.batch)
         self.capacity = capacity
         self.seqs_per_row = seqs_per_row
         self.n_rows = 0
@@ -37,8 +41,7 @@ class OwnedBatch:
     def add_shared(self, token: int, pos: int, seqs: tuple[int, ...] | list[int], wants_logits: bool) -> int:
         """Append one token that belongs to every sequence in `seqs` (its KV cell is shared: a
         unified cache); the hook reads the row as the first sequence's. Returns its row."""
-        if self.batch is None:
-            raise ValueError("the batch is closed")
+        self.require_open()
         row = self.n_rows
         if row >= self.capacity:
             raise BatchFullError(f"the batch holds {self.capacity} rows: row {row} does not fit")
@@ -54,8 +57,3 @@ class OwnedBatch:
         self.n_rows += 1
         batch.n_tokens = self.n_rows
         return row
-
-    def close(self) -> None:
-        if self.batch is not None:
-            llama_cpp.llama_batch_free(self.batch)
-            self.batch = None

@@ -1,4 +1,4 @@
-"""The llama.cpp context that carries ggsteer's eval callback, and decodes that brief the hook.
+"""The llama.cpp context that carries ggsteer's eval callback (used through runtime.context.Context).
 
 llama.cpp takes `cb_eval` only when a context is created, and `llama_cpp.Llama` does not pass one.
 So after `Llama.__init__` has built its model and first context, `install_hooked_context` frees
@@ -14,14 +14,23 @@ import contextlib
 import ctypes
 
 import llama_cpp
-import numpy as np
 from llama_cpp import _internals
 
+from ggsteer.runtime.context import Context, HookError
 from ggsteer.runtime.native import native
 
+__all__ = ["HookError", "install_hooked_context", "is_end_of_generation", "max_parallel_sequences",
+           "model_dimensions", "new_hook"]
 
-class HookError(RuntimeError):
-    """The eval callback refused a decode (a layer seen twice, a bad row plan, ...)."""
+
+def max_parallel_sequences() -> int:
+    """The most sequences one llama.cpp context can hold (n_seq_max's upper bound)."""
+    return int(llama_cpp.llama_max_parallel_sequences())
+
+
+def model_dimensions(llama: llama_cpp.Llama) -> tuple[int, int]:
+    """(n_layer, n_embd) of a loaded model."""
+    return int(llama_cpp.llama_model_n_layer(llama.model)), int(llama_cpp.llama_model_n_embd(llama.model))
 
 
 def new_hook(n_layer: int, n_embd: int):
@@ -29,8 +38,8 @@ def new_hook(n_layer: int, n_embd: int):
     return native().Hook(n_layer, n_embd)
 
 
-def install_hooked_context(llama: llama_cpp.Llama, hook, n_seq_max: int) -> None:
-    """Replace `llama`'s context by one whose eval callback is `hook`."""
+def install_hooked_context(llama: llama_cpp.Llama, hook, n_seq_max: int, architecture: str = "unknown") -> Context:
+    """Replace `llama`'s context by one whose eval callback is `hook`; returns ggsteer's handle on it."""
     params = llama.context_params
     params.n_seq_max = n_seq_max
     # llama.cpp reserves logits for max(outputs, n_seq_max) rows and asserts that fits n_outputs_max
@@ -53,30 +62,8 @@ def install_hooked_context(llama: llama_cpp.Llama, hook, n_seq_max: int) -> None
         if llama_cpp.llama_set_adapters_lora(llama.ctx, adapters, 1, scales):
             raise RuntimeError(f"failed to set LoRA adapter {llama.lora_path} on the hooked context")
     llama.reset()
+    return Context(llama._ctx, hook, llama.n_vocab(), architecture)
 
 
 def is_end_of_generation(llama: llama_cpp.Llama, token: int) -> bool:
     return bool(llama_cpp.llama_token_is_eog(llama._model.vocab, token))
-
-
-def decode_batch(ctx, hook, batch, generated=False, architecture: str = "unknown") -> None:
-    """llama_decode on a filled llama_batch, describing its rows to the hook first.
-
-    Rows are taken from the batch itself: slot = sequence id, position, outputs where logits
-    are requested; `generated` (bool or per-row array) marks generated tokens.
-    """
-    n = batch.n_tokens
-    positions = np.ctypeslib.as_array(batch.pos, shape=(n,)).astype(np.int32)
-    slots = np.array([batch.seq_id[i][0] for i in range(n)], dtype=np.int32)
-    outputs = np.flatnonzero(np.ctypeslib.as_array(batch.logits, shape=(n,))).astype(np.int32)
-    flags = np.broadcast_to(np.asarray(generated, dtype=np.uint8), (n,))
-    hook.set_rows(slots, positions, np.ascontiguousarray(flags), outputs)
-    try:
-        status = llama_cpp.llama_decode(ctx, batch)
-    finally:
-        hook.clear_rows()
-    error = hook.take_error()
-    if status != 0 or error:
-        detail = (f": ggsteer hook ({architecture} architecture): {error}" if error
-                  else " (status 1: the KV cache is full; raise n_ctx or use smaller batches)")
-        raise HookError(f"llama_decode failed with status {status}{detail}")

@@ -5,7 +5,13 @@
 
 from __future__ import annotations
 
-from typing import Any, ContextManager, Protocol, Sequence
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+from llama_cpp import llama_batch
+
+from ggsteer.runtime.context import Context
 
 
 class HookedModel(Protocol):
@@ -13,12 +19,10 @@ class HookedModel(Protocol):
     n_embd: int
     n_batch: int
     hook: Any  # the native hook (ggsteer._native.Hook) installed as this model's eval callback
+    context: Context  # decodes, KV cache, logits: the only way above runtime/ into llama.cpp
 
     @property
     def n_seq_max(self) -> int: ...
-
-    @property
-    def ctx(self) -> Any: ...  # the llama_context pointer
 
     @property
     def model_hint(self) -> str: ...
@@ -37,8 +41,10 @@ class HookedModel(Protocol):
 
     def is_end_of_generation(self, token: int) -> bool: ...
 
-    def decode_batch(self, batch: Any, generated: Any = False) -> None: ...
+    def token_bos(self) -> int: ...
+
+    def decode_batch(self, batch: llama_batch, generated: Any = False) -> None: ...
 
     def reset(self) -> None: ...
 
-    def unsteered(self) -> ContextManager[Any]: ...
+    def unsteered(self) -> AbstractContextManager[Any]: ...

@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-import llama_cpp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -114,14 +113,14 @@ class BatchDecoder:
         self.layers = layers
         self.n_batch = model.n_batch
         self.max_sequences = max_sequences
-        self.memory = llama_cpp.llama_get_memory(model.ctx)
+        self.context = model.context
         self.batch = OwnedBatch(self.n_batch)
         self.free_seqs = list(range(model.n_seq_max - 1, -1, -1))
         self.outputs_needed = model.n_layer - 1 in layers
 
     def close(self) -> None:
         self.batch.close()
-        llama_cpp.llama_memory_clear(self.memory, True)
+        self.context.clear_memory()
 
     def take_sequence(self, plan: CapturePlan, seg: Segment) -> bool:
         """Give `seg` a sequence holding its prefix; False when none is free."""
@@ -133,14 +132,14 @@ class BatchDecoder:
         else:
             seg.seq = self.free_seqs.pop()
             if parent is not None:
-                llama_cpp.llama_memory_seq_cp(self.memory, parent.seq, seg.seq, -1, -1)
+                self.context.seq_cp(parent.seq, seg.seq)
         if parent is not None:
             parent.unscheduled_children -= 1
         seg.unscheduled_children = len(seg.children)
         return True
 
     def release(self, seg: Segment) -> None:
-        llama_cpp.llama_memory_seq_rm(self.memory, seg.seq, -1, -1)
+        self.context.seq_rm(seg.seq)
         self.free_seqs.append(seg.seq)
 
     def decode(self, pieces: list[Piece], store: np.ndarray, stats: CaptureStats) -> None:
@@ -189,7 +188,7 @@ def run_plan(model: HookedModel, plan: CapturePlan, layers: list[int], max_seque
     decoder = BatchDecoder(model, layers, max_sequences)
     total = sum(len(s.tokens) for s in plan.segments)
     model.reset()
-    llama_cpp.llama_memory_clear(decoder.memory, True)
+    decoder.context.clear_memory()
     # nothing reads these decodes' logits: each graph ends at the deepest captured layer, so the
     # blocks after it and the output head (the dearest part of a row) never run
     model.hook.set_stop_after(max(layers))
