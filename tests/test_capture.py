@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from reference_model import reference_forward
+from support.reference_model import reference_forward
 
 import ggsteer
 from ggsteer import SteeredModel

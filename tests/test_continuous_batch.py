@@ -6,7 +6,7 @@ temperature 0: joining, leaving, slot reuse and chunked prompts must not change 
 
 import numpy as np
 import pytest
-from test_steer import random_vector
+from support.oracle import random_vector
 
 from ggsteer.generation import ContinuousBatch, SequenceSampling
 from ggsteer.steering.interventions import Condition
