@@ -40,7 +40,8 @@ def numpy_op(kind, h, v, c):
 def reference_with(model, weights, tokens, edit_rows):
     """Reference logits with `edit_rows(il, h, positions) -> h` applied to each block output."""
     positions = np.arange(len(tokens))
-    _, logits = reference_forward(weights, tokens, kv_f16=False, block_output_hook=lambda il, h: edit_rows(il, h, positions))
+    _, logits = reference_forward(weights, tokens, kv_f16=False,
+                                  block_output_hook=lambda il, h: edit_rows(il, h, positions))
     return logits
 
 

@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
     export.add_argument("--strength", type=float, required=True,
                         help="steering strength to bake in (ggsteer's unit: 1.0 = the trained gap; with --raw a "
                              "plain coefficient)")
-    export.add_argument("--layers", default=None, help="layers to keep, e.g. 3-14 (default: the vector's recommended layers)")
+    export.add_argument("--layers", default=None,
+                        help="layers to keep, e.g. 3-14 (default: the vector's recommended layers)")
     export.add_argument("--raw", action="store_true",
                         help="strength is a plain coefficient (needed for files without a trained gap)")
     export.add_argument("-o", "--output", required=True, metavar="OUT.gguf", help="where to write the exported vector")
@@ -29,7 +30,8 @@ def add_parser(sub) -> None:
 
 def baked_vector(vector: ControlVector, strength: float, layers: list[int] | None, raw: bool) -> ControlVector:
     if vector.unit == UNIT_RAW and not raw:
-        raise CliError("this vector has no trained gap (not written by ggsteer): pass --raw to use the strength as a coefficient")
+        raise CliError("this vector has no trained gap (not written by ggsteer): "
+                       "pass --raw to use the strength as a coefficient")
     chosen = layers or vector.recommended_layers or vector.layers
     chosen = [il for il in chosen if il != 0]
     baked = vector.select_layers(chosen) * strength

@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
                     "`ggsteer bake` wrote, what was baked into it.",
         epilog=COLUMNS, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    inspect.add_argument("file", metavar="FILE.gguf", help="a control-vector GGUF, or a model GGUF written by ggsteer bake")
+    inspect.add_argument("file", metavar="FILE.gguf",
+                         help="a control-vector GGUF, or a model GGUF written by ggsteer bake")
     inspect.add_argument("--layer-offset", type=int, default=0,
                          help="add this to every layer number as the file is read: -1 for files from llama.cpp's "
                               "cvector-generator, which writes the vector measured at layer i as direction.(i+1) "
