@@ -56,6 +56,7 @@ def test_plot_without_matplotlib_fails_before_the_model_loads(capsys, monkeypatc
 
 def test_demo_vector_records_its_preset_for_eval(tiny_model, monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(demo, "DEMO_SUFFIXES", 4)  # 12 pairs: the record does not depend on how many
     trained, cached = demo.demo_vector(tiny_model, retrain=True)
     assert trained.metadata["eval_preset"] == "happy"
     again, _ = demo.demo_vector(tiny_model, retrain=False)  # from the cache
@@ -63,7 +64,7 @@ def test_demo_vector_records_its_preset_for_eval(tiny_model, monkeypatch, tmp_pa
     written = demo.write_output(trained, cached, str(tmp_path / "ggsteer-happy.gguf"))
     loaded = ControlVector.load(written)
     assert cli_evaluate.named_preset(None, loaded, written) == "happy"
-    # control: the same directions without the record name no preset (the hash of 180 pairs matches none)
+    # control: the same directions without the record name no preset (the hash of a subset matches none)
     bare = ControlVector(loaded.directions, loaded.model_hint,
                          {k: v for k, v in loaded.metadata.items() if k != "eval_preset"})
     assert cli_evaluate.named_preset(None, bare, written) is None
