@@ -13,9 +13,9 @@ COLUMNS = """columns of the layer table (a column is shown when the file has it)
   separation       how well the direction told the training pairs apart at that layer (0.5 = chance, 1 = every pair)
   gap              mean projection of positive minus negative prompts on the unit direction: ggsteer's strength 1
   residual norm    typical length of the residual stream at that layer, to set the norm against
-  center           mean projection of the pairs' midpoints: the neutral point ablate and clamp aim at
-  ablation center  the same along the direction ablate and clamp act on (the steering direction without the
-                   directions every token shares)
+  center           mean projection of the pairs' midpoints on the direction: its neutral point
+  ablation center  the neutral point along the direction ablate and clamp act on (the pairs' difference without
+                   the directions every token shares; see docs/interventions.md)
   ablation gap     the gap along that direction: clamp's unit"""
 
 
