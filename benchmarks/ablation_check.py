@@ -3,7 +3,7 @@
     python benchmarks/ablation_check.py --preset happy [--max-suffixes 64] [--neutral 4] [--out view.json]
 
 Rows: "before" (every row, raw direction: what ablate did before issue 16), ablate, ablate on every row
-(skip_first=0: what a weight bake does), clamp +1, clamp -1 (ggsteer.projection's method: the sink left
+(skip_first=0: what a weight bake does), clamp +1, clamp -1 (ggsteer.vectors.projection's method: the sink left
 alone, the direction without the shared directions and the sink's state). Recovery is measured on
 prompts asking for the behaviour (+) and for its opposite (-).
 """

@@ -30,13 +30,12 @@ of (sum of positive rows - sum of negative rows), pad rows included: pairs weigh
 ggsteer's pool="mean" mean_diff averages each prompt's rows first, so pairs weigh equally; the two
 agree exactly only when every prompt has the same length. The vector measured at `l_out-i` is
 written as `direction.(i+1)` (layers 1..n_layer-1 in the file): it is read back here with
-`ControlVector.load(path, layer_offset=-1)` and compared with ggsteer's layer i (DESIGN.md, "Layer
-numbering"). Both point negative -> positive; the signed cosines are checked too.
+`ControlVector.load(path, layer_offset=-1)` and compared with ggsteer's layer i (docs/methods.md, "Conventions"). Both point negative -> positive; the signed cosines are checked too.
 
 Run it on a quiet machine. Both engines use OpenMP, whose threads spin at each op's barrier; when
 another process holds a core, every barrier waits for a time slice, and cvector-generator's many
-small single-prompt decodes suffer far more than ggsteer's few batched ones (seen here, 8 pairs on
-2 threads beside another job: cvector-generator 62 s with -t 2, 4 s with -t 1). The script prints
+small single-prompt decodes suffer far more than ggsteer's few batched ones (beside another job,
+cvector-generator with -t 2 can take many times longer than with -t 1). The script prints
 a caution when the load before it starts is above 0.5.
 
 `--explain` adds, after the timed rounds, cvector-generator's pooling recomputed from ggsteer's own

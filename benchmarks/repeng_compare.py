@@ -20,8 +20,7 @@ ggsteer mean_diff, the order of the two pairs rotating each round; the table giv
 paired speed-ups and their range. Model loading is not timed.
 
 Agreement: per-layer |cos| between ggsteer's and repeng's pca_center directions. repeng's layer id i
-reads `hidden_states[i + 1]`, the output of block i, which is ggsteer's layer i (DESIGN.md, "Layer
-numbering"). The last layer differs by design: Hugging Face's last hidden state has passed the final
+reads `hidden_states[i + 1]`, the output of block i, which is ggsteer's layer i (docs/methods.md, "Conventions"). The last layer differs by design: Hugging Face's last hidden state has passed the final
 norm, llama.cpp's `l_out-(n_layer-1)` has not; it is reported on its own. repeng's PCA uses sklearn's
 unseeded randomized solver at these sizes (repeng issue #78), so its side may vary slightly between
 runs (on Gemma 3 270M two runs agreed to 4 decimals). The rest of the gap is llama.cpp's quantised

@@ -1,15 +1,10 @@
-import sys
 from pathlib import Path
 
 import pytest
+from support.models import TIGHT_LLAMA_KWARGS
+from support.reference_model import TinyWeights, write_tiny_llama_gguf
 
-# ---- tiny reference llama model (tests/reference_model.py) -------------------------------
-# Make tests/reference_model.py importable whatever pytest import mode is configured.
-_TESTS_DIR = str(Path(__file__).resolve().parent)
-if _TESTS_DIR not in sys.path:
-    sys.path.insert(0, _TESTS_DIR)
-
-from reference_model import TinyWeights, write_tiny_llama_gguf  # noqa: E402
+# ---- tiny reference llama model (tests/support/reference_model.py) -----------------------
 
 
 @pytest.fixture(scope="session")
@@ -32,11 +27,6 @@ def tiny_weights(_tiny_model) -> TinyWeights:
 
 
 # ---- ggsteer models ----------------------------------------------------------------------
-# Settings under which llama.cpp's CPU path matches the float64 reference to float32 round-off:
-# F32 KV cache and no flash attention (see test_reference_model.py for the measured errors).
-TIGHT_LLAMA_KWARGS = dict(flash_attn=False, type_k=0, type_v=0, n_threads=2)  # 0 = GGML_TYPE_F32
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_path):
     from ggsteer import SteeredModel
@@ -64,7 +54,7 @@ def default_model():
 @pytest.fixture(scope="module")
 def reference(tiny_model_path):
     """The tiny model with the server's settings, that server replies are compared with (tests/test_server*.py)."""
-    from test_server import tiny_server_model
+    from support.server import tiny_server_model
 
     with tiny_server_model(tiny_model_path) as model:
         yield model

@@ -6,8 +6,8 @@ import gguf
 import llama_cpp
 import numpy as np
 import pytest
-from conftest import TIGHT_LLAMA_KWARGS
-from reference_model import (
+from support.models import TIGHT_LLAMA_KWARGS
+from support.reference_model import (
     TinyWeights,
     _add_hparams,
     _add_tensors,
@@ -62,7 +62,7 @@ def numpy_forward(tensors, hparams, tokens, embedding_edit=None, sublayer_edit=N
 
     `sublayer_edit(il, h)` edits the residual stream after block il's attention and after its FFN.
     """
-    from reference_model import LayerWeights
+    from support.reference_model import LayerWeights
 
     h = tensors["token_embd.weight"][np.asarray(tokens)].astype(np.float64)
     if embedding_edit is not None:

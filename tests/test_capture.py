@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from reference_model import reference_forward
+from support.reference_model import reference_forward
 
 import ggsteer
 from ggsteer import SteeredModel
@@ -206,9 +206,12 @@ def test_a_pool_per_prompt_is_checked(tiny_model):
 
 def test_capture_leaves_generation_unchanged(tiny_model):
     before = tiny_model("the happy", max_tokens=5, temperature=0)["choices"][0]["text"]
-    tiny_model.hidden_states(PROMPTS)
+    states = tiny_model.hidden_states(PROMPTS)
     after = tiny_model("the happy", max_tokens=5, temperature=0)["choices"][0]["text"]
     assert before == after
+    # controls: the capture did run, and the text compared is not empty (an empty reply would always match)
+    assert len(states) == len(PROMPTS) and np.abs(np.asarray(states)).max() > 0
+    assert before.strip()
 
 
 # -- bad input ------------------------------------------------------------------------------

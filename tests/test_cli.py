@@ -130,6 +130,8 @@ def test_vector_for_another_model(capsys, tiny_model_path, tmp_path):
 
 def test_unknown_preset_and_missing_model(capsys, tmp_path):
     code, _, err = run(capsys, "train", "--preset", "grumpy", "--model", tmp_path / "none.gguf", "-o", tmp_path / "x.gguf")
+    assert code == 2 and "unknown preset 'grumpy'" in err  # the name is checked before the model is looked for
+    code, _, err = run(capsys, "train", "--preset", "happy", "--model", tmp_path / "none.gguf", "-o", tmp_path / "x.gguf")
     assert code == 2 and "none.gguf" in err
     code, _, err = run(capsys, "inspect", tmp_path / "missing.gguf")
     assert code == 2 and "missing.gguf" in err

@@ -6,7 +6,7 @@ temperature 0: joining, leaving, slot reuse and chunked prompts must not change 
 
 import numpy as np
 import pytest
-from test_steer import random_vector
+from support.oracle import random_vector
 
 from ggsteer.generation import ContinuousBatch, SequenceSampling
 from ggsteer.steering.interventions import Condition
@@ -112,6 +112,7 @@ def test_removed_sequence_leaves_the_others_alone(tiny_model):
         kept = add(tiny_model, batch, "the dog is")
         batch.step()
         batch.step()
+        assert len(gone.generated) >= 1 and len(kept.generated) >= 1  # both were generating side by side
         batch.remove(gone)
         assert batch.active == [kept]
         run_to_end(batch)

@@ -4,7 +4,7 @@ import struct
 
 import numpy as np
 import pytest
-from reference_model import reference_forward
+from support.reference_model import reference_forward
 
 from ggsteer import cli, evaluate
 from ggsteer.cli.common import load_vectors
@@ -176,7 +176,7 @@ def test_a_prompt_longer_than_a_decode_is_refused_by_name(tiny_model):
 def test_one_sequence_context_scores_each_continuation_alone(tiny_model, tiny_model_path):
     """A context of one sequence cannot share a prompt between two continuations: each is decoded
     with its own copy of the prompt, and the scores stay the same."""
-    from conftest import TIGHT_LLAMA_KWARGS
+    from support.models import TIGHT_LLAMA_KWARGS
 
     from ggsteer import SteeredModel
     from ggsteer.evaluate import behaviour_scores

@@ -12,7 +12,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 import pytest
-from test_steer import last_logits, random_vector
+from support.oracle import last_logits, random_vector
 
 from ggsteer import SteeredModel
 from ggsteer.runtime.native import native as load_native
@@ -157,7 +157,7 @@ def test_undescribed_decode_error_is_not_the_next_decodes(add_at_layer_1):
 
 def test_steered_layer_the_graph_lacks_names_architecture_and_layer(tiny_model_path, monkeypatch):
     """An architecture whose graph has no l_out node for a layer would steer nothing there."""
-    from conftest import TIGHT_LLAMA_KWARGS
+    from support.models import TIGHT_LLAMA_KWARGS
 
     real = llama_cpp.llama_model_n_layer
     monkeypatch.setattr(llama_cpp, "llama_model_n_layer", lambda model: real(model) + 1)
@@ -198,7 +198,7 @@ def test_bypassing_decode_does_not_fail_the_next_call(tiny_model):
 
 
 def test_embed_raises_its_own_hook_error(tiny_model_path):
-    from conftest import TIGHT_LLAMA_KWARGS
+    from support.models import TIGHT_LLAMA_KWARGS
 
     model = SteeredModel(tiny_model_path, n_ctx=64, n_batch=32, n_seq_max=2, embedding=True, **TIGHT_LLAMA_KWARGS)
     try:

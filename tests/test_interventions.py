@@ -2,34 +2,20 @@
 
 import numpy as np
 import pytest
-from reference_model import reference_forward
-from test_steer import ATOL, last_logits, random_vector
+from support.oracle import ATOL, last_logits, random_vector
+from support.reference_model import reference_forward
 
 from ggsteer.runtime.native import native as load_native
 
 native = load_native()
+from support.oracle import PROMPT, numpy_op, reference_with, unit
+
 from ggsteer.steering.interventions import OPS, Condition
 from ggsteer.vectors import ControlVector
 
 pytestmark = pytest.mark.usefixtures("unsteered_tiny_model")
 
-PROMPT = "i am very happy and the dog"
-
-
 # -- kernels ------------------------------------------------------------------------------
-
-
-def numpy_op(kind, h, v, c):
-    h = h.astype(np.float64)
-    v = v.astype(np.float64)
-    if kind == "add":
-        return h + c * v
-    if kind == "ablate":
-        return h - (h * v).sum(1, keepdims=True) * v
-    if kind == "clamp":
-        return h + (c - (h * v).sum(1, keepdims=True)) * v
-    out = h + c * v
-    return out * (np.linalg.norm(h, axis=1, keepdims=True) / np.linalg.norm(out, axis=1, keepdims=True))
 
 
 def random_rows(n_rows, n, seed):
@@ -93,7 +79,7 @@ def _cuda_model_unavailable() -> str:
 
 @pytest.fixture(scope="module")
 def gpu_tiny_model(tiny_model_path):
-    from conftest import TIGHT_LLAMA_KWARGS
+    from support.models import TIGHT_LLAMA_KWARGS
 
     from ggsteer import SteeredModel
 
@@ -148,17 +134,6 @@ def test_cuda_kernels_compiled_when_nvcc_present():
 
 
 # -- ops in the model, against the reference --------------------------------------------
-
-
-def reference_with(model, weights, tokens, edit_rows):
-    """Reference logits with `edit_rows(il, h, positions) -> h` applied to each block output."""
-    positions = np.arange(len(tokens))
-    _, logits = reference_forward(weights, tokens, kv_f16=False, block_output_hook=lambda il, h: edit_rows(il, h, positions))
-    return logits
-
-
-def unit(v):
-    return v / np.linalg.norm(v)
 
 
 def rows_from(first, positions, edited, original):

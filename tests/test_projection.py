@@ -1,12 +1,20 @@
 """Ablate and clamp that keep the model fluent: sink rows left alone, the direction stripped of the
-directions every token shares (ggsteer.projection), against numpy."""
+directions every token shares (ggsteer.vectors.projection), against numpy."""
 
 import numpy as np
 import pytest
-from reference_model import reference_forward
-from test_interventions import numpy_op, reference_with, unit
-from test_steer import ATOL, PROMPT, last_logits, random_vector
-from test_train import SUFFIXES, reference_last_states
+from support.oracle import (
+    ATOL,
+    PROMPT,
+    SUFFIXES,
+    last_logits,
+    numpy_op,
+    random_vector,
+    reference_last_states,
+    reference_with,
+    unit,
+)
+from support.reference_model import reference_forward
 
 from ggsteer.train import make_dataset
 from ggsteer.vectors import ControlVector

@@ -1,4 +1,4 @@
-"""Self-test of the test oracle: llama.cpp must run tests/reference_model.py's tiny llama
+"""Self-test of the test oracle: llama.cpp must run tests/support/reference_model.py's tiny llama
 exactly as the numpy reference does.
 
 Tolerances (default sizes; logits have std ~1 and max |logit| ~4.1-4.4):
@@ -30,8 +30,8 @@ import ctypes
 import llama_cpp
 import numpy as np
 import pytest
-import reference_model
-from reference_model import BOS_ID, SPIECE_SPACE, reference_forward
+from support import reference_model
+from support.reference_model import BOS_ID, SPIECE_SPACE, reference_forward
 
 TIGHT_ATOL = 5e-5
 DEFAULT_ATOL = 1e-2

@@ -3,7 +3,7 @@ and logprobs), checked against the float64 numpy forward pass of the tiny refere
 
 import numpy as np
 import pytest
-from reference_model import reference_forward
+from support.reference_model import reference_forward
 
 from ggsteer.generation import ContinuousBatch, SequenceSampling
 

@@ -7,7 +7,6 @@ controls, alone, at temperature 0, on a second model instance with the same sett
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import socket
 import subprocess
@@ -17,62 +16,29 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import numpy as np
 import pytest
-import uvicorn
-from conftest import TIGHT_LLAMA_KWARGS
+from support.server import (
+    GREEDY,
+    JSON,
+    MAX_BATCH,
+    TOKENS,
+    expected_result,
+    expected_text,
+    fresh_server,
+    make_vector,
+    running_server,
+    stream_events,
+    tiny_server_model,
+    transcript,
+    write_vectors,
+)
 
-from ggsteer import SequenceSampling, SteeredModel
-from ggsteer.chat_format import TRANSCRIPT_HEADER, chat_prompt
+from ggsteer import SequenceSampling
+from ggsteer.chat_format import chat_prompt
 from ggsteer.serve import ServerConfig, VectorRegistry, create_app
 from ggsteer.serve.settings import MAX_BODY_BYTES
 from ggsteer.serve.worker import BatchWorker, Job
 from ggsteer.vectors import ControlVector
-
-MAX_BATCH = 8
-SERVER_MODEL_KWARGS = dict(n_ctx=512, n_batch=128, n_seq_max=MAX_BATCH, **TIGHT_LLAMA_KWARGS)
-TOKENS = 12
-GREEDY = {"temperature": 0, "max_tokens": TOKENS}
-JSON = {"content-type": "application/json"}
-
-
-def make_vector(n_embd: int, seed: int, unit: str = "gap", recommended: float | None = 0.5) -> ControlVector:
-    rng = np.random.default_rng(seed)
-    directions = {il: rng.normal(size=n_embd).astype(np.float32) * 1.5 for il in (1, 2)}
-    metadata = {"unit": unit, "method": "mean_diff", "model_name": "tiny"}
-    if recommended is not None:
-        metadata["recommended_strength"] = recommended
-    return ControlVector(directions, "llama", metadata)
-
-
-def write_vectors(directory, n_embd: int = 48) -> dict[str, ControlVector]:
-    """happy and honest (gap unit, as trained by ggsteer) and plain (raw unit, as from repeng)."""
-    vectors = {"happy": make_vector(n_embd, 10), "honest": make_vector(n_embd, 11, recommended=None),
-               "plain": make_vector(n_embd, 12, unit="raw", recommended=None)}
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, vector in vectors.items():
-        vector.save(directory / f"{name}.gguf")
-    return {name: ControlVector.load(directory / f"{name}.gguf") for name in vectors}
-
-
-@contextlib.contextmanager
-def running_server(app):
-    """uvicorn in a background thread on a free 127.0.0.1 port; yields the base URL, stops on exit."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "uvicorn did not stop"
 
 
 @pytest.fixture(scope="module")
@@ -83,31 +49,6 @@ def vector_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vectors(vector_dir) -> dict[str, ControlVector]:
     return write_vectors(vector_dir)
-
-
-@contextlib.contextmanager
-def tiny_server_model(path):
-    """The tiny model with the server's settings, closed on exit."""
-    model = SteeredModel(path, **SERVER_MODEL_KWARGS)
-    try:
-        yield model
-    finally:
-        model.close()
-
-
-@contextlib.contextmanager
-def serving(model, vector_dir, config: ServerConfig):
-    """A real uvicorn on loopback serving `model` with the vectors in `vector_dir`; yields (base URL, app)."""
-    app = create_app(model, VectorRegistry.load(vector_dir, model), config)
-    with running_server(app) as url:
-        yield url, app
-
-
-@contextlib.contextmanager
-def fresh_server(model_path, vector_dir, config: ServerConfig):
-    """`serving` on a tiny model of its own (its own worker and KV cache), closed on exit."""
-    with tiny_server_model(model_path) as model, serving(model, vector_dir, config) as pair:
-        yield pair
 
 
 @pytest.fixture(scope="module")
@@ -132,36 +73,6 @@ def base_url(app):
 def client(base_url):
     with httpx.Client(base_url=base_url, timeout=60) as c:
         yield c
-
-
-def expected_result(reference, vectors, prompt, steering=None, stop=None, max_tokens=TOKENS):
-    """The same request through generate_batch alone (raw-unit vectors as plain coefficients)."""
-    controls = []
-    for name, strength in (steering or {}).items():
-        vector = vectors[name]
-        as_gap = ControlVector(vector.directions, vector.model_hint, {**vector.metadata, "unit": "gap"})
-        controls.append((as_gap, strength))
-    return reference.generate_batch([prompt], [controls], max_tokens, temperature=0.0, stop=stop, details=True)[0]
-
-
-def expected_text(reference, vectors, prompt, steering=None, stop=None, max_tokens=TOKENS) -> str:
-    return expected_result(reference, vectors, prompt, steering, stop, max_tokens).text
-
-
-def transcript(user_text: str) -> str:
-    return TRANSCRIPT_HEADER + f"User: {user_text}" + "\nAssistant:"
-
-
-def stream_events(client, path: str, body: dict) -> list:
-    events = []
-    with client.stream("POST", path, json={**body, "stream": True}) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                data = line[len("data: "):]
-                events.append(data if data == "[DONE]" else json.loads(data))
-    return events
 
 
 # -- completions ----------------------------------------------------------------------------------

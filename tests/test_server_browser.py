@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_server import expected_text, fresh_server, transcript, write_vectors
+from support.server import expected_text, fresh_server, transcript, write_vectors
 
 from ggsteer.serve import ServerConfig
 

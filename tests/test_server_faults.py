@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import socket
 import threading
 import time
 
 import httpx
 import pytest
-from test_server import (
+from support.server import (
     GREEDY,
     expected_result,
     fresh_server,
+    metrics,
     write_vectors,
 )
 
@@ -84,18 +84,7 @@ def patched_decodes(model, delay_s: float = 0.0, poison: bool = False, gate: thr
         del model.decode_batch
 
 
-def metrics(url: str) -> dict[str, float]:
-    """/metrics parsed: 'name' or 'name{labels}' -> value; every line must be valid exposition format."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("# "):
-            assert re.fullmatch(r"# (HELP|TYPE) ggsteer_\w+ .+", line), line
-            continue
-        match = re.fullmatch(r'(ggsteer_\w+(?:\{\w+="[^"]*"\})?) (-?[0-9.e+]+)', line)
-        assert match, line
-        values[match[1]] = float(match[2])
-    return values
+
 
 
 def wait_for(condition, timeout_s: float = 30.0, what: str = "condition") -> None:

@@ -7,13 +7,13 @@ import socket
 
 import httpx
 import pytest
-from test_server import (
+from support.server import (
     GREEDY,
     expected_result,
     fresh_server,
+    metrics,
     write_vectors,
 )
-from test_server_faults import metrics
 
 from ggsteer.cli import main
 from ggsteer.serve import ServerConfig

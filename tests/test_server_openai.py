@@ -11,7 +11,7 @@ import json
 
 import httpx
 import pytest
-from test_server import (
+from support.server import (
     TOKENS,
     expected_result,
     fresh_server,

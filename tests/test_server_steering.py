@@ -16,7 +16,7 @@ import threading
 import httpx
 import numpy as np
 import pytest
-from test_server import (
+from support.server import (
     TOKENS,
     expected_text,
     make_vector,

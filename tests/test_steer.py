@@ -5,23 +5,12 @@ import ctypes
 import llama_cpp
 import numpy as np
 import pytest
-from reference_model import reference_forward
+from support.oracle import ATOL, PROMPT, last_logits, random_vector
+from support.reference_model import reference_forward
 
 from ggsteer.vectors import ControlVector, parse_layer_range
 
 pytestmark = pytest.mark.usefixtures("unsteered_tiny_model")
-
-# logits are O(1); float32 round-off through 3 blocks stays near 1e-5 (test_reference_model.py)
-ATOL = 5e-5
-PROMPT = "i am very happy and the dog"
-
-
-def last_logits(model, prompt=PROMPT):
-    model.reset()
-    model.eval(model.tokenize_prompt(prompt))
-    pointer = llama_cpp.llama_get_logits_ith(model.ctx, -1)
-    return np.ctypeslib.as_array(pointer, shape=(model.n_vocab(),)).copy()
-
 
 def reference_logits(model, weights, added: dict[int, np.ndarray], prompt=PROMPT):
     def hook(il, h):
@@ -29,12 +18,6 @@ def reference_logits(model, weights, added: dict[int, np.ndarray], prompt=PROMPT
 
     _, logits = reference_forward(weights, model.tokenize_prompt(prompt), kv_f16=False, block_output_hook=hook)
     return logits[-1]
-
-
-def random_vector(model, seed, layers=(1, 2), scale=1.5):
-    rng = np.random.default_rng(seed)
-    directions = {il: rng.normal(size=model.n_embd).astype(np.float32) * scale for il in layers}
-    return ControlVector(directions, "llama", {"unit": "gap"})
 
 
 def test_steered_logits_match_reference(tiny_model, tiny_weights):

@@ -4,26 +4,16 @@ import warnings
 
 import numpy as np
 import pytest
-from reference_model import reference_forward
 from sklearn.linear_model import LogisticRegression
+from support.oracle import SUFFIXES, reference_last_states
 
 from ggsteer import ControlVector, TrainingWarning
 from ggsteer.train import DatasetEntry, make_dataset, methods
-
-SUFFIXES = ["i feel", "the dog is", "you am very", "today i", "a cat and the dog", "i love the", "the", "good"]
 
 
 @pytest.fixture(scope="module")
 def pairs():
     return make_dataset("i am very {persona} and", ["happy", "good", "happy"], ["sad", "bad", "sad"], SUFFIXES)
-
-
-def reference_last_states(model, weights, prompts):
-    states = []
-    for prompt in prompts:
-        hidden, _ = reference_forward(weights, model.tokenize_prompt(prompt), kv_f16=False)
-        states.append(hidden[:, -1])
-    return np.stack(states)  # [n_prompts, n_layer, n_embd]
 
 
 def numpy_direction(method, pos, neg):

@@ -350,7 +350,7 @@ def logits_with_control_vector(llm, loaded, tokens) -> np.ndarray:
 
 
 def reference_logits(weights, tokens, steer: dict[int, np.ndarray]) -> np.ndarray:
-    from reference_model import reference_forward
+    from support.reference_model import reference_forward
 
     hook = lambda il, h: h + steer[il] if il in steer else h  # noqa: E731
     return reference_forward(weights, tokens, kv_f16=False, block_output_hook=hook)[1]

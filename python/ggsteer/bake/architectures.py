@@ -13,15 +13,13 @@ projection bakes there. Gemma 3 normalises each projection's output (attn_post_n
 ffn_post_norm, RMSNorm with a per-channel weight g) before the residual add: no bias reaches the
 residual, and a projection whose rows are orthogonal to g * u writes nothing along u after the norm,
 but removing that part of its output shrinks the output's RMS, so the norm scales up everything
-else it writes (measured: block 0's outputs changed by ~90% and the text broke). An approximate
+else it writes (on Gemma 3 270M the text broke). An approximate
 ablation edits the next block's readers instead (`readers`: each reads the residual through an
 RMSNorm with weight g, and a reader W (g * h / rms) that sees h without its u component is
 W (I - (g u)(u / g)^T) applied to the same normalised input, up to the RMS of the small u part).
 Only the attention's value projection: what later tokens can copy from earlier ones is where a
-persona's effect travels. Measured on Gemma 3 270M (happy, calm, honest vectors, layers 3-14): with
-the values alone the difference between the positive and negative personas' scores fell to 4-14%
-of unsteered at 0.99-1.01x perplexity; adding the FFN's gate and up erased it but moved every prompt
-by about -3 nats (the happy text turned sad, 1.21x perplexity); adding queries and keys left 11-29%.
+persona's effect travels; editing the other readers too moved every prompt or left more of the
+persona (the comparison: docs/baking.md, "On the default model").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Turn bake requests (add / ablate / clamp a ControlVector) into per-tensor edits.
 
-Runtime semantics being baked (ggsteer.interventions): `add` adds s * v_i to layer i's output;
+Runtime semantics being baked (ggsteer.steering.interventions): `add` adds s * v_i to layer i's output;
 `ablate` sets the projection on u_i = v_i / |v_i| to the stored center c_i (0 without one); `clamp`
 sets it to c_i + s * |v_i|.
 
@@ -93,7 +93,7 @@ class Planner:
             return baked
         # no approximate add either: on Gemma 3 an offset on the token embeddings (the only entry into the
         # residual stream that is not normalised) did nothing with layer 3's vector and broke the text with
-        # the sum of layers 3-14 (benchmarks/bake_quality.py, docs/bake-readme-section.md)
+        # the sum of layers 3-14 (benchmarks/bake_quality.py, docs/baking.md)
         raise BakeError(f"cannot bake add into {self.arch.name}: {self.arch.add_limit}; steer it at run time "
                         "(ggsteer generate/serve, or llama.cpp's --control-vector)")
 
@@ -142,7 +142,7 @@ class Planner:
 
     def _project_readers(self, layers: tuple[int, ...], units: dict[int, np.ndarray]) -> str:
         """The projections of block i + 1 read layer i's output without u_i (one direction per block:
-        hiding every earlier layer's direction from each block broke Gemma's text, 12x perplexity)."""
+        hiding every earlier layer's direction from each block broke Gemma's text; docs/baking.md)."""
         for il in layers:
             if il + 1 >= self.n_layer:
                 raise BakeError(f"layer {il} is read only by the output head, which {self.arch.name} ties to the token "

@@ -49,14 +49,20 @@ def demo_vector(model, retrain: bool):
     cached = cached_vector_path(model, pairs)
     if cached.exists() and not retrain:
         print(f"using the cached vector {cached}", file=sys.stderr)
-        return ControlVector.load(cached), cached
+        return with_preset(ControlVector.load(cached)), cached
     print(f"training a {DEMO_PRESET}/sad vector on {len(pairs)} pairs ({DEMO_METHOD})...", file=sys.stderr)
     start = time.perf_counter()
-    vector = ControlVector.train(model, pairs, method=DEMO_METHOD, progress=True)
+    vector = with_preset(ControlVector.train(model, pairs, method=DEMO_METHOD, progress=True))
     print(f"trained in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     cached.parent.mkdir(parents=True, exist_ok=True)
     vector.save(cached, overwrite=True)
     return vector, cached
+
+
+def with_preset(vector: ControlVector) -> ControlVector:
+    """The vector recording its preset, so `ggsteer eval` and `calibrate` know its prompts (its 180 pairs
+    are not the preset's full dataset, whose hash would tell)."""
+    return ControlVector(dict(vector.directions), vector.model_hint, {**vector.metadata, "eval_preset": DEMO_PRESET})
 
 
 def write_output(vector, cached: Path, output: str | None) -> Path:

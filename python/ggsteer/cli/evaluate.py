@@ -5,8 +5,8 @@
     ggsteer calibrate VECTOR.gguf [--max-kl 0.25] [-o OUT [--force]]  (and the same sweep options)
 
 Decisions:
-- Eval prompts: `--preset NAME`; without it, the preset a previous calibration recorded in the file
-  (`eval_preset`), else the preset whose full dataset (as `ggsteer train --preset` builds it) has the
+- Eval prompts: `--preset NAME`; without it, the preset the file records (`eval_preset`: written by
+  the demo and by calibration), else the preset whose full dataset (as `ggsteer train --preset` builds it) has the
   vector's dataset hash; otherwise an error asks for --preset. Guessing "happy" would measure a calm
   vector on happy prompts and calibrate it on the wrong behaviour.
 - `--layer-sweep`: the vector's recommended layers, then three equal windows over all its steerable
@@ -50,7 +50,8 @@ from ggsteer.evaluate import (
     steered_layers,
 )
 from ggsteer.evaluate.ablation import ablation_view, asking_items
-from ggsteer.train import get_preset, load_eval_prompts
+from ggsteer.extras import require
+from ggsteer.train import UnknownPresetError, get_preset, load_eval_prompts
 from ggsteer.vectors import ControlVector
 
 
@@ -179,23 +180,38 @@ def prepare_sweep(args) -> SweepJob:
     strengths = parse_strengths(args.strengths)
     check_writable(args.json, "--json")
     check_writable(args.plot, "--plot")
-    if args.preset is not None:
-        get_preset(args.preset)  # an unknown name fails before the model loads
+    if args.plot:
+        require("matplotlib", "plot", "--plot")  # a missing extra fails now, not after the sweep
     layers = layers_argument(args.layers)
     vector_path = Path(args.vector)
     vector = ControlVector.load(vector_path)
+    preset = named_preset(args.preset, vector, vector_path)  # an unknown name fails before the model loads
     model = load_model(args)
     vector.check_model(model)
-    preset = resolve_preset(args.preset, vector, model, vector_path)
+    if preset is None:
+        preset = resolve_preset(vector, model, vector_path)
     ranges = layer_windows(vector, model.n_layer) if args.layer_sweep else [layers]
     for layer_range in ranges:
         steered_layers(model, vector, layer_range, args.raw)  # a bad range fails before any sweep
     return SweepJob(vector_path, vector, model, preset, load_eval_prompts(preset), strengths, ranges)
 
 
-def resolve_preset(name: str | None, vector, model, vector_path: Path) -> str:
+def named_preset(name: str | None, vector, vector_path: Path) -> str | None:
+    """--preset, else the preset the file records (`eval_preset`: the demo, training from a preset,
+    calibration); both checked against the built-in presets. None when neither names one."""
     if name is not None:
         return get_preset(name).name
+    recorded = vector.metadata.get("eval_preset")
+    if recorded is None:
+        return None
+    try:
+        return get_preset(str(recorded)).name
+    except UnknownPresetError as error:
+        raise CliError(f"{vector_path} records {error.args[0]}: pass --preset NAME") from None
+
+
+def resolve_preset(vector, model, vector_path: Path) -> str:
+    """The preset whose full dataset has the vector's dataset hash (needs the model's chat template)."""
     inferred = infer_preset(vector, model.chat_instruction_formatter())
     if inferred is None:
         raise CliError(

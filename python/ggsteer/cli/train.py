@@ -12,7 +12,7 @@ from ggsteer.cli.common import (
     load_model,
     output_path,
 )
-from ggsteer.train import list_presets, load_jsonl, preset_dataset
+from ggsteer.train import get_preset, list_presets, load_jsonl, preset_dataset
 from ggsteer.train.methods import METHODS
 from ggsteer.vectors import ControlVector
 
@@ -53,6 +53,8 @@ def cmd_train(args) -> int:
         raise CliError(f"--max-pairs must be at least 1, got {args.max_pairs}")
     layers = layers_argument(args.layers)
     pairs = None if args.preset else load_jsonl(args.pairs)
+    if args.preset:
+        get_preset(args.preset)  # a typo fails before the model loads
     model = load_model(args)
     if pairs is None:
         pairs = preset_dataset(args.preset, chat_template=model.chat_instruction_formatter())

@@ -10,8 +10,8 @@ For `ablate` (or `clamp` at a strength) on a layer range:
   instruction does not move the score on this model (nothing to take back). Every persona of the
   preset is asked, each before every eval prompt;
 - the same for prompts that ask for the opposite (the preset's negative personas): an ablated
-  direction is gone for both sides. On Gemma 3 270M the calm and honest eval prompts already score
-  high, so their positive personas add little there while the negative ones push by 1.4-2.4 nats;
+  direction is gone for both sides. Where the eval prompts already score high (calm and honest on
+  Gemma 3 270M), the positive personas add little and only the negative ones push;
 - gap left: what survives of the difference between asking for the behaviour and asking for its
   opposite, (ablated - opposite ablated) / (asking - opposite). 0 means the persona no longer matters
   along this behaviour; unlike recovery it does not depend on where the op puts the plain eval

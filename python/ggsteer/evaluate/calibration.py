@@ -15,9 +15,8 @@ from ggsteer.vectors import ControlVector
 
 EVAL_STRENGTHS = "-0.3:0.3:13"
 CALIBRATE_STRENGTHS = "0.1:1.5:15"
-# Measured on Gemma 3 270M (happy, mean_diff, layers 3-14): KL 0.17 at strength 0.5, 0.37 at 0.75, 0.66 at 1.0
-# (neutral-text perplexity 22.6 -> 27, 34, 46); markup crept into greedy text from 1.25 (KL 1.05). A bound of
-# 0.25 lands near 0.6, the clearly steered but fluent strength DESIGN.md measured and the demo uses.
+# On Gemma 3 270M's presets this bound lands on a clearly steered but still fluent strength, the one the
+# demo uses (docs/benchmarks.md, "Training methods", lists what calibrate picks under it).
 DEFAULT_MAX_KL = 0.25
 
 

@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server for steered generation (`ggsteer serve`).
 
 Routes: `POST /v1/completions`, `POST /v1/chat/completions` (both with `"stream": true` for SSE),
-`GET /v1/vectors`, and a chat page at `/` (python/ggsteer/static/). Requests may carry
+`GET /v1/vectors`, and a chat page at `/` (python/ggsteer/serve/static/). Requests may carry
 `"steering": {"happy": 0.15, "honest": -0.1}`: vector names from the registry loaded at start-up,
 each with a strength in ggsteer's unit (1.0 = the trained mean gap at each layer). Vectors without a
 trained gap (unit "raw": files from repeng or llama.cpp's cvector-generator) are applied with the

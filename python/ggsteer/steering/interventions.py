@@ -34,7 +34,7 @@ from ggsteer.vectors.projection import SINK_POSITIONS, SINK_SAFE_OPS
 OPS = ("add", "ablate", "clamp", "add_normalized")
 WHEN = ("all", "prompt", "generated")
 # the largest strength a user input (CLI, server request) may ask for: 1.0 is the trained gap, and
-# 2 already degenerates into repetition on Gemma 3 270M (DESIGN.md, "Strength")
+# 2 already degenerates into repetition on Gemma 3 270M (docs/methods.md, "Conventions")
 MAX_ABS_STRENGTH = 10.0
 OP_CODES = {name: code for code, name in enumerate(OPS)}
 WHEN_CODES = {name: code for code, name in enumerate(WHEN)}

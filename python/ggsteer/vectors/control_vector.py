@@ -2,7 +2,7 @@
 
 A ControlVector's `directions[i]` is the vector added to layer i's output (llama.cpp's
 `l_out-i`) at strength 1.0. For vectors trained by ggsteer, strength 1.0 is the mean gap between
-positive and negative activations along the direction at that layer (DESIGN.md): the stored
+positive and negative activations along the direction at that layer (docs/methods.md): the stored
 vector is `gap_i * unit_direction_i`, so `llama-cli --control-vector-scaled FILE 0.5` means the
 same as ggsteer's strength 0.5. Files from repeng or llama.cpp's cvector-generator carry raw
 directions; their unit is "raw" (strength = plain coefficient).

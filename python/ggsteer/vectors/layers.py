@@ -28,7 +28,7 @@ def parse_layer_range(text: str) -> list[int]:
 
 
 def default_steering_layers(n_layer: int) -> list[int]:
-    """Middle layers, measured on Gemma 3 270M as 3..14 of 18: from 1/6 to 4/5 of the depth."""
+    """Middle layers, from 1/6 to 4/5 of the depth (3..14 of Gemma 3 270M's 18; docs/methods.md)."""
     first = max(1, round(n_layer / 6))
     last = max(first, math.floor(n_layer * 0.8))
     return list(range(first, min(last, n_layer - 1) + 1))

@@ -1,35 +1,29 @@
 """What `ablate` and `clamp` act on, so that projecting a direction out keeps the model fluent.
 
-Measured on Gemma 3 270M (benchmarks/ablation_study.py; README "Ablation that keeps the model
-fluent"), two things broke the text when every row's projection on the trained unit direction u
-was set to the neutral point (KL 4-8 nats on neutral text, "I I I I ..."):
+Setting every row's projection on the trained unit direction u to the neutral point breaks a
+model's text, for two reasons (measurements: docs/interventions.md, "Ablation that keeps the model
+fluent"):
 
-- the attention sink: the first position carries a massive activation (row norm 7-15x any other
-  row's) that every later token attends to. Clamping its projection to a center measured on
-  ordinary tokens rewrites it by tens of thousands, so the hook leaves the first `SINK_POSITIONS`
-  positions alone (KL 4.3 -> 1.2 on the happy vector);
+- the attention sink: the first position carries a massive activation that every later token
+  attends to. Clamping its projection to a center measured on ordinary tokens rewrites it, so the
+  hook leaves the first `SINK_POSITIONS` positions alone;
 - directions every token shares: the residual stream of ordinary tokens lies largely along a few
-  directions (its mean direction first), and trained directions overlap them (|cos| with the mean
-  direction up to 0.85). Clamping along u flattens that shared part of every token. The ops act on
-  u' instead: u with its components along the top `SHARED_DIRECTIONS` principal directions of
-  ordinary token states (uncentred, non-sink tokens of the training prompts) removed, with its own
-  neutral point and gap measured on the training pairs. With the sink left alone as well, KL on
-  neutral text falls to 0.12-0.16 and perplexity stays within 1.25x on happy, calm and honest.
+  directions (its mean direction first), and trained directions overlap them. Clamping along u
+  flattens that shared part of every token. The ops act on u' instead: u with its components along
+  the top `SHARED_DIRECTIONS` principal directions of ordinary token states (uncentred, non-sink
+  tokens of the training prompts) removed, with its own neutral point and gap measured on the
+  training pairs.
 
 The sink's own state is removed from u' too (`kept_out_directions`): position 0 sees only itself, so
 its state at a layer is the same in every prompt, and u' orthogonal to it means ablate and clamp
-move the sink by the small target alone (at most a few hundred against a norm of 14,000-100,000),
-even where a position cannot be left alone (`skip_first=0`, a weight bake). On Gemma 3 270M that
-took the every-row ablation from KL 2.26 to 0.07 (happy) and 3.03 to 0.11 (calm).
+move the sink by the small target alone, even where a position cannot be left alone
+(`skip_first=0`, a weight bake).
 
 What u' starts from: the difference of the pairs' states averaged over every token of each prompt
 (`mean_pooled_difference` over `ABLATION_PAIRS` pairs), not the trained direction, which is read at
 the last token only. Ablation rewrites every token, and the behaviour a persona instruction carries
-to later tokens lives along the tokens' average difference: on Gemma 3 270M (honest, calm, happy) the
-share of the difference between asking for the behaviour and asking for its opposite that survives
-ablation fell from 43% / 3% / 13% to 6% / ~0 / ~0, with KL on neutral text 0.03-0.08 instead of
-0.07-0.13. The center and gap stay those of the training states (the last token by default) along u',
-so clamp +-1 still means one trained gap.
+to later tokens lives along the tokens' average difference. The center and gap stay those of the
+training states (the last token by default) along u', so clamp +-1 still means one trained gap.
 
 Training stores, per layer, u' (`ablation_direction`), the center (`ablation_center`) and the gap
 (`ablation_gap`) along it. Vectors without them (older files, repeng or llama.cpp files, sums of
@@ -53,8 +47,8 @@ if TYPE_CHECKING:
 SINK_POSITIONS = 1
 # ops that leave the sink alone unless told otherwise
 SINK_SAFE_OPS = ("ablate", "clamp")
-# shared directions removed from u: 4 kept KL <= 0.16 with the behaviour still removed on the
-# happy vector; 1 (the mean direction only) left KL 0.4-1.2, 16 removed too little behaviour
+# shared directions removed from u: the fewest that kept every preset fluent while the behaviour was
+# still removed (docs/interventions.md compares 1, 2, 4 and 16)
 SHARED_DIRECTIONS = 4
 # training prompts whose every (non-sink) token state estimates the shared directions
 SHARED_PROMPTS = 32

@@ -37,7 +37,7 @@ METADATA_KEYS: dict[str, MetadataSpec] = {
     "gap": _FLOAT32_LIST,  # per layer: mean gap of positive minus negative projections (strength unit)
     "residual_norm": _FLOAT32_LIST,  # per layer: typical norm of the residual stream there
     "center": _FLOAT32_LIST,  # per layer: mean projection of the pair midpoints (the neutral point)
-    # per layer, n_embd values each: the unit direction ablate and clamp act on (steering/projection.py)
+    # per layer, n_embd values each: the unit direction ablate and clamp act on (vectors/projection.py)
     "ablation_direction": _FLOAT32_LIST,
     "ablation_center": _FLOAT32_LIST,  # per layer: mean projection of the pair midpoints on ablation_direction
     "ablation_gap": _FLOAT32_LIST,  # per layer: mean gap along ablation_direction (clamp's strength unit)
