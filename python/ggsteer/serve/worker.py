@@ -280,7 +280,11 @@ class BatchWorker:
         self.metrics.add("ggsteer_decodes_total")
         self.metrics.add("ggsteer_tokens_generated_total", sum(len(s.generated) for s in states) - before)
         for state in finished:
-            self._running.pop(state).send("done", state.result())
+            job = self._running.pop(state)
+            if state.error is not None:  # this sequence alone failed; the batch goes on
+                self._finish_failed(job, f"generation failed: {state.error}")
+                continue
+            job.send("done", state.result())
             self.metrics.add("requests_completed")
 
     def _recover(self, error: Exception) -> None:
