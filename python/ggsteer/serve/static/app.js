@@ -351,11 +351,13 @@ $("new-chat").addEventListener("click", () => {
 });
 
 $("make-default").addEventListener("change", toggleDefault);
-// after an API key is typed, the vectors and the default are read again with it
-async function reloadAll() {
-  await state.pushing;
-  await loadVectors();
-  await loadDefault();
+// after an API key is typed, the vectors and the default are read again with it (one reload at a time)
+function reloadAll() {
+  state.reloading = (state.reloading || Promise.resolve())
+    .then(() => state.pushing)
+    .then(loadVectors)
+    .then(loadDefault);
+  return state.reloading;
 }
 
 $("reload-vectors").addEventListener("click", reloadAll);
