@@ -306,3 +306,23 @@ def test_upload_of_a_huge_vector_is_refused_and_the_directory_is_unchanged(serve
     assert_openai_error(response, 400)
     assert "direction.1 holds a value of 1e+30" in response.json()["error"]["message"]
     assert sorted(os.listdir(served[1].registry.directory)) == directory
+
+
+@pytest.mark.parametrize(("header", "name"), [
+    ("localhost", "localhost"), ("LOCALHOST:8080", "localhost"), ("127.0.0.1:80", "127.0.0.1"), ("[::1]:8080", "::1"),
+    ("[::1]", "::1"), ("::1", "::1"), ("example.org", "example.org"),
+    # not a host name followed by a port: they match no allowed name
+    ("[::1]evil.com", "[::1]evil.com"), ("localhost:evil.com", "localhost:evil.com"), ("[::1]:80x", "[::1]:80x"),
+])
+def test_host_headers_are_parsed_strictly(header, name):
+    from ggsteer.serve.guard import host_name
+
+    assert host_name(header) == name
+
+
+def test_a_bad_query_parameter_names_itself_in_openai_shape(served):
+    url, _ = served
+    response = httpx.put(url + "/v1/vectors/happy?overwrite=2", content=b"GGUF", timeout=10)
+    assert_openai_error(response, 400)
+    assert response.json()["error"]["param"] == "overwrite"
+    assert response.json()["error"]["message"].startswith("overwrite: ")
