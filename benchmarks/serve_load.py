@@ -161,7 +161,10 @@ def poison_requests(n_embd: int) -> list[tuple[str, str, bytes, dict]]:
         ControlVector({1: np.full(n_embd, 1e30, np.float32)}, "any", {"unit": "raw"}).save(huge)
         huge_bytes = huge.read_bytes()
     small = {"max_tokens": 4, "temperature": 0}
-    steer = lambda setting: {"prompt": "x", **small, "steering": {"happy": setting}}  # noqa: E731
+
+    def steer(setting) -> dict:
+        return {"prompt": "x", **small, "steering": {"happy": setting}}
+
     octet = {"content-type": "application/octet-stream"}
     return [
         ("POST", "/v1/completions", body(steer({"strength": 0.5, "first_k": 1e300})), {}),

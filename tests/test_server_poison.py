@@ -106,12 +106,11 @@ def tokens(model, prompt: str) -> list[int]:
 
 def test_nan_logits_end_only_their_own_sequence(tiny_model_path, reference, vectors):
     prompts = ["the cat", "a dog ~ sat", "hello there"]
-    with tiny_server_model(tiny_model_path) as model, nan_logits_for(model):
+    with tiny_server_model(tiny_model_path) as model, nan_logits_for(model), ContinuousBatch(model) as batch:
         happy = normalize_controls(model, [(vectors["happy"], 0.8)])
-        with ContinuousBatch(model) as batch:
-            states = [batch.add(tokens(model, p), c, SequenceSampling(12)) for p, c in zip(prompts, [[], [], happy])]
-            while batch.active:
-                batch.step()
+        states = [batch.add(tokens(model, p), c, SequenceSampling(12)) for p, c in zip(prompts, [[], [], happy])]
+        while batch.active:
+            batch.step()
     assert states[1].finish_reason == "error" and "NaN or Inf" in states[1].error
     assert states[1].generated == []
     assert states[0].text == expected_result(reference, vectors, prompts[0]).text
@@ -133,7 +132,9 @@ def test_steering_that_cannot_be_built_fails_its_request_alone(tiny_model_path, 
         worker = BatchWorker(model, max_batch=4)
         worker.start()
         try:
-            steer = lambda strength: normalize_controls(model, [(vectors["happy"], strength)])  # noqa: E731
+            def steer(strength):
+                return normalize_controls(model, [(vectors["happy"], strength)])
+
             jobs = [RecordingJob(tokens(model, "the cat"), 12, delay_s=0.01),
                     RecordingJob(tokens(model, "a dog sat"), 12, controls=steer(0.123)),
                     RecordingJob(tokens(model, "hello there"), 12, controls=steer(0.8))]

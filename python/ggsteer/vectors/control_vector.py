@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
+from ggsteer.vectors.bounds import allow_large_from_env, check_direction_sizes
 from ggsteer.vectors.file import (
     PER_LAYER_KEYS,
     PER_LAYER_VECTOR_KEYS,
@@ -26,7 +27,6 @@ from ggsteer.vectors.file import (
     read_vector_file,
     write_vector_file,
 )
-from ggsteer.vectors.bounds import allow_large_from_env, check_direction_sizes
 from ggsteer.vectors.layers import default_steering_layers
 
 if TYPE_CHECKING:
