@@ -10,6 +10,12 @@ vectors with random strengths, 4-96 tokens, greedy or sampled; about one in ten 
 time is up every client hangs up on the request it is waiting for ("cut at the end"), so the
 server must cancel up to --clients requests at once.
 
+With --poison (a share of requests, default 0.1) clients also send poisonous requests mixed in
+(issue 24's list: first_k 1e300, a 20-million-layer range, logit_bias "²", a json_schema string,
+lone surrogates, a body nested 5,000 deep, odd vector paths, a vector of 1e30 values, ?overwrite=2,
+foreign Host names). Each must get a 4xx in OpenAI's error shape; the columns count them apart from
+the well-formed requests, whose failures must stay 0 whatever the poison does.
+
 Every completed reply is checked: HTTP 200, the OpenAI shape, finish_reason "stop" or "length",
 `usage.prompt_tokens` equal to the prompt's token count (tokenised here with the same vocabulary),
 `completion_tokens` at most max_tokens and equal to it when finish_reason is "length",
@@ -142,6 +148,56 @@ def random_request(rng: random.Random) -> dict:
     return {"kind": kind, "prompt": prompt, "body": body, "hang_up": rng.random() < HANG_UP}
 
 
+# -- poisonous requests ---------------------------------------------------------------------------
+
+
+def poison_requests(n_embd: int) -> list[tuple[str, str, bytes, dict]]:
+    """(method, path, body, headers): each must be refused with a 4xx in OpenAI's error shape."""
+    def body(value) -> bytes:
+        return json.dumps(value).encode()  # ensure_ascii: a lone surrogate travels as its escape
+
+    with tempfile.TemporaryDirectory() as tmp:
+        huge = Path(tmp) / "huge.gguf"
+        ControlVector({1: np.full(n_embd, 1e30, np.float32)}, "any", {"unit": "raw"}).save(huge)
+        huge_bytes = huge.read_bytes()
+    small = {"max_tokens": 4, "temperature": 0}
+
+    def steer(setting) -> dict:
+        return {"prompt": "x", **small, "steering": {"happy": setting}}
+
+    octet = {"content-type": "application/octet-stream"}
+    return [
+        ("POST", "/v1/completions", body(steer({"strength": 0.5, "first_k": 1e300})), {}),
+        ("POST", "/v1/completions", body(steer({"strength": 0.5, "first_k": 10**30})), {}),
+        ("POST", "/v1/completions", body(steer({"strength": 0.5, "layers": "1-20000000"})), {}),
+        ("POST", "/v1/completions", body({"prompt": "x", **small, "logit_bias": {"²": 1}}), {}),
+        ("POST", "/v1/completions", body({"prompt": "x", **small, "response_format": {"type": "json_schema", "json_schema": "x"}}), {}),
+        ("POST", "/v1/completions", body({"prompt": "a \ud800", **small}), {}),
+        ("POST", "/v1/chat/completions", body({"messages": [{"role": "system", "content": "\ud800"}], **small}), {}),
+        ("POST", "/v1/completions", b'{"prompt": "x", "m": ' + b"[" * 5000 + b"]" * 5000 + b"}", {}),
+        ("POST", "/v1/vectors/load", body({"path": "a" * 295 + ".gguf"}), {}),
+        ("POST", "/v1/vectors/load", body({"path": "\ud800.gguf"}), {}),
+        ("PUT", "/v1/vectors/huge", huge_bytes, octet),
+        ("PUT", "/v1/vectors/happy?overwrite=2", b"GGUF", octet),
+        ("GET", "/v1/vectors", b"", {"host": "[::1]evil.com"}),
+        ("GET", "/v1/vectors", b"", {"host": "localhost:evil.com"}),
+    ]
+
+
+async def one_poison(http: httpx.AsyncClient, poison: tuple) -> str:
+    """'4xx' when refused in OpenAI's error shape; otherwise what came back."""
+    method, path, body, headers = poison
+    response = await http.request(method, path, content=body, headers={"content-type": "application/json", **headers})
+    try:
+        error = response.json()["error"]
+        shaped = set(error) == {"message", "type", "param", "code"} and error["code"] == response.status_code
+    except (ValueError, KeyError, TypeError):
+        shaped = False
+    if 400 <= response.status_code < 500 and shaped:
+        return "4xx"
+    return f"{method} {path[:40]}: HTTP {response.status_code}{'' if shaped else ' (not the OpenAI shape)'}"
+
+
 def check_reply(request: dict, reply: dict, prompt_tokens: int) -> str | None:
     """None if the non-streamed reply is well-formed with exact usage, else what is wrong."""
     choice = reply["choices"][0]
@@ -201,12 +257,28 @@ async def one_request(http: httpx.AsyncClient, request: dict, prompts: PromptTok
 
 
 async def run_round(url: str, args, prompts: PromptTokens, round_index: int) -> dict:
-    stats = {"sent": 0, "completed": 0, "hung_up": 0, "rejected": 0, "cut": 0, "failures": [], "latencies": []}
+    stats = {"sent": 0, "completed": 0, "hung_up": 0, "rejected": 0, "cut": 0, "failures": [], "latencies": [],
+             "poison_sent": 0, "poison_refused": 0, "poison_problems": []}
     deadline = time.monotonic() + args.duration
+
+    async def poison(rng: random.Random, http: httpx.AsyncClient) -> None:
+        stats["poison_sent"] += 1
+        try:
+            outcome = await asyncio.wait_for(one_poison(http, rng.choice(args.poisons)),
+                                             timeout=max(0.01, deadline - time.monotonic()))
+        except TimeoutError:
+            return
+        if outcome == "4xx":
+            stats["poison_refused"] += 1
+        else:
+            stats["poison_problems"].append(outcome)
 
     async def client(i: int, http: httpx.AsyncClient) -> None:
         rng = random.Random(1000 * round_index + i)
         while time.monotonic() < deadline:
+            if rng.random() < args.poison:
+                await poison(rng, http)
+                continue
             request = random_request(rng)
             stats["sent"] += 1
             start = time.perf_counter()
@@ -248,14 +320,16 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--ctx-size", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--poison", type=float, default=0.1, help="share of requests that are poisonous (0: none)")
     parser.add_argument("--server-log", default=os.path.join(tempfile.gettempdir(), "ggsteer-serve-load.log"))
     args = parser.parse_args()
     model_path = str(args.model or default_model_path())
     vocab = open_vocab(model_path)
     prompts = PromptTokens(vocab)
+    args.poisons = poison_requests(vocab.metadata_n_embd)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    rows, all_failures = [], []
+    rows, all_failures, poison_problems = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         write_vectors(vocab, Path(tmp))
         process = start_server(model_path, Path(tmp), port, args)
@@ -276,11 +350,13 @@ def main() -> int:
                     all_failures.append(f"round {round_index + 1}: /health answered {health}")
                 latencies = sorted(stats["latencies"]) or [float("nan")]
                 all_failures += stats["failures"]
+                poison_problems += stats["poison_problems"]
                 rows.append([round_index + 1, stats["sent"], stats["completed"], stats["hung_up"], stats["cut"], stats["rejected"],
                              len(stats["failures"]), f"{np.percentile(latencies, 50):.2f}", f"{np.percentile(latencies, 95):.2f}",
                              f"{stats['completed'] / stats['wall']:.2f}", f"{rss_mb(process.pid):.0f}",
                              f"{m['ggsteer_requests_processing']:.0f}/{m['ggsteer_requests_queued']:.0f}",
-                             f"{m['ggsteer_tokens_generated_total']:.0f}", f"{m[CANCELLED]:.0f}"])
+                             f"{m['ggsteer_tokens_generated_total']:.0f}", f"{m[CANCELLED]:.0f}",
+                             stats["poison_sent"], stats["poison_refused"], len(stats["poison_problems"])])
         finally:
             process.terminate()
             process.wait(60)
@@ -289,14 +365,17 @@ def main() -> int:
         f"ggsteer serve under load: {args.clients} clients, {args.duration:g} s per round, max-batch {args.max_batch}, "
         f"{Path(model_path).name} ({machine_line()}; load average at the end {load})",
         ["round", "sent", "completed", "hung up", "cut at the end", "429", "failures", "p50 s", "p95 s", "completed/s",
-         "server RSS MB", "processing/queued after", "tokens (total)", "cancelled (total)"],
+         "server RSS MB", "processing/queued after", "tokens (total)", "cancelled (total)", "poison sent",
+         "poison 4xx", "poison other"],
         rows,
     )
     if len(rows) >= 2:
         print(f"server memory from round 1 to round {len(rows)}: {float(rows[-1][10]) - float(rows[0][10]):+.0f} MB")
     for problem in sorted(set(all_failures))[:20]:
         print(f"failure: {problem} (x{all_failures.count(problem)})")
-    return 1 if all_failures else 0
+    for problem in sorted(set(poison_problems))[:20]:
+        print(f"poison not refused with a 4xx: {problem} (x{poison_problems.count(problem)})")
+    return 1 if all_failures or poison_problems else 0
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def test_bad_sampling_settings_are_one_line_before_the_model_loads(tmp_path, cap
     assert len(lines) == 1 and lines[0].startswith(f"ggsteer: error: {message}")
 
 
-def test_a_vector_of_huge_values_warns(tmp_path, tiny_model_path, capsys):
+def test_a_vector_of_huge_values_warns(tmp_path, tiny_model_path, capsys, monkeypatch):
+    monkeypatch.setenv("GGSTEER_ALLOW_LARGE_VECTORS", "1")  # loading it at all takes the override
     vector = raw_vector(tmp_path / "huge.gguf", 1e30)
     code = main(["generate", "--model", str(tiny_model_path), "--vector", f"{vector}:2", "--raw", "-p", "the cat",
                  "-n", "4", "--threads", "2"])
@@ -51,7 +52,8 @@ def test_a_vector_of_huge_values_warns(tmp_path, tiny_model_path, capsys):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-def test_non_finite_output_warns(tmp_path, tiny_model_path, capsys):
+def test_non_finite_output_warns(tmp_path, tiny_model_path, capsys, monkeypatch):
+    monkeypatch.setenv("GGSTEER_ALLOW_LARGE_VECTORS", "1")  # loading it at all takes the override
     vector = raw_vector(tmp_path / "overflow.gguf", 3e38)  # times 2 overflows float32: the residual is inf, logits NaN
     assert main(["generate", "--model", str(tiny_model_path), "--vector", f"{vector}:2", "--raw", "-p", "the cat",
                  "-n", "4", "--threads", "2"]) == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,78 @@ def test_page_makes_its_sliders_the_server_default(page_server, reference, brows
     assert float(browser.find_element("id", "strength-honest").get_attribute("value")) == pytest.approx(-0.7)
     browser.find_element("id", "make-default").click()  # off: the default is cleared
     WebDriverWait(browser, 30).until(lambda d: httpx.get(url + "/v1/steering").json()["steering"] == {})
+
+
+def wait_for_sliders(driver, url: str, name: str = "honest"):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url + "/")
+    WebDriverWait(driver, 30).until(lambda d: d.find_elements("id", f"strength-{name}"))
+
+
+def server_default(url: str, headers=None) -> dict:
+    import httpx
+
+    return httpx.get(url + "/v1/steering", headers=headers, timeout=10).json()["steering"]
+
+
+def test_page_shows_and_keeps_a_default_it_cannot_edit(page_server, browser, tmp_path):
+    import httpx
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = page_server
+    kept = {"happy": {"op": "ablate"}, "honest": {"strength": 0.4, "layers": [2]}}
+    assert httpx.post(url + "/v1/steering", json={"steering": kept}, timeout=10).status_code == 200
+    try:
+        wait_for_sliders(browser, url)
+        locked_line = browser.find_element("id", "locked-default")
+        WebDriverWait(browser, 30).until(lambda d: locked_line.text)
+        assert locked_line.text == ("kept in the server default (not editable here): happy ablate; "
+                                    "honest add, strength 0.4, layers 2")
+        for name in ("happy", "honest"):
+            assert not browser.find_element("id", f"strength-{name}").is_enabled()
+        note = browser.find_element("css selector", ".slider.locked .locked-note").text
+        assert note.startswith("server default: ablate")
+        assert not browser.find_element("id", "make-default").is_selected()  # nothing the sliders hold is default
+
+        # the switch on, then a slider moved: the page's own steering joins the default, the rest stays
+        browser.find_element("id", "make-default").click()
+        slider = browser.find_element("id", "strength-plain")
+        slider.click()
+        for _ in range(6):
+            slider.send_keys(Keys.ARROW_RIGHT)  # +0.30
+        browser.find_element("id", "message").click()  # leaves the slider: its change event pushes
+        WebDriverWait(browser, 30).until(lambda d: server_default(url).get("plain") == 0.3)
+        assert server_default(url) == {**kept, "plain": 0.3}
+        assert browser.find_element("id", "next-steering").text == (
+            "next message: happy ablate; honest add, strength 0.4, layers 2; plain +0.30 (default for every client)")
+        save_screenshot(browser, tmp_path, "chat-page-locked-default.png")
+
+        # "All to 0" and the switch off take the sliders out, never the entries the page cannot show
+        browser.find_element("id", "reset-steering").click()
+        WebDriverWait(browser, 30).until(lambda d: server_default(url) == kept)
+        browser.find_element("id", "make-default").click()
+        time.sleep(0.5)
+        assert server_default(url) == kept
+    finally:
+        httpx.delete(url + "/v1/steering", timeout=10)
+
+
+def test_page_with_an_api_key_reads_the_default_once_the_key_is_given(tiny_model_path, tmp_path, browser):
+    import httpx
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    directory = tmp_path / "keyed_vectors"
+    write_vectors(directory)
+    key = {"Authorization": "Bearer page-key"}
+    with fresh_server(tiny_model_path, directory, ServerConfig(max_batch=2, api_key="page-key")) as (url, _):
+        assert httpx.post(url + "/v1/steering", json={"steering": {"honest": -0.3}}, headers=key, timeout=10).status_code == 200
+        browser.get(url + "/")
+        WebDriverWait(browser, 30).until(lambda d: "could not list vectors" in d.find_element("id", "sliders").text)
+        set_field(browser, "api-key", "page-key")
+        browser.find_element("id", "reload-vectors").click()
+        WebDriverWait(browser, 30).until(lambda d: d.find_element("id", "make-default").is_selected())
+        assert float(browser.find_element("id", "strength-honest").get_attribute("value")) == pytest.approx(-0.3)
+        assert browser.find_element("id", "next-steering").text == "next message: honest -0.30 (default for every client)"
+        assert server_default(url, key) == {"honest": -0.3}

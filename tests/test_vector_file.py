@@ -1162,3 +1162,81 @@ def test_fuzz_damaged_files(fuzz_seed_file, ggml_if_available, data):
     if ggml_if_available is not None:  # whatever ggsteer accepts, llama.cpp loads to the same numbers
         assert_llama_cpp_loads_the_same(ggml_if_available, path, vf)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Size bounds at load: a finite but huge direction is refused unless the caller overrides
+
+
+def control_vector_file(path, value: float, residual_norm: float | None = None, n_embd: int = N_EMBD) -> Path:
+    from ggsteer.vectors import ControlVector
+
+    directions = {il: np.full(n_embd, value, F32) for il in (1, 2)}
+    metadata = {"unit": "gap", "gap": [1.0, 1.0]} if residual_norm is None else {
+        "unit": "gap", "gap": [1.0, 1.0], "residual_norm": [residual_norm, residual_norm]}
+    ControlVector(directions, "llama", metadata).save(path)
+    return path
+
+
+@pytest.mark.parametrize("value", [3e38, 1e30, -2e6])
+def test_huge_values_are_refused_at_load_naming_file_layer_and_override(tmp_path, value, monkeypatch):
+    from ggsteer.vectors import ControlVector, VectorTooLargeError
+
+    monkeypatch.delenv("GGSTEER_ALLOW_LARGE_VECTORS", raising=False)
+    path = control_vector_file(tmp_path / "poisoned.gguf", value)
+    with pytest.raises(VectorTooLargeError, match=r"poisoned\.gguf: direction\.1 holds a value of .*allow_large=True"):
+        ControlVector.load(path)
+    loaded = ControlVector.load(path, allow_large=True)  # the explicit override
+    assert float(loaded.directions[2][0]) == float(F32(value))
+    monkeypatch.setenv("GGSTEER_ALLOW_LARGE_VECTORS", "1")  # the CLI's and server's override
+    assert ControlVector.load(path).layers == [1, 2]
+
+
+def test_a_direction_far_beyond_the_stored_residual_norm_is_refused(tmp_path, monkeypatch):
+    from ggsteer.vectors import ControlVector, VectorTooLargeError
+
+    monkeypatch.delenv("GGSTEER_ALLOW_LARGE_VECTORS", raising=False)
+    # norm 100 * 4 = 400: 40 times a residual norm of 10, below the absolute bound
+    far = control_vector_file(tmp_path / "far.gguf", 100.0, residual_norm=10.0)
+    with pytest.raises(VectorTooLargeError, match=r"direction\.1 has norm 400, 40 times the layer's stored residual norm 10"):
+        ControlVector.load(far)
+    near = control_vector_file(tmp_path / "near.gguf", 20.0, residual_norm=10.0)  # 8 times: allowed
+    assert ControlVector.load(near).layers == [1, 2]
+    unknown = control_vector_file(tmp_path / "unknown.gguf", 100.0)  # no residual norm stored: only the absolute bound
+    assert ControlVector.load(unknown).layers == [1, 2]
+
+
+@pytest.mark.filterwarnings("ignore::ggsteer.train.extract.TrainingWarning")  # separation is not what is tested
+def test_trained_vectors_pass_the_size_rule(tiny_model, tmp_path, monkeypatch):
+    from ggsteer.train import make_dataset
+    from ggsteer.vectors import ControlVector
+    from ggsteer.vectors.bounds import MAX_RESIDUAL_RATIO
+
+    monkeypatch.delenv("GGSTEER_ALLOW_LARGE_VECTORS", raising=False)
+    pairs = make_dataset("i am very {persona} and", ["happy", "good"], ["sad", "bad"], ["i feel", "the dog is", "today"])
+    for method in ("mean_diff", "pca_diff"):
+        trained = ControlVector.train(tiny_model, pairs, method=method)
+        trained.save(tmp_path / f"{method}.gguf")
+        loaded = ControlVector.load(tmp_path / f"{method}.gguf")
+        norms = loaded.layer_stat("residual_norm")
+        assert norms, "the trained file stores residual norms: the relative rule applies to it"
+        ratios = [float(np.linalg.norm(loaded.directions[il])) / norms[il] for il in loaded.layers]
+        assert max(ratios) < MAX_RESIDUAL_RATIO
+
+
+def test_the_cli_refuses_a_huge_vector_before_the_model_loads(tmp_path, tiny_model_path, capsys, monkeypatch):
+    import ggsteer.cli.generate
+    from ggsteer.cli import main
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(ggsteer.cli.generate, "load_model", load_model)
+    monkeypatch.delenv("GGSTEER_ALLOW_LARGE_VECTORS", raising=False)
+    path = control_vector_file(tmp_path / "poisoned.gguf", 1e30, n_embd=48)
+    code = main(["generate", "--model", str(tiny_model_path), "--vector", f"{path}:1", "-p", "the cat", "-n", "2",
+                 "--threads", "2"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert len(error) == 1 and "poisoned.gguf: direction.1 holds a value of 1e+30" in error[0]
+    assert "GGSTEER_ALLOW_LARGE_VECTORS=1" in error[0]

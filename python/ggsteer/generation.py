@@ -64,6 +64,7 @@ class SequenceState:
     next_logits: np.ndarray | None = None  # copied out right after the decode that produced them
     ready_since: int = 0  # the decode that produced next_logits: the longest-waiting go first
     joined: int = 0  # admission order: prompts are decoded oldest first
+    error: str | None = None  # why this sequence alone failed (its steering, sampling or logits); set when it ends
 
     @property
     def conditioned(self) -> bool:
@@ -153,6 +154,7 @@ class ContinuousBatch:
             raise ValueError(f"no room for a sequence of {len(tokens)} + {sampling.max_tokens} tokens: "
                              f"{len(self.active)} sequences hold {self.reserved_cells} of n_ctx={self.model.n_ctx()} cells")
         constraint = None if sampling.grammar is None else GrammarConstraint(self.model, sampling.grammar)
+        compile_program([controls], n_slots=1)  # steering the hook cannot take fails this sequence, not a decode
         slot = self.slots.index(None)
         state = SequenceState(index, slot, list(tokens), sampling, list(controls),
                               np.random.default_rng(sampling.seed), on_piece, constraint)
@@ -185,7 +187,11 @@ class ContinuousBatch:
         for state in ready:
             if len(rows) >= limit:
                 break
-            token = self._next_token(state)
+            try:  # one sequence's sampling error (or NaN/Inf logits) ends that sequence alone
+                check_finite_logits(state.next_logits)
+                token = self._next_token(state)
+            except Exception as error:  # noqa: BLE001
+                state.next_logits, state.finish_reason, state.error = None, "error", str(error)
             if state.done:
                 finished.append(state)
             else:
@@ -286,6 +292,11 @@ class ContinuousBatch:
             state.ready_since = self.n_decodes
 
 
+def check_finite_logits(logits: np.ndarray) -> None:
+    if not np.isfinite(logits).all():
+        raise FloatingPointError("the model's logits for this sequence hold NaN or Inf (its steering is too strong)")
+
+
 def generate_batch(
     model: HookedModel,
     prompts: Sequence[str],
@@ -320,4 +331,7 @@ def generate_batch(
         ]
         while batch.active:
             batch.step()
+    failed = next((s for s in states if s.error is not None), None)
+    if failed is not None:
+        raise RuntimeError(f"prompt {failed.index}: {failed.error}")
     return [s.result() for s in states] if details else [s.text for s in states]

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -42,7 +43,7 @@ from ggsteer.chat_format import ChatTemplateError, chat_prompt
 from ggsteer.generation import SequenceSampling
 from ggsteer.runtime.grammar import GrammarConstraint
 from ggsteer.serve.defaults import DefaultSteering
-from ggsteer.serve.errors import ApiError, error_response, http_error_handler
+from ggsteer.serve.errors import ApiError, error_response, http_error_handler, validation_error_handler
 from ggsteer.serve.guard import LOOPBACK_HOSTS, RequestGuard, api_key_matches
 from ggsteer.serve.metrics import ServerMetrics, render
 from ggsteer.serve.registry import VectorRegistry
@@ -225,6 +226,7 @@ def create_app(model, registry: VectorRegistry, config: ServerConfig | None = No
     app.state.server = server
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)  # 404, 405 in OpenAI's shape
+    app.add_exception_handler(RequestValidationError, validation_error_handler)  # "?overwrite=2": 400, not 422
     app.add_exception_handler(Exception, unexpected_error_handler)
     app.add_exception_handler(QueueFull, busy_handler)
     app.add_exception_handler(WorkerUnavailable, busy_handler)

@@ -29,3 +29,11 @@ def http_error_handler(request, error) -> JSONResponse:
     for name, value in (getattr(error, "headers", None) or {}).items():
         response.headers[name] = value
     return response
+
+
+def validation_error_handler(request, error) -> JSONResponse:
+    """FastAPI's own checks of query and path parameters (e.g. "?overwrite=2") as a 400 in OpenAI's shape."""
+    first = error.errors()[0] if error.errors() else {}
+    where = ".".join(str(part) for part in first.get("loc", ())[1:]) or None  # ("query", "overwrite") -> "overwrite"
+    value = first.get("input")
+    return error_response(400, f"{where or 'request'}: {first.get('msg', 'invalid value')}, got {value!r}"[:300], where)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 ANY_HOST = "*"
@@ -20,12 +21,20 @@ JSON_ONLY_METHODS = {"POST"}
 KEYED_DOC_PATHS = ("/openapi.json", "/docs", "/redoc")
 
 
+# a Host header is a name or [IPv6 address], then at most ":port"; anything else matches no allowed name
+HOST_HEADER = re.compile(r"(?:\[(?P<ipv6>[0-9a-f:.]+)\]|(?P<name>[^:\[\]]*))(?::[0-9]{1,5})?")
+
+
 def host_name(host_header: str) -> str:
-    """The Host header without its port ("[::1]:8080" -> "::1")."""
+    """The Host header without its port ("[::1]:8080" -> "::1"); "[::1]evil.com" and
+    "localhost:evil.com" are no host name of ours: they come back whole."""
     host = host_header.strip().lower()
-    if host.startswith("["):
-        return host[1:].partition("]")[0]
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if host.count(":") > 1 and not host.startswith("["):
+        return host  # a bare IPv6 address ("::1"), as the allowed list spells it
+    match = HOST_HEADER.fullmatch(host)
+    if match is None:
+        return host
+    return match.group("ipv6") or match.group("name")
 
 
 def api_key_matches(authorization: str, api_key: str) -> bool:

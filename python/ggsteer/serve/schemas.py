@@ -9,6 +9,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ggsteer.serve.errors import ApiError
+from ggsteer.serve.json_checks import MAX_JSON_DEPTH, check_json_value
 from ggsteer.serve.settings import DEFAULT_TEMPERATURE, MAX_BODY_BYTES, MAX_STOP_STRINGS
 
 # -- request bodies -----------------------------------------------------------------------------
@@ -88,7 +89,8 @@ class GenerationRequest(BaseModel):
     def checked_logit_bias(self, n_vocab: int) -> tuple[tuple[int, float], ...]:
         items = []
         for key, bias in (self.logit_bias or {}).items():
-            if not key.isdigit() or int(key) >= n_vocab:
+            # str.isdigit() also takes "²" and other digits int() refuses or reads differently
+            if not (key.isascii() and key.isdigit() and len(key) <= 10) or int(key) >= n_vocab:
                 raise ApiError(400, f"logit_bias: {key!r} is not a token id of this model (0..{n_vocab - 1})", "logit_bias")
             if not -100.0 <= bias <= 100.0:
                 raise ApiError(400, f"logit_bias: the bias for token {key} is {bias}: it must be within -100..100", "logit_bias")
@@ -106,7 +108,8 @@ class GenerationRequest(BaseModel):
             return JSON_GBNF
         if kind != "json_schema":
             raise ApiError(400, f"response_format: unknown type {kind!r}; use text, json_object or json_schema", "response_format")
-        schema = (self.response_format.get("json_schema") or {}).get("schema")
+        wrapper = self.response_format.get("json_schema")
+        schema = wrapper.get("schema") if isinstance(wrapper, dict) else None
         if not isinstance(schema, dict):
             raise ApiError(400, "response_format.json_schema.schema: give the JSON schema as an object", "response_format")
         try:
@@ -198,6 +201,9 @@ async def read_json_value(request: Request, limit: int = MAX_BODY_BYTES):
         data = json.loads(body)
     except ValueError as error:  # also UnicodeDecodeError, and integers over Python's 4300-digit limit
         raise ApiError(400, f"request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ApiError(400, f"request body is nested more than {MAX_JSON_DEPTH} levels deep") from None
+    check_json_value(data)
     return data
 
 

@@ -22,6 +22,13 @@ from ggsteer.serve.registry import RegisteredVector, VectorRegistry
 from ggsteer.vectors import ControlVector
 
 VECTOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_PATH_CHARS = 255  # a client's path inside the directory; longer ones are refused before the file system sees them
+
+
+def short(text: str) -> str:
+    """A client's string as it may appear in an error message (quoted, escaped, cut)."""
+    quoted = ascii(text)
+    return quoted if len(quoted) <= 80 else f"{quoted[:72]}...' ({len(text)} characters)"
 
 
 class VectorStore:
@@ -43,13 +50,20 @@ class VectorStore:
 
     def resolve(self, path_text) -> Path:
         """A client's path (relative to the directory, or absolute) as a *.gguf file inside it."""
-        if not isinstance(path_text, str) or not path_text or "\0" in path_text:
-            raise ApiError(400, "path must be a non-empty string naming a file in the vectors directory", "path")
-        candidate = (self.directory / path_text).resolve()
-        if not candidate.is_relative_to(self.directory):
-            raise ApiError(400, f"path {path_text!r} is outside the vectors directory; only files inside it can be loaded", "path")
-        if candidate.suffix != ".gguf" or not candidate.is_file():
-            raise ApiError(400, f"path {path_text!r}: no *.gguf file there in the vectors directory", "path")
+        if not isinstance(path_text, str) or not path_text or "\0" in path_text or len(path_text) > MAX_PATH_CHARS:
+            raise ApiError(400, f"path must be a non-empty string of at most {MAX_PATH_CHARS} characters naming "
+                                "a file in the vectors directory", "path")
+        try:
+            candidate = (self.directory / path_text).resolve()
+            inside = candidate.is_relative_to(self.directory)
+            is_file = inside and candidate.suffix == ".gguf" and candidate.is_file()
+        except (OSError, RuntimeError, UnicodeError) as error:  # too long a name, a symlink loop, a lone surrogate
+            raise ApiError(400, f"path {short(path_text)}: cannot be resolved ({type(error).__name__})", "path") from None
+        if not inside:
+            raise ApiError(400, f"path {short(path_text)} is outside the vectors directory; only files inside it "
+                                "can be loaded", "path")
+        if not is_file:
+            raise ApiError(400, f"path {short(path_text)}: no *.gguf file there in the vectors directory", "path")
         return candidate
 
     # -- validation ------------------------------------------------------------------------------
@@ -102,16 +116,27 @@ class VectorStore:
         return entry
 
     def rescan(self) -> dict:
-        """Re-read every *.gguf in the directory: new and changed files in, vanished ones out."""
-        found, errors = {}, []
-        for path in sorted(self.directory.glob("*.gguf")):
-            try:
-                found[self.check_name(path.stem)] = RegisteredVector(path.stem, path, self.validated(path, path.name))
-            except ApiError as error:
-                errors.append({"file": path.name, "error": error.message})
+        """Re-read every *.gguf in the directory: new and changed files in, vanished ones out.
+
+        The rule of `load` holds for each file: it must resolve to a file inside the directory
+        (symlinks included). A link to a file already taken is an alias, not a second vector:
+        plain files are read first, so the file's own name wins over a link's.
+        """
         before = self.registry.vectors
         # files loaded from subfolders stay while they exist
         kept = {name: e for name, e in before.items() if e.path.parent.resolve() != self.directory and e.path.is_file()}
+        taken = {e.path.resolve(): name for name, e in kept.items()}
+        found, errors = {}, []
+        for path in sorted(self.directory.glob("*.gguf"), key=lambda p: (p.is_symlink(), p.name)):
+            try:
+                target = self.scanned_target(path)
+                if target in taken:
+                    raise ApiError(400, f"{path.name}: an alias of {taken[target]!r} (the same file), not loaded twice")
+                name = self.check_name(path.stem)
+                found[name] = RegisteredVector(name, path, self.validated(path, path.name))
+                taken[target] = name
+            except ApiError as error:
+                errors.append({"file": path.name, "error": error.message})
         table = {**kept, **found}
         for name in before:
             if name not in table:
@@ -122,3 +147,16 @@ class VectorStore:
         self.defaults.revalidate()
         return {"added": sorted(set(table) - set(before)), "removed": sorted(set(before) - set(table)),
                 "errors": errors, "vectors": sorted(table)}
+
+    def scanned_target(self, path: Path) -> Path:
+        """Where a directory entry leads: a file inside the directory, or ApiError(400)."""
+        try:
+            target = path.resolve(strict=True)
+            is_file = target.is_file()
+        except (OSError, RuntimeError) as error:  # a dangling link, a symlink loop
+            raise ApiError(400, f"{path.name}: cannot be resolved ({type(error).__name__})") from None
+        if not target.is_relative_to(self.directory):
+            raise ApiError(400, f"{path.name} leads outside the vectors directory; only files inside it can be loaded")
+        if not is_file:
+            raise ApiError(400, f"{path.name} is not a file")
+        return target

@@ -85,7 +85,9 @@ class BatchWorker:
     together have their prompts decoded together. At most `max_queue` jobs wait (`submit` raises
     QueueFull beyond).
 
-    Faults: any exception in the loop (a decode, admission, its own bookkeeping) ends the batch;
+    Faults: a failure that belongs to one sequence (its hook program cannot be built, its sampling
+    raises, its logits hold NaN or Inf) fails that job alone (500) and the batch goes on. Any other
+    exception in the loop (a decode, admission, its own bookkeeping) ends the batch;
     its jobs that can be retried (nothing sent yet, first failure, not alone) go back to the front
     of the queue and then run one at a time, so a request that breaks decodes fails alone; the
     others fail. A fresh batch is opened (503 while none is open); a thread that died altogether is
@@ -280,7 +282,11 @@ class BatchWorker:
         self.metrics.add("ggsteer_decodes_total")
         self.metrics.add("ggsteer_tokens_generated_total", sum(len(s.generated) for s in states) - before)
         for state in finished:
-            self._running.pop(state).send("done", state.result())
+            job = self._running.pop(state)
+            if state.error is not None:  # this sequence alone failed; the batch goes on
+                self._finish_failed(job, f"generation failed: {state.error}")
+                continue
+            job.send("done", state.result())
             self.metrics.add("requests_completed")
 
     def _recover(self, error: Exception) -> None:

@@ -1,5 +1,6 @@
 """Vectors as data (numpy + gguf only): ControlVector and TokenAlignedVector, layer numbers, files."""
 
+from ggsteer.vectors.bounds import VectorTooLargeError
 from ggsteer.vectors.control_vector import UNIT_GAP, UNIT_RAW, ControlVector
 from ggsteer.vectors.file import VectorFileError
 from ggsteer.vectors.layers import (
@@ -16,6 +17,7 @@ __all__ = [
     "ControlVector",
     "TokenAlignedVector",
     "VectorFileError",
+    "VectorTooLargeError",
     "choose_layers",
     "default_steering_layers",
     "default_training_layers",

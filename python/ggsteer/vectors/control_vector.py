@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
+from ggsteer.vectors.bounds import allow_large_from_env, check_direction_sizes
 from ggsteer.vectors.file import (
     PER_LAYER_KEYS,
     PER_LAYER_VECTOR_KEYS,
@@ -221,17 +222,24 @@ class ControlVector:
         write_vector_file(path, directions, model_hint=self.model_hint, metadata=metadata, overwrite=overwrite)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, layer_offset: int = 0) -> "ControlVector":
+    def load(cls, path: str | os.PathLike, *, layer_offset: int = 0, allow_large: bool | None = None) -> "ControlVector":
         """Read a GGUF control vector written by ggsteer, repeng or llama.cpp.
 
         `direction.N` is read as layer N, the layer llama.cpp applies it to. llama.cpp's
         cvector-generator writes the direction it measured at layer i as `direction.(i+1)`; pass
         `layer_offset=-1` to read such a file at the layers it was measured on.
+
+        A file whose directions break the size rule of `ggsteer.vectors.bounds` (values beyond
+        +-1e6, or a norm above 10x the layer's stored residual norm) raises VectorTooLargeError unless
+        `allow_large` is true (None: the environment variable GGSTEER_ALLOW_LARGE_VECTORS decides).
         """
         vf = read_vector_file(path, layer_offset=layer_offset)
         metadata = dict(vf.metadata)
         metadata.setdefault("unit", UNIT_GAP if vf.source == "ggsteer" and "gap" in metadata else UNIT_RAW)
-        return cls(vf.directions, vf.model_hint, metadata)
+        vector = cls(vf.directions, vf.model_hint, metadata)
+        if not (allow_large_from_env() if allow_large is None else allow_large):
+            check_direction_sizes(vector.directions, vector.layer_stat("residual_norm"), str(path))
+        return vector
 
     def __repr__(self) -> str:
         span = f"{self.layers[0]}..{self.layers[-1]}" if self.layers else "-"

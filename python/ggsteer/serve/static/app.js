@@ -7,8 +7,9 @@ const SLIDER_MIN = -2;
 const SLIDER_MAX = 2;
 const SLIDER_STEP = 0.05;
 
-// serverDefault: the server-wide steering as GET /v1/steering reports it; pushing: the last change sent
-const state = { history: [], strengths: {}, busy: false, serverDefault: {}, pushing: Promise.resolve() };
+// serverDefault: the server-wide steering as GET /v1/steering reports it; pushing: the last change sent;
+// locked: default entries a slider cannot show (an op, layers, ...), kept as they are in every change
+const state = { history: [], strengths: {}, busy: false, serverDefault: {}, locked: {}, pushing: Promise.resolve() };
 const $ = (id) => document.getElementById(id);
 
 function authHeaders() {
@@ -103,9 +104,35 @@ function markRecommended(wrap, recommended) {
 function activeSteering() {
   const steering = {};
   for (const [name, strength] of Object.entries(state.strengths)) {
-    if (strength !== 0) steering[name] = strength;
+    if (strength !== 0 && !(name in state.locked)) steering[name] = strength;
   }
   return steering;
+}
+
+// What the page sends as the default: its sliders plus the entries it cannot show, unchanged.
+function defaultToSend() {
+  return { ...state.locked, ...activeSteering() };
+}
+
+// A plain strength (a number, or {"strength": s} with op "add") is a slider's; anything else is not.
+function sliderStrength(setting) {
+  if (typeof setting === "number") return setting;
+  if (setting === null || typeof setting !== "object") return null;
+  const keys = Object.keys(setting).filter((key) => !(key === "op" && setting.op === "add"));
+  if (keys.length === 1 && keys[0] === "strength" && typeof setting.strength === "number") return setting.strength;
+  return null;
+}
+
+function lockSlider(name, setting) {
+  const input = $(`strength-${name}`);
+  if (!input) return;
+  input.disabled = true;
+  const wrap = input.closest(".slider");
+  wrap.classList.add("locked");
+  wrap.querySelector(".value").textContent = "server default";
+  const note = wrap.querySelector(".locked-note") || wrap.appendChild(document.createElement("div"));
+  note.className = "locked-note";
+  note.textContent = `server default: ${describeSetting(setting)} (set through the API; this page keeps it as it is)`;
 }
 
 // -- the server-wide default -------------------------------------------------------------
@@ -123,7 +150,8 @@ async function steeringRequest(method, body) {
   showNextSteering();
 }
 
-// On load: a default already set on the server shows on the sliders, with the switch on.
+// On load (and after "Reload vectors"): the server's default shows on the sliders, with the switch
+// on; entries a slider cannot show lock their slider and are kept in every change the page sends.
 async function loadDefault() {
   try {
     await steeringRequest("GET");
@@ -131,47 +159,69 @@ async function loadDefault() {
     setStatus(`could not read the default steering: ${error.message}`);
     return;
   }
-  const entries = Object.entries(state.serverDefault);
-  $("make-default").checked = entries.length > 0;
-  for (const [name, setting] of entries) {
-    const strength = typeof setting === "number" ? setting : setting.strength;
-    const input = $(`strength-${name}`);
-    if (input && typeof strength === "number") {
-      input.value = strength;
+  state.locked = {};
+  const editable = {};
+  for (const [name, setting] of Object.entries(state.serverDefault)) {
+    const strength = sliderStrength(setting);
+    if (strength === null) state.locked[name] = setting;
+    else editable[name] = strength;
+  }
+  $("make-default").checked = Object.keys(editable).length > 0;
+  if ($("make-default").checked) {
+    for (const input of document.querySelectorAll("#sliders input[type=range]")) {
+      input.value = editable[input.dataset.vector] || 0;
       input.dispatchEvent(new Event("input"));
     }
   }
+  for (const [name, setting] of Object.entries(state.locked)) lockSlider(name, setting);
   showNextSteering();
 }
 
 function pushDefault() {
   if (!isDefaultOn()) return state.pushing;
-  const steering = activeSteering();
+  const steering = defaultToSend();
   state.pushing = state.pushing
     .then(() => steeringRequest("POST", { steering }))
     .catch((error) => setStatus(`could not set the default: ${error.message}`));
   return state.pushing;
 }
 
+// Off takes the sliders out of the default; entries the page cannot show stay.
 function toggleDefault() {
+  const locked = Object.keys(state.locked).length > 0;
   state.pushing = state.pushing
-    .then(() => (isDefaultOn() ? steeringRequest("POST", { steering: activeSteering() }) : steeringRequest("DELETE")))
+    .then(() => (isDefaultOn() || locked ? steeringRequest("POST", { steering: isDefaultOn() ? defaultToSend() : state.locked })
+      : steeringRequest("DELETE")))
     .catch((error) => setStatus(`could not change the default: ${error.message}`));
 }
 
-function describeDefault(steering) {
-  const parts = Object.entries(steering).map(([name, setting]) => {
-    if (typeof setting === "number") return `${name} ${setting > 0 ? "+" : ""}${setting.toFixed(2)}`;
-    return `${name} ${setting.op || "add"}${setting.strength != null ? ` ${setting.strength}` : ""}`;
-  });
+function signed(value) {
+  return `${value > 0 ? "+" : ""}${value.toFixed(2)}`;
+}
+
+// One default entry in words: "+0.50", or "ablate, layers 3-14, strength 1".
+function describeSetting(setting) {
+  if (typeof setting === "number") return signed(setting);
+  const parts = [setting.op || "add"];
+  if (setting.strength != null) parts.push(`strength ${setting.strength}`);
+  if (setting.layers != null) parts.push(`layers ${Array.isArray(setting.layers) ? setting.layers.join(",") : setting.layers}`);
+  for (const key of Object.keys(setting)) {
+    if (!["op", "strength", "layers"].includes(key)) parts.push(`${key} ${JSON.stringify(setting[key])}`);
+  }
   return parts.join(", ");
+}
+
+function describeDefault(steering) {
+  const parts = Object.entries(steering).map(([name, setting]) => `${name} ${describeSetting(setting)}`);
+  return parts.join("; ");
 }
 
 // What the next message will be steered with, and by whom.
 function showNextSteering() {
   const line = $("next-steering");
+  const locked = describeDefault(state.locked);
   if (isDefaultOn()) {
-    const text = describeDefault(activeSteering());
+    const text = describeDefault(defaultToSend());
     line.textContent = `next message: ${text || "no steering"} (default for every client)`;
   } else {
     const text = describeDefault(activeSteering());
@@ -179,6 +229,7 @@ function showNextSteering() {
     line.textContent = `next message: ${text || "no steering"} (this page only)` +
       (others ? `; server default for other clients: ${others}` : "");
   }
+  $("locked-default").textContent = locked ? `kept in the server default (not editable here): ${locked}` : "";
 }
 
 function describeSteering(steering) {
@@ -287,7 +338,7 @@ $("message").addEventListener("keydown", (event) => {
 });
 
 $("reset-steering").addEventListener("click", () => {
-  for (const input of document.querySelectorAll("#sliders input[type=range]")) {
+  for (const input of document.querySelectorAll("#sliders input[type=range]:not(:disabled)")) {
     input.value = 0;
     input.dispatchEvent(new Event("input"));
   }
@@ -300,8 +351,15 @@ $("new-chat").addEventListener("click", () => {
 });
 
 $("make-default").addEventListener("change", toggleDefault);
-$("reload-vectors").addEventListener("click", async () => {
-  await loadVectors();
-  showNextSteering();
-});
+// after an API key is typed, the vectors and the default are read again with it (one reload at a time)
+function reloadAll() {
+  state.reloading = (state.reloading || Promise.resolve())
+    .then(() => state.pushing)
+    .then(loadVectors)
+    .then(loadDefault);
+  return state.reloading;
+}
+
+$("reload-vectors").addEventListener("click", reloadAll);
+$("api-key").addEventListener("change", reloadAll);
 loadVectors().then(loadDefault);
