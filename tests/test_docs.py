@@ -40,6 +40,7 @@ EXTERNAL_FILES = {
     "_internals.py",  # llama-cpp-python's context wrappers
     "Modelfile",
     "llama.h",  # llama.cpp's C API header, installed by llama-cpp-python
+    "ggml.h",  # ggml's C API header, installed by llama-cpp-python
 }
 
 TOP_PATH = re.compile(r"(?<![\w./-])((?:%s)/[\w./*-]*)" % "|".join(re.escape(f) for f in TOP_FOLDERS))

@@ -8,8 +8,8 @@ import logging
 import llama_cpp
 import numpy as np
 import pytest
-from conftest import TIGHT_LLAMA_KWARGS
-from reference_model import reference_forward
+from support.models import TIGHT_LLAMA_KWARGS
+from support.reference_model import reference_forward
 
 from ggsteer import SteeredModel, cli
 from ggsteer.runtime import batch as batch_module

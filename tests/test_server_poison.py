@@ -19,7 +19,7 @@ import httpx
 import llama_cpp
 import numpy as np
 import pytest
-from test_server import expected_result, fresh_server, tiny_server_model, write_vectors
+from support.server import expected_result, fresh_server, tiny_server_model, write_vectors
 
 import ggsteer.generation
 from ggsteer.generation import ContinuousBatch, SequenceSampling
