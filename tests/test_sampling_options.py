@@ -108,7 +108,7 @@ def test_top_k_of_one_is_greedy_at_any_temperature(tiny_model):
 
 
 def test_a_seed_fixes_the_text_and_another_seed_changes_it(tiny_model):
-    hot = dict(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0)
+    hot = {"temperature": 1.5, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
     a, b, c = run(tiny_model, [SequenceSampling(TOKENS, seed=11, **hot), SequenceSampling(TOKENS, seed=11, **hot),
                                SequenceSampling(TOKENS, seed=12, **hot)])
     assert a.tokens == b.tokens
@@ -123,7 +123,8 @@ def test_the_defaults_are_llama_cpps_and_the_library_starts_from_them():
     assert (DEFAULTS.temperature, DEFAULTS.top_k, DEFAULTS.top_p, DEFAULTS.min_p) == (0.8, 40, 0.95, 0.05)
     assert (DEFAULTS.repeat_penalty, DEFAULTS.repeat_last_n) == (1.0, 64)
     sampling = SequenceSampling.with_defaults(5, seed=3)
-    assert (sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p, sampling.seed) == (0.8, 40, 0.95, 0.05, 3)
+    chosen = (sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p, sampling.seed)
+    assert chosen == (0.8, 40, 0.95, 0.05, 3)
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [

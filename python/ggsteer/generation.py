@@ -328,7 +328,8 @@ def run_sequences(model: HookedModel, token_lists: list[list[int]], controls: li
     per_slot = [normalize_controls(model, c) for c in controls]
     needed = sum(len(tokens) + sampling.max_tokens for tokens, sampling in zip(token_lists, samplings))
     if needed > model.n_ctx():
-        raise ValueError(f"prompts plus max_tokens need {needed} KV cells, more than n_ctx={model.n_ctx()} (shared by all sequences)")
+        raise ValueError(f"prompts plus max_tokens need {needed} KV cells, more than n_ctx={model.n_ctx()} "
+                         "(shared by all sequences)")
     with ContinuousBatch(model) as batch:
         states = [
             batch.add(tokens, items, sampling, index=i,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Sequence
 
 import numpy as np
 
@@ -60,7 +60,7 @@ class SequenceSampling:
                        self.repeat_last_n, self.presence_penalty, self.frequency_penalty)
 
     @classmethod
-    def with_defaults(cls, max_tokens: int, **settings) -> "SequenceSampling":
+    def with_defaults(cls, max_tokens: int, **settings) -> SequenceSampling:
         """DEFAULTS, overridden by `settings` (any field)."""
         return cls(max_tokens, **{**asdict(DEFAULTS), **settings})
 
@@ -80,7 +80,8 @@ def check_settings(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
     """ValueError naming the first setting out of range."""
     if int(max_tokens) < 1:
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-    checks = [("temperature", temperature, temperature >= 0.0, ">= 0"), ("top_p", top_p, 0.0 < top_p <= 1.0, "in (0, 1]"),
+    checks = [("temperature", temperature, temperature >= 0.0, ">= 0"),
+              ("top_p", top_p, 0.0 < top_p <= 1.0, "in (0, 1]"),
               ("min_p", min_p, 0.0 <= min_p <= 1.0, "in [0, 1]"),
               ("repeat_penalty", repeat_penalty, repeat_penalty > 0.0, "> 0 (1 = off)"),
               ("presence_penalty", presence, True, "finite"), ("frequency_penalty", frequency, True, "finite")]

@@ -176,8 +176,9 @@ def sampling_kwargs(args) -> dict:
     """generate_batch's settings from the sampling arguments; without --seed one is drawn (both sides
     of --compare share it)."""
     seed = random.randrange(SEED_MASK) if args.seed is None else args.seed
-    return dict(max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-                min_p=args.min_p, repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=seed)
+    return {"max_tokens": args.max_tokens, "temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
+            "min_p": args.min_p, "repeat_penalty": args.repeat_penalty, "repeat_last_n": args.repeat_last_n,
+            "seed": seed}
 
 
 def llama_cpp_usage_line(model_path, vector_path, vector, strength: float = 0.5) -> str:

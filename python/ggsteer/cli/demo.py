@@ -83,10 +83,12 @@ def show(label: str, text: str, width: int) -> None:
 def demo_generations(model, vector, strength: float, prompts, max_tokens: int) -> list[list[tuple[str, str]]]:
     """For each prompt, (label, text) unsteered, pushed toward happy and toward sad: greedy (with the
     readable repeat penalty), every completion decoded in one batch."""
-    variants = [("baseline", None), (f"happy +{strength:g}", [(vector, strength)]), (f"sad  -{strength:g}", [(vector, -strength)])]
+    variants = [("baseline", None), (f"happy +{strength:g}", [(vector, strength)]),
+                (f"sad  -{strength:g}", [(vector, -strength)])]
     texts = generate_batch(model, [p for p in prompts for _ in variants], [c for _ in prompts for _, c in variants],
                            max_tokens, **asdict(READABLE_GREEDY))
-    return [[(label, texts[i * len(variants) + k]) for k, (label, _) in enumerate(variants)] for i in range(len(prompts))]
+    n = len(variants)
+    return [[(label, texts[i * n + k]) for k, (label, _) in enumerate(variants)] for i in range(len(prompts))]
 
 
 def demo_command(args) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import weakref
 from dataclasses import dataclass
+from typing import Self
 
 import llama_cpp
 import numpy as np
@@ -88,10 +89,10 @@ class TokenSampler:
             return steps + [llama_cpp.llama_sampler_init_greedy()]
         seed = RANDOM_SEED if o.seed is None else int(o.seed) & SEED_MASK
         return steps + [llama_cpp.llama_sampler_init_top_k(o.top_k), llama_cpp.llama_sampler_init_top_p(o.top_p, 1),
-                        llama_cpp.llama_sampler_init_min_p(o.min_p, 1), llama_cpp.llama_sampler_init_temp(o.temperature),
-                        llama_cpp.llama_sampler_init_dist(seed)]
+                        llama_cpp.llama_sampler_init_min_p(o.min_p, 1),
+                        llama_cpp.llama_sampler_init_temp(o.temperature), llama_cpp.llama_sampler_init_dist(seed)]
 
-    def __enter__(self) -> "TokenSampler":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
