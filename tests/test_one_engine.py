@@ -18,7 +18,7 @@ from ggsteer.chat_format import transcript
 from ggsteer.cli import chat as chat_cli
 from ggsteer.cli import generate as generate_cli
 from ggsteer.cli.demo import demo_generations
-from ggsteer.evaluate.behaviour import generation_sample
+from ggsteer.evaluate.behaviour import generation_sample, generation_samples
 from ggsteer.generation import ContinuousBatch
 from ggsteer.serve.app import ServerConfig, create_app
 from ggsteer.serve.registry import VectorRegistry
@@ -98,6 +98,20 @@ def test_generate_chat_demo_eval_and_server_give_the_same_greedy_text(monkeypatc
     plain_transcript = tiny_model.generate_batch([transcript([{"role": "user", "content": "hello there"}])], [None],
                                                  TOKENS, repeat_penalty=1.3)[0]
     assert plain_transcript.strip() != reply
+
+
+def test_eval_samples_of_every_setting_come_from_one_batch_and_equal_each_alone(tiny_model):
+    vector = make_vector(tiny_model, 6)
+    settings = [[], [tiny_model.intervention(vector, 1.0)], [tiny_model.intervention(vector, -1.0)],
+                [tiny_model.intervention(vector, 1.0, op="ablate")]]
+    together = generation_samples(tiny_model, PROMPT, settings, TOKENS)
+    alone = []
+    for items in settings:
+        tiny_model.set_interventions(items)
+        alone.append(generation_sample(tiny_model, PROMPT, TOKENS))
+    tiny_model.reset_control()
+    assert together == alone
+    assert len(set(together)) == len(settings)  # every setting changes the text: the rows are not one text
 
 
 def test_compare_decodes_both_sides_in_one_batch(monkeypatch, capsys, cli_on, tiny_model, vector_file):

@@ -5,8 +5,8 @@ around 0 is the vector's steerability."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Sequence
 
 import numpy as np
 
@@ -136,4 +136,14 @@ def wrong_way_share(strength: float, scores: np.ndarray, baseline_scores: np.nda
 
 def generation_sample(model: SteeredModel, prompt: str, max_tokens: int = SAMPLE_TOKENS) -> str:
     """A greedy completion under the current controls, for a human to read (the demo's settings and engine)."""
-    return generate_batch(model, [prompt], [model.controls], max_tokens, **asdict(READABLE_GREEDY))[0]
+    return generation_samples(model, prompt, [model.controls], max_tokens)[0]
+
+
+def generation_samples(model: SteeredModel, prompt: str, settings: Settings,
+                       max_tokens: int = SAMPLE_TOKENS) -> list[str]:
+    """A greedy completion of `prompt` under each setting (a list of interventions), decoded side by side."""
+    texts: list[str] = []
+    for start in range(0, len(settings), model.n_seq_max):
+        chunk = list(settings[start : start + model.n_seq_max])
+        texts += generate_batch(model, [prompt] * len(chunk), chunk, max_tokens, **asdict(READABLE_GREEDY))
+    return texts
