@@ -3,7 +3,9 @@
 Every sequence gets a KV sequence id, which is also its slot in the hook's program; before each
 decode the hook learns which batch row belongs to which slot, its position and whether it is a
 generated token. A `ContinuousBatch` lets sequences join and leave between decodes (the server
-keeps one open); `generate_batch` runs a fixed set of prompts through one to the end.
+keeps one open); `generate_batch` runs a fixed set of prompts through one to the end. Each
+sequence draws its tokens through its own llama.cpp sampler chain (runtime/sampler.py). This is the
+one engine behind ggsteer's commands and server (docs/generation.md).
 """
 
 from __future__ import annotations
