@@ -84,17 +84,21 @@ def test_generate_chat_demo_eval_and_server_give_the_same_greedy_text(monkeypatc
     sample = generation_sample(tiny_model, PROMPT, TOKENS)
     tiny_model.reset_control()
     reply = chat_reply(monkeypatch, capsys, vector_file, "hello there")
-    completion, chat = served(tiny_model, vector_file, [
+    hot_top1 = {**API_SETTINGS, "temperature": 1.5, "top_k": 1, "seed": 3}
+    completion, chat, top1 = served(tiny_model, vector_file, [
         ("/v1/completions", {"prompt": PROMPT, "steering": {"mood": STRENGTH}, **API_SETTINGS}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello there"}],
-                                  "steering": {"mood": STRENGTH}, **API_SETTINGS})])
+                                  "steering": {"mood": STRENGTH}, **API_SETTINGS}),
+        ("/v1/completions", {"prompt": PROMPT, "steering": {"mood": STRENGTH}, **hot_top1})])
     assert generated and reply
     assert demo_rows[1] == (f"happy +{STRENGTH:g}", generated)
     assert sample == generated
     assert completion["choices"][0]["text"] == generated
     assert chat["choices"][0]["message"]["content"] == reply
+    assert top1["choices"][0]["text"] == generated  # llama-server's top_k reaches the server's chain
     # positive controls: the steering and the chat format both change the text these paths agree on
     assert demo_rows[0][1] != generated
+    assert tiny_model.generate_batch([PROMPT], [[(vector, STRENGTH)]], TOKENS)[0] != generated  # repeat_penalty
     plain_transcript = tiny_model.generate_batch([transcript([{"role": "user", "content": "hello there"}])], [None],
                                                  TOKENS, repeat_penalty=1.3)[0]
     assert plain_transcript.strip() != reply
