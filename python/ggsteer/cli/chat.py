@@ -103,8 +103,8 @@ class ChatSession:
         try:
             prompt = chat_prompt(self.model, self.history)
         except ChatTemplateError as error:
-            self.history.pop()
-            return f"refused: {error}"
+            self.history.pop()  # the message is dropped: the conversation stays one the template accepts
+            return f"({error})"
         (result,) = complete(self.model, prompt, [self.controls], self.sampling)
         answer = result.text.strip()
         warn_if_output_is_not_finite([result])
