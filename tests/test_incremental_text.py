@@ -42,7 +42,7 @@ def feed(batch, model, tokens: list[int], stops=()) -> tuple[SequenceState, list
     """Feed tokens one at a time as _next_token does; check the text against the old way after each."""
     pieces = []
     state = SequenceState(0, 0, [model.token_bos()], SequenceSampling(10_000, stop=tuple(stops)), [],
-                          np.random.default_rng(0), on_piece=pieces.append)
+                          on_piece=pieces.append)
     old_text = ""
     for token in tokens:
         state.generated.append(token)

@@ -3,7 +3,9 @@
 Every sequence gets a KV sequence id, which is also its slot in the hook's program; before each
 decode the hook learns which batch row belongs to which slot, its position and whether it is a
 generated token. A `ContinuousBatch` lets sequences join and leave between decodes (the server
-keeps one open); `generate_batch` runs a fixed set of prompts through one to the end.
+keeps one open); `generate_batch` runs a fixed set of prompts through one to the end. Each
+sequence draws its tokens through its own llama.cpp sampler chain (runtime/sampler.py). This is the
+one engine behind ggsteer's commands and server (docs/generation.md).
 """
 
 from __future__ import annotations
@@ -16,16 +18,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ggsteer.runtime.batch import OwnedBatch
-from ggsteer.runtime.grammar import GrammarConstraint
 from ggsteer.runtime.protocol import HookedModel
-from ggsteer.sampling import (
-    SequenceSampling,
-    TokenLogprob,
-    adjusted_logits,
-    sample_token,
-    sequence_samplings,
-    token_logprob,
-)
+from ggsteer.runtime.sampler import TokenSampler
+from ggsteer.sampling import DEFAULTS, SequenceSampling, TokenLogprob, sequence_samplings, token_logprob
 from ggsteer.steering.interventions import Intervention, normalize_controls
 from ggsteer.steering.program import compile_program
 
@@ -41,6 +36,7 @@ class BatchCompletion:
     completion_tokens: int
     tokens: tuple[int, ...] = ()  # the generated tokens (an end-of-generation token is not one)
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when sampling.logprobs is set
+    non_finite: bool = False  # some logits were NaN or inf: the steering broke the model, the text means nothing
 
 
 @dataclass(eq=False)
@@ -50,9 +46,9 @@ class SequenceState:
     prompt: list[int]
     sampling: SequenceSampling
     controls: list[Intervention]
-    rng: np.random.Generator
+    sampler: TokenSampler | None = None  # llama.cpp's sampler chain for this sequence
     on_piece: Callable[[str], None] | None = None
-    constraint: GrammarConstraint | None = None
+    non_finite: bool = False
     n_decoded: int = 0  # prompt tokens decoded so far (long prompts take several decodes)
     generated: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -82,7 +78,7 @@ class SequenceState:
     def result(self) -> BatchCompletion:
         logprobs = tuple(self.logprobs) if self.sampling.logprobs is not None else None
         return BatchCompletion(self.text, self.finish_reason or "length", len(self.prompt), len(self.generated),
-                               tuple(self.generated), logprobs)
+                               tuple(self.generated), logprobs, self.non_finite)
 
 
 @contextlib.contextmanager
@@ -132,6 +128,9 @@ class ContinuousBatch:
         self.close()
 
     def close(self) -> None:
+        for state in self.active:
+            if state.sampler is not None:
+                state.sampler.close()
         self._cleanup.close()
 
     @property
@@ -153,11 +152,10 @@ class ContinuousBatch:
         if not self.fits(len(tokens), sampling.max_tokens):
             raise ValueError(f"no room for a sequence of {len(tokens)} + {sampling.max_tokens} tokens: "
                              f"{len(self.active)} sequences hold {self.reserved_cells} of n_ctx={self.model.n_ctx()} cells")
-        constraint = None if sampling.grammar is None else GrammarConstraint(self.model, sampling.grammar)
         compile_program([controls], n_slots=1)  # steering the hook cannot take fails this sequence, not a decode
+        sampler = sampling.new_sampler(self.model, tokens)
         slot = self.slots.index(None)
-        state = SequenceState(index, slot, list(tokens), sampling, list(controls),
-                              np.random.default_rng(sampling.seed), on_piece, constraint)
+        state = SequenceState(index, slot, list(tokens), sampling, list(controls), sampler, on_piece)
         state.joined = self._joined = self._joined + 1
         self.slots[slot] = state
         self.reserved_cells += state.kv_cells
@@ -169,6 +167,8 @@ class ContinuousBatch:
         if self.slots[state.slot] is not state:
             return
         self.model.context.seq_rm(state.slot)
+        if state.sampler is not None:
+            state.sampler.close()
         self.slots[state.slot] = None
         self.reserved_cells -= state.kv_cells
         self._program_stale = True
@@ -212,19 +212,16 @@ class ContinuousBatch:
 
     def _next_token(self, state: SequenceState) -> int:
         sampling = state.sampling
-        logits = adjusted_logits(state.next_logits, sampling, state.generated)
-        if state.constraint is not None:
-            logits = state.constraint.allowed(logits)
-            if logits is None:  # a dead end of the grammar ends this sequence, not its neighbours
-                state.next_logits, state.finish_reason = None, "stop"
-                return 0
-        token = sample_token(logits, sampling.temperature, sampling.top_p, state.rng)
         raw_logits, state.next_logits = state.next_logits, None
+        state.non_finite = state.non_finite or not np.isfinite(raw_logits).all()
+        token = state.sampler.sample(raw_logits)
+        if token is None:  # a dead end of the grammar ends this sequence, not its neighbours
+            state.finish_reason = "stop"
+            return 0
         if self.model.is_end_of_generation(token):
             state.finish_reason = "stop"
             return token
-        if state.constraint is not None:
-            state.constraint.accept(token)
+        state.sampler.accept(token)
         if sampling.logprobs is not None:
             state.logprobs.append(token_logprob(raw_logits, token, sampling.logprobs))
         state.generated.append(token)
@@ -304,12 +301,20 @@ def generate_batch(
     max_tokens: int | Sequence[int] = 64,
     *,
     temperature: float | Sequence[float] = 0.0,
-    top_p: float | Sequence[float] = 1.0,
+    top_k: int | Sequence[int] = DEFAULTS.top_k,
+    top_p: float | Sequence[float] = DEFAULTS.top_p,
+    min_p: float | Sequence[float] = DEFAULTS.min_p,
+    repeat_penalty: float | Sequence[float] = DEFAULTS.repeat_penalty,
+    repeat_last_n: int | Sequence[int] = DEFAULTS.repeat_last_n,
+    presence_penalty: float | Sequence[float] = DEFAULTS.presence_penalty,
+    frequency_penalty: float | Sequence[float] = DEFAULTS.frequency_penalty,
     seed: int | Sequence[int | None] | None = None,
     stop: Sequence[str] | Sequence[Sequence[str]] | None = None,
     on_token: Callable[[int, str], None] | None = None,
     details: bool = False,
 ) -> list[str] | list[BatchCompletion]:
+    """Complete several prompts side by side, each with its own controls, through llama.cpp's
+    sampler chain (greedy unless a temperature is given; the other settings default to DEFAULTS)."""
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings")
     controls = [None] * len(prompts) if controls is None else list(controls)
@@ -317,12 +322,21 @@ def generate_batch(
         raise ValueError(f"{len(prompts)} prompts but {len(controls)} controls")
     if len(prompts) > model.n_seq_max:
         raise ValueError(f"{len(prompts)} prompts but the context runs at most n_seq_max={model.n_seq_max} sequences")
-    samplings = sequence_samplings(len(prompts), max_tokens, temperature, top_p, seed, stop)
+    samplings = sequence_samplings(len(prompts), max_tokens, seed, stop, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                                   presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+    return run_sequences(model, [model.tokenize_prompt(p) for p in prompts], controls, samplings, on_token, details)
+
+
+def run_sequences(model: HookedModel, token_lists: list[list[int]], controls: list, samplings: list[SequenceSampling],
+                  on_token: Callable[[int, str], None] | None = None, details: bool = True):
+    """Tokenized prompts, each with its controls (anything normalize_controls takes) and sampling,
+    generated to the end in one ContinuousBatch; their BatchCompletions (texts unless `details`)."""
     per_slot = [normalize_controls(model, c) for c in controls]
-    token_lists = [model.tokenize_prompt(p) for p in prompts]
     needed = sum(len(tokens) + sampling.max_tokens for tokens, sampling in zip(token_lists, samplings))
     if needed > model.n_ctx():
-        raise ValueError(f"prompts plus max_tokens need {needed} KV cells, more than n_ctx={model.n_ctx()} (shared by all sequences)")
+        raise ValueError(f"prompts plus max_tokens need {needed} KV cells, more than n_ctx={model.n_ctx()} "
+                         "(shared by all sequences)")
     with ContinuousBatch(model) as batch:
         states = [
             batch.add(tokens, items, sampling, index=i,

@@ -292,9 +292,11 @@ class SteeredModel(llama_cpp.Llama):
         """Complete several prompts side by side, each with its own controls, in shared decodes.
 
         `controls[i]` steers prompt i: None, a ControlVector, a `(vector, strength)` pair, an
-        `Intervention`, or a list of those. `max_tokens`, `temperature` (0 = greedy), `top_p`,
-        `seed` and `stop` (a string or list of strings) apply to every sequence, or give a list
-        with one value per prompt; a single int seed seeds sequence i with `seed + i`.
+        `Intervention`, or a list of those. `max_tokens`, `temperature` (0 = greedy, the default),
+        `top_k`, `top_p`, `min_p`, `repeat_penalty`, `repeat_last_n`, `presence_penalty`,
+        `frequency_penalty`, `seed` and `stop` (a string or list of strings) apply to every sequence,
+        or give a list with one value per prompt; a single int seed seeds sequence i with `seed + i`.
+        Tokens come from llama.cpp's sampler chain; unset settings are `ggsteer.sampling.DEFAULTS`.
         `on_token(i, text)` is called with each new piece of text. Returns the texts, or with
         `details=True` a `BatchCompletion` per prompt (text, finish_reason "stop"/"length",
         prompt_tokens, completion_tokens).

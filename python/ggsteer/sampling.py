@@ -1,30 +1,96 @@
-"""Sampling one sequence's next token: settings, penalties and bias, temperature and top-p, and the
-log-probabilities reported back."""
+"""Sampling settings: the one set of defaults, each sequence's settings, and the log-probabilities
+reported back. Tokens are drawn by llama.cpp's own sampler chain (runtime/sampler.py)."""
 
 from __future__ import annotations
 
+import math
 import numbers
-from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
+
+from ggsteer.runtime.sampler import ChainOptions, TokenSampler
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """The sampling settings ggsteer's commands and server use when none are given: llama.cpp's own
+    (llama-cli and llama-server), so an option means and defaults to what it does there."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+DEFAULTS = SamplingDefaults()
+# greedy text for a human to compare (demo, eval samples): a base model's greedy text loops without a penalty
+READABLE_GREEDY = replace(DEFAULTS, temperature=0.0, repeat_penalty=1.3)
+MAX_TEMPERATURE = 2.0
+SAMPLING_OPTIONS = tuple(f.name for f in fields(SamplingDefaults))
 
 
 @dataclass(frozen=True)
 class SequenceSampling:
-    """How one sequence of a batch is sampled and when it ends."""
+    """How one sequence of a batch is sampled and when it ends. A field left out switches its step
+    off (greedy, no filter, no penalty); `SequenceSampling.with_defaults` starts from DEFAULTS."""
 
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
-    seed: int | None = None
+    seed: int | None = None  # None: a random seed (llama.cpp's seeds are 32-bit: taken modulo 2**32)
     stop: tuple[str, ...] = ()
-    # OpenAI's penalties over the tokens generated so far: logit -= frequency * count + presence
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit; -inf bans it)
     logprobs: int | None = None  # report each token's log-probability and this many alternatives
     grammar: str | None = None  # GBNF the generated text must follow (llama.cpp's grammar sampler)
+    top_k: int = 0  # <= 0: off
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0  # llama.cpp's: positive logits divided by it, negative ones multiplied
+    repeat_last_n: int = 64  # tokens (prompt included) the penalties look back over; 0 off, -1 the context
+
+    def __post_init__(self):
+        check_settings(self.max_tokens, self.temperature, self.top_k, self.top_p, self.min_p, self.repeat_penalty,
+                       self.repeat_last_n, self.presence_penalty, self.frequency_penalty)
+
+    @classmethod
+    def with_defaults(cls, max_tokens: int, **settings) -> SequenceSampling:
+        """DEFAULTS, overridden by `settings` (any field)."""
+        return cls(max_tokens, **{**asdict(DEFAULTS), **settings})
+
+    def chain_options(self) -> ChainOptions:
+        return ChainOptions(self.temperature, self.top_k, self.top_p, self.min_p, self.repeat_penalty,
+                            self.repeat_last_n, self.presence_penalty, self.frequency_penalty, self.logit_bias,
+                            self.seed, self.grammar)
+
+    def new_sampler(self, model, prompt: Sequence[int]) -> TokenSampler:
+        """llama.cpp's sampler chain for this sequence, having seen its prompt (for the penalties)."""
+        sampler = TokenSampler(model, self.chain_options(), model.n_ctx())
+        sampler.accept_prompt(prompt)
+        return sampler
+
+
+def check_settings(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence, frequency):
+    """ValueError naming the first setting out of range."""
+    if int(max_tokens) < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    checks = [("temperature", temperature, temperature >= 0.0, ">= 0"),
+              ("top_p", top_p, 0.0 < top_p <= 1.0, "in (0, 1]"),
+              ("min_p", min_p, 0.0 <= min_p <= 1.0, "in [0, 1]"),
+              ("repeat_penalty", repeat_penalty, repeat_penalty > 0.0, "> 0 (1 = off)"),
+              ("presence_penalty", presence, True, "finite"), ("frequency_penalty", frequency, True, "finite")]
+    for name, value, ok, rule in checks:
+        if not (math.isfinite(value) and ok):
+            raise ValueError(f"{name} must be {rule}, got {value}")
+    for name, value in (("top_k", top_k), ("repeat_last_n", repeat_last_n)):
+        if int(value) != value or value < -1:
+            raise ValueError(f"{name} must be an integer >= -1, got {value}")
 
 
 @dataclass(frozen=True)
@@ -35,35 +101,6 @@ class TokenLogprob:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...]
-
-
-def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    if temperature <= 0.0:
-        return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / temperature
-    probs = np.exp(scaled - scaled.max())
-    probs /= probs.sum()
-    if top_p < 1.0:
-        order = np.argsort(-probs)
-        keep = order[: int(np.searchsorted(np.cumsum(probs[order]), top_p) + 1)]
-        mask = np.zeros_like(probs)
-        mask[keep] = probs[keep]
-        probs = mask / mask.sum()
-    return int(rng.choice(len(probs), p=probs))
-
-
-def adjusted_logits(logits: np.ndarray, sampling: SequenceSampling, generated: Sequence[int]) -> np.ndarray:
-    """The logits after OpenAI's presence/frequency penalties (over `generated`) and logit_bias."""
-    penalize = bool(generated) and (sampling.presence_penalty or sampling.frequency_penalty)
-    if not penalize and not sampling.logit_bias:
-        return logits
-    adjusted = logits.astype(np.float64)
-    if penalize:
-        tokens, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
-        adjusted[tokens] -= sampling.frequency_penalty * counts + sampling.presence_penalty
-    for token, bias in sampling.logit_bias:
-        adjusted[token] += bias
-    return adjusted
 
 
 def token_logprob(logits: np.ndarray, token: int, n_top: int) -> TokenLogprob:
@@ -84,20 +121,24 @@ def per_sequence(name: str, value, n: int) -> list:
     return [value] * n
 
 
-def sequence_samplings(n: int, max_tokens, temperature, top_p, seed, stop) -> list[SequenceSampling]:
-    """Per-sequence settings; a single integer seed gives sequence i the seed `seed + i`."""
+def sequence_samplings(n: int, max_tokens, seed=None, stop=None, **settings) -> list[SequenceSampling]:
+    """Per-sequence settings from values given once or per sequence; a single integer seed gives
+    sequence i the seed `seed + i`. `settings`: SequenceSampling fields (temperature, top_k, ...)."""
     if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
         seed = [int(seed) + i for i in range(n)]
     if isinstance(stop, str):
         stop = [stop]
-    columns = [per_sequence(name, value, n) for name, value in
-               (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p), ("seed", seed), ("stop", stop))]
+    columns = {name: per_sequence(name, value, n) for name, value in
+               (("max_tokens", max_tokens), ("seed", seed), ("stop", stop), *settings.items())}
     samplings = []
-    for i, (count, temp, p, s, words) in enumerate(zip(*columns)):
-        if int(count) < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {count} (sequence {i})")
-        if not 0.0 < float(p) <= 1.0 or float(temp) < 0.0:
-            raise ValueError(f"sequence {i}: temperature must be >= 0 and top_p in (0, 1], got {temp} and {p}")
-        words = (words,) if isinstance(words, str) else tuple(words or ())
-        samplings.append(SequenceSampling(int(count), float(temp), float(p), s, words))
+    for i in range(n):
+        row = {name: column[i] for name, column in columns.items()}
+        row["stop"] = (row["stop"],) if isinstance(row["stop"], str) else tuple(row["stop"] or ())
+        if int(row["max_tokens"]) < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {row['max_tokens']} (sequence {i})")
+        row["max_tokens"] = int(row["max_tokens"])
+        try:
+            samplings.append(SequenceSampling(**row))
+        except ValueError as error:
+            raise ValueError(f"sequence {i}: {error}") from None
     return samplings

@@ -1,14 +1,15 @@
 """`ggsteer chat`: a terminal conversation whose steering changes live between turns.
 
 Commands: /strength NAME VALUE, /vectors, /reset (steering off), /clear (new conversation),
-/help, /quit. Models with a chat template use it; base models get a plain transcript.
+/help, /quit. Models with a chat template use it; base models get a plain transcript. Replies come
+from the same batch engine, sampler and chat formatting as `ggsteer generate` and the server.
 """
 
 from __future__ import annotations
 
 import sys
 
-from ggsteer.chat_format import TRANSCRIPT_STOPS, has_template, transcript
+from ggsteer.chat_format import ChatTemplateError, chat_prompt
 from ggsteer.cli.common import (
     CliError,
     add_model_arguments,
@@ -21,6 +22,7 @@ from ggsteer.cli.common import (
     steering_interventions,
     warn_if_output_is_not_finite,
 )
+from ggsteer.cli.generate import complete
 
 HELP = "commands: /strength NAME VALUE, /vectors, /reset, /clear, /help, /quit"
 
@@ -41,11 +43,12 @@ class ChatSession:
         self.args = args
         self.sampling = sampling
         self.history: list[dict[str, str]] = []
+        self.controls: list = []
         self.apply_steering()
 
     def apply_steering(self) -> None:
         active = [(name, self.vectors[name], s) for name, s in self.strengths.items() if s != 0.0]
-        self.model.set_interventions(steering_interventions(self.model, self.args, active))
+        self.controls = steering_interventions(self.model, self.args, active)
 
     def command(self, line: str) -> str:
         """Run a /command; returns what to print."""
@@ -97,14 +100,14 @@ class ChatSession:
 
     def reply(self, text: str) -> str:
         self.history.append({"role": "user", "content": text})
-        if has_template(self.model):
-            result = self.model.create_chat_completion(messages=self.history, **self.sampling)
-            answer = result["choices"][0]["message"]["content"] or ""
-        else:
-            result = self.model.create_completion(transcript(self.history), stop=list(TRANSCRIPT_STOPS), **self.sampling)
-            answer = result["choices"][0]["text"]
-        answer = answer.strip()
-        warn_if_output_is_not_finite(self.model)
+        try:
+            prompt = chat_prompt(self.model, self.history)
+        except ChatTemplateError as error:
+            self.history.pop()  # the message is dropped: the conversation stays one the template accepts
+            return f"({error})"
+        (result,) = complete(self.model, prompt, [self.controls], self.sampling)
+        answer = result.text.strip()
+        warn_if_output_is_not_finite([result])
         self.history.append({"role": "assistant", "content": answer})
         return answer
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import numpy as np
 
 from ggsteer.atomic_file import check_destination
 from ggsteer.model import SteeredModel
+from ggsteer.runtime.sampler import SEED_MASK
+from ggsteer.sampling import DEFAULTS, MAX_TEMPERATURE, check_settings
 from ggsteer.steering.interventions import MAX_ABS_STRENGTH, default_strength
 from ggsteer.vectors import ControlVector, parse_layer_range
 
@@ -78,10 +81,26 @@ def add_steering_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, n_default: int) -> None:
-    parser.add_argument("-n", "--max-tokens", type=int, default=n_default)
-    parser.add_argument("--temp", type=float, default=0.7)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeat-penalty", type=float, default=1.15)
+    """llama.cpp's sampling options, named and defaulting as in llama-cli (ggsteer.sampling.DEFAULTS)."""
+    group = parser.add_argument_group("sampling (llama.cpp's sampler chain; defaults are llama.cpp's)")
+    group.add_argument("-n", "--max-tokens", type=int, default=n_default,
+                       help=f"tokens to generate at most (default: {n_default})")
+    group.add_argument("--temp", type=float, default=DEFAULTS.temperature,
+                       help=f"temperature; 0 = greedy (default: {DEFAULTS.temperature:g})")
+    group.add_argument("--top-k", type=int, default=DEFAULTS.top_k,
+                       help=f"keep the k most likely tokens; 0 = off (default: {DEFAULTS.top_k})")
+    group.add_argument("--top-p", type=float, default=DEFAULTS.top_p,
+                       help=f"nucleus sampling; 1 = off (default: {DEFAULTS.top_p:g})")
+    group.add_argument("--min-p", type=float, default=DEFAULTS.min_p,
+                       help=f"drop tokens below this share of the top token's probability; 0 = off "
+                            f"(default: {DEFAULTS.min_p:g})")
+    group.add_argument("--repeat-penalty", type=float, default=DEFAULTS.repeat_penalty,
+                       help=f"penalize tokens seen in the last --repeat-last-n tokens; 1 = off "
+                            f"(default: {DEFAULTS.repeat_penalty:g})")
+    group.add_argument("--repeat-last-n", type=int, default=DEFAULTS.repeat_last_n,
+                       help=f"tokens (prompt included) the penalty looks back over; 0 = off, -1 = the context "
+                            f"(default: {DEFAULTS.repeat_last_n})")
+    group.add_argument("--seed", type=int, default=None, help="random seed (default: a new one each run)")
 
 
 def load_vectors(specs: list[str]):
@@ -115,9 +134,6 @@ def layers_argument(text: str | None):
     return None if text is None else parse_layer_range(text)
 
 
-MAX_TEMPERATURE = 2.0  # as the server allows
-
-
 def check_sampling_arguments(args) -> None:
     """One clear line for sampling settings that would generate without limit or make no sense
     (checked before the model loads)."""
@@ -127,6 +143,12 @@ def check_sampling_arguments(args) -> None:
         raise CliError(f"--temp must be between 0 (greedy) and {MAX_TEMPERATURE:g}, got {args.temp:g}")
     if not (math.isfinite(args.repeat_penalty) and args.repeat_penalty > 0.0):
         raise CliError(f"--repeat-penalty must be a positive number (1 = none), got {args.repeat_penalty:g}")
+    try:
+        check_settings(args.max_tokens, args.temp, args.top_k, args.top_p, args.min_p, args.repeat_penalty,
+                       args.repeat_last_n, 0.0, 0.0)
+    except ValueError as error:
+        name, _, rest = str(error).partition(" ")
+        raise CliError(f"--{name.replace('_', '-')} {rest}") from None
 
 
 # no model's residual stream comes near this: a steering vector that adds more is a broken file or strength
@@ -142,11 +164,10 @@ def warn_if_steering_is_absurd(vectors) -> None:
                   f"stream (a model's own stay far below {ABSURD_STEERING:g}): expect meaningless output", file=sys.stderr)
 
 
-def warn_if_output_is_not_finite(model, what: str = "the steered model") -> bool:
-    """After a completion: warn in one line if the last logits hold NaN or inf (a vector with absurd
+def warn_if_output_is_not_finite(results, what: str = "the steered model") -> bool:
+    """After generating: warn in one line if any result's logits held NaN or inf (a vector with absurd
     values, or an absurd strength, makes the text empty or meaningless). Returns whether it warned."""
-    logits = model.context.logits_ith(-1)
-    if logits is None or np.isfinite(logits).all():
+    if not any(result.non_finite for result in results):
         return False
     print(f"ggsteer: warning: {what} computed non-finite values (NaN or inf): the vector's values or the strength "
           "are far too large, so this output is meaningless", file=sys.stderr)
@@ -154,7 +175,12 @@ def warn_if_output_is_not_finite(model, what: str = "the steered model") -> bool
 
 
 def sampling_kwargs(args) -> dict:
-    return dict(max_tokens=args.max_tokens, temperature=args.temp, seed=args.seed, repeat_penalty=args.repeat_penalty)
+    """generate_batch's settings from the sampling arguments; without --seed one is drawn (both sides
+    of --compare share it)."""
+    seed = random.randrange(SEED_MASK) if args.seed is None else args.seed
+    return {"max_tokens": args.max_tokens, "temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
+            "min_p": args.min_p, "repeat_penalty": args.repeat_penalty, "repeat_last_n": args.repeat_last_n,
+            "seed": seed}
 
 
 def llama_cpp_usage_line(model_path, vector_path, vector, strength: float = 0.5) -> str:

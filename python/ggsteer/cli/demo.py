@@ -6,11 +6,14 @@ import shutil
 import sys
 import textwrap
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from ggsteer import __version__
 from ggsteer.cli.common import add_model_arguments, llama_cpp_usage_line, load_model
+from ggsteer.generation import generate_batch
 from ggsteer.runtime.default_model import cache_dir
+from ggsteer.sampling import READABLE_GREEDY
 from ggsteer.train import dataset_hash, preset_dataset
 from ggsteer.vectors import ControlVector
 
@@ -32,7 +35,7 @@ def add_parser(sub) -> None:
     add_model_arguments(demo)
     demo.add_argument("--strength", type=float, default=None, help="steering strength (default: measured default)")
     demo.add_argument("-o", "--output", default=None, help="where to write the vector (default: ./ggsteer-happy.gguf)")
-    demo.add_argument("-n", "--max-tokens", type=int, default=40)
+    demo.add_argument("-n", "--max-tokens", type=int, default=40, help="tokens per completion (default: 40)")
     demo.add_argument("--retrain", action="store_true", help="ignore the cached vector")
     demo.set_defaults(func=demo_command)
 
@@ -83,6 +86,17 @@ def show(label: str, text: str, width: int) -> None:
         print(f"  {'':<12}| {line}")
 
 
+def demo_generations(model, vector, strength: float, prompts, max_tokens: int) -> list[list[tuple[str, str]]]:
+    """For each prompt, (label, text) unsteered, pushed toward happy and toward sad: greedy (with the
+    readable repeat penalty), every completion decoded in one batch."""
+    variants = [("baseline", None), (f"happy +{strength:g}", [(vector, strength)]),
+                (f"sad  -{strength:g}", [(vector, -strength)])]
+    texts = generate_batch(model, [p for p in prompts for _ in variants], [c for _ in prompts for _, c in variants],
+                           max_tokens, **asdict(READABLE_GREEDY))
+    n = len(variants)
+    return [[(label, texts[i * n + k]) for k, (label, _) in enumerate(variants)] for i in range(len(prompts))]
+
+
 def demo_command(args) -> int:
     started = time.perf_counter()
     model = load_model(args)
@@ -90,19 +104,12 @@ def demo_command(args) -> int:
     strength = DEMO_STRENGTH if args.strength is None else args.strength
     target = write_output(vector, cached, args.output)
     width = shutil.get_terminal_size((100, 20)).columns
-    sampling = dict(max_tokens=args.max_tokens, temperature=0.0, repeat_penalty=1.3)
-    variants = [("baseline", None), (f"happy +{strength:g}", strength), (f"sad  -{strength:g}", -strength)]
     print(f"\nSame prompt, same greedy decoding; only the steering differs (layers {_span(vector)}).\n")
-    for prompt in DEMO_PROMPTS:
+    for prompt, rows in zip(DEMO_PROMPTS, demo_generations(model, vector, strength, DEMO_PROMPTS, args.max_tokens)):
         print(f"{prompt}")
-        for label, value in variants:
-            if value is None:
-                model.reset_control()
-            else:
-                model.set_control(vector, value)
-            show(label, model.create_completion(prompt, **sampling)["choices"][0]["text"], width)
+        for label, text in rows:
+            show(label, text, width)
         print()
-    model.reset_control()
     print(f"vector file: {target}")
     print(llama_cpp_usage_line(model.model_path, target, vector, strength))
     print(f"(demo took {time.perf_counter() - started:.0f} s)", file=sys.stderr)

@@ -5,7 +5,8 @@ around 0 is the vector's steerability."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import asdict
 
 import numpy as np
 
@@ -16,7 +17,9 @@ from ggsteer.evaluate.settings import (
     settings_per_strength,
 )
 from ggsteer.evaluate.side_by_side import Settings, Unit, run_side_by_side
+from ggsteer.generation import generate_batch
 from ggsteer.model import SteeredModel
+from ggsteer.sampling import READABLE_GREEDY
 from ggsteer.vectors import ControlVector
 
 
@@ -132,6 +135,15 @@ def wrong_way_share(strength: float, scores: np.ndarray, baseline_scores: np.nda
 
 
 def generation_sample(model: SteeredModel, prompt: str, max_tokens: int = SAMPLE_TOKENS) -> str:
-    """A greedy completion under the current controls, for a human to read."""
-    # greedy decoding of a base model loops without a repeat penalty (demo.py uses the same)
-    return model.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.3)["choices"][0]["text"]
+    """A greedy completion under the current controls, for a human to read (the demo's settings and engine)."""
+    return generation_samples(model, prompt, [model.controls], max_tokens)[0]
+
+
+def generation_samples(model: SteeredModel, prompt: str, settings: Settings,
+                       max_tokens: int = SAMPLE_TOKENS) -> list[str]:
+    """A greedy completion of `prompt` under each setting (a list of interventions), decoded side by side."""
+    texts: list[str] = []
+    for start in range(0, len(settings), model.n_seq_max):
+        chunk = list(settings[start : start + model.n_seq_max])
+        texts += generate_batch(model, [prompt] * len(chunk), chunk, max_tokens, **asdict(READABLE_GREEDY))
+    return texts

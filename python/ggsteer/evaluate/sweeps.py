@@ -11,12 +11,12 @@ from tqdm.auto import tqdm
 
 from ggsteer.evaluate.behaviour import (
     behaviour_units,
-    generation_sample,
+    generation_samples,
     steerability,
     wrong_way_share,
 )
 from ggsteer.evaluate.fluency import FluencyTally, neutral_tokens
-from ggsteer.evaluate.settings import settings_per_strength, steered_by, steered_layers
+from ggsteer.evaluate.settings import settings_per_strength, steered_layers
 from ggsteer.evaluate.side_by_side import run_side_by_side
 from ggsteer.model import SteeredModel
 from ggsteer.vectors import ControlVector, default_steering_layers
@@ -143,13 +143,10 @@ def _grow(bar):
 
 
 def _samples(model, settings, prompt: str, bar) -> list[str]:
-    """A greedy sample under each setting (generation is sequential: one setting at a time)."""
+    """A greedy sample under each setting, every setting decoded side by side."""
     _grow(bar)(len(settings))
-    texts = []
-    for items in settings:
-        with steered_by(model, items):
-            texts.append(generation_sample(model, prompt))
-        bar.update()
+    texts = generation_samples(model, prompt, settings)
+    bar.update(len(settings))
     return texts
 
 

@@ -110,7 +110,8 @@ class SteeringServer:
         return SequenceSampling(max_tokens, request.temperature, request.top_p, request.seed, stops,
                                 request.presence_penalty, request.frequency_penalty,
                                 request.checked_logit_bias(self.model.n_vocab()), request.n_logprobs(),
-                                checked_grammar(self.model, request.grammar()))
+                                checked_grammar(self.model, request.grammar()), request.top_k, request.min_p,
+                                request.repeat_penalty, request.repeat_last_n)
 
     async def new_job(self, request: GenerationRequest, prompt: str, extra_stops: list[str]) -> Job:
         steering = self.defaults.spec() if request.steering is None else request.steering  # {} opts out

@@ -8,9 +8,10 @@ from typing import Literal
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ggsteer.sampling import DEFAULTS, MAX_TEMPERATURE
 from ggsteer.serve.errors import ApiError
 from ggsteer.serve.json_checks import MAX_JSON_DEPTH, check_json_value
-from ggsteer.serve.settings import DEFAULT_TEMPERATURE, MAX_BODY_BYTES, MAX_STOP_STRINGS
+from ggsteer.serve.settings import MAX_BODY_BYTES, MAX_STOP_STRINGS
 
 # -- request bodies -----------------------------------------------------------------------------
 
@@ -56,14 +57,19 @@ class GenerationRequest(BaseModel):
     model: str | None = None  # accepted for OpenAI clients; the server has one model
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
-    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(DEFAULTS.temperature, ge=0.0, le=MAX_TEMPERATURE)
+    top_p: float = Field(DEFAULTS.top_p, gt=0.0, le=1.0)
+    # llama-server's sampling fields, with its defaults (ggsteer.sampling.DEFAULTS)
+    top_k: int = Field(DEFAULTS.top_k, ge=0)
+    min_p: float = Field(DEFAULTS.min_p, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(DEFAULTS.repeat_penalty, gt=0.0, le=10.0)
+    repeat_last_n: int = Field(DEFAULTS.repeat_last_n, ge=-1)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(DEFAULTS.presence_penalty, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(DEFAULTS.frequency_penalty, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     response_format: dict | None = None
     # None: the server-wide default steering; {}: no steering at all (opts out of the default)

@@ -9,7 +9,6 @@ MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_TOKENS = 128
 MAX_TOKENS_CAP = 2048
 MAX_STOP_STRINGS = 4
-DEFAULT_TEMPERATURE = 0.8
 # how long the worker waits for more requests before starting a batch that is not full
 DEFAULT_BATCH_WAIT_S = 0.02
 # the largest vector file a client may upload (Gemma 3 27B's 62 layers x 5376 floats are 1.3 MB)
