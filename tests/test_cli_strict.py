@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from ggsteer.cli import main
+from ggsteer.cli.main import EXIT_ERROR
 from ggsteer.vectors import ControlVector
 
 
@@ -52,13 +53,14 @@ def test_a_vector_of_huge_values_warns(tmp_path, tiny_model_path, capsys, monkey
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-def test_non_finite_output_warns(tmp_path, tiny_model_path, capsys, monkeypatch):
+def test_non_finite_output_is_an_error(tmp_path, tiny_model_path, capsys, monkeypatch):
     monkeypatch.setenv("GGSTEER_ALLOW_LARGE_VECTORS", "1")  # loading it at all takes the override
     vector = raw_vector(tmp_path / "overflow.gguf", 3e38)  # times 2 overflows float32: the residual is inf, logits NaN
     assert main(["generate", "--model", str(tiny_model_path), "--vector", f"{vector}:2", "--raw", "-p", "the cat",
-                 "-n", "4", "--threads", "2"]) == 0
-    error = capsys.readouterr().err
-    assert "ggsteer: warning: the steered model computed non-finite values (NaN or inf)" in error
+                 "-n", "4", "--threads", "2"]) == EXIT_ERROR
+    error = capsys.readouterr().err.splitlines()
+    assert error[-1] == ("ggsteer: error: prompt 0: the model's logits for this sequence hold NaN or Inf "
+                         "(its steering is too strong)")
 
 
 def test_sane_steering_does_not_warn(tmp_path, tiny_model_path, capsys):

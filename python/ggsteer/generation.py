@@ -36,7 +36,6 @@ class BatchCompletion:
     completion_tokens: int
     tokens: tuple[int, ...] = ()  # the generated tokens (an end-of-generation token is not one)
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when sampling.logprobs is set
-    non_finite: bool = False  # some logits were NaN or inf: the steering broke the model, the text means nothing
 
 
 @dataclass(eq=False)
@@ -48,7 +47,6 @@ class SequenceState:
     controls: list[Intervention]
     sampler: TokenSampler | None = None  # llama.cpp's sampler chain for this sequence
     on_piece: Callable[[str], None] | None = None
-    non_finite: bool = False
     n_decoded: int = 0  # prompt tokens decoded so far (long prompts take several decodes)
     generated: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -78,7 +76,7 @@ class SequenceState:
     def result(self) -> BatchCompletion:
         logprobs = tuple(self.logprobs) if self.sampling.logprobs is not None else None
         return BatchCompletion(self.text, self.finish_reason or "length", len(self.prompt), len(self.generated),
-                               tuple(self.generated), logprobs, self.non_finite)
+                               tuple(self.generated), logprobs)
 
 
 @contextlib.contextmanager
@@ -213,7 +211,6 @@ class ContinuousBatch:
     def _next_token(self, state: SequenceState) -> int:
         sampling = state.sampling
         raw_logits, state.next_logits = state.next_logits, None
-        state.non_finite = state.non_finite or not np.isfinite(raw_logits).all()
         token = state.sampler.sample(raw_logits)
         if token is None:  # a dead end of the grammar ends this sequence, not its neighbours
             state.finish_reason = "stop"
@@ -289,6 +286,10 @@ class ContinuousBatch:
             state.ready_since = self.n_decodes
 
 
+class SequenceError(RuntimeError):
+    """One sequence of a batch failed alone (its steering, its sampling, or NaN/Inf in its logits)."""
+
+
 def check_finite_logits(logits: np.ndarray) -> None:
     if not np.isfinite(logits).all():
         raise FloatingPointError("the model's logits for this sequence hold NaN or Inf (its steering is too strong)")
@@ -347,5 +348,5 @@ def run_sequences(model: HookedModel, token_lists: list[list[int]], controls: li
             batch.step()
     failed = next((s for s in states if s.error is not None), None)
     if failed is not None:
-        raise RuntimeError(f"prompt {failed.index}: {failed.error}")
+        raise SequenceError(f"prompt {failed.index}: {failed.error}")
     return [s.result() for s in states] if details else [s.text for s in states]

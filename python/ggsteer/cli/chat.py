@@ -20,7 +20,6 @@ from ggsteer.cli.common import (
     load_vectors,
     sampling_kwargs,
     steering_interventions,
-    warn_if_output_is_not_finite,
 )
 from ggsteer.cli.generate import complete
 
@@ -107,7 +106,6 @@ class ChatSession:
             return f"({error})"
         (result,) = complete(self.model, prompt, [self.controls], self.sampling)
         answer = result.text.strip()
-        warn_if_output_is_not_finite([result])
         self.history.append({"role": "assistant", "content": answer})
         return answer
 

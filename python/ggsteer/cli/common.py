@@ -164,16 +164,6 @@ def warn_if_steering_is_absurd(vectors) -> None:
                   f"stream (a model's own stay far below {ABSURD_STEERING:g}): expect meaningless output", file=sys.stderr)
 
 
-def warn_if_output_is_not_finite(results, what: str = "the steered model") -> bool:
-    """After generating: warn in one line if any result's logits held NaN or inf (a vector with absurd
-    values, or an absurd strength, makes the text empty or meaningless). Returns whether it warned."""
-    if not any(result.non_finite for result in results):
-        return False
-    print(f"ggsteer: warning: {what} computed non-finite values (NaN or inf): the vector's values or the strength "
-          "are far too large, so this output is meaningless", file=sys.stderr)
-    return True
-
-
 def sampling_kwargs(args) -> dict:
     """generate_batch's settings from the sampling arguments; without --seed one is drawn (both sides
     of --compare share it)."""

@@ -20,7 +20,6 @@ from ggsteer.cli.common import (
     load_vectors,
     sampling_kwargs,
     steering_interventions,
-    warn_if_output_is_not_finite,
     warn_if_steering_is_absurd,
 )
 from ggsteer.generation import BatchCompletion, generate_batch
@@ -76,7 +75,6 @@ def generate_command(args) -> int:
     prompt = prompt_for(model, args.prompt, args.raw_prompt)
     controls = steering_interventions(model, args, vectors)
     results = complete(model, prompt, [None, controls] if args.compare else [controls], sampling_kwargs(args))
-    warn_if_output_is_not_finite(results[-1:])
     if not args.compare:
         print(results[0].text)
         return 0

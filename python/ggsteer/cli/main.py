@@ -10,6 +10,7 @@ from ggsteer import __version__
 from ggsteer.cli import bake, chat, demo, evaluate, export, generate, inspect, serve, train
 from ggsteer.cli.common import CliError
 from ggsteer.extras import MissingExtraError
+from ggsteer.generation import SequenceError
 from ggsteer.train import DatasetError
 from ggsteer.vectors import VectorFileError
 
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("\nggsteer: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
-        except (CliError, DatasetError, VectorFileError, MissingExtraError, ValueError, OSError) as error:
+        except (CliError, DatasetError, VectorFileError, MissingExtraError, ValueError, OSError,
+                SequenceError) as error:
             print(f"ggsteer: error: {one_line(error)}", file=sys.stderr)
             return EXIT_ERROR
 
