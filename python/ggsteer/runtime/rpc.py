@@ -1,0 +1,304 @@
+"""llama.cpp's RPC backend: workers on other machines hold a model's layers.
+
+A worker runs `ggsteer rpc-server` (ggml's `ggml_backend_rpc_start_server`); the main host
+registers each worker with `ggml_backend_rpc_add_server` and hands the workers' devices to
+`llama_model_params.devices`. Registration stays out of ggml's global registry, so models loaded
+without `rpc_servers` in the same process never see the workers.
+
+Faults: ggml-rpc aborts the process when a socket fails (GGML_ABORT on a failed send or recv).
+Before loading, every worker is checked (connect and protocol hello, with a timeout), so a worker
+that is down gives an `RpcWorkerError` naming it. A worker lost later, mid-decode, cannot be
+survived inside the process: ggsteer's abort handler prints which worker stopped answering and
+ends the process with `EXIT_WORKER_LOST` instead of a core-dumping abort.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import socket
+import struct
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import llama_cpp
+
+# the wire protocol this llama.cpp build speaks (ggml-rpc.h) and its hello message (ggml-rpc.cpp)
+RPC_PROTO_MAJOR = 7
+RPC_PROTO_MINOR = 0
+RPC_CMD_HELLO = 14
+CONN_CAPS_SIZE = 24
+CHECK_TIMEOUT_S = 5.0
+DEFAULT_PORT = 50052
+EXIT_WORKER_LOST = 75  # EX_TEMPFAIL: try again once the worker is back
+DEVICE_TYPE_CPU = 0  # enum ggml_backend_dev_type
+DEVICE_TYPE_ACCEL = 3
+
+SECURITY_NOTE = (
+    "the RPC protocol has no authentication or encryption: anyone who can reach the port can run "
+    "computations and read memory on this machine. Serve only on a trusted network."
+)
+
+
+class RpcWorkerError(RuntimeError):
+    """A worker that cannot be used, named by its endpoint."""
+
+    def __init__(self, endpoint: str, reason: str):
+        super().__init__(f"RPC worker {endpoint}: {reason}")
+        self.endpoint = endpoint
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """`host:port` -> (host, port), or a ValueError naming the text."""
+    host, sep, port_text = str(text).strip().rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad RPC endpoint {text!r}: expected HOST:PORT with a port between 1 and 65535")
+    return host, int(port_text)
+
+
+def parse_endpoints(servers: str | Sequence[str]) -> list[str]:
+    """Endpoints from a list or a comma-separated string, checked and without duplicates."""
+    items = servers.split(",") if isinstance(servers, str) else list(servers)
+    endpoints = []
+    for item in items:
+        host, port = parse_endpoint(item)
+        endpoint = f"{host}:{port}"
+        if endpoint in endpoints:
+            raise ValueError(f"RPC endpoint {endpoint} is listed twice")
+        endpoints.append(endpoint)
+    if not endpoints:
+        raise ValueError("rpc_servers is empty: give at least one HOST:PORT")
+    return endpoints
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("the connection closed during the hello")
+        data += chunk
+    return data
+
+
+def check_worker(endpoint: str, timeout: float = CHECK_TIMEOUT_S) -> tuple[int, int, int]:
+    """Connect and exchange the protocol hello within `timeout` seconds; the worker's version.
+
+    Raises RpcWorkerError naming the endpoint when nothing listens, the hello times out (a worker
+    serves one client at a time: another host may be using it) or the versions differ.
+    """
+    host, port = parse_endpoint(endpoint)
+    request = struct.pack("<BQ", RPC_CMD_HELLO, CONN_CAPS_SIZE) + bytes(CONN_CAPS_SIZE)
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(request)
+            (size,) = struct.unpack("<Q", _recv_exactly(sock, 8))
+            if size != 4 + CONN_CAPS_SIZE:
+                raise RpcWorkerError(endpoint, f"answered the hello with {size} bytes: not a llama.cpp RPC server "
+                                               "of this protocol version")
+            major, minor, patch = _recv_exactly(sock, size)[:3]
+    except socket.timeout:
+        raise RpcWorkerError(endpoint, f"no answer within {timeout:g} s (is it busy serving another host?)") from None
+    except OSError as error:
+        raise RpcWorkerError(endpoint, f"cannot connect ({error.strerror or error}); is `ggsteer rpc-server` "
+                                       "running there?") from None
+    if major != RPC_PROTO_MAJOR or minor > RPC_PROTO_MINOR:
+        raise RpcWorkerError(endpoint, f"speaks RPC protocol {major}.{minor}.{patch}, this build "
+                                       f"{RPC_PROTO_MAJOR}.{RPC_PROTO_MINOR}: run the same llama.cpp version on both")
+    return major, minor, patch
+
+
+# -- the ggml libraries llama_cpp loaded -------------------------------------------------------
+
+
+def library_dir() -> Path:
+    return Path(llama_cpp.__file__).parent / "lib"
+
+
+@functools.cache
+def ggml_base() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(library_dir() / "libggml-base.so"))
+    lib.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
+    lib.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    lib.ggml_backend_dev_name.restype = ctypes.c_char_p
+    lib.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_description.restype = ctypes.c_char_p
+    lib.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
+    lib.ggml_set_abort_callback.restype = ctypes.c_void_p
+    lib.ggml_set_abort_callback.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+@functools.cache
+def ggml_registry() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(library_dir() / "libggml.so"))
+    lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_dev_count.argtypes = []
+    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    lib.ggml_backend_dev_type.restype = ctypes.c_int
+    lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+@functools.cache
+def ggml_rpc() -> ctypes.CDLL:
+    """libggml-rpc from the llama-cpp-python build ggsteer runs on, or a clear error."""
+    path = library_dir() / "libggml-rpc.so"
+    if not path.exists():
+        raise RuntimeError(f"llama-cpp-python was built without llama.cpp's RPC backend (no {path.name} in "
+                           f"{path.parent}): reinstall it with CMAKE_ARGS=\"-DGGML_RPC=ON\"")
+    lib = ctypes.CDLL(str(path))
+    lib.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
+    lib.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
+    lib.ggml_backend_rpc_start_server.restype = None
+    lib.ggml_backend_rpc_start_server.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t,
+                                                  ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)]
+    return lib
+
+
+# -- the main host: workers' devices for a model -------------------------------------------------
+
+
+def worker_devices(endpoints: Sequence[str]) -> list[int]:
+    """Every device of every worker, in the order given (checked first: a dead worker must not
+    reach ggml-rpc, which would abort)."""
+    rpc = ggml_rpc()
+    for endpoint in endpoints:
+        check_worker(endpoint)
+    devices = []
+    for endpoint in endpoints:
+        reg = rpc.ggml_backend_rpc_add_server(endpoint.encode())
+        count = ggml_base().ggml_backend_reg_dev_count(reg) if reg else 0
+        if count == 0:
+            raise RpcWorkerError(endpoint, "offers no device")
+        devices += [ggml_base().ggml_backend_reg_dev_get(reg, i) for i in range(count)]
+    watch_workers(endpoints)
+    return devices
+
+
+def device_description(device: int) -> str:
+    base = ggml_base()
+    return f"{base.ggml_backend_dev_name(device).decode()} ({base.ggml_backend_dev_description(device).decode()})"
+
+
+class WorkerPlacement:
+    """The device list and layer count a model on RPC workers loads with (kept alive with the model)."""
+
+    def __init__(self, rpc_servers: str | Sequence[str]):
+        self.endpoints = parse_endpoints(rpc_servers)
+        self.devices = worker_devices(self.endpoints)
+        # NULL-terminated, as llama_model_params.devices wants it; no local device in the list
+        self.array = (ctypes.c_void_p * (len(self.devices) + 1))(*self.devices, None)
+
+    def apply(self, params) -> None:
+        params.devices = ctypes.addressof(self.array)
+
+
+class ModelParamsWithDevices:
+    """Class attribute for a Llama subclass: `self.model_params = ...` inside Llama.__init__ gets
+    the instance's `_worker_placement` device list before the model loads (Llama has no argument
+    for it)."""
+
+    def __get__(self, instance, owner=None):
+        return self if instance is None else instance.__dict__["_model_params"]
+
+    def __set__(self, instance, params) -> None:
+        placement = instance.__dict__.get("_worker_placement")
+        if placement is not None:
+            placement.apply(params)
+        instance.__dict__["_model_params"] = params
+
+
+def worker_llama_kwargs(llama_kwargs: dict) -> dict:
+    """Every layer on the workers unless n_gpu_layers says otherwise (llama.cpp's default, 0, would
+    leave every layer on this host's CPU)."""
+    kwargs = dict(llama_kwargs)
+    if kwargs.get("n_gpu_layers") in (None, 0):
+        kwargs["n_gpu_layers"] = -1
+    return kwargs
+
+
+# -- a worker lost mid-run ----------------------------------------------------------------------
+
+_watched: list[str] = []
+_ABORT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+
+
+def _unreachable(endpoints: Sequence[str]) -> list[str]:
+    lost = []
+    for endpoint in endpoints:
+        try:
+            socket.create_connection(parse_endpoint(endpoint), timeout=1.0).close()
+        except OSError:
+            lost.append(endpoint)
+    return lost
+
+
+def worker_lost_message(ggml_message: str, endpoints: Sequence[str]) -> str:
+    lost = _unreachable(endpoints)
+    which = ", ".join(lost) if lost else "one of " + ", ".join(endpoints)
+    return (f"ggsteer: error: RPC worker {which} stopped answering ({ggml_message.strip()}). llama.cpp's RPC "
+            f"backend cannot continue without it in this process; exiting with status {EXIT_WORKER_LOST}. "
+            "Restart the worker, then run again.")
+
+
+@_ABORT_CALLBACK
+def _on_ggml_abort(message: bytes) -> None:
+    text = message.decode("utf-8", "replace") if message else ""
+    if "ggml-rpc" in text and _watched:
+        sys.stderr.write(worker_lost_message(text, _watched) + "\n")
+        sys.stderr.flush()
+        os._exit(EXIT_WORKER_LOST)
+    # any other abort: print it as ggml would, then ggml aborts
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def watch_workers(endpoints: Sequence[str]) -> None:
+    """Install the abort handler that turns a lost worker into one clear line and a clean exit."""
+    if not _watched:
+        ggml_base().ggml_set_abort_callback(ctypes.cast(_on_ggml_abort, ctypes.c_void_p))
+    _watched.extend(e for e in endpoints if e not in _watched)
+
+
+# -- a worker: serve this machine's devices --------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    import ipaddress
+
+    return all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+
+
+def served_devices() -> list[int]:
+    """This machine's accelerators (GPUs), or its CPU when it has none: what upstream's rpc-server serves."""
+    reg = ggml_registry()
+    devices = [reg.ggml_backend_dev_get(i) for i in range(reg.ggml_backend_dev_count())]
+    accelerators = [d for d in devices if reg.ggml_backend_dev_type(d) not in (DEVICE_TYPE_CPU, DEVICE_TYPE_ACCEL)]
+    if accelerators:
+        return accelerators
+    cpu = reg.ggml_backend_dev_by_type(DEVICE_TYPE_CPU)
+    if not cpu:
+        raise RuntimeError("ggml found no device to serve")
+    return [cpu]
+
+
+def serve_devices(host: str, port: int, threads: int, devices: Sequence[int], cache_dir: str | None = None) -> None:
+    """Blocks forever serving `devices` on host:port (run it in a thread: the call never returns)."""
+    array = (ctypes.c_void_p * len(devices))(*devices)
+    endpoint = f"{host}:{port}".encode()
+    ggml_rpc().ggml_backend_rpc_start_server(endpoint, cache_dir.encode() if cache_dir else None, threads,
+                                             len(devices), array)
