@@ -20,6 +20,7 @@ import os
 import socket
 import struct
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -117,9 +118,16 @@ def library_dir() -> Path:
     return Path(llama_cpp.__file__).parent / "lib"
 
 
+def _shared_library(name: str) -> ctypes.CDLL:
+    """The copy libllama links (its soname file): wheels hold `.so` and `.so.0` as two files, and
+    opening the other would load a second ggml with its own globals (the abort handler among them)."""
+    linked = library_dir() / f"{name}.so.0"
+    return ctypes.CDLL(str(linked if linked.exists() else library_dir() / f"{name}.so"))
+
+
 @functools.cache
 def ggml_base() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(library_dir() / "libggml-base.so"))
+    lib = _shared_library("libggml-base")
     lib.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
     lib.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
     lib.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
@@ -135,7 +143,7 @@ def ggml_base() -> ctypes.CDLL:
 
 @functools.cache
 def ggml_registry() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(library_dir() / "libggml.so"))
+    lib = _shared_library("libggml")
     lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p
     lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
     lib.ggml_backend_dev_count.restype = ctypes.c_size_t
@@ -154,7 +162,7 @@ def ggml_rpc() -> ctypes.CDLL:
     if not path.exists():
         raise RuntimeError(f"llama-cpp-python was built without llama.cpp's RPC backend (no {path.name} in "
                            f"{path.parent}): reinstall it with CMAKE_ARGS=\"-DGGML_RPC=ON\"")
-    lib = ctypes.CDLL(str(path))
+    lib = _shared_library("libggml-rpc")
     lib.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
     lib.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
     lib.ggml_backend_rpc_start_server.restype = None
@@ -243,10 +251,16 @@ def _unreachable(endpoints: Sequence[str]) -> list[str]:
 
 def worker_lost_message(ggml_message: str, endpoints: Sequence[str]) -> str:
     lost = _unreachable(endpoints)
+    for _ in range(20):  # a worker being killed may still hold its port for a moment
+        if lost:
+            break
+        time.sleep(0.1)
+        lost = _unreachable(endpoints)
     which = ", ".join(lost) if lost else "one of " + ", ".join(endpoints)
-    return (f"ggsteer: error: RPC worker {which} stopped answering ({ggml_message.strip()}). llama.cpp's RPC "
-            f"backend cannot continue without it in this process; exiting with status {EXIT_WORKER_LOST}. "
-            "Restart the worker, then run again.")
+    reason = ggml_message.strip().split(": ", 1)[-1]  # without ggml's source path
+    return (f"ggsteer: error: RPC worker {which} stopped answering ({reason}). llama.cpp's RPC backend cannot "
+            f"continue without it in this process; exiting with status {EXIT_WORKER_LOST}. Restart the worker, "
+            "then run again.")
 
 
 @_ABORT_CALLBACK
@@ -302,3 +316,31 @@ def serve_devices(host: str, port: int, threads: int, devices: Sequence[int], ca
     endpoint = f"{host}:{port}".encode()
     ggml_rpc().ggml_backend_rpc_start_server(endpoint, cache_dir.encode() if cache_dir else None, threads,
                                              len(devices), array)
+
+
+# -- workers on this machine (trying RPC out, tests, benchmarks) ------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_local_worker(port: int, threads: int = 1, timeout: float = 30.0):
+    """A `ggsteer rpc-server` process on 127.0.0.1:port, returned once it answers the hello."""
+    import subprocess
+
+    command = [sys.executable, "-c", "import sys; from ggsteer.cli.main import main; sys.exit(main(sys.argv[1:]))",
+               "rpc-server", "--port", str(port), "--threads", str(threads)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            check_worker(f"127.0.0.1:{port}", timeout=1.0)
+            return process
+        except RpcWorkerError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"the RPC worker on port {port} did not start: {process.stderr.read()}") from None
+            time.sleep(0.1)
