@@ -26,7 +26,7 @@ from ggsteer.runtime.rpc import (
     start_local_worker,
 )
 from ggsteer.steering.interventions import Condition
-from ggsteer.train import make_dataset
+from ggsteer.train import make_dataset, preset_dataset
 
 pytestmark = pytest.mark.skipif(not (library_dir() / "libggml-rpc.so").exists(),
                                 reason="llama-cpp-python was built without -DGGML_RPC=ON")
@@ -249,6 +249,17 @@ def test_worker_killed_mid_request_then_restarted(tiny_model, tiny_model_path, t
             stop(process)
 
 
+def default_model_texts(model, vector) -> tuple[str, str, str]:
+    """Greedy text unsteered, with the vector added (adapter) and with its direction ablated (hook)."""
+    complete = lambda: model.create_completion("Today I", max_tokens=10, temperature=0)["choices"][0]["text"]  # noqa: E731
+    plain = complete()
+    with model.steer(vector, 0.6):
+        added = complete()
+    with model.steer(vector, 1.0, op="ablate"):
+        ablated = complete()
+    return plain, added, ablated
+
+
 def test_default_model_steered_across_workers(default_model, tmp_path):
     """Gemma 3 270M (Q4_K_M) on two workers: steering moves the text there as it does locally. Local
     CPU matmuls use repacked Q4_K weights, the workers' plain buffers do not: where the texts part,
@@ -256,22 +267,25 @@ def test_default_model_steered_across_workers(default_model, tmp_path):
     ports = [free_port(), free_port()]
     processes = [start_local_worker(port, threads=1) for port in ports]
     try:
-        pairs = make_dataset("You are a very {persona} person. Say something:", ["happy", "joyful"], ["sad", "gloomy"],
-                             ["I feel", "Today is", "The weather"])
-        vector = ControlVector.train(default_model, pairs, method="pca_center")
+        pairs = preset_dataset("happy", max_suffixes=8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TrainingWarning)  # few pairs: some layers separate weakly
+            vector = ControlVector.train(default_model, pairs, method="mean_diff")
         remote_model = SteeredModel(None, rpc_servers=[f"127.0.0.1:{p}" for p in ports], n_threads=1, n_ctx=512)
-        with remote_model:
-            texts = {}
-            for name, model in (("local", default_model), ("remote", remote_model)):
-                plain = model.create_completion("Today I", max_tokens=10, temperature=0)["choices"][0]["text"]
-                with model.steer(vector, 1.0):
-                    steered = model.create_completion("Today I", max_tokens=10, temperature=0)["choices"][0]["text"]
-                texts[name] = (plain, steered)
-            split_vector = ControlVector.train(remote_model, pairs, method="pca_center")
+        try:
+            texts = {name: default_model_texts(model, vector) for name, model in
+                     (("local", default_model), ("remote", remote_model))}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", TrainingWarning)
+                split_vector = ControlVector.train(remote_model, pairs, method="mean_diff")
+        finally:
+            remote_model.close()
         print(texts)
-        assert texts["remote"][1] != texts["remote"][0]  # steering acts across the workers
-        if texts["remote"][1] != texts["local"][1]:
-            assert texts["remote"][0] != texts["local"][0]
+        plain = texts["remote"][0]
+        for index in (1, 2):
+            assert texts["remote"][index] != plain  # steering acts across the workers
+            if texts["remote"][index] != texts["local"][index]:
+                assert plain != texts["local"][0]
         for il in vector.layers:
             a, b = vector.directions[il], split_vector.directions[il]
             assert abs(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))) >= 0.999, il
