@@ -72,7 +72,7 @@ def rpc_model_arguments(args) -> dict:
         return {}
     if split is not None and len(split) != len(endpoints):
         raise CliError(f"--tensor-split has {len(split)} values for {len(endpoints)} --rpc workers")
-    return dict(rpc_servers=endpoints, tensor_split=split)
+    return {"rpc_servers": endpoints, "tensor_split": split}
 
 
 def rpc_list(text: str) -> list[str]:

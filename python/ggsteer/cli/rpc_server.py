@@ -19,10 +19,10 @@ from ggsteer.runtime.rpc import (
 
 
 def add_parser(sub) -> None:
-    server = sub.add_parser("rpc-server", help="serve this machine's devices to a host running --rpc (llama.cpp RPC)")
+    server = sub.add_parser("rpc-server", help="serve this machine's devices to a host using --rpc (llama.cpp RPC)")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     server.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
-    server.add_argument("--threads", type=int, default=None, help="CPU threads for the computations (default: all cores)")
+    server.add_argument("--threads", type=int, default=None, help="CPU threads to compute with (default: all cores)")
     server.add_argument("--cache", default=None, metavar="DIR",
                         help="keep received weights in DIR, so a restarted host loads them from this disk")
     server.add_argument("--allow-network", action="store_true",
@@ -56,7 +56,7 @@ def rpc_server_command(args) -> int:
         try:
             serve_devices(args.host, args.port, threads, devices, args.cache)
             ended.append("could not listen (is the port in use?)")  # ggml returns only then
-        except BaseException as error:  # reported by the main thread
+        except Exception as error:  # noqa: BLE001 - reported by the main thread
             ended.append(str(error))
         stop.set()
 

@@ -14,17 +14,20 @@ ends the process with `EXIT_WORKER_LOST` instead of a core-dumping abort.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
-import os
 import socket
 import struct
 import sys
 import time
+import weakref
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import llama_cpp
+
+from ggsteer.runtime.native import native
 
 # the wire protocol this llama.cpp build speaks (ggml-rpc.h) and its hello message (ggml-rpc.cpp)
 RPC_PROTO_MAJOR = 7
@@ -100,7 +103,7 @@ def check_worker(endpoint: str, timeout: float = CHECK_TIMEOUT_S) -> tuple[int, 
                 raise RpcWorkerError(endpoint, f"answered the hello with {size} bytes: not a llama.cpp RPC server "
                                                "of this protocol version")
             major, minor, patch = _recv_exactly(sock, size)[:3]
-    except socket.timeout:
+    except TimeoutError:
         raise RpcWorkerError(endpoint, f"no answer within {timeout:g} s (is it busy serving another host?)") from None
     except OSError as error:
         raise RpcWorkerError(endpoint, f"cannot connect ({error.strerror or error}); is `ggsteer rpc-server` "
@@ -120,7 +123,7 @@ def library_dir() -> Path:
 
 def _shared_library(name: str) -> ctypes.CDLL:
     """The copy libllama links (its soname file): wheels hold `.so` and `.so.0` as two files, and
-    opening the other would load a second ggml with its own globals (the abort handler among them)."""
+    opening the other would load a second ggml with its own globals."""
     linked = library_dir() / f"{name}.so.0"
     return ctypes.CDLL(str(linked if linked.exists() else library_dir() / f"{name}.so"))
 
@@ -136,8 +139,6 @@ def ggml_base() -> ctypes.CDLL:
     lib.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
     lib.ggml_backend_dev_description.restype = ctypes.c_char_p
     lib.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
-    lib.ggml_set_abort_callback.restype = ctypes.c_void_p
-    lib.ggml_set_abort_callback.argtypes = [ctypes.c_void_p]
     return lib
 
 
@@ -221,7 +222,20 @@ class ModelParamsWithDevices:
         placement = instance.__dict__.get("_worker_placement")
         if placement is not None:
             placement.apply(params)
+            _close_at_exit.add(instance)
         instance.__dict__["_model_params"] = params
+
+
+# Models on workers are closed by atexit, before Python's finalization: freeing them talks to the
+# workers, and a thread of ggml-rpc that logs through llama_cpp's Python log callback once
+# finalization has begun is ended by Python, leaving the main thread waiting for it forever.
+_close_at_exit: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_models_on_workers() -> None:
+    for model in list(_close_at_exit):
+        model.close()
 
 
 def worker_llama_kwargs(llama_kwargs: dict) -> dict:
@@ -235,51 +249,11 @@ def worker_llama_kwargs(llama_kwargs: dict) -> dict:
 
 # -- a worker lost mid-run ----------------------------------------------------------------------
 
-_watched: list[str] = []
-_ABORT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
-
-
-def _unreachable(endpoints: Sequence[str]) -> list[str]:
-    lost = []
-    for endpoint in endpoints:
-        try:
-            socket.create_connection(parse_endpoint(endpoint), timeout=1.0).close()
-        except OSError:
-            lost.append(endpoint)
-    return lost
-
-
-def worker_lost_message(ggml_message: str, endpoints: Sequence[str]) -> str:
-    lost = _unreachable(endpoints)
-    for _ in range(20):  # a worker being killed may still hold its port for a moment
-        if lost:
-            break
-        time.sleep(0.1)
-        lost = _unreachable(endpoints)
-    which = ", ".join(lost) if lost else "one of " + ", ".join(endpoints)
-    reason = ggml_message.strip().split(": ", 1)[-1]  # without ggml's source path
-    return (f"ggsteer: error: RPC worker {which} stopped answering ({reason}). llama.cpp's RPC backend cannot "
-            f"continue without it in this process; exiting with status {EXIT_WORKER_LOST}. Restart the worker, "
-            "then run again.")
-
-
-@_ABORT_CALLBACK
-def _on_ggml_abort(message: bytes) -> None:
-    text = message.decode("utf-8", "replace") if message else ""
-    if "ggml-rpc" in text and _watched:
-        sys.stderr.write(worker_lost_message(text, _watched) + "\n")
-        sys.stderr.flush()
-        os._exit(EXIT_WORKER_LOST)
-    # any other abort: print it as ggml would, then ggml aborts
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
-
 
 def watch_workers(endpoints: Sequence[str]) -> None:
-    """Install the abort handler that turns a lost worker into one clear line and a clean exit."""
-    if not _watched:
-        ggml_base().ggml_set_abort_callback(ctypes.cast(_on_ggml_abort, ctypes.c_void_p))
-    _watched.extend(e for e in endpoints if e not in _watched)
+    """Turn ggml-rpc's abort on a lost worker into one line naming it and exit status
+    EXIT_WORKER_LOST (in C: the failing thread must not wait for Python's lock)."""
+    native().watch_rpc_workers(list(endpoints), EXIT_WORKER_LOST)
 
 
 # -- a worker: serve this machine's devices --------------------------------------------------------
