@@ -31,7 +31,7 @@ from ggsteer.train import make_dataset, preset_dataset
 pytestmark = pytest.mark.skipif(not (library_dir() / "libggml-rpc.so").exists(),
                                 reason="llama-cpp-python was built without -DGGML_RPC=ON")
 
-TINY = dict(n_ctx=256, n_batch=128, n_seq_max=16, **TIGHT_LLAMA_KWARGS)
+TINY = {"n_ctx": 256, "n_batch": 128, "n_seq_max": 16, **TIGHT_LLAMA_KWARGS}
 PROMPTS = ["i am very happy and the dog", "the dog is", "a sad cat and the bad dog today"]
 CLI = [sys.executable, "-c", "import sys; from ggsteer.cli.main import main; sys.exit(main(sys.argv[1:]))"]
 
@@ -116,8 +116,8 @@ def condition_that_holds(model):
     return Condition(cond * float(np.sign(cosine)), abs(cosine) - 1e-3, 0)
 
 
-OPTIONS = [dict(op="add"), dict(op="ablate"), dict(op="clamp", strength=-2.0), dict(op="add_normalized", strength=1.3),
-           dict(op="add", when="generated"), dict(op="add", first_k=3), dict(op="add", condition="holds")]
+OPTIONS = [{"op": "add"}, {"op": "ablate"}, {"op": "clamp", "strength": -2.0},
+           {"op": "add_normalized", "strength": 1.3}, {"op": "add", "when": "generated"}, {"op": "add", "first_k": 3}, {"op": "add", "condition": "holds"}]
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(str(v) for v in o.values()))
@@ -141,7 +141,7 @@ def test_steered_logits_and_text_equal_local(tiny_model, remote, options):
     (local_logits, local_text, local_counts), (logits, text, counts) = results
     np.testing.assert_array_equal(logits, local_logits)
     assert text == local_text
-    if options == dict(op="add"):
+    if options == {"op": "add"}:
         # plain addition is llama.cpp's own adapter on the workers: the hook never runs
         assert counts["copy_path"] == 0 and counts["host_kernel"] == 0
     else:
@@ -213,8 +213,8 @@ def test_worker_down_at_load_names_it(tiny_model, tiny_model_path, tmp_path):
     with pytest.raises(ValueError, match="bad RPC endpoint 'nohost'"):
         parse_endpoints("nohost")
     vector = saved_vector(tiny_model, tmp_path)
-    result = subprocess.run(CLI + ["generate", "-m", str(tiny_model_path), "-p", "the", "-v", vector, "--rpc", endpoint],
-                            check=False, capture_output=True, text=True, timeout=120)
+    command = CLI + ["generate", "-m", str(tiny_model_path), "-p", "the", "-v", vector, "--rpc", endpoint]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert f"ggsteer: error: RPC worker {endpoint}: cannot connect" in result.stderr
     assert "Traceback" not in result.stderr
@@ -277,21 +277,38 @@ def test_worker_killed_mid_request_then_restarted(tiny_model, tiny_model_path, t
             stop(process)
 
 
-def default_model_texts(model, vector) -> tuple[str, str, str]:
-    """Greedy text unsteered, with the vector added (adapter) and with its direction ablated (hook)."""
-    complete = lambda: model.create_completion("Today I", max_tokens=10, temperature=0)["choices"][0]["text"]
-    plain = complete()
-    with model.steer(vector, 0.6):
-        added = complete()
-    with model.steer(vector, 1.0, op="ablate"):
-        ablated = complete()
-    return plain, added, ablated
+class PlainBufferModel(SteeredModel):
+    """Weights in plain CPU buffers, as a worker keeps them: no repacking for this host's kernels."""
+
+    @property
+    def model_params(self):
+        return self.__dict__["_plain_params"]
+
+    @model_params.setter
+    def model_params(self, params) -> None:
+        params.use_extra_bufts = False
+        self.__dict__["_plain_params"] = params
 
 
-def test_default_model_steered_across_workers(default_model, tmp_path):
-    """Gemma 3 270M (Q4_K_M) on two workers: steering moves the text there as it does locally. Local
-    CPU matmuls use repacked Q4_K weights, the workers' plain buffers do not: where the texts part,
-    the unsteered texts must part too (a kernel difference, not a steering one)."""
+def default_model_runs(model, vector) -> dict:
+    """Last-token logits and greedy text unsteered, with the vector added (adapter) and ablated (hook)."""
+    runs = {}
+    for name, options in (("plain", None), ("add", {"strength": 0.6}), ("ablate", {"strength": 1.0, "op": "ablate"})):
+        if options is None:
+            model.reset_control()
+        else:
+            model.set_control(vector, **options)
+        logits = last_logits(model, "Today I")
+        text = model.create_completion("Today I", max_tokens=10, temperature=0)["choices"][0]["text"]
+        runs[name] = (logits, text)
+    model.reset_control()
+    return runs
+
+
+def test_default_model_steered_across_workers(default_model):
+    """Gemma 3 270M (Q4_K_M) on two workers equals, bit for bit, this host with its weights in plain
+    buffers as the workers keep them. This host's default repacks Q4_K weights for other matmul
+    kernels: those logits differ a little from the workers', with steering off as well."""
     ports = [free_port(), free_port()]
     processes = [start_local_worker(port, threads=1) for port in ports]
     try:
@@ -300,20 +317,27 @@ def test_default_model_steered_across_workers(default_model, tmp_path):
             warnings.simplefilter("ignore", TrainingWarning)  # few pairs: some layers separate weakly
             vector = ControlVector.train(default_model, pairs, method="mean_diff")
         remote_model = SteeredModel(None, rpc_servers=[f"127.0.0.1:{p}" for p in ports], n_threads=1, n_ctx=512)
+        plain_model = PlainBufferModel(None, n_threads=1, n_ctx=512)
         try:
-            texts = {name: default_model_texts(model, vector) for name, model in
-                     (("local", default_model), ("remote", remote_model))}
+            before = remote_model.hook.counts()["copy_path"]
+            runs = {name: default_model_runs(model, vector) for name, model in
+                    (("repacked", default_model), ("plain", plain_model), ("remote", remote_model))}
+            copies = remote_model.hook.counts()["copy_path"] - before
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", TrainingWarning)
                 split_vector = ControlVector.train(remote_model, pairs, method="mean_diff")
         finally:
             remote_model.close()
-        print(texts)
-        plain = texts["remote"][0]
-        for index in (1, 2):
-            assert texts["remote"][index] != plain  # steering acts across the workers
-            if texts["remote"][index] != texts["local"][index]:
-                assert plain != texts["local"][0]
+            plain_model.close()
+        for case in ("plain", "add", "ablate"):
+            np.testing.assert_array_equal(runs["remote"][case][0], runs["plain"][case][0])
+            assert runs["remote"][case][1] == runs["plain"][case][1]
+            gap = np.abs(runs["remote"][case][0] - runs["repacked"][case][0]).max()
+            print(f"{case}: workers vs repacked local: max logit gap {gap:.3g}; texts {runs['remote'][case][1]!r} "
+                  f"vs {runs['repacked'][case][1]!r}")
+        assert np.abs(runs["remote"]["plain"][0] - runs["repacked"]["plain"][0]).max() > 0  # unsteered too
+        assert runs["remote"]["add"][1] != runs["remote"]["plain"][1]  # steering acts on the workers
+        assert copies > 0  # the ablation ran in the hook, on the workers' rows
         for il in vector.layers:
             a, b = vector.directions[il], split_vector.directions[il]
             assert abs(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))) >= 0.999, il

@@ -12,6 +12,7 @@ from ggsteer.runtime.rpc import (
     DEFAULT_PORT,
     SECURITY_NOTE,
     device_description,
+    end_worker_process,
     is_loopback,
     serve_devices,
     served_devices,
@@ -71,6 +72,5 @@ def rpc_server_command(args) -> int:
     if ended:
         raise CliError(f"rpc-server on {args.host}:{args.port}: {ended[0]}")
     print("ggsteer rpc-server: stopped", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    # a client may be mid-request in the serving thread: end without waiting for it
-    os._exit(0)
+    end_worker_process(0)
+    return 0

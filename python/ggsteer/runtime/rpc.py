@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import functools
+import os
 import socket
 import struct
 import sys
@@ -290,6 +291,14 @@ def serve_devices(host: str, port: int, threads: int, devices: Sequence[int], ca
     endpoint = f"{host}:{port}".encode()
     ggml_rpc().ggml_backend_rpc_start_server(endpoint, cache_dir.encode() if cache_dir else None, threads,
                                              len(devices), array)
+
+
+def end_worker_process(status: int = 0) -> None:
+    """Ends a worker's process at once: ggml's serving loop never returns, and a client may be
+    mid-request in it (no interpreter shutdown around a thread still inside ggml)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 # -- workers on this machine (trying RPC out, tests, benchmarks) ------------------------------------
