@@ -307,8 +307,8 @@ def default_model_runs(model, vector) -> dict:
 
 def test_default_model_steered_across_workers(default_model):
     """Gemma 3 270M (Q4_K_M) on two workers equals, bit for bit, this host with its weights in plain
-    buffers as the workers keep them. This host's default repacks Q4_K weights for other matmul
-    kernels: those logits differ a little from the workers', with steering off as well."""
+    buffers as the workers keep them, unsteered, added and ablated. This host's default repacks Q4_K
+    weights for other matmul kernels; the gap to that is printed (see docs/rpc.md)."""
     ports = [free_port(), free_port()]
     processes = [start_local_worker(port, threads=1) for port in ports]
     try:
@@ -326,6 +326,7 @@ def test_default_model_steered_across_workers(default_model):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", TrainingWarning)
                 split_vector = ControlVector.train(remote_model, pairs, method="mean_diff")
+                plain_vector = ControlVector.train(plain_model, pairs, method="mean_diff")
         finally:
             remote_model.close()
             plain_model.close()
@@ -335,12 +336,13 @@ def test_default_model_steered_across_workers(default_model):
             gap = np.abs(runs["remote"][case][0] - runs["repacked"][case][0]).max()
             print(f"{case}: workers vs repacked local: max logit gap {gap:.3g}; texts {runs['remote'][case][1]!r} "
                   f"vs {runs['repacked'][case][1]!r}")
-        assert np.abs(runs["remote"]["plain"][0] - runs["repacked"]["plain"][0]).max() > 0  # unsteered too
         assert runs["remote"]["add"][1] != runs["remote"]["plain"][1]  # steering acts on the workers
         assert copies > 0  # the ablation ran in the hook, on the workers' rows
+        cosine = lambda a, b: abs(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
         for il in vector.layers:
-            a, b = vector.directions[il], split_vector.directions[il]
-            assert abs(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))) >= 0.999, il
+            assert cosine(plain_vector.directions[il], split_vector.directions[il]) >= 0.999, il
+        repacked = min(cosine(vector.directions[il], split_vector.directions[il]) for il in vector.layers)
+        print(f"vector trained on the workers vs on the repacked local model: min |cos| over layers {repacked:.5f}")
     finally:
         for process in processes:
             stop(process)
