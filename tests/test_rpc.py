@@ -3,6 +3,7 @@ hold every layer; captures, training, every hook op and generation must equal th
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -351,3 +352,40 @@ def test_default_model_steered_across_workers(default_model):
 def test_llama_cpp_exposes_the_devices_field():
     """The device list goes in through llama_model_params.devices (Llama has no argument for it)."""
     assert "devices" in dict(llama_cpp.llama_model_params._fields_)
+
+
+def test_tensor_split_options_are_checked_before_loading(tiny_model, tiny_model_path, tmp_path, capsys):
+    from ggsteer.cli.main import main
+
+    vector = saved_vector(tiny_model, tmp_path)
+    base = ["generate", "-m", str(tiny_model_path), "-p", "the", "-v", vector]
+    assert main(base + ["--tensor-split", "1,1"]) == 2
+    assert "--tensor-split needs --rpc" in capsys.readouterr().err
+    assert main(base + ["--rpc", "127.0.0.1:1,127.0.0.1:2", "--tensor-split", "1,1,1"]) == 2
+    assert "--tensor-split has 3 values for 2 --rpc workers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(base + ["--rpc", "127.0.0.1:1", "--tensor-split", "0,0"])
+    assert "proportions must be >= 0, not all 0" in capsys.readouterr().err
+
+
+def test_tensor_split_places_layers(tiny_model_path, capfd):
+    """--tensor-split 0,1 puts every layer on the second worker (llama.cpp's load log says where)."""
+    ports = [free_port(), free_port()]
+    processes = [start_local_worker(port) for port in ports]
+    try:
+        capfd.readouterr()
+        model = SteeredModel(tiny_model_path, rpc_servers=[f"127.0.0.1:{p}" for p in ports], tensor_split=[0, 1],
+                             verbose=True, **TINY)
+        try:
+            log = capfd.readouterr().err
+            devices = dict(re.findall(r"using device (RPC\d+) \((127\.0\.0\.1:\d+)\)", log))
+            placed = re.findall(r"layer +\d+ assigned to device (\S+),", log)
+            assert len(placed) == model.n_layer + 1  # the blocks and the output layer
+            assert {devices[name] for name in placed} == {f"127.0.0.1:{ports[1]}"}
+            model.hidden_states(["the dog is"], layers=[0, 1, 2])
+            assert model.hook.counts()["row_transfers"] == 3
+        finally:
+            model.close()
+    finally:
+        for process in processes:
+            stop(process)
