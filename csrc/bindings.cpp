@@ -10,6 +10,7 @@
 #include "ggml.h"
 #include "hook.h"
 #include "ops.h"
+#include "rpc-watch.h"
 
 namespace py = pybind11;
 
@@ -296,6 +297,9 @@ PYBIND11_MODULE(_native, m) {
 #else
     m.def("cuda_device_available", []() { return false; }, "Whether a CUDA device is visible (never: built without CUDA).");
 #endif
+
+    m.def("watch_rpc_workers", &rpc_watch_workers, py::arg("endpoints"), py::arg("exit_code"),
+          "Turn ggml-rpc's abort on a lost worker into one line naming it and _exit(exit_code).");
 
     m.def("build_info", []() {
         py::dict info;

@@ -91,5 +91,8 @@ def apply_op_cuda(kind: int, data: npt.NDArray[np.float32], vectors: npt.ArrayLi
 def cuda_device_available() -> bool:
     """Whether a CUDA device is visible (never in a build without CUDA)."""
 
+def watch_rpc_workers(endpoints: list[str], exit_code: int) -> None:
+    """Turn ggml-rpc's abort on a lost worker into one line naming it and _exit(exit_code)."""
+
 def build_info() -> dict[str, str]:
     """The llama-cpp-python version, header fingerprint and CUDA architectures of this build."""

@@ -31,6 +31,7 @@ from ggsteer.runtime.hooked_context import (
     new_hook,
 )
 from ggsteer.runtime.logs import install_log_filter
+from ggsteer.runtime.rpc import ModelParamsWithDevices, WorkerPlacement, worker_llama_kwargs
 from ggsteer.steering.adapter import cvec_buffer
 from ggsteer.steering.interventions import Intervention, make_intervention, normalize_controls
 from ggsteer.steering.program import compile_program
@@ -71,7 +72,12 @@ class SteeredModel(llama_cpp.Llama):
     arguments pass through to `Llama` (`n_gpu_layers`, `n_threads`, `n_ctx`, `verbose`, ...).
     `n_seq_max` bounds how many prompts run side by side in one decode. llama.cpp's log lines are
     shown with `verbose=True` (errors always); `model.context` is ggsteer's handle on the context.
+    `rpc_servers=["host:port", ...]` places the layers on llama.cpp RPC workers (`ggsteer rpc-server`):
+    every layer unless `n_gpu_layers` says otherwise, split by `tensor_split` (default: by the
+    workers' free memory).
     """
+
+    model_params = ModelParamsWithDevices()
 
     def __init__(
         self,
@@ -81,6 +87,7 @@ class SteeredModel(llama_cpp.Llama):
         n_batch: int = DEFAULT_N_BATCH,
         n_seq_max: int = DEFAULT_N_SEQ_MAX,
         verbose: bool = False,
+        rpc_servers: str | Sequence[str] | None = None,
         **llama_kwargs,
     ):
         path = check_model_path(default_model_path() if model_path is None else model_path)
@@ -88,6 +95,9 @@ class SteeredModel(llama_cpp.Llama):
             raise ValueError(f"n_seq_max={n_seq_max} must be between 1 and {max_parallel_sequences()}")
         # llama.cpp's log lines (model loading, cache setup) stay quiet unless verbose
         install_log_filter()
+        self._worker_placement = None if rpc_servers is None else WorkerPlacement(rpc_servers)
+        if self._worker_placement is not None:
+            llama_kwargs = worker_llama_kwargs(llama_kwargs)
         # one ubatch per decode keeps the callback's batch rows equal to ours
         llama_kwargs["n_ubatch"] = n_batch
         super().__init__(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, verbose=verbose, **llama_kwargs)

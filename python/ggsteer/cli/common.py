@@ -15,6 +15,7 @@ from ggsteer.atomic_file import check_destination
 from ggsteer.model import SteeredModel
 from ggsteer.runtime.sampler import SEED_MASK
 from ggsteer.sampling import DEFAULTS, MAX_TEMPERATURE, check_settings
+from ggsteer.runtime.rpc import RpcWorkerError, parse_endpoints
 from ggsteer.steering.interventions import MAX_ABS_STRENGTH, default_strength
 from ggsteer.vectors import ControlVector, parse_layer_range
 
@@ -54,10 +55,44 @@ def finite_number(text: str, not_a_number: str, not_finite: str) -> float:
 
 def load_model(args, **kwargs):
     threads = getattr(args, "threads", None) or os.cpu_count()
+    kwargs.update(rpc_model_arguments(args))
     # n_threads_batch too: prompt and batched decodes (training, sweeps) would use every core
-    return SteeredModel(args.model, n_threads=threads, n_threads_batch=threads,
-                        n_gpu_layers=getattr(args, "gpu_layers", 0), verbose=getattr(args, "verbose", False),
-                        **kwargs)
+    try:
+        return SteeredModel(args.model, n_threads=threads, n_threads_batch=threads,
+                            n_gpu_layers=getattr(args, "gpu_layers", 0),
+                            verbose=getattr(args, "verbose", False), **kwargs)
+    except RpcWorkerError as error:
+        raise CliError(str(error)) from None
+
+
+def rpc_model_arguments(args) -> dict:
+    """SteeredModel keywords from --rpc and --tensor-split."""
+    endpoints = getattr(args, "rpc", None)
+    split = getattr(args, "tensor_split", None)
+    if split is not None and not endpoints:
+        raise CliError("--tensor-split needs --rpc (it splits the layers between the RPC workers)")
+    if not endpoints:
+        return {}
+    if split is not None and len(split) != len(endpoints):
+        raise CliError(f"--tensor-split has {len(split)} values for {len(endpoints)} --rpc workers")
+    return {"rpc_servers": endpoints, "tensor_split": split}
+
+
+def rpc_list(text: str) -> list[str]:
+    try:
+        return parse_endpoints(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def proportions(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad --tensor-split {text!r}: expected numbers like 3,1") from None
+    if not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) <= 0:
+        raise argparse.ArgumentTypeError(f"bad --tensor-split {text!r}: proportions must be >= 0, not all 0")
+    return values
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +100,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to the GPU (llama.cpp's -ngl)")
     parser.add_argument("--verbose", action="store_true", help="show llama.cpp's log lines (errors are always shown)")
+    parser.add_argument("--rpc", type=rpc_list, default=None, metavar="HOST:PORT,...",
+                        help="run the layers on these `ggsteer rpc-server` workers (all layers unless --gpu-layers)")
+    parser.add_argument("--tensor-split", type=proportions, default=None, metavar="P1,P2,...",
+                        help="with --rpc: share of the layers per worker, e.g. 3,1 (default: by free memory)")
 
 
 def add_steering_arguments(parser: argparse.ArgumentParser) -> None:
