@@ -15,7 +15,8 @@ from ggsteer.train.capture_plan import CapturePlan, Piece
 
 
 def machine_line() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}, {time.strftime('%Y-%m-%d')}"
+    return (f"{platform.machine()}, {os.cpu_count()} cores, "
+            f"{platform.python_implementation()} {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
 
 
 class BareContext:
@@ -39,7 +40,8 @@ class BareContext:
         while i < len(token_lists):
             self.batch.clear()
             seq = 0
-            while i < len(token_lists) and seq < max_sequences and self.batch.n_rows + len(token_lists[i]) <= self.n_batch:
+            while (i < len(token_lists) and seq < max_sequences
+                   and self.batch.n_rows + len(token_lists[i]) <= self.n_batch):
                 tokens = token_lists[i]
                 for pos, token in enumerate(tokens):
                     self.batch.add(token, pos, seq, pos == len(tokens) - 1)

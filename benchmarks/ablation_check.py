@@ -46,17 +46,21 @@ def main() -> None:
     opposite = asking_items(args.preset, items, side="negative")
     texts = load_neutral_texts()[: args.neutral]
     rows = []
-    for label, vec, op, strength, skip in [("before", before, "ablate", 0.0, 0), ("ablate", vector, "ablate", 0.0, None),
+    for label, vec, op, strength, skip in [("before", before, "ablate", 0.0, 0),
+                                           ("ablate", vector, "ablate", 0.0, None),
                                            ("ablate every row", vector, "ablate", 0.0, 0),
-                                           ("clamp +1", vector, "clamp", 1.0, None), ("clamp -1", vector, "clamp", -1.0, None)]:
+                                           ("clamp +1", vector, "clamp", 1.0, None),
+                                           ("clamp -1", vector, "clamp", -1.0, None)]:
         view = ablation_view(model, vec, items, asking, opposite=opposite, op=op, strength=strength,
                              neutral_texts=texts, sample_prompt=SAMPLE_PROMPT, skip_first=skip)
         row = {"preset": args.preset, "setting": label, **view.to_dict()}
         rows.append(row)
         shrink, raw = list(view.spread_shrink.values()), list(view.raw_spread_shrink.values())
-        print(f"{args.preset} {label}: KL {view.kl:.3f} ppl x{view.perplexity_ratio:.2f} behaviour neutral {view.neutral_behaviour:.2f} "
+        print(f"{args.preset} {label}: KL {view.kl:.3f} ppl x{view.perplexity_ratio:.2f} "
+              f"behaviour neutral {view.neutral_behaviour:.2f} "
               f"asking {view.asking_behaviour:.2f} -> {view.ablated_behaviour:.2f} recovery {_share(view.recovery)} "
-              f"opposite {view.opposite_behaviour:.2f} -> {view.opposite_ablated:.2f} recovery {_share(view.opposite_recovery)} "
+              f"opposite {view.opposite_behaviour:.2f} -> {view.opposite_ablated:.2f} "
+              f"recovery {_share(view.opposite_recovery)} "
               f"gap left {_share(view.gap_left)} "
               f"shrink min {min(shrink):.3g} raw min {min(raw):.3g} | {view.sample!r}", flush=True)
     if args.out:

@@ -40,7 +40,8 @@ print(json.dumps({"seconds": time.perf_counter() - start, "edited": len(report.e
 
 
 def run_child(model: str, out: str, op: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1] / "python"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1] / "python"),
+                                                       os.environ.get("PYTHONPATH", "")]))
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-c", CHILD, model, out, op], stdout=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(process.pid, 0)
@@ -79,7 +80,7 @@ def main() -> None:
           f"{os.cpu_count()} cores, {args.rounds} rounds")
     print(f"{'bake (layers 3-14, approximate)':<40}{'time s (median, range)':>26}{'process s':>11}{'peak RSS MB':>13}"
           f"{'tensors edited':>16}{'size out/in':>13}")
-    for op, runs in results.items():
+    for runs in results.values():
         times = [r["seconds"] for r in runs]
         walls = [r["wall"] for r in runs]
         rss = max(r["peak_rss"] for r in runs)

@@ -108,7 +108,8 @@ class Pair:
             yield self
 
     def measure(self, texts, items, vector=None, layers=None, held_out=None) -> dict:
-        result = {"logs": position_logprobs(self.kl_model, texts), "score": float(behaviour_scores(self.model, items).mean()),
+        result = {"logs": position_logprobs(self.kl_model, texts),
+                  "score": float(behaviour_scores(self.model, items).mean()),
                   "sample": steered_sample(self.model)}
         if held_out is not None:
             result["spread"] = projection_spread(self.model, vector, layers, held_out)
@@ -140,7 +141,8 @@ def main() -> None:
         runtime = original.measure(texts, items, vector, layers, held_out)
     out = folder / "ablate.gguf"
     report = bake_model(model_path, out, ablate=[vector], layers=layers, approximate=True)
-    baked = compare(f"ablate (layers {args.layers})", out, texts, items, base, runtime, report, vector, layers, held_out)
+    baked = compare(f"ablate (layers {args.layers})", out, texts, items, base, runtime, report, vector, layers,
+                    held_out)
     print("  projection spread (std over held-out prompts, last token) per layer: original / hook / baked")
     for k, il in enumerate(layers):
         print(f"    layer {il:>2}: {base['spread'][k]:10.2f} {runtime['spread'][k]:10.2f} {baked['spread'][k]:10.2f}"
@@ -159,8 +161,10 @@ def compare(title, path, texts, items, base, runtime, report, vector=None, layer
     print(f"\n{title}: bake took {report.seconds:.1f} s, {report.output_bytes / 1e6:.1f} MB "
           f"(original {report.input_bytes / 1e6:.1f} MB)")
     print(f"  KL(unsteered || runtime) {mean_kl(base['logs'], runtime['logs']):.3f}   KL(unsteered || baked) "
-          f"{mean_kl(base['logs'], baked['logs']):.3f}   KL(runtime || baked) {mean_kl(runtime['logs'], baked['logs']):.3f}")
-    print(f"  behaviour: unsteered {base['score']:+.3f}   runtime {runtime['score']:+.3f}   baked {baked['score']:+.3f}")
+          f"{mean_kl(base['logs'], baked['logs']):.3f}   "
+          f"KL(runtime || baked) {mean_kl(runtime['logs'], baked['logs']):.3f}")
+    print(f"  behaviour: unsteered {base['score']:+.3f}   runtime {runtime['score']:+.3f}   "
+          f"baked {baked['score']:+.3f}")
     print(f"  runtime sample: {runtime['sample']!r}")
     print(f"  baked sample (plain llama_cpp.Llama): {plain_sample(path)!r}", flush=True)
     return baked

@@ -73,7 +73,7 @@ def main() -> None:
         if args.no_full:
             cases = {case: value for case, value in cases.items() if value[0] is not bare_full}
         for case, (baseline, layers, share) in cases.items():
-            pairs[case] = (baseline, lambda p=prompts, l=layers, s=share, c=case: capture(p, l, s, c))
+            pairs[case] = (baseline, lambda p=prompts, ls=layers, s=share, c=case: capture(p, ls, s, c))
 
     results = paired_times(pairs, args.rounds)
     rows = []
@@ -81,10 +81,12 @@ def main() -> None:
         n_prompts, full_tokens, distinct = sizes[case[0]]
         st = stats[case]
         rows.append([case[0], f"{n_prompts} / {full_tokens} / {distinct}", case[1], case[2],
-                     f"{statistics.median(base_times):.3f}", f"{statistics.median(case_times):.3f}", *ratio_cells(ratios),
+                     f"{statistics.median(base_times):.3f}", f"{statistics.median(case_times):.3f}",
+                     *ratio_cells(ratios),
                      f"{st.decodes} / {st.tokens_per_decode:.0f} / {st.output_rows}"])
     print_table(
-        f'Capture (pool="last") on {model.model_name}, {args.batch} sequences/decode, median of {args.rounds} paired rounds '
+        f'Capture (pool="last") on {model.model_name}, {args.batch} sequences/decode, '
+        f"median of {args.rounds} paired rounds "
         f"({machine_line()}, load {os.getloadavg()[0]:.2f})",
         ["dataset", "prompts / tokens in full / distinct", "capture", "baseline", "baseline s", "capture s",
          "time ratio (median)", "range", "decodes / tokens per decode / output rows"],

@@ -30,7 +30,8 @@ of (sum of positive rows - sum of negative rows), pad rows included: pairs weigh
 ggsteer's pool="mean" mean_diff averages each prompt's rows first, so pairs weigh equally; the two
 agree exactly only when every prompt has the same length. The vector measured at `l_out-i` is
 written as `direction.(i+1)` (layers 1..n_layer-1 in the file): it is read back here with
-`ControlVector.load(path, layer_offset=-1)` and compared with ggsteer's layer i (docs/methods.md, "Conventions"). Both point negative -> positive; the signed cosines are checked too.
+`ControlVector.load(path, layer_offset=-1)` and compared with ggsteer's layer i (docs/methods.md,
+"Conventions"). Both point negative -> positive; the signed cosines are checked too.
 
 Run it on a quiet machine. Both engines use OpenMP, whose threads spin at each op's barrier; when
 another process holds a core, every barrier waits for a time slice, and cvector-generator's many
@@ -118,7 +119,8 @@ def explain(model_path: Path, pairs, threads: int, layers: list[int]) -> dict[in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cvector-generator", default=DEFAULT_BINARY, help=f"llama.cpp binary (default {DEFAULT_BINARY})")
+    parser.add_argument("--cvector-generator", default=DEFAULT_BINARY,
+                        help=f"llama.cpp binary (default {DEFAULT_BINARY})")
     parser.add_argument("--model", type=Path, default=None, help="GGUF file (default: the embedded Gemma 3 270M)")
     parser.add_argument("--pairs", type=int, default=72, help="first N pairs of preset_dataset('happy') (default 72)")
     parser.add_argument("--rounds", type=int, default=3, help="paired rounds (default 3)")
@@ -133,7 +135,8 @@ def main() -> None:
 
     binary = shutil.which(args.cvector_generator) or args.cvector_generator
     if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
-        print(f"cvector-generator comparison skipped: no executable at {args.cvector_generator} (--cvector-generator PATH)")
+        print(f"cvector-generator comparison skipped: no executable at {args.cvector_generator} "
+              "(--cvector-generator PATH)")
         return
     if args.pairs < 1 or args.rounds < 1:
         sys.exit("--pairs and --rounds must be at least 1")

@@ -38,7 +38,8 @@ def intervention_cases(vector: ControlVector) -> dict[str, dict]:
     }
 
 
-def hook_cost_per_decode(model: SteeredModel, vector: ControlVector, cases: dict[str, dict], decodes: int) -> list[list[str]]:
+def hook_cost_per_decode(model: SteeredModel, vector: ControlVector, cases: dict[str, dict],
+                         decodes: int) -> list[list[str]]:
     """What the hook adds to one single-token decode, toggled on and off every decode (no drift).
 
     Each decode is evaluated as a prompt row, so conditions are recomputed every time (more work
@@ -98,7 +99,8 @@ def main() -> None:
     rows += [[name, f"{statistics.median(speeds[name]):.1f}", *ratio_cells(ratios[name])] for name in cases]
     device = "GPU" if args.gpu_layers else "CPU"
     print_table(
-        f"Generation with interventions ({device}), {args.tokens} tokens, greedy, median of {args.rounds} paired rounds, "
+        f"Generation with interventions ({device}), {args.tokens} tokens, greedy, "
+        f"median of {args.rounds} paired rounds, "
         f"layers 3-14, {model.model_name} ({machine_line()})",
         ["run", "tokens/s (median)", "ratio to unsteered (median)", "ratio range"],
         rows,

@@ -32,7 +32,8 @@ def main() -> None:
     parser.add_argument("--preset", default="happy")
     parser.add_argument("--max-kl", type=float, default=0.25)
     parser.add_argument("--strengths", type=float, nargs="+", default=STRENGTHS, help="default: calibrate's 0.1..1.5")
-    parser.add_argument("--suffixes", type=int, default=None, help="train on the preset's first N suffixes (default all)")
+    parser.add_argument("--suffixes", type=int, default=None,
+                        help="train on the preset's first N suffixes (default all)")
     args = parser.parse_args()
     model = SteeredModel(n_threads=os.cpu_count())
     last = model.n_layer - 1

@@ -71,8 +71,8 @@ def table_row(result: dict) -> list[str]:
     def show(key, fmt):
         return "-" if result[key] is None else format(result[key], fmt)
 
-    return [result["preset"], result["method"], show("steerability", "+.2f"), show("strength", "g"), show("gain", "+.2f"),
-            show("kl", ".3f"), show("gain_at_max_kl", "+.2f"), show("wrong_way", ".2f"),
+    return [result["preset"], result["method"], show("steerability", "+.2f"), show("strength", "g"),
+            show("gain", "+.2f"), show("kl", ".3f"), show("gain_at_max_kl", "+.2f"), show("wrong_way", ".2f"),
             f"{show('perplexity', '.1f')} ({result['baseline_perplexity']:.1f})", f"{result['sweep_seconds']:.0f}"]
 
 

@@ -20,11 +20,13 @@ ggsteer mean_diff, the order of the two pairs rotating each round; the table giv
 paired speed-ups and their range. Model loading is not timed.
 
 Agreement: per-layer |cos| between ggsteer's and repeng's pca_center directions. repeng's layer id i
-reads `hidden_states[i + 1]`, the output of block i, which is ggsteer's layer i (docs/methods.md, "Conventions"). The last layer differs by design: Hugging Face's last hidden state has passed the final
+reads `hidden_states[i + 1]`, the output of block i, which is ggsteer's layer i (docs/methods.md,
+"Conventions"). The last layer differs by design: Hugging Face's last hidden state has passed the final
 norm, llama.cpp's `l_out-(n_layer-1)` has not; it is reported on its own. repeng's PCA uses sklearn's
 unseeded randomized solver at these sizes (repeng issue #78), so its side may vary slightly between
 runs (on Gemma 3 270M two runs agreed to 4 decimals). The rest of the gap is llama.cpp's quantised
-arithmetic against float32 de-quantised weights in torch. ggsteer's mean_diff is compared with the mean of the positive-minus-negative hidden states
+arithmetic against float32 de-quantised weights in torch. ggsteer's mean_diff is compared with the
+mean of the positive-minus-negative hidden states
 repeng computed in the same call (repeng has no mean_diff method; the states are caught through
 read_representations' `transform_hiddens` hook, which costs one copy).
 """
@@ -78,7 +80,8 @@ class RepengSide:
         start = time.perf_counter()
         kwargs = {"gguf_file": model_path.name}
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_path.parent), **kwargs)
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(model_path.parent), torch_dtype=torch.float32, **kwargs)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(model_path.parent), torch_dtype=torch.float32,
+                                                                     **kwargs)
         hf_model.eval()
         self.n_layer = int(hf_model.config.num_hidden_layers)
         # repeng's README wraps the layers it will steer; these are also read_representations' defaults
@@ -141,10 +144,10 @@ def main() -> None:
         n_prompts = 2 * len(pairs)
         results = {}
 
-        def run_ggsteer(method):
+        def run_ggsteer(method, results=results, pairs=pairs):
             results[method] = ControlVector.train(model, pairs, method=method, batch_size=args.batch, progress=False)
 
-        def run_repeng():
+        def run_repeng(results=results, pairs=pairs):
             results["repeng"] = rep.train(pairs, args.batch)
 
         timed = paired_times({"pca_center": (run_repeng, lambda: run_ggsteer("pca_center")),

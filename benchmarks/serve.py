@@ -37,7 +37,8 @@ def write_vectors(model: SteeredModel, directory: Path) -> None:
     rng = np.random.default_rng(0)
     for name in ("happy", "calm"):
         directions = {il: rng.normal(size=model.n_embd).astype(np.float32) * 5 for il in range(3, 15)}
-        ControlVector(directions, model.model_hint, {"unit": "gap", "method": "random"}).save(directory / f"{name}.gguf")
+        ControlVector(directions, model.model_hint, {"unit": "gap", "method": "random"}).save(
+            directory / f"{name}.gguf")
 
 
 class BackgroundServer:

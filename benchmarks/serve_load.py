@@ -82,7 +82,8 @@ def free_port() -> int:
 
 def start_server(model_path: str, vectors: Path, port: int, args) -> subprocess.Popen:
     command = [sys.executable, "-c", "import sys; from ggsteer.cli import main; sys.exit(main())", "serve",
-               "--model", model_path, "--vectors", str(vectors), "--port", str(port), "--max-batch", str(args.max_batch),
+               "--model", model_path, "--vectors", str(vectors), "--port", str(port),
+               "--max-batch", str(args.max_batch),
                "--ctx-size", str(args.ctx_size), "--threads", str(args.threads)]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(args.server_log, "w"))
 
@@ -130,7 +131,8 @@ class PromptTokens:
 
     def count(self, kind: str, prompt: str) -> int:
         if (kind, prompt) not in self.cache:
-            text = prompt if kind == "completion" else chat_prompt(self.vocab, [{"role": "user", "content": prompt}]).text
+            text = (prompt if kind == "completion"
+                    else chat_prompt(self.vocab, [{"role": "user", "content": prompt}]).text)
             self.cache[kind, prompt] = len(self.vocab.tokenize(text.encode(), add_bos=True, special=True))
         return self.cache[kind, prompt]
 
@@ -171,7 +173,8 @@ def poison_requests(n_embd: int) -> list[tuple[str, str, bytes, dict]]:
         ("POST", "/v1/completions", body(steer({"strength": 0.5, "first_k": 10**30})), {}),
         ("POST", "/v1/completions", body(steer({"strength": 0.5, "layers": "1-20000000"})), {}),
         ("POST", "/v1/completions", body({"prompt": "x", **small, "logit_bias": {"²": 1}}), {}),
-        ("POST", "/v1/completions", body({"prompt": "x", **small, "response_format": {"type": "json_schema", "json_schema": "x"}}), {}),
+        ("POST", "/v1/completions",
+         body({"prompt": "x", **small, "response_format": {"type": "json_schema", "json_schema": "x"}}), {}),
         ("POST", "/v1/completions", body({"prompt": "a \ud800", **small}), {}),
         ("POST", "/v1/chat/completions", body({"messages": [{"role": "system", "content": "\ud800"}], **small}), {}),
         ("POST", "/v1/completions", b'{"prompt": "x", "m": ' + b"[" * 5000 + b"]" * 5000 + b"}", {}),
@@ -340,7 +343,8 @@ def main() -> int:
                 settle = time.monotonic() + 60
                 while (m := metrics(url))["ggsteer_requests_processing"] + m["ggsteer_requests_queued"] > 0:
                     if time.monotonic() > settle:
-                        all_failures.append(f"round {round_index + 1}: still processing a minute after the clients stopped")
+                        all_failures.append(
+                            f"round {round_index + 1}: still processing a minute after the clients stopped")
                         break
                     time.sleep(0.2)
                 print(f"round {round_index + 1}: {m['ggsteer_decodes_total']:.0f} decodes took "
@@ -351,8 +355,9 @@ def main() -> int:
                 latencies = sorted(stats["latencies"]) or [float("nan")]
                 all_failures += stats["failures"]
                 poison_problems += stats["poison_problems"]
-                rows.append([round_index + 1, stats["sent"], stats["completed"], stats["hung_up"], stats["cut"], stats["rejected"],
-                             len(stats["failures"]), f"{np.percentile(latencies, 50):.2f}", f"{np.percentile(latencies, 95):.2f}",
+                rows.append([round_index + 1, stats["sent"], stats["completed"], stats["hung_up"], stats["cut"],
+                             stats["rejected"], len(stats["failures"]),
+                             f"{np.percentile(latencies, 50):.2f}", f"{np.percentile(latencies, 95):.2f}",
                              f"{stats['completed'] / stats['wall']:.2f}", f"{rss_mb(process.pid):.0f}",
                              f"{m['ggsteer_requests_processing']:.0f}/{m['ggsteer_requests_queued']:.0f}",
                              f"{m['ggsteer_tokens_generated_total']:.0f}", f"{m[CANCELLED]:.0f}",

@@ -57,7 +57,8 @@ def main() -> None:
         f"({machine_line()})",
         ["run", "tokens/s (median)", "ratio (median)", "ratio range"],
         [["unsteered", f"{statistics.median(speeds[None]):.1f}", "1.000", "-"],
-         ["steered (cvec adapter, layers 3-14)", f"{statistics.median(speeds['steered']):.1f}", *ratio_cells(ratios["steered"])]],
+         ["steered (cvec adapter, layers 3-14)", f"{statistics.median(speeds['steered']):.1f}",
+          *ratio_cells(ratios["steered"])]],
     )
     model.close()
 

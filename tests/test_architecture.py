@@ -55,7 +55,8 @@ def imported_modules(path: Path, module: str) -> list[tuple[str, int, list[str]]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]
+                                + ([base] if base else []))
             if base.startswith("ggsteer"):
                 names = [alias.name for alias in node.names]
                 known = set(modules()) | {"ggsteer._native"}  # the compiled extension

@@ -72,10 +72,11 @@ def numpy_forward(tensors, hparams, tokens, embedding_edit=None, sublayer_edit=N
         p = f"blk.{il}."
         layer = LayerWeights(*(tensors[p + n + ".weight"] for n in (
             "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")))
-        edit = (lambda h: h) if sublayer_edit is None else (lambda h: sublayer_edit(il, h))
+        edit = (lambda h: h) if sublayer_edit is None else (lambda h, il=il: sublayer_edit(il, h))
         h = edit(h + attention(rms_norm(h, layer.attn_norm, hparams.eps), layer, hparams, kv_f16=False)
                  + tensors.get(p + "attn_output.bias", zero))
-        h = edit(h + feed_forward(rms_norm(h, layer.ffn_norm, hparams.eps), layer) + tensors.get(p + "ffn_down.bias", zero))
+        h = edit(h + feed_forward(rms_norm(h, layer.ffn_norm, hparams.eps), layer)
+                 + tensors.get(p + "ffn_down.bias", zero))
     return rms_norm(h, tensors["output_norm.weight"], hparams.eps) @ tensors["output.weight"].T
 
 
@@ -151,7 +152,8 @@ def projected_reference(tensors, hparams, tokens, u, targets):
     ("clamp", 0.6, (0.8, -1.5), (0, 1)),
     ("clamp", -1.0, None, (0,)),
 ])
-def test_projection_bake_equals_sublayer_projection(tiny_weights, tiny_model_path, baked_path, op, value, center, layers):
+def test_projection_bake_equals_sublayer_projection(tiny_weights, tiny_model_path, baked_path, op, value, center,
+                                                    layers):
     vector = random_vector(4, layers, center=center, same_direction=True)
     kwargs = {"ablate": [vector]} if op == "ablate" else {"clamp": [(vector, value)]}
     report = bake_model(tiny_model_path, baked_path, layers=layers, **kwargs)
@@ -167,7 +169,8 @@ def test_projection_bake_equals_sublayer_projection(tiny_weights, tiny_model_pat
         expected = projected_reference(original, tiny_weights.hparams, tokens, u, targets)
         got = last_logits(baked, prompt)
         np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
-        np.testing.assert_allclose(numpy_forward(tensors, tiny_weights.hparams, tokens)[-1], expected, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(numpy_forward(tensors, tiny_weights.hparams, tokens)[-1], expected, atol=ATOL,
+                                   rtol=0)
     # every row of every steered layer sits at its target, as the hook's clamp leaves it
     hidden = baked.hidden_states(PROMPTS, layers=list(layers), pool="all")
     for states in hidden:
@@ -247,7 +250,8 @@ def test_bake_is_recorded_and_everything_else_copied(tiny_model_path, baked_path
     meta = read_bake_metadata(baked_path)
     assert meta["ops"] == ["add"] and meta["layers"] == ["1-2"] and meta["exact"] == [True]
     assert meta["values"] == [pytest.approx(0.4)] and len(meta["vector_hashes"][0]) == 16
-    assert "add 0.4 at layers 1-2" in describe_bake(baked_path) and describe_bake(tiny_model_path) == "baked steering: none"
+    assert ("add 0.4 at layers 1-2" in describe_bake(baked_path)
+            and describe_bake(tiny_model_path) == "baked steering: none")
     source, baked = gguf.GGUFReader(str(tiny_model_path)), gguf.GGUFReader(str(baked_path))
     for name, field in source.fields.items():
         if not name.startswith("GGUF."):
@@ -358,7 +362,8 @@ def quantized_errors(q5_models, baked_path, expected_fn):
     for prompt in PROMPTS:
         tokens = baked.tokenize_prompt(prompt)
         bake_error = max(bake_error, np.abs(last_logits(baked, prompt) - expected_fn(f32, tokens)).max())
-        quant_error = max(quant_error, np.abs(last_logits(plain, prompt) - numpy_forward(f32, weights.hparams, tokens)[-1]).max())
+        quant_error = max(quant_error,
+                          np.abs(last_logits(plain, prompt) - numpy_forward(f32, weights.hparams, tokens)[-1]).max())
     baked.close()
     plain.close()
     return bake_error, quant_error
@@ -510,7 +515,8 @@ def test_cli_bake_and_inspect(tiny_model, tiny_model_path, tmp_path, capsys):
     vector_path = tmp_path / "v.gguf"
     vector.save(vector_path)
     out = tmp_path / "baked.gguf"
-    assert main(["bake", str(tiny_model_path), "--vector", f"{vector_path}:0.7", "--layers", "1-2", "-o", str(out)]) == 0
+    assert main(["bake", str(tiny_model_path), "--vector", f"{vector_path}:0.7", "--layers", "1-2",
+                 "-o", str(out)]) == 0
     assert "add 0.7 at layers 1-2: added to blk.N.ffn_down.bias (exact)" in capsys.readouterr().out
     tiny_model.set_control(vector, 0.7, layers=[1, 2])
     baked = SteeredModel(out, **MODEL_KWARGS)
@@ -524,6 +530,7 @@ def test_cli_bake_and_inspect(tiny_model, tiny_model_path, tmp_path, capsys):
     assert "is a control-vector file, not a model" in capsys.readouterr().err
     assert main(["bake", str(tiny_model_path), "--clamp", str(vector_path), "-o", str(tmp_path / "x.gguf")]) == 2
     assert "expected FILE:VALUE" in capsys.readouterr().err
-    assert main(["bake", str(tiny_model_path), "--ablate", str(vector_path), "--layers", "1-2", "-o", str(tmp_path / "x.gguf")]) == 2
+    assert main(["bake", str(tiny_model_path), "--ablate", str(vector_path), "--layers", "1-2",
+                 "-o", str(tmp_path / "x.gguf")]) == 2
     assert "cannot bake ablate exactly into llama" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists()

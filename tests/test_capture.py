@@ -112,7 +112,8 @@ def test_output_rows_only_for_the_last_layer(tiny_model, monkeypatch, pool):
     assert sum(recorder.outputs) == len(wanted)  # one output per distinct captured prefix
     distinct_prefixes = {tuple(tokens[:k]) for tokens in token_lists for k in range(1, len(tokens) + 1)}
     assert sum(recorder.tokens) == len(distinct_prefixes)
-    assert (stats.decodes, stats.tokens, stats.output_rows) == (len(recorder.tokens), sum(recorder.tokens), sum(recorder.outputs))
+    assert (stats.decodes, stats.tokens, stats.output_rows) == (len(recorder.tokens), sum(recorder.tokens),
+                                                                 sum(recorder.outputs))
     assert stats.prompt_tokens == sum(map(len, token_lists))
 
 
@@ -139,7 +140,8 @@ def test_batched_equals_one_at_a_time(tiny_model):
 
 @pytest.mark.parametrize("batch_size", [1, 2, 16])
 def test_prefix_sharing_equals_full_decodes(tiny_model, batch_size):
-    prompts = [f"the {w} dog and a cat" for w in ("happy", "sad")] + [f"the {w} dog" for w in ("happy", "sad")] + PROMPTS
+    prompts = ([f"the {w} dog and a cat" for w in ("happy", "sad")] + [f"the {w} dog" for w in ("happy", "sad")]
+               + PROMPTS)
     shared = tiny_model.hidden_states(prompts, pool="all", batch_size=batch_size)
     unshared = tiny_model.hidden_states(prompts, pool="all", batch_size=batch_size, share_prefixes=False)
     for a, b in zip(shared, unshared):

@@ -22,7 +22,8 @@ def pairs_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_file(tiny_model_path, pairs_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "happy.gguf"
-    assert cli.main(["train", "--pairs", str(pairs_file), "--model", str(tiny_model_path), "-o", str(out), "--threads", "2"]) == 0
+    assert cli.main(["train", "--pairs", str(pairs_file), "--model", str(tiny_model_path), "-o", str(out),
+                     "--threads", "2"]) == 0
     return out
 
 
@@ -40,7 +41,8 @@ def test_train_writes_a_loadable_vector(trained_file):
     assert vector.unit == "gap"
 
 
-def test_train_pool_mean_is_the_library_mean_pooling(capsys, tiny_model, tiny_model_path, pairs_file, trained_file, tmp_path):
+def test_train_pool_mean_is_the_library_mean_pooling(capsys, tiny_model, tiny_model_path, pairs_file, trained_file,
+                                                     tmp_path):
     out = tmp_path / "mean.gguf"
     code, _, _ = run(capsys, "train", "--pairs", pairs_file, "--model", tiny_model_path, "-o", out, "--pool", "mean")
     assert code == 0
@@ -103,7 +105,8 @@ def test_generate_with_ablate_and_when(capsys, tiny_model_path, trained_file):
 
 def test_export_bakes_strength(capsys, trained_file, tmp_path):
     out_path = tmp_path / "baked.gguf"
-    code, out, _ = run(capsys, "export", trained_file, "--for-llama-cpp", "--strength", "0.5", "--layers", "1-2", "-o", out_path)
+    code, out, _ = run(capsys, "export", trained_file, "--for-llama-cpp", "--strength", "0.5", "--layers", "1-2",
+                       "-o", out_path)
     assert code == 0
     assert f"--control-vector-scaled {trained_file} 0.5 --control-vector-layer-range 1 2" in out
     source, baked = ControlVector.load(trained_file), ControlVector.load(out_path)
@@ -117,7 +120,8 @@ def test_export_bakes_strength(capsys, trained_file, tmp_path):
     [("{f}:abc", "expected FILE or FILE:STRENGTH"), ("{f}:nan", "finite number"), (":0.5", "file name is missing")],
 )
 def test_malformed_vector_spec(capsys, tiny_model_path, trained_file, spec, message):
-    code, _, err = run(capsys, "generate", "--model", tiny_model_path, "--vector", spec.format(f=trained_file), "--prompt", "x")
+    code, _, err = run(capsys, "generate", "--model", tiny_model_path, "--vector", spec.format(f=trained_file),
+                       "--prompt", "x")
     assert code == 2 and message in err
 
 
@@ -129,9 +133,11 @@ def test_vector_for_another_model(capsys, tiny_model_path, tmp_path):
 
 
 def test_unknown_preset_and_missing_model(capsys, tmp_path):
-    code, _, err = run(capsys, "train", "--preset", "grumpy", "--model", tmp_path / "none.gguf", "-o", tmp_path / "x.gguf")
+    code, _, err = run(capsys, "train", "--preset", "grumpy", "--model", tmp_path / "none.gguf",
+                       "-o", tmp_path / "x.gguf")
     assert code == 2 and "unknown preset 'grumpy'" in err  # the name is checked before the model is looked for
-    code, _, err = run(capsys, "train", "--preset", "happy", "--model", tmp_path / "none.gguf", "-o", tmp_path / "x.gguf")
+    code, _, err = run(capsys, "train", "--preset", "happy", "--model", tmp_path / "none.gguf",
+                       "-o", tmp_path / "x.gguf")
     assert code == 2 and "none.gguf" in err
     code, _, err = run(capsys, "inspect", tmp_path / "missing.gguf")
     assert code == 2 and "missing.gguf" in err
@@ -152,8 +158,9 @@ def test_empty_pairs_file(capsys, tiny_model_path, tmp_path):
 
 def test_chat_commands_change_steering(monkeypatch, capsys, tiny_model_path, trained_file):
     lines = iter(["/vectors", "/strength happy 3", "i am", "/strength nope 1", "/reset", "/quit"])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    code, out, _ = run(capsys, "chat", "--model", tiny_model_path, "--vector", f"{trained_file}:0.5", "-n", "4", "--temp", "0")
+    monkeypatch.setattr("builtins.input", lambda _prompt="": next(lines))
+    code, out, _ = run(capsys, "chat", "--model", tiny_model_path, "--vector", f"{trained_file}:0.5", "-n", "4",
+                       "--temp", "0")
     assert code == 0
     assert "happy: strength +0.5" in out
     assert "happy strength +3 from the next message" in out

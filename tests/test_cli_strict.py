@@ -19,11 +19,13 @@ def raw_vector(path, value: float) -> str:
 @pytest.mark.parametrize("command", ["generate", "chat"])
 @pytest.mark.parametrize(
     ("option", "value", "message"),
-    [("-n", "0", "-n/--max-tokens must be at least 1, got 0"), ("-n", "-5", "-n/--max-tokens must be at least 1, got -5"),
+    [("-n", "0", "-n/--max-tokens must be at least 1, got 0"),
+     ("-n", "-5", "-n/--max-tokens must be at least 1, got -5"),
      ("--temp", "-1", "--temp must be between 0 (greedy) and 2, got -1"), ("--temp", "nan", "--temp must be"),
      ("--temp", "7", "--temp must be"), ("--repeat-penalty", "0", "--repeat-penalty must be a positive number")],
 )
-def test_bad_sampling_settings_are_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch, command, option, value, message):
+def test_bad_sampling_settings_are_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch, command, option,
+                                                                   value, message):
     import ggsteer.cli.chat
     import ggsteer.cli.generate
 

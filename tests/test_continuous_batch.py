@@ -145,7 +145,7 @@ def test_churn_with_a_nearly_full_context(tiny_model):
     rng = np.random.default_rng(5)
     words = "the dog and the cat are very happy today and i am sad".split()
     pending = []
-    for i in range(40):
+    for _ in range(40):
         prompt = " ".join(rng.choice(words, size=int(rng.integers(1, 12))))
         pending.append((prompt, SequenceSampling(max_tokens=int(rng.integers(1, 20)))))
     done = []
@@ -172,7 +172,8 @@ def test_one_sequence_per_decode_decodes_each_sequence_alone(tiny_model, monkeyp
         original(self, rows)
 
     monkeypatch.setattr(ContinuousBatch, "_decode", recording)
-    prompts = [("i am very happy and", [(vector, 1.0)]), ("the dog is", None), ("a cat and the sad dog", [(vector, -1.0)])]
+    prompts = [("i am very happy and", [(vector, 1.0)]), ("the dog is", None),
+               ("a cat and the sad dog", [(vector, -1.0)])]
     with ContinuousBatch(tiny_model, one_sequence_per_decode=True) as batch:
         states = [add(tiny_model, batch, prompt, controls) for prompt, controls in prompts]
         run_to_end(batch)

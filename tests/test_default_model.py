@@ -68,7 +68,8 @@ def test_ablating_happy_direction_lowers_cheerful_gap(default_model, happy_vecto
 
     items = load_eval_prompts("happy")[:8]
     persona = "Act as if you are an extremely happy person. "
-    pairs = [(persona + it["prompt"], it["positive"]) for it in items] + [(persona + it["prompt"], it["negative"]) for it in items]
+    pairs = ([(persona + it["prompt"], it["positive"]) for it in items]
+             + [(persona + it["prompt"], it["negative"]) for it in items])
 
     def mean_gap():
         logprobs = continuation_logprobs(default_model, pairs)
@@ -98,7 +99,8 @@ def test_ablating_happy_direction_keeps_the_model_fluent(default_model, happy_ve
     raw_every_row = fluency_cost(default_model, texts)
     for name, measured in (("ablate", cost), ("ablate on every row", every_row)):
         assert measured.kl <= 0.5, f"{name} costs KL {measured.kl:.3f} on neutral text"
-        assert measured.perplexity <= 1.5 * plain_perplexity, f"{name}: perplexity {measured.perplexity:.1f} vs {plain_perplexity:.1f}"
+        assert measured.perplexity <= 1.5 * plain_perplexity, (
+            f"{name}: perplexity {measured.perplexity:.1f} vs {plain_perplexity:.1f}")
     assert raw_every_row.kl > 2.0, f"the raw direction on every row should break the text: KL {raw_every_row.kl:.3f}"
 
 
@@ -130,7 +132,8 @@ def test_when_generated_keeps_prompt_states(default_model, happy_vector):
     def first_logits():
         default_model.reset()
         default_model.eval(tokens)
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(default_model.ctx, -1), shape=(default_model.n_vocab(),)).copy()
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(default_model.ctx, -1),
+                                     shape=(default_model.n_vocab(),)).copy()
 
     plain = first_logits()
     default_model.set_control(happy_vector, 1.0, when="generated")
@@ -155,7 +158,8 @@ def test_demo_trains_writes_and_steers(capsys, monkeypatch, default_model, tmp_p
     cached = list((tmp_path / "cache" / "vectors").glob("demo-happy-*.gguf"))
     assert len(cached) == 1 and cached[0].read_bytes() == out.read_bytes()
     # three prompts, each shown unsteered and steered both ways, with text that differs
-    blocks = [line for line in first.out.splitlines() if line.strip().startswith(("baseline", "happy +0.6", "sad  -0.6"))]
+    blocks = [line for line in first.out.splitlines()
+              if line.strip().startswith(("baseline", "happy +0.6", "sad  -0.6"))]
     assert len(blocks) == 9
     for start in range(0, 9, 3):
         texts = [line.split("|", 1)[1] for line in blocks[start : start + 3]]

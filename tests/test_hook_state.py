@@ -15,11 +15,11 @@ import pytest
 from support.oracle import last_logits, random_vector
 
 from ggsteer import SteeredModel
+from ggsteer.runtime.batch import OwnedBatch
 from ggsteer.runtime.native import native as load_native
+from ggsteer.vectors import ControlVector
 
 native = load_native()
-from ggsteer.runtime.batch import OwnedBatch
-from ggsteer.vectors import ControlVector
 
 pytestmark = pytest.mark.usefixtures("unsteered_tiny_model")
 
@@ -60,7 +60,8 @@ class FakeGraph:
             tensor = self.lib.ggml_new_tensor_2d(self.ctx, GGML_TYPE_F32, N_EMBD, N_ROWS)
             self.lib.ggml_set_name(tensor, name.encode())
             self.tensors.append(tensor)
-        self.buffer = self.lib.ggml_backend_alloc_ctx_tensors_from_buft(self.ctx, self.lib.ggml_backend_cpu_buffer_type())
+        self.buffer = self.lib.ggml_backend_alloc_ctx_tensors_from_buft(self.ctx,
+                                                                        self.lib.ggml_backend_cpu_buffer_type())
         rng = np.random.default_rng(seed)
         for i in range(len(names)):
             self.rows(i)[:] = rng.normal(size=(N_ROWS, N_EMBD))
@@ -71,7 +72,8 @@ class FakeGraph:
 
     def run(self, hook) -> None:
         """What ggml_backend_sched_compute_splits does with an eval callback: ask, then show."""
-        callback = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p)(hook.callback_address)
+        callback = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p)(
+            hook.callback_address)
         for tensor in self.tensors:
             if callback(tensor, True, hook.user_data_address):
                 assert callback(tensor, False, hook.user_data_address)
@@ -165,7 +167,8 @@ def test_steered_layer_the_graph_lacks_names_architecture_and_layer(tiny_model_p
     monkeypatch.undo()
     try:
         missing = model.n_layer - 1
-        vector = ControlVector({1: np.ones(model.n_embd, np.float32), missing: np.ones(model.n_embd, np.float32)}, "llama")
+        vector = ControlVector({1: np.ones(model.n_embd, np.float32), missing: np.ones(model.n_embd, np.float32)},
+                               "llama")
         model.set_control(vector, 1.0, op="ablate", layers=[1, missing])
         message = rf"ggsteer hook \(llama architecture\): layer {missing}: the graph had 0 nodes named l_out-{missing}"
         with pytest.raises(RuntimeError, match=message):

@@ -104,7 +104,8 @@ def test_random_generations_equal_the_whole_decode(batch, tiny_model, seed):
 def test_each_token_is_detokenized_once(tiny_model, monkeypatch):
     calls = []
     detokenize = type(tiny_model).detokenize
-    monkeypatch.setattr(tiny_model, "detokenize", lambda tokens, *a, **k: calls.append(len(tokens)) or detokenize(tiny_model, tokens, *a, **k),
+    monkeypatch.setattr(tiny_model, "detokenize",
+                        lambda tokens, *a, **k: calls.append(len(tokens)) or detokenize(tiny_model, tokens, *a, **k),
                         raising=False)
     result = tiny_model.generate_batch(["the cat"], max_tokens=64, temperature=0.0, details=True)[0]
     assert result.completion_tokens > 32

@@ -22,7 +22,8 @@ def random_vectors(model, layers) -> list[ControlVector]:
 def check_isolation(model, layers) -> None:
     v, w = random_vectors(model, layers)
     neighbourhoods = [[None, None, None], [(v, 1.0), (v, -1.0), (w, 2.0)], [(w, -2.0), None, (v, 0.5)]]
-    runs = [model.generate_batch(PROMPTS, [None, *neighbours], TOKENS, temperature=0.0) for neighbours in neighbourhoods]
+    runs = [model.generate_batch(PROMPTS, [None, *neighbours], TOKENS, temperature=0.0)
+            for neighbours in neighbourhoods]
     assert runs[1][0] == runs[0][0] and runs[2][0] == runs[0][0]
     # the neighbours were steered: their own texts changed
     assert runs[1][1] != runs[0][1] and runs[1][3] != runs[0][3]

@@ -51,8 +51,8 @@ def vector_file(tiny_model, tmp_path) -> Path:
 @pytest.fixture
 def cli_on(monkeypatch, tiny_model):
     """The CLI's commands run on the shared tiny model (its context settings stay the same for every path)."""
-    monkeypatch.setattr(generate_cli, "load_model", lambda args, **kw: tiny_model)
-    monkeypatch.setattr(chat_cli, "load_model", lambda args, **kw: tiny_model)
+    monkeypatch.setattr(generate_cli, "load_model", lambda _args, **_kw: tiny_model)
+    monkeypatch.setattr(chat_cli, "load_model", lambda _args, **_kw: tiny_model)
 
 
 def run_cli(capsys, *argv) -> str:
@@ -62,7 +62,7 @@ def run_cli(capsys, *argv) -> str:
 
 def chat_reply(monkeypatch, capsys, vector_file, message: str) -> str:
     lines = iter([message, "/quit"])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr("builtins.input", lambda _prompt="": next(lines))
     out = run_cli(capsys, "chat", "--model", "tiny", "--vector", f"{vector_file}:{STRENGTH}", *CLI_SETTINGS)
     (reply,) = [line for line in out.splitlines() if line.startswith("bot> ")]
     return reply[len("bot> "):]
@@ -189,8 +189,8 @@ def test_generate_applies_the_chat_template_of_an_instruct_model(monkeypatch, ca
         vector = ControlVector({il: rng.normal(size=model.n_embd).astype(np.float32) for il in (10, 11)}, "llama",
                                {"unit": "raw"})
         vector.save(tmp_path / "tiny-push.gguf")
-        monkeypatch.setattr(generate_cli, "load_model", lambda args, **kw: model)
-        monkeypatch.setattr(chat_cli, "load_model", lambda args, **kw: model)
+        monkeypatch.setattr(generate_cli, "load_model", lambda _args, **_kw: model)
+        monkeypatch.setattr(chat_cli, "load_model", lambda _args, **_kw: model)
         common = ["--model", "smol", "--vector", f"{tmp_path / 'tiny-push.gguf'}:0.01", "--raw", "-n", "24",
                   "--temp", "0", "--threads", "2"]
         out = run_cli(capsys, "generate", *common, "-p", "Tell me about your day.", "--compare")
@@ -200,7 +200,7 @@ def test_generate_applies_the_chat_template_of_an_instruct_model(monkeypatch, ca
         assert plain.strip() != baseline.strip()  # positive control: without the template the text differs
         alone = run_cli(capsys, "generate", *common, "-p", "Tell me about your day.")
         lines = iter(["Tell me about your day.", "/quit"])
-        monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+        monkeypatch.setattr("builtins.input", lambda _prompt="": next(lines))
         chat = run_cli(capsys, "chat", *common)
         assert f"bot> {alone.strip()}\n" in chat  # the same template, engine and settings as the chat
     finally:

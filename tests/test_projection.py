@@ -79,7 +79,8 @@ def test_skip_first_counts_positions_of_every_sequence(tiny_model, tiny_weights)
         clamped = numpy_op("clamp", h, np.broadcast_to(direction.astype(np.float64), h.shape), target)
         return np.where((positions >= 3)[:, None], clamped, h)
 
-    np.testing.assert_allclose(last_logits(tiny_model), reference_with(tiny_model, tiny_weights, tokens, edit)[-1], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(last_logits(tiny_model), reference_with(tiny_model, tiny_weights, tokens, edit)[-1],
+                               atol=ATOL, rtol=0)
 
 
 def test_bad_skip_first_is_refused(tiny_model):
@@ -90,7 +91,8 @@ def test_bad_skip_first_is_refused(tiny_model):
     ops = np.array([[2, 1, -1, 0, -1, -1, 1, -1]], np.int32)
     with pytest.raises(ValueError, match="skip_first must be >= 0"):
         tiny_model.hook.set_program(ops, np.zeros(1, np.float32), np.zeros(1, np.int64), np.zeros(0, np.int32),
-                                     np.zeros(0, np.float32), np.zeros(0, np.int64), np.ones(tiny_model.n_embd, np.float32), 1)
+                                     np.zeros(0, np.float32), np.zeros(0, np.int64),
+                                     np.ones(tiny_model.n_embd, np.float32), 1)
 
 
 def test_plain_add_still_goes_through_the_adapter(tiny_model):
@@ -137,11 +139,14 @@ def test_training_stores_the_ablation_direction_and_its_statistics(tiny_model, t
             sink = states[0][il, 0]  # nor along the sink's state
             assert abs(float(sink @ stored[il])) < 1e-5 * float(np.linalg.norm(sink))
         mid = (pos[:, il] + neg[:, il]) / 2
-        assert vector.layer_stat("ablation_center")[il] == pytest.approx(float((mid @ expected).mean()), rel=1e-3, abs=1e-3)
-        assert vector.layer_stat("ablation_gap")[il] == pytest.approx(float(((pos[:, il] - neg[:, il]) @ expected).mean()), rel=1e-3, abs=1e-3)
+        assert vector.layer_stat("ablation_center")[il] == pytest.approx(float((mid @ expected).mean()),
+                                                                         rel=1e-3, abs=1e-3)
+        assert vector.layer_stat("ablation_gap")[il] == pytest.approx(
+            float(((pos[:, il] - neg[:, il]) @ expected).mean()), rel=1e-3, abs=1e-3)
         direction, target = projection_for_layer(vector, il, "clamp", 0.5)
         np.testing.assert_array_equal(direction, stored[il])
-        assert target == pytest.approx(vector.layer_stat("ablation_center")[il] + 0.5 * vector.layer_stat("ablation_gap")[il])
+        assert target == pytest.approx(vector.layer_stat("ablation_center")[il]
+                                       + 0.5 * vector.layer_stat("ablation_gap")[il])
 
 
 def test_ablation_prompts_take_whole_pairs_spread_over_the_dataset():
@@ -169,7 +174,8 @@ def test_trained_vector_is_clamped_along_the_ablation_direction(tiny_model, tiny
     got = last_logits(tiny_model)
     np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
     # the raw direction gives other logits: the test tells the two apart
-    raw = ControlVector(vector.directions, "llama", {"unit": "gap", "layers": vector.layers, "center": list(vector.metadata["center"])})
+    raw = ControlVector(vector.directions, "llama",
+                        {"unit": "gap", "layers": vector.layers, "center": list(vector.metadata["center"])})
     tiny_model.set_control(raw, strength, layers=[1, 2], op=op)
     assert np.abs(last_logits(tiny_model) - got).max() > 100 * ATOL
 
@@ -198,10 +204,12 @@ def test_ablation_direction_survives_files_and_layer_selection(tmp_path, trained
     vector.save(path)
     loaded = ControlVector.load(path)
     for il in vector.layers:
-        np.testing.assert_array_equal(loaded.layer_vector("ablation_direction")[il], vector.layer_vector("ablation_direction")[il])
+        np.testing.assert_array_equal(loaded.layer_vector("ablation_direction")[il],
+                                      vector.layer_vector("ablation_direction")[il])
         assert loaded.layer_stat("ablation_gap")[il] == pytest.approx(vector.layer_stat("ablation_gap")[il], rel=1e-6)
     only = vector.select_layers([2])
-    np.testing.assert_array_equal(only.layer_vector("ablation_direction")[2], vector.layer_vector("ablation_direction")[2])
+    np.testing.assert_array_equal(only.layer_vector("ablation_direction")[2],
+                                  vector.layer_vector("ablation_direction")[2])
     assert only.layer_stat("ablation_center") == {2: vector.layer_stat("ablation_center")[2]}
 
 
@@ -235,7 +243,8 @@ def test_ablation_view_reports_what_direct_measurements_give(tiny_model, trained
         ablated = float(behaviour_scores(tiny_model, asking).mean())
         opposed_ablated = float(behaviour_scores(tiny_model, opposite).mean())
         cost = fluency_cost(tiny_model, texts)
-    assert (view.neutral_behaviour, view.asking_behaviour, view.ablated_behaviour) == pytest.approx((neutral, asked, ablated), abs=1e-5)
+    assert (view.neutral_behaviour, view.asking_behaviour, view.ablated_behaviour) == pytest.approx(
+        (neutral, asked, ablated), abs=1e-5)
     assert (view.opposite_behaviour, view.opposite_ablated) == pytest.approx((opposed, opposed_ablated), abs=1e-5)
     assert abs(opposed - neutral) >= 0.1, "the test needs an opposite persona that moves the score"
     assert view.opposite_recovery == pytest.approx((opposed - opposed_ablated) / (opposed - neutral), abs=1e-4)

@@ -215,7 +215,7 @@ def test_hook_steers_only_from_its_layer_on(tiny_weights, layer):
 def test_identity_hook_changes_nothing(tiny_weights):
     tokens = [BOS_ID, 300, 310]
     plain = reference_forward(tiny_weights, tokens)
-    hooked = reference_forward(tiny_weights, tokens, block_output_hook=lambda il, h: h)
+    hooked = reference_forward(tiny_weights, tokens, block_output_hook=lambda _il, h: h)
     for a, b in zip(plain, hooked):
         np.testing.assert_array_equal(a, b)
 

@@ -153,7 +153,8 @@ def test_a_json_schema_grammar_gives_valid_json(tiny_model):
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
               "required": ["ok", "n"], "additionalProperties": False}
     for prompt in ("the cat", "hello", "you are"):
-        (result,) = run(tiny_model, [SequenceSampling(60, temperature=0.9, seed=3, grammar=json_schema_to_gbnf(json.dumps(schema)))], prompt)
+        grammar = json_schema_to_gbnf(json.dumps(schema))
+        (result,) = run(tiny_model, [SequenceSampling(60, temperature=0.9, seed=3, grammar=grammar)], prompt)
         value = json.loads(result.text)
         assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and value["n"] in (1, 2, 3)
 

@@ -96,7 +96,8 @@ def test_completion_equals_generate_batch(client, reference, vectors, steering):
 
 
 def test_steering_changes_the_text(client):
-    texts = {client.post("/v1/completions", json={"prompt": "hello", **GREEDY, "steering": s}).json()["choices"][0]["text"]
+    texts = {client.post("/v1/completions",
+                         json={"prompt": "hello", **GREEDY, "steering": s}).json()["choices"][0]["text"]
              for s in ({}, {"happy": 2.0}, {"happy": -2.0})}
     assert len(texts) == 3
 
@@ -186,7 +187,8 @@ def test_streamed_chat_concatenates_to_the_full_reply(client):
 def test_chat_template_is_used_when_the_model_has_one():
     class TemplatedModel:  # the parts of SteeredModel that chat_prompt reads
         metadata = {"tokenizer.chat_template":
-                    "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}<|assistant|>"}
+                    "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}"
+                    "{% endfor %}<|assistant|>"}
 
         def token_bos(self):
             return 1
@@ -194,7 +196,7 @@ def test_chat_template_is_used_when_the_model_has_one():
         def token_eos(self):
             return 2
 
-        def detokenize(self, tokens, special=False):
+        def detokenize(self, tokens, special=False):  # noqa: ARG002 - chat_prompt passes special= by keyword
             return {1: b"<s>", 2: b"</s>"}[tokens[0]]
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
@@ -262,7 +264,8 @@ def test_serve_command_serves(tmp_path, tiny_model_path):
                 break
             time.sleep(0.2)
         assert [v["id"] for v in listed.json()["data"]] == ["happy", "honest", "plain"]
-        response = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", **GREEDY, "steering": {"happy": 1}}, timeout=60)
+        response = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", **GREEDY, "steering": {"happy": 1}},
+                              timeout=60)
         assert response.status_code == 200
     finally:
         process.terminate()
@@ -310,7 +313,8 @@ def test_bad_json_gets_400(client):
 
 def test_bad_chat_messages_get_400(client):
     assert client.post("/v1/chat/completions", json={"messages": []}).status_code == 400
-    assert client.post("/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]}).status_code == 400
+    assert client.post("/v1/chat/completions",
+                       json={"messages": [{"role": "wizard", "content": "x"}]}).status_code == 400
 
 
 def test_large_bodies_get_413(client):
@@ -383,7 +387,8 @@ def alone(reference, vectors, request):
 def response_text(result) -> str:
     if isinstance(result, list):  # streamed chunks, then "[DONE]"
         assert result[-1] == "[DONE]"
-        return "".join(c["choices"][0].get("text") or c["choices"][0].get("delta", {}).get("content", "") for c in result[:-1])
+        return "".join(c["choices"][0].get("text") or c["choices"][0].get("delta", {}).get("content", "")
+                       for c in result[:-1])
     choice = result["choices"][0]
     return choice["text"] if "text" in choice else choice["message"]["content"]
 
@@ -416,7 +421,8 @@ def test_concurrent_clients_never_see_each_others_steering(base_url, app, refere
         text, finish_reason, completion_tokens = expected[key]
         assert response_text(result) == text, key
         if isinstance(result, dict):
-            assert (result["choices"][0]["finish_reason"], result["usage"]["completion_tokens"]) == (finish_reason, completion_tokens)
+            assert (result["choices"][0]["finish_reason"], result["usage"]["completion_tokens"]) == (
+                finish_reason, completion_tokens)
     sizes = app.state.server.worker.batch_sizes[batches_before:]
     assert max(sizes) > 1, f"requests were never batched together: {sizes}"
 

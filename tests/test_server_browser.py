@@ -43,7 +43,8 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,800"):
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1200,800"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
@@ -100,7 +101,8 @@ def test_page_steers_from_the_next_message(page_server, reference, browser, tmp_
     assert float(slider.get_attribute("value")) == pytest.approx(0.5)
 
     first = send_and_wait(browser, "hello there", 1)
-    steered = expected_text(reference, vectors, transcript("hello there"), {"happy": 0.5}, stop=TRANSCRIPT_STOPS).lstrip()
+    steered = expected_text(reference, vectors, transcript("hello there"), {"happy": 0.5},
+                            stop=TRANSCRIPT_STOPS).lstrip()
     unsteered = expected_text(reference, vectors, transcript("hello there"), stop=TRANSCRIPT_STOPS).lstrip()
     assert steered != unsteered
     assert first == steered
@@ -135,14 +137,17 @@ def test_page_makes_its_sliders_the_server_default(page_server, reference, brows
     assert httpx.get(url + "/v1/steering").json()["steering"] == {}  # the switch is off: nothing sent
 
     browser.find_element("id", "make-default").click()
-    WebDriverWait(browser, 30).until(lambda d: httpx.get(url + "/v1/steering").json()["steering"] == {"honest": -0.7})
+    WebDriverWait(browser, 30).until(
+        lambda d: httpx.get(url + "/v1/steering").json()["steering"] == {"honest": -0.7})  # noqa: ARG005 - WebDriverWait's callback
     assert next_line.text == "next message: honest -0.70 (default for every client)"
     # any client without a steering field now gets the page's steering
     plain = httpx.post(url + "/v1/completions", json={"prompt": "the cat", "temperature": 0, "max_tokens": MAX_TOKENS},
                        timeout=60).json()["choices"][0]["text"]
-    assert plain == expected_text(reference, vectors, "the cat", {"honest": -0.7}) != expected_text(reference, vectors, "the cat")
+    assert plain == expected_text(reference, vectors, "the cat", {"honest": -0.7}) != expected_text(
+        reference, vectors, "the cat")
     reply = send_and_wait(browser, "hi", 1)
-    assert reply == expected_text(reference, vectors, transcript("hi"), {"honest": -0.7}, stop=TRANSCRIPT_STOPS).lstrip()
+    assert reply == expected_text(reference, vectors, transcript("hi"), {"honest": -0.7},
+                                  stop=TRANSCRIPT_STOPS).lstrip()
     save_screenshot(browser, tmp_path, "chat-page-default.png")
 
     # a reload shows the server's default on the sliders, switch on
@@ -150,7 +155,8 @@ def test_page_makes_its_sliders_the_server_default(page_server, reference, brows
     WebDriverWait(browser, 30).until(lambda d: d.find_element("id", "make-default").is_selected())
     assert float(browser.find_element("id", "strength-honest").get_attribute("value")) == pytest.approx(-0.7)
     browser.find_element("id", "make-default").click()  # off: the default is cleared
-    WebDriverWait(browser, 30).until(lambda d: httpx.get(url + "/v1/steering").json()["steering"] == {})
+    WebDriverWait(browser, 30).until(
+        lambda d: httpx.get(url + "/v1/steering").json()["steering"] == {})  # noqa: ARG005 - WebDriverWait's callback
 
 
 def wait_for_sliders(driver, url: str, name: str = "honest"):
@@ -177,7 +183,7 @@ def test_page_shows_and_keeps_a_default_it_cannot_edit(page_server, browser, tmp
     try:
         wait_for_sliders(browser, url)
         locked_line = browser.find_element("id", "locked-default")
-        WebDriverWait(browser, 30).until(lambda d: locked_line.text)
+        WebDriverWait(browser, 30).until(lambda d: locked_line.text)  # noqa: ARG005 - WebDriverWait's callback
         assert locked_line.text == ("kept in the server default (not editable here): happy ablate; "
                                     "honest add, strength 0.4, layers 2")
         for name in ("happy", "honest"):
@@ -193,7 +199,7 @@ def test_page_shows_and_keeps_a_default_it_cannot_edit(page_server, browser, tmp
         for _ in range(6):
             slider.send_keys(Keys.ARROW_RIGHT)  # +0.30
         browser.find_element("id", "message").click()  # leaves the slider: its change event pushes
-        WebDriverWait(browser, 30).until(lambda d: server_default(url).get("plain") == 0.3)
+        WebDriverWait(browser, 30).until(lambda d: server_default(url).get("plain") == 0.3)  # noqa: ARG005 - WebDriverWait's callback
         assert server_default(url) == {**kept, "plain": 0.3}
         assert browser.find_element("id", "next-steering").text == (
             "next message: happy ablate; honest add, strength 0.4, layers 2; plain +0.30 (default for every client)")
@@ -201,7 +207,7 @@ def test_page_shows_and_keeps_a_default_it_cannot_edit(page_server, browser, tmp
 
         # "All to 0" and the switch off take the sliders out, never the entries the page cannot show
         browser.find_element("id", "reset-steering").click()
-        WebDriverWait(browser, 30).until(lambda d: server_default(url) == kept)
+        WebDriverWait(browser, 30).until(lambda d: server_default(url) == kept)  # noqa: ARG005 - WebDriverWait's callback
         browser.find_element("id", "make-default").click()
         time.sleep(0.5)
         assert server_default(url) == kept
@@ -217,12 +223,14 @@ def test_page_with_an_api_key_reads_the_default_once_the_key_is_given(tiny_model
     write_vectors(directory)
     key = {"Authorization": "Bearer page-key"}
     with fresh_server(tiny_model_path, directory, ServerConfig(max_batch=2, api_key="page-key")) as (url, _):
-        assert httpx.post(url + "/v1/steering", json={"steering": {"honest": -0.3}}, headers=key, timeout=10).status_code == 200
+        assert httpx.post(url + "/v1/steering", json={"steering": {"honest": -0.3}}, headers=key,
+                          timeout=10).status_code == 200
         browser.get(url + "/")
         WebDriverWait(browser, 30).until(lambda d: "could not list vectors" in d.find_element("id", "sliders").text)
         set_field(browser, "api-key", "page-key")
         browser.find_element("id", "reload-vectors").click()
         WebDriverWait(browser, 30).until(lambda d: d.find_element("id", "make-default").is_selected())
         assert float(browser.find_element("id", "strength-honest").get_attribute("value")) == pytest.approx(-0.3)
-        assert browser.find_element("id", "next-steering").text == "next message: honest -0.30 (default for every client)"
+        assert (browser.find_element("id", "next-steering").text
+                == "next message: honest -0.30 (default for every client)")
         assert server_default(url, key) == {"honest": -0.3}

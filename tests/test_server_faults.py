@@ -159,7 +159,8 @@ def disconnect_non_streaming(url: str, server) -> None:
         sock.close()
         wait_for(lambda: metrics(url)["ggsteer_requests_processing"] == 0, what="the request to leave")
     after = metrics(url)
-    assert after['ggsteer_requests_total{outcome="cancelled"}'] == before['ggsteer_requests_total{outcome="cancelled"}'] + 1
+    assert (after['ggsteer_requests_total{outcome="cancelled"}']
+            == before['ggsteer_requests_total{outcome="cancelled"}'] + 1)
     assert after['ggsteer_requests_total{outcome="completed"}'] == before['ggsteer_requests_total{outcome="completed"}']
     assert after["ggsteer_tokens_generated_total"] - before["ggsteer_tokens_generated_total"] < 300
 
@@ -168,13 +169,15 @@ def disconnect_streaming(url: str, server) -> None:
     before = metrics(url)
     with patched_decodes(server.model, delay_s=0.005):
         with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
-                          json={"prompt": "Write a long story", "temperature": 0, "max_tokens": 400, "stream": True}) as response:
+                          json={"prompt": "Write a long story", "temperature": 0, "max_tokens": 400,
+                                "stream": True}) as response:
             for line in response.iter_lines():
                 if line.startswith("data: "):
                     break  # hang up after the first piece
         wait_for(lambda: metrics(url)["ggsteer_requests_processing"] == 0, what="the stream to leave")
     after = metrics(url)
-    assert after['ggsteer_requests_total{outcome="cancelled"}'] == before['ggsteer_requests_total{outcome="cancelled"}'] + 1
+    assert (after['ggsteer_requests_total{outcome="cancelled"}']
+            == before['ggsteer_requests_total{outcome="cancelled"}'] + 1)
 
 
 def fill_the_queue(url: str, server, reference, vectors) -> None:
@@ -222,7 +225,8 @@ def waiters_that_hang_up_free_the_queue(url: str, server, reference, vectors) ->
                 sock.close()
             wait_for(lambda: metrics(url)["ggsteer_requests_queued"] == 0, what="the places to be freed")
             newcomer = in_thread(post, url, {"prompt": "hello there", **GREEDY})
-            wait_for(lambda: metrics(url)["ggsteer_requests_queued"] == 1 or newcomer["done"].is_set(), what="the newcomer")
+            wait_for(lambda: metrics(url)["ggsteer_requests_queued"] == 1 or newcomer["done"].is_set(),
+                     what="the newcomer")
             gate.set()
             assert running["done"].wait(60) and newcomer["done"].wait(60)
     finally:

@@ -67,7 +67,8 @@ def test_completion_with_extra_body_steering(client, reference, vectors):
     expected = alone(reference, vectors, "the cat sat on", {"happy": 0.8})
     assert result.choices[0].text == expected.text
     assert result.choices[0].text != alone(reference, vectors, "the cat sat on").text
-    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (expected.prompt_tokens, expected.completion_tokens)
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (expected.prompt_tokens,
+                                                                            expected.completion_tokens)
 
 
 def test_chat_accepts_developer_role_and_text_parts(client, reference, vectors):
@@ -82,14 +83,15 @@ def test_chat_accepts_developer_role_and_text_parts(client, reference, vectors):
 
 
 def test_streamed_chat_sends_a_final_usage_chunk(client, reference, vectors):
-    request = {"model": "tiny", "messages": [{"role": "user", "content": "you"}], "max_tokens": TOKENS, "temperature": 0,
-                   "extra_body": {"steering": {"happy": -0.5}}}
+    request = {"model": "tiny", "messages": [{"role": "user", "content": "you"}], "max_tokens": TOKENS,
+               "temperature": 0, "extra_body": {"steering": {"happy": -0.5}}}
     chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
     expected = alone(reference, vectors, transcript("you"), {"happy": -0.5}, CHAT_STOPS)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text.lstrip()
     assert all(c.usage is None for c in chunks[:-1])
     assert chunks[-1].choices == []
-    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (expected.prompt_tokens, expected.completion_tokens)
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (expected.prompt_tokens,
+                                                                                    expected.completion_tokens)
     without = list(client.chat.completions.create(**request, stream=True))
     assert all(c.usage is None for c in without) and without[-1].choices[0].finish_reason == expected.finish_reason
 
@@ -125,7 +127,8 @@ def test_chat_logprobs(client, reference):
     content = result.choices[0].logprobs.content
     assert [entry.logprob for entry in content] == [e.logprob for e in expected.logprobs]
     assert [entry.bytes for entry in content] == [list(reference.detokenize([t])) for t in expected.tokens]
-    assert [[top.logprob for top in entry.top_logprobs] for entry in content] == [[lp for _, lp in e.top] for e in expected.logprobs]
+    assert ([[top.logprob for top in entry.top_logprobs] for entry in content]
+            == [[lp for _, lp in e.top] for e in expected.logprobs])
     assert all(entry.top_logprobs[0].logprob >= entry.logprob for entry in content)  # greedy took the best
 
 
@@ -151,7 +154,8 @@ def test_models_list_and_retrieve(client):
 
 
 def test_unknown_routes_and_methods_answer_in_openai_shape(base_url):
-    for method, path, status in (("GET", "/v1/nothing", 404), ("DELETE", "/v1/models", 405), ("GET", "/v1/chat/completions", 405)):
+    for method, path, status in (("GET", "/v1/nothing", 404), ("DELETE", "/v1/models", 405),
+                                 ("GET", "/v1/chat/completions", 405)):
         response = httpx.request(method, base_url + path)
         assert response.status_code == status
         error = response.json()["error"]
@@ -165,7 +169,8 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ({"n": 2}, "n"),
     ({"response_format": {"type": "xml"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "response_format"),
     ({"logit_bias": {"999999": 5}}, "logit_bias"),
     ({"extra_body": {"audio": {"voice": "alloy"}}}, "audio"),
     ({"top_logprobs": 2}, "top_logprobs"),
@@ -209,9 +214,11 @@ def test_json_schema_response_format(client):
     response_format = {"type": "json_schema", "json_schema": {"name": "mood", "schema": SCHEMA}}
     for seed in (1, 2):
         result = client.chat.completions.create(**CHAT, max_tokens=60, temperature=0.9, seed=seed,
-                                                response_format=response_format, extra_body={"steering": {"happy": 0.5}})
+                                                response_format=response_format,
+                                                extra_body={"steering": {"happy": 0.5}})
         value = json.loads(result.choices[0].message.content)
-        assert set(value) == {"mood", "score"} and value["mood"] in ("calm", "happy") and isinstance(value["score"], int)
+        assert (set(value) == {"mood", "score"} and value["mood"] in ("calm", "happy")
+                and isinstance(value["score"], int))
         assert result.choices[0].finish_reason == "stop"
     free = client.chat.completions.create(**CHAT, max_tokens=20, temperature=0.9, seed=1)
     with pytest.raises(json.JSONDecodeError):

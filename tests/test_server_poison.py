@@ -56,8 +56,8 @@ def served(tiny_model_path, vectors_and_dir):
 
 @contextlib.contextmanager
 def nan_logits_for(model, slow: threading.Event | None = None):
-    """Every decode sleeps SLOW_DECODE_S while `slow` is set; the logits rows of a sequence whose prompt rows in that decode
-    hold NAN_MARKER's token are overwritten with NaN after llama.cpp computed them."""
+    """Every decode sleeps SLOW_DECODE_S while `slow` is set; the logits rows of a sequence whose prompt rows in
+    that decode hold NAN_MARKER's token are overwritten with NaN after llama.cpp computed them."""
     original = model.decode_batch
     marker = model.tokenize(NAN_MARKER.encode(), add_bos=False, special=False)[0]
 
@@ -177,8 +177,8 @@ POISON = [
      json_bytes({"prompt": "x", **SMALL, "steering": {"happy": {"strength": 0.5, "layers": "1-20000000"}}}), {}, 400),
     ("default layers 1-20000000", "POST", "/v1/steering",
      json_bytes({"steering": {"happy": {"strength": 0.5, "layers": "1-20000000"}}}), {}, 400),
-    ("logit_bias superscript two", "POST", "/v1/completions", json_bytes({"prompt": "x", **SMALL, "logit_bias": {"²": 1}}),
-     {}, 400),
+    ("logit_bias superscript two", "POST", "/v1/completions",
+     json_bytes({"prompt": "x", **SMALL, "logit_bias": {"²": 1}}), {}, 400),
     ("json_schema string", "POST", "/v1/completions",
      json_bytes({"prompt": "x", **SMALL, "response_format": {"type": "json_schema", "json_schema": "x"}}), {}, 400),
     ("surrogate prompt", "POST", "/v1/completions", json_bytes({"prompt": "a \ud800 b", **SMALL}), {}, 400),
@@ -190,7 +190,8 @@ POISON = [
     ("nested 5000 deep", "POST", "/v1/completions", nested(5000), {}, 400),
     ("load 300-character path", "POST", "/v1/vectors/load", json_bytes({"path": "a" * 295 + ".gguf"}), {}, 400),
     ("load surrogate path", "POST", "/v1/vectors/load", json_bytes({"path": "\ud800.gguf"}), {}, 400),
-    ("upload 1e30 values", "PUT", "/v1/vectors/huge", huge_vector_bytes, {"content-type": "application/octet-stream"}, 400),
+    ("upload 1e30 values", "PUT", "/v1/vectors/huge", huge_vector_bytes, {"content-type": "application/octet-stream"},
+     400),
     ("overwrite=2", "PUT", "/v1/vectors/happy?overwrite=2", b"GGUF", {"content-type": "application/octet-stream"}, 400),
     ("Host [::1]evil.com", "GET", "/v1/vectors", b"", {"host": "[::1]evil.com"}, 400),
     ("Host localhost:evil.com", "GET", "/v1/vectors", b"", {"host": "localhost:evil.com"}, 400),
@@ -240,7 +241,8 @@ def test_two_streams_get_their_solo_text_while_a_third_client_sends_every_poison
     url, server = served
     streams = [{"prompt": "the cat", "temperature": 0, "max_tokens": STREAM_TOKENS},
                {"prompt": "a dog sat", "temperature": 0, "max_tokens": STREAM_TOKENS, "steering": {"happy": 0.8}}]
-    expected = [expected_result(reference, vectors, s["prompt"], s.get("steering"), max_tokens=STREAM_TOKENS) for s in streams]
+    expected = [expected_result(reference, vectors, s["prompt"], s.get("steering"), max_tokens=STREAM_TOKENS)
+                for s in streams]
     boxes, statuses, slow = [], {}, threading.Event()
     slow.set()
     with nan_logits_for(server.model, slow):

@@ -39,7 +39,8 @@ def test_layer_range_steers_only_those_layers(tiny_model, tiny_weights):
 def test_two_vectors_are_summed(tiny_model, tiny_weights):
     a, b = random_vector(tiny_model, 2), random_vector(tiny_model, 3)
     tiny_model.set_control([(a, 0.5), (b, -0.3)], layers=[1, 2])
-    expected = reference_logits(tiny_model, tiny_weights, {il: 0.5 * a.directions[il] - 0.3 * b.directions[il] for il in (1, 2)})
+    expected = reference_logits(tiny_model, tiny_weights,
+                                {il: 0.5 * a.directions[il] - 0.3 * b.directions[il] for il in (1, 2)})
     np.testing.assert_allclose(last_logits(tiny_model), expected, atol=ATOL, rtol=0)
     summed = last_logits(tiny_model)
     tiny_model.set_control(0.5 * a - 0.3 * b, 1.0, layers=[1, 2])
@@ -79,7 +80,8 @@ def test_completion_api_is_steered(tiny_model):
     plain = tiny_model.create_completion(PROMPT, max_tokens=8, temperature=0)["choices"][0]["text"]
     with tiny_model.steer(random_vector(tiny_model, 8, scale=20.0), 1.0, layers=[1, 2]):
         steered = tiny_model.create_completion(PROMPT, max_tokens=8, temperature=0)["choices"][0]["text"]
-        streamed = "".join(c["choices"][0]["text"] for c in tiny_model(PROMPT, max_tokens=8, temperature=0, stream=True))
+        streamed = "".join(c["choices"][0]["text"]
+                           for c in tiny_model(PROMPT, max_tokens=8, temperature=0, stream=True))
     assert steered != plain
     assert streamed == steered
 
@@ -146,7 +148,8 @@ def test_continuation_logprobs_match_reference(tiny_model, tiny_weights):
         n_prompt = len(tiny_model.tokenize_prompt(prompt))
         tokens = tiny_model.tokenize_prompt(prompt + continuation)
         _, logits = reference_forward(
-            tiny_weights, tokens, kv_f16=False, block_output_hook=lambda il, h: h + 0.8 * vector.directions[il] if il in (1, 2) else h
+            tiny_weights, tokens, kv_f16=False,
+            block_output_hook=lambda il, h: h + 0.8 * vector.directions[il] if il in (1, 2) else h
         )
         logp = logits - logits.max(axis=1, keepdims=True)
         logp = logp - np.log(np.exp(logp).sum(axis=1, keepdims=True))

@@ -130,7 +130,8 @@ def test_training_is_deterministic(tiny_model, pairs):
 
 def test_near_chance_layer_warns(tiny_model):
     # positives and negatives drawn from the same texts: no direction separates them
-    texts = ["the dog", "a cat", "i feel good", "the sad cat", "you am happy", "today i hate", "the bad dog", "a good cat"]
+    texts = ["the dog", "a cat", "i feel good", "the sad cat", "you am happy", "today i hate", "the bad dog",
+             "a good cat"]
     shuffled = [DatasetEntry(texts[i], texts[(i + 3) % len(texts)]) for i in range(len(texts))]
     with pytest.warns(TrainingWarning, match="barely better than chance"):
         ControlVector.train(tiny_model, shuffled, method="pca_diff")

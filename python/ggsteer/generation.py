@@ -149,7 +149,8 @@ class ContinuousBatch:
                              f"n_batch={self.batch.capacity} (raise n_batch)")
         if not self.fits(len(tokens), sampling.max_tokens):
             raise ValueError(f"no room for a sequence of {len(tokens)} + {sampling.max_tokens} tokens: "
-                             f"{len(self.active)} sequences hold {self.reserved_cells} of n_ctx={self.model.n_ctx()} cells")
+                             f"{len(self.active)} sequences hold {self.reserved_cells} "
+                             f"of n_ctx={self.model.n_ctx()} cells")
         compile_program([controls], n_slots=1)  # steering the hook cannot take fails this sequence, not a decode
         sampler = sampling.new_sampler(self.model, tokens)
         slot = self.slots.index(None)
@@ -269,7 +270,8 @@ class ContinuousBatch:
     def _decode(self, rows: list[tuple[SequenceState, int, int, bool, bool]]) -> None:
         """rows: (state, token, position, is_generated, wants_logits)."""
         if self._program_stale:
-            compile_program([s.controls if s else [] for s in self.slots], n_slots=len(self.slots)).install(self.model.hook)
+            compile_program([s.controls if s else [] for s in self.slots],
+                            n_slots=len(self.slots)).install(self.model.hook)
             self._program_stale = False
         batch = self.batch
         batch.clear()

@@ -94,7 +94,8 @@ class ChatSession:
         for name, vector in self.vectors.items():
             recommended = vector.recommended_strength
             hint = f", recommended {recommended:g}" if recommended is not None else ""
-            lines.append(f"{name}: strength {self.strengths[name]:+g}{hint} ({vector.metadata.get('method', '?')}, {len(vector.layers)} layers)")
+            lines.append(f"{name}: strength {self.strengths[name]:+g}{hint} "
+                         f"({vector.metadata.get('method', '?')}, {len(vector.layers)} layers)")
         return "\n".join(lines)
 
     def reply(self, text: str) -> str:

@@ -57,7 +57,8 @@ class AblationView:
     opposite_behaviour: float | None  # prompts asking for the opposite, unsteered
     opposite_ablated: float | None  # prompts asking for the opposite, under the op
     opposite_recovery: float | None
-    gap_left: float | None  # (ablated - opposite_ablated) / (asking - opposite): what survives of the personas' difference
+    # (ablated - opposite_ablated) / (asking - opposite): what survives of the personas' difference
+    gap_left: float | None
     spread_shrink: dict[int, float]  # per layer, along the direction the op acts on
     raw_spread_shrink: dict[int, float]  # per layer, along the trained direction
     sample: str | None = None
@@ -119,8 +120,9 @@ def ablation_view(
         shrink[il] = _spread(plain_states, k, direction) / max(_spread(steered_states, k, direction), 1e-30)
         raw_shrink[il] = _spread(plain_states, k, raw) / max(_spread(steered_states, k, raw), 1e-30)
     return AblationView(op, float(strength), chosen, cost.kl, cost.perplexity, plain.perplexity,
-                        neutral, neutral_ablated, asked, ablated, _recovery(neutral, asked, ablated), opposed, opposed_ablated,
-                        _recovery(neutral, opposed, opposed_ablated), _gap_left(asked, opposed, ablated, opposed_ablated),
+                        neutral, neutral_ablated, asked, ablated, _recovery(neutral, asked, ablated),
+                        opposed, opposed_ablated, _recovery(neutral, opposed, opposed_ablated),
+                        _gap_left(asked, opposed, ablated, opposed_ablated),
                         shrink, raw_shrink, sample, baseline_sample)
 
 
@@ -155,5 +157,6 @@ def _states(model, asking, layers, vector) -> list[np.ndarray]:
 
 
 def _spread(states: list[np.ndarray], k: int, direction: np.ndarray) -> float:
-    projections = np.concatenate([s[SINK_POSITIONS:, k].astype(np.float64) @ direction.astype(np.float64) for s in states])
+    projections = np.concatenate([s[SINK_POSITIONS:, k].astype(np.float64) @ direction.astype(np.float64)
+                                  for s in states])
     return float(projections.std())

@@ -67,7 +67,8 @@ def behaviour_units(model: SteeredModel, n_settings: int, eval_items: Sequence[d
             if model.n_seq_max >= 2:
                 units.append(_scoring_unit(setting, positive[:n_prompt], continuations, logprobs, index))
             else:
-                units += [_scoring_unit(setting, positive[:n_prompt], [c], logprobs, index, side) for side, c in enumerate(continuations)]
+                units += [_scoring_unit(setting, positive[:n_prompt], [c], logprobs, index, side)
+                          for side, c in enumerate(continuations)]
     return units, logprobs
 
 

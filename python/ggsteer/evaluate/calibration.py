@@ -31,7 +31,8 @@ class Calibration:
 
 def choose_calibration(sweeps: Sequence[Sweep], max_kl: float) -> Calibration:
     """The positive strength (and layer range) with the largest behaviour gain whose KL <= max_kl."""
-    candidates = [(sweep, p) for sweep in sweeps for p in sweep.points if p.strength > 0 and p.kl <= max_kl and p.gain > 0]
+    candidates = [(sweep, p) for sweep in sweeps for p in sweep.points
+                  if p.strength > 0 and p.kl <= max_kl and p.gain > 0]
     if not candidates:
         positive = [p for sweep in sweeps for p in sweep.points if p.strength > 0]
         if not positive:

@@ -11,7 +11,8 @@ from ggsteer.extras import require
 # -- plot -------------------------------------------------------------------------------------
 
 
-def plot_sweeps(sweeps: Sequence[Sweep], path, *, title: str | None = None, calibration: Calibration | None = None) -> None:
+def plot_sweeps(sweeps: Sequence[Sweep], path, *, title: str | None = None,
+                calibration: Calibration | None = None) -> None:
     """Two panels against strength, one curve per layer range: behaviour (left) and KL (right); PNG."""
     require("matplotlib", "plot", "plotting sweeps")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -30,16 +31,19 @@ def plot_sweeps(sweeps: Sequence[Sweep], path, *, title: str | None = None, cali
     # every layer range shares one unsteered model
     behaviour_axes.axhline(sweeps[0].baseline_behaviour, color="gray", linestyle=":", label="unsteered")
     if calibration is not None:
-        chosen = [p for s in sweeps if s.layers == calibration.layers for p in s.points if p.strength == calibration.strength]
+        chosen = [p for s in sweeps if s.layers == calibration.layers
+                  for p in s.points if p.strength == calibration.strength]
         if chosen:
             label = f"calibrated: {calibration.strength:g} on layers {format_layers(calibration.layers)}"
             behaviour_axes.plot([calibration.strength], [chosen[0].behaviour], "k*", markersize=14, label=label)
             kl_axes.plot([calibration.strength], [chosen[0].kl], "k*", markersize=14, label=label)
-            kl_axes.axhline(calibration.max_kl, color="gray", linestyle="--", linewidth=1, label=f"KL bound {calibration.max_kl:g}")
+            kl_axes.axhline(calibration.max_kl, color="gray", linestyle="--", linewidth=1,
+                            label=f"KL bound {calibration.max_kl:g}")
     strength_label = "strength (1.0 = trained mean gap per layer)"
     behaviour_axes.set(xlabel=strength_label, ylabel="log P(positive) - log P(negative), nats",
                        title="Behaviour on held-out prompts")
-    kl_axes.set(xlabel=strength_label, ylabel="KL(unsteered || steered) per token, nats", title="Fluency cost on neutral text")
+    kl_axes.set(xlabel=strength_label, ylabel="KL(unsteered || steered) per token, nats",
+                title="Fluency cost on neutral text")
     for axes in (behaviour_axes, kl_axes):
         axes.axvline(0, color="gray", linewidth=0.8)
         axes.grid(alpha=0.3)

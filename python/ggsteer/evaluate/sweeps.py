@@ -127,7 +127,8 @@ def layer_sweep(
 def _sweep(layers, strengths, baseline, scores, costs, plain_perplexity, texts, baseline_text) -> Sweep:
     means = scores.mean(axis=1)
     points = [
-        SweepPoint(s, float(m), float(m - baseline.mean()), wrong_way_share(s, row, baseline), cost.kl, cost.perplexity, text)
+        SweepPoint(s, float(m), float(m - baseline.mean()), wrong_way_share(s, row, baseline), cost.kl,
+                   cost.perplexity, text)
         for s, m, row, cost, text in zip(strengths, means, scores, costs, texts)
     ]
     with_zero = (strengths, means) if 0.0 in strengths else ([*strengths, 0.0], [*means, baseline.mean()])
@@ -156,7 +157,8 @@ def layer_windows(vector: ControlVector, n_layer: int, n_windows: int = 3) -> li
     3-14, then 1-6, 7-12, 13-17)."""
     steerable = [il for il in vector.layers if 1 <= il < n_layer]
     if not steerable:
-        raise ValueError(f"the vector has no layer this model can steer (it has {vector.layers}, the model 1..{n_layer - 1})")
+        raise ValueError(f"the vector has no layer this model can steer "
+                         f"(it has {vector.layers}, the model 1..{n_layer - 1})")
     recommended = [il for il in (vector.recommended_layers or default_steering_layers(n_layer)) if il in steerable]
     windows = [recommended or steerable]
     for chunk in np.array_split(np.array(steerable), min(n_windows, len(steerable))):

@@ -33,7 +33,7 @@ def shows(level: int) -> bool:
 
 
 @llama_cpp.llama_log_callback
-def _write_log(level: int, text: bytes, user_data) -> None:
+def _write_log(level: int, text: bytes, user_data) -> None:  # noqa: ARG001 - llama_log_callback's C signature
     show = _shown["last"] = shows(level)
     if not show:
         return

@@ -31,7 +31,7 @@ def http_error_handler(request, error) -> JSONResponse:
     return response
 
 
-def validation_error_handler(request, error) -> JSONResponse:
+def validation_error_handler(request, error) -> JSONResponse:  # noqa: ARG001 - Starlette's handler signature
     """FastAPI's own checks of query and path parameters (e.g. "?overwrite=2") as a 400 in OpenAI's shape."""
     first = error.errors()[0] if error.errors() else {}
     where = ".".join(str(part) for part in first.get("loc", ())[1:]) or None  # ("query", "overwrite") -> "overwrite"

@@ -58,7 +58,8 @@ class RequestGuard:
         if refusal is None:
             return await self.app(scope, receive, send)
         status, message, extra = refusal
-        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": status}})
+        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                     "code": status}})
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), *extra]})
         await send({"type": "http.response.body", "body": body.encode()})
@@ -73,7 +74,8 @@ class RequestGuard:
             return 415, "POST requests must be sent as 'Content-Type: application/json' (even without a body)", []
         keyed = self.api_key is not None and scope["path"].startswith(KEYED_DOC_PATHS)
         if keyed and not api_key_matches(headers.get("authorization", ""), self.api_key):
-            return 401, "missing or wrong API key: send 'Authorization: Bearer <key>'", [(b"www-authenticate", b"Bearer")]
+            return (401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                    [(b"www-authenticate", b"Bearer")])
         return None
 
 

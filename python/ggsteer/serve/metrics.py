@@ -57,7 +57,8 @@ def render(metrics: ServerMetrics, processing: int, queued: int, up: bool, vecto
         family(name, "counter", help_text, [("", counts.get(name, 0))])
     family("ggsteer_requests_total", "counter", "Requests that left the worker, by outcome.",
            [(f'{{outcome="{o}"}}', counts.get(f"requests_{o}", 0)) for o in OUTCOMES])
-    family("ggsteer_requests_rejected_total", "counter", "Requests refused before queueing (429 queue full, 503 worker down).",
+    family("ggsteer_requests_rejected_total", "counter",
+           "Requests refused before queueing (429 queue full, 503 worker down).",
            [(f'{{reason="{r}"}}', counts.get(f"rejected_{r}", 0)) for r in REJECTIONS])
     family("ggsteer_vector_requests_total", "counter", "Accepted requests steering with each vector.",
            [(f'{{vector="{label_value(name)}"}}', n) for name, n in sorted(vectors.items())])

@@ -80,7 +80,8 @@ def completion_logprobs(model, logprobs) -> dict | None:
     tokens = [token_entry(model, e.token, e.logprob)["token"] for e in logprobs]
     offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
     top = [{token_entry(model, t, lp)["token"]: lp for t, lp in e.top} for e in logprobs]
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in logprobs], "top_logprobs": top, "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in logprobs], "top_logprobs": top,
+            "text_offset": offsets}
 
 
 def usage(result) -> dict:

@@ -58,7 +58,8 @@ class VectorStore:
             inside = candidate.is_relative_to(self.directory)
             is_file = inside and candidate.suffix == ".gguf" and candidate.is_file()
         except (OSError, RuntimeError, UnicodeError) as error:  # too long a name, a symlink loop, a lone surrogate
-            raise ApiError(400, f"path {short(path_text)}: cannot be resolved ({type(error).__name__})", "path") from None
+            raise ApiError(400, f"path {short(path_text)}: cannot be resolved ({type(error).__name__})",
+                           "path") from None
         if not inside:
             raise ApiError(400, f"path {short(path_text)} is outside the vectors directory; only files inside it "
                                 "can be loaded", "path")
@@ -101,7 +102,8 @@ class VectorStore:
             copy.write_bytes(data)
             vector = self.validated(copy, f"uploaded vector {name!r}")
             try:
-                write_atomically(target, lambda temp: shutil.copyfile(copy, temp), overwrite=overwrite, what="vector file")
+                write_atomically(target, lambda temp: shutil.copyfile(copy, temp), overwrite=overwrite,
+                                 what="vector file")
             except FileExistsError:
                 raise ApiError(409, f"vector {name!r} exists: send ?overwrite=true to replace it", "name") from None
         entry = RegisteredVector(name, target, vector)

@@ -59,7 +59,8 @@ def compile_program(
             conditions[key] = (len(conditions), cond.layer, cond.threshold, offset)
         return conditions[key][0]
 
-    slotted = [(-1, item) for item in global_interventions] + [(s, item) for s, items in enumerate(per_slot) for item in items]
+    slotted = [(-1, item) for item in global_interventions] + [
+        (s, item) for s, items in enumerate(per_slot) for item in items]
     for slot, item in slotted:
         cond = condition_index(item.condition)
         for layer in item.layers:

@@ -178,7 +178,8 @@ class BatchDecoder:
         if seen is not None:
             missing = [il for il in self.layers if seen[il] != 1]
             if missing:
-                raise CaptureError(f"layers {missing} were not captured exactly once (seen {[seen[i] for i in missing]})")
+                raise CaptureError(f"layers {missing} were not captured exactly once "
+                                   f"(seen {[seen[i] for i in missing]})")
             store[captures] = buffer
 
 

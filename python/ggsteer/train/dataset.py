@@ -196,7 +196,8 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[DatasetEntry]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
-        raise DatasetError(f"{path}:{line}: not UTF-8 text (byte {error.start}): save the pairs file as UTF-8") from None
+        raise DatasetError(f"{path}:{line}: not UTF-8 text (byte {error.start}): "
+                           "save the pairs file as UTF-8") from None
     entries = [
         _parse_line(line, f"{path}:{line_number}")
         for line_number, line in enumerate(text.split("\n"), start=1)

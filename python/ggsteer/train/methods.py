@@ -38,7 +38,8 @@ class LayerFit:
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:
-    return unit_vector(vector, "the direction has zero or non-finite length: positive and negative activations coincide")
+    return unit_vector(vector, "the direction has zero or non-finite length: "
+                               "positive and negative activations coincide")
 
 
 def _first_component(data: np.ndarray, *, center: bool) -> np.ndarray:

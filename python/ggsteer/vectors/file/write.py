@@ -181,7 +181,8 @@ def _per_layer_values_in_file_order(given: dict[str, object], layers: list[int],
         values = given.get(key)
         if is_flat_sequence(values) and len(values) % max(1, len(layers)) == 0:  # type: ignore[arg-type]
             width = len(values) // max(1, len(layers))  # type: ignore[arg-type]
-            result[key] = [x for layer in layers for x in values[position[layer] * width : (position[layer] + 1) * width]]  # type: ignore[index]
+            result[key] = [x for layer in layers
+                           for x in values[position[layer] * width : (position[layer] + 1) * width]]  # type: ignore[index]
     return result
 
 
