@@ -267,12 +267,12 @@ def test_worker_killed_mid_request_then_restarted(tiny_model, tiny_model_path, t
         assert result.returncode == 0, result.stderr
         local = SteeredModel(tiny_model_path, n_threads=1, n_threads_batch=1)
         try:
-            local.set_control(ControlVector.load(vector), 1.0, layers=[1, 2])
-            expected = local.create_completion("the dog is", max_tokens=8, temperature=0, repeat_penalty=1.15)
+            steering = local.intervention(ControlVector.load(vector), 1.0, layers=[1, 2])
+            (expected,) = local.generate_batch(["the dog is"], [steering], max_tokens=8)  # greedy, as --temp 0
         finally:
             local.close()
         # text mode reads "\r" as a newline
-        assert result.stdout == expected["choices"][0]["text"].replace("\r", "\n") + "\n"
+        assert result.stdout == expected.replace("\r", "\n") + "\n"
     finally:
         for process in processes:
             stop(process)
