@@ -7,7 +7,7 @@ import sys
 import warnings
 
 from ggsteer import __version__
-from ggsteer.cli import bake, chat, demo, evaluate, export, generate, inspect, serve, train
+from ggsteer.cli import bake, chat, demo, evaluate, export, generate, inspect, serve, train, tune
 from ggsteer.cli.common import CliError
 from ggsteer.extras import MissingExtraError
 from ggsteer.train import DatasetError
@@ -15,7 +15,7 @@ from ggsteer.vectors import VectorFileError
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
-SUBCOMMANDS = (demo, train, inspect, generate, chat, export, evaluate, serve, bake)
+SUBCOMMANDS = (demo, train, inspect, generate, chat, export, evaluate, tune, serve, bake)
 
 
 def build_parser() -> argparse.ArgumentParser:
