@@ -326,12 +326,15 @@ def test_cli_tune_writes_the_chosen_settings(tiny_model, tiny_model_path, tmp_pa
     text = capsys.readouterr().out
     assert "Pareto front" in text and "default: add all layers 1-2 strength 0.2" in text
     assert png.read_bytes()[:4] == b"\x89PNG"
-    if "nothing beat the default" in text:
-        assert not out.exists()
-    else:
-        assert ControlVector.load(out).tuned is not None and "held-out report prompts" in text
-        assert cli.main(argv) == 2  # an existing output needs --force
-        assert "already exists: pass --force" in capsys.readouterr().err
+    tuned = ControlVector.load(out).tuned
+    assert tuned is not None and f"chosen:  {tuned.op} {tuned.when}" in text and "held-out report prompts" in text
+    assert cli.main(argv) == 2  # an existing output needs --force
+    assert "already exists: pass --force" in capsys.readouterr().err
+    # eval shows the tuned settings beside the default ones
+    monkeypatch.setattr("ggsteer.cli.evaluate.load_eval_prompts", lambda _name: list(ITEMS))
+    assert cli.main(["eval", str(out), "--model", str(tiny_model_path), "--strengths=0,0.2", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "default settings: add all layers 1-2 strength 0.2" in text and f"tuned settings:   {tuned.op}" in text
 
 
 def test_cli_tune_checks_arguments_before_loading(tiny_model, tmp_path, capsys):

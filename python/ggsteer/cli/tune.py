@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ggsteer.cli.common import CliError, add_model_arguments, load_model, output_path
 from ggsteer.cli.evaluate import check_writable, named_preset, resolve_preset
-from ggsteer.evaluate import DEFAULT_MAX_KL, format_layers
+from ggsteer.evaluate import DEFAULT_MAX_KL
 from ggsteer.evaluate.tune import DEFAULT_BUDGET, DEFAULT_SEED, SEARCH_OPS, SEARCH_WHEN, TuneResult, tune, tuned_vector
 from ggsteer.extras import require
 from ggsteer.train import load_eval_prompts
@@ -115,8 +115,7 @@ def print_result(result: TuneResult, preset: str) -> None:
         print(f"nothing beat the default settings within KL {result.max_kl:g}: the file is left as it is")
         return
     chosen, report = result.chosen, result.report
-    print(f"chosen:  {chosen.setting.label} (layers {format_layers(chosen.setting.layers)}): "
-          f"gain {chosen.gain:+.3f}, KL {chosen.kl:.4f}")
+    print(f"chosen:  {chosen.setting.label}: gain {chosen.gain:+.3f}, KL {chosen.kl:.4f}")
     print(f"on the {result.n_report} held-out report prompts (not searched on): default moves the behaviour score "
           f"{report.default_move:+.3f} nats (KL {report.default_kl:.4f}), tuned {report.tuned_move:+.3f} "
           f"(KL {report.tuned_kl:.4f}); ratio {report.ratio:.2f} (10-90% over resampled prompts "
