@@ -251,7 +251,7 @@ def tuned_result(setting, kl=0.1):
     return TuneResult(default, [default, trial], 0.25, chosen=trial)
 
 
-def test_tuned_settings_round_trip_through_the_file(tiny_model, tmp_path):
+def test_tuned_settings_round_trip_through_the_file(tiny_model, tmp_path, capsys):
     metadata = {"recommended_strength": 0.5, "recommended_layers": [1, 2]}
     vector = random_vector(tiny_model.n_embd, (1, 2), metadata=metadata)
     path = tmp_path / "tuned.gguf"
@@ -261,6 +261,9 @@ def test_tuned_settings_round_trip_through_the_file(tiny_model, tmp_path):
     assert loaded.recommended_strength == 0.5 and loaded.recommended_layers == [1, 2]
     assert loaded.metadata["tuned_max_kl"] == 0.25 and loaded.metadata["eval_preset"] == "happy"
     assert loaded.tuned_addition is None
+    assert cli.main(["inspect", str(path)]) == 0
+    shown = "tuned settings:       clamp on generated tokens, layers 2, strength 0.75 (KL 0.1 <= 0.25)"
+    assert shown in capsys.readouterr().out
     # steering without options uses the tuned settings; an explicit op does not
     tiny_model.set_control(loaded)
     (item,) = tiny_model.controls

@@ -106,7 +106,8 @@ class VectorRegistry:
     def controls(self, steering: dict[str, object], model) -> list:
         """The request's steering as interventions; ApiError(400) for unknown names or bad settings.
 
-        Each value is a strength (op "add") or an object with strength, op, when, layers, first_k.
+        Each value is a strength (op "add"; a tuned vector: its tuned op, gating and layers) or an object
+        with strength, op, when, layers, first_k (without op: the tuned settings, else "add").
         """
         if not isinstance(steering, dict):
             raise ApiError(400, "steering must be an object mapping vector names to strengths", "steering")
@@ -140,8 +141,8 @@ def intervention_for(entry: RegisteredVector, spec, model):
         return None
     try:
         return make_intervention(entry.vector, strength, model.n_layer, model.n_embd, op=None if tuned else op,
-                                 raw=entry.is_raw, layers=layers_setting(options.get("layers")), when=options.get("when"),
-                                 first_k=options.get("first_k"))
+                                 raw=entry.is_raw, layers=layers_setting(options.get("layers")),
+                                 when=options.get("when"), first_k=options.get("first_k"))
     except (ValueError, TypeError) as error:
         raise ApiError(400, f"steering.{name}: {error}", "steering") from None
 
