@@ -347,3 +347,20 @@ def test_cli_tune_checks_arguments_before_loading(tiny_model, tmp_path, capsys):
     assert "--max-kl must be a positive number" in capsys.readouterr().err
     assert cli.main(["tune", str(path), "--plot", "/nonexistent/x.png"]) == 2
     assert "the directory /nonexistent does not exist" in capsys.readouterr().err
+
+
+def test_the_server_steers_a_tuned_vector_with_its_tuned_settings(tiny_model, tmp_path):
+    from ggsteer.serve.registry import RegisteredVector, intervention_for
+
+    path = tmp_path / "tuned.gguf"
+    vector = random_vector(tiny_model.n_embd, (1, 2), metadata={"recommended_strength": 0.5})
+    tuned_vector(vector, tuned_result(Setting("clamp", "generated", (2,), 0.75))).save(path)
+    entry = RegisteredVector("tuned", path, ControlVector.load(path))
+
+    def settings(spec):
+        item = intervention_for(entry, spec, tiny_model)
+        return item.op, item.when, item.layers, item.strength
+
+    assert settings({}) == ("clamp", "generated", (2,), 0.75)
+    assert settings(0.3) == ("clamp", "generated", (2,), 0.3)  # a strength replaces only the tuned strength
+    assert settings({"op": "add"}) == ("add", "all", (1, 2), 0.5)  # an explicit op: the recommended settings
