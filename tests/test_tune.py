@@ -127,28 +127,29 @@ def planted_measure(calls=None, interrupt_at=None):
     return fake
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])  # not one lucky seed: TPE is a random search
-def test_search_finds_the_planted_layer_window_within_the_budget(deep_tiny_model, monkeypatch, seed):
-    calls = []
-    monkeypatch.setattr(tune_module, "measure", planted_measure(calls))
+def test_search_finds_the_planted_layer_window_within_the_budget(deep_tiny_model, monkeypatch):
     vector = random_vector(deep_tiny_model.n_embd, range(1, 8), metadata={"recommended_layers": [1, 2, 3, 4, 5, 6],
                                                                           "recommended_strength": 0.3})
-    result = tune(deep_tiny_model, vector, ITEMS, max_kl=0.25, budget=60, ops=("add",), whens=("all",),
-                  neutral_texts=TEXTS, seed=seed)
-    assert result.default.setting == Setting("add", "all", (1, 2, 3, 4, 5, 6), 0.3)
-    assert calls[0][0] == result.default.setting  # the default is measured first
-    assert len(result.trials) == 61 and not result.interrupted
-    chosen = result.chosen.setting
-    assert chosen.layers == PLANTED
-    # at KL 0.2 per unit strength the budget allows strength 1.25 on two layers: close to it
-    assert 0.8 * 1.25 <= chosen.strength <= 1.25 and result.chosen.kl <= 0.25
-    assert all(t.kl <= 0.25 for t in result.front) and result.chosen in result.front
-    assert any(t.kl > 0.25 for t in result.trials)  # the sampler did try beyond the budget
-    feasible = [t for t in result.trials if t.kl <= 0.25]
-    assert result.chosen.gain == max(t.gain for t in feasible)
-    # the report is measured on the other half of the prompts, never the scoring half
-    assert calls[-1] == [result.default.setting, chosen]
-    assert len(result.report.tuned_moves) == result.n_report == 2 and result.n_score == 2
+    optimum = 0.35 * 2 * 1.25  # add on all tokens (0.5 * 0.7), layers 3-4, strength 1.25 (KL 0.25)
+    found = 0
+    for seed in range(8):  # TPE is a random search: several seeds, not one lucky one
+        calls = []
+        monkeypatch.setattr(tune_module, "measure", planted_measure(calls))
+        result = tune(deep_tiny_model, vector, ITEMS, max_kl=0.25, budget=60, ops=("add",), whens=("all",),
+                      neutral_texts=TEXTS, seed=seed)
+        assert result.default.setting == Setting("add", "all", (1, 2, 3, 4, 5, 6), 0.3)
+        assert calls[0][0] == result.default.setting  # the default is measured first
+        assert len(result.trials) == 61 and not result.interrupted
+        chosen = result.chosen.setting
+        found += chosen.layers == PLANTED and 0.8 * 1.25 <= chosen.strength <= 1.25
+        assert result.chosen.gain >= 0.75 * optimum and result.chosen.kl <= 0.25
+        assert all(t.kl <= 0.25 for t in result.front) and result.chosen in result.front
+        assert any(t.kl > 0.25 for t in result.trials)  # the sampler did try beyond the budget
+        assert result.chosen.gain == max(t.gain for t in result.trials if t.kl <= 0.25)
+        # the report is measured on the other half of the prompts, never the scoring half
+        assert calls[-1] == [result.default.setting, chosen]
+        assert len(result.report.tuned_moves) == result.n_report == 2 and result.n_score == 2
+    assert found >= 6, f"the planted window at the budget's strength was found with {found} of 8 seeds"
 
 
 def test_search_finds_the_planted_op_and_gating(deep_tiny_model, monkeypatch):

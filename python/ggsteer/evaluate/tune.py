@@ -179,6 +179,8 @@ def tune(model: SteeredModel, vector: ControlVector, eval_items: Sequence[dict],
                 start = len(trials)
                 for k, setting in enumerate(settings):
                     trials.append(Trial(setting, float(moves[k].mean()), float(kls[k]), start + k))
+                if start == 0:
+                    _tell_default(study, trials[0], max_kl, layers, ops, whens, strength_range)
                 for optuna_trial, trial in zip(asked, trials[len(trials) - len(asked):]):
                     optuna_trial.set_constraint("kl_over_budget", trial.kl - max_kl)
                     study.tell(optuna_trial, trial.gain)
@@ -250,6 +252,26 @@ def _stronger(trials: Sequence[Trial], max_kl: float, count: int, highest: float
                 for top in tops for factor in REFINE_FACTORS]
     tried = {t.setting for t in trials}
     return list(dict.fromkeys(s for s in settings if s not in tried))[:count]
+
+
+def _tell_default(study, default: Trial, max_kl, layers, ops, whens, strength_range) -> None:
+    """Give the sampler the default's result too when it lies in the search space: a good start."""
+    import optuna.distributions as dist
+    from optuna.trial import create_trial
+
+    setting, (low, high) = default.setting, strength_range
+    window = list(setting.layers)
+    start = layers.index(window[0]) if window[0] in layers else -1
+    if (start < 0 or layers[start : start + len(window)] != window or setting.op not in ops
+            or setting.when not in whens or not low <= setting.strength <= high):
+        return
+    index = dist.IntDistribution(0, len(layers) - 1)
+    distributions = {"first": index, "last": index, "op": dist.CategoricalDistribution(list(ops)),
+                     "when": dist.CategoricalDistribution(list(whens)), "strength": dist.FloatDistribution(low, high)}
+    params = {"first": start, "last": start + len(window) - 1, "op": setting.op, "when": setting.when,
+              "strength": setting.strength}
+    study.add_trial(create_trial(value=default.gain, params=params, distributions=distributions,
+                                 constraints={"kl_over_budget": default.kl - max_kl}))
 
 
 def _suggest(trial, layers: list[int], ops, whens, strength_range) -> Setting:
