@@ -297,6 +297,10 @@ def test_tuned_addition_exports_to_llama_cpp(tiny_model, tmp_path, capsys):
     assert exported.layers == [2]
     np.testing.assert_allclose(exported.directions[2], 0.75 * vector.directions[2], rtol=1e-6)
     assert "strength 0.75 baked into layers 2..2" in capsys.readouterr().out
+    # an explicit op ignores the tuned settings, even when they are the same op
+    tiny_model.set_control(ControlVector.load(path), op="add")
+    (item,) = tiny_model.controls
+    assert (item.layers, item.strength) == ((1, 2), 0.5)
     # llama.cpp adds the exported file exactly as ggsteer steers with the tuned settings
     tiny_model.set_control(ControlVector.load(path))
     steered = tiny_model.create_completion("the dog", max_tokens=4, temperature=0.0)["choices"][0]["text"]

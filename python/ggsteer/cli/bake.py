@@ -38,7 +38,8 @@ def cmd_bake(args) -> int:
     adds = [_load(path, strength) for path, strength in map(parse_vector_spec, args.vector)]
     for vector, strength in adds:
         _warn_if_tuned_op_cannot_bake(vector, strength)
-    adds = [(vector, default_strength(vector, "add") if strength is None else strength) for vector, strength in adds]
+    # the tuned strength only where the tuned settings are plain addition on every token (what weights hold)
+    adds = [(vector, _bake_strength(vector) if strength is None else strength) for vector, strength in adds]
     ablates = [_load(Path(path), None)[0] for path in args.ablate]
     clamps = []
     for spec in args.clamp:
@@ -77,3 +78,7 @@ def _warn_if_tuned_op_cannot_bake(vector, strength) -> None:
         print(f"ggsteer: warning: the vector's tuned settings ({tuned.op}, {tuned.when} tokens) cannot be baked into "
               "weights, which only add on every token: baking plain addition at its recommended strength and layers",
               file=sys.stderr)
+
+
+def _bake_strength(vector) -> float:
+    return default_strength(vector, None if vector.tuned_addition else "add")

@@ -135,7 +135,7 @@ def intervention_for(entry: RegisteredVector, spec, model):
     if strength is None:
         if op == "clamp" and tuned is None:
             raise ApiError(400, f"steering.{name}: op 'clamp' needs a strength (where to hold the projection)", "steering")
-        strength = default_strength(entry.vector, op) if op in ("add", "add_normalized", "clamp") else 1.0
+        strength = default_strength(entry.vector, None if tuned else op) if op != "ablate" else 1.0
     check_strength(name, strength)
     if op in ("add", "add_normalized") and strength == 0.0:
         return None

@@ -171,10 +171,10 @@ def normalize_controls(model, control, **options) -> list[Intervention]:
 
 
 def default_strength(vector, op: str | None = None) -> float:
-    """A vector's tuned strength (`ggsteer tune`; only for its tuned op, which `op=None` means), else
-    its recommended strength (set by calibration), else 1.0 (the trained gap)."""
+    """A vector's tuned strength (`ggsteer tune`; only with `op=None`, which means its tuned settings),
+    else its recommended strength (set by calibration), else 1.0 (the trained gap)."""
     tuned = getattr(vector, "tuned", None)
-    if tuned is not None and op in (None, tuned.op):
+    if tuned is not None and op is None:
         return tuned.strength
     return getattr(vector, "recommended_strength", None) or 1.0
 
