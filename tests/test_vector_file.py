@@ -72,6 +72,9 @@ def full_metadata() -> dict[str, object]:
         "dataset_hash": "sha256:0123abcd",
         "recommended_strength": f32(4.2),
         "recommended_layers": [4, 7],
+        # the settings `ggsteer tune` chose
+        "tuned_op": "clamp", "tuned_when": "generated", "tuned_layers": [4], "tuned_strength": f32(0.75),
+        "tuned_max_kl": f32(0.25), "tuned_kl": f32(0.125), "tuned_gain": f32(1.5),
         "unit": "gap",
         "pool": "last",
         "n_layer": 18,

@@ -135,8 +135,8 @@ class SteeredModel(llama_cpp.Llama):
         *,
         layers=None,
         raw: bool = False,
-        op: str = "add",
-        when: str = "all",
+        op: str | None = None,
+        when: str | None = None,
         first_k: int | None = None,
         condition=None,
         skip_first: int | None = None,
@@ -147,7 +147,8 @@ class SteeredModel(llama_cpp.Llama):
         list of `(vector, strength)` pairs, summed. Strength 1.0 is the trained mean gap between
         positive and negative activations at each layer; `raw=True` makes it a plain coefficient.
         `layers` defaults to the vector's recommended layers. `op` is "add", "ablate", "clamp" or
-        "add_normalized"; `when` is "all", "prompt" or "generated"; `first_k` limits steering to the
+        "add_normalized"; `when` is "all", "prompt" or "generated"; left unset, op, when, layers and
+        strength come from the vector's tuned settings (`ggsteer tune`) when it has them, else "add", "all"; `first_k` limits steering to the
         first k positions; `condition=(vector, threshold, layer)` steers only prompts whose mean state
         at `layer` has at least that cosine with the condition vector; `skip_first=k` leaves positions
         < k alone (ablate and clamp leave the attention sink, position 0, alone by default). Plain addition on every token

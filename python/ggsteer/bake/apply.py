@@ -126,7 +126,7 @@ def _requests(add, ablate, clamp, layers, n_embd: int, n_layer: int, path: str) 
 
 def _layers_for(vector: ControlVector, layers, n_layer: int) -> list[int]:
     chosen = sorted({int(il) for il in layers}) if layers is not None else \
-        [il for il in (vector.recommended_layers or vector.layers) if il in vector.directions]
+        [il for il in (_tuned_layers(vector) or vector.recommended_layers or vector.layers) if il in vector.directions]
     if not chosen:
         raise BakeError("no layers to bake")
     beyond = [il for il in chosen if not 0 <= il < n_layer]
@@ -202,3 +202,9 @@ def _version() -> str:
     from ggsteer import __version__
 
     return __version__
+
+
+def _tuned_layers(vector: ControlVector) -> list[int] | None:
+    """The tuned layers when the tuned settings are plain addition (the only op a bake adds)."""
+    tuned = vector.tuned_addition
+    return None if tuned is None else tuned.layers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from ggsteer.bake import ModelFileError, bake_model, describe_bake
@@ -35,7 +36,10 @@ def add_parser(subparsers) -> None:
 
 def cmd_bake(args) -> int:
     adds = [_load(path, strength) for path, strength in map(parse_vector_spec, args.vector)]
-    adds = [(vector, default_strength(vector) if strength is None else strength) for vector, strength in adds]
+    for vector, strength in adds:
+        _warn_if_tuned_op_cannot_bake(vector, strength)
+    # the tuned strength only where the tuned settings are plain addition on every token (what weights hold)
+    adds = [(vector, _bake_strength(vector) if strength is None else strength) for vector, strength in adds]
     ablates = [_load(Path(path), None)[0] for path in args.ablate]
     clamps = []
     for spec in args.clamp:
@@ -66,3 +70,15 @@ def describe_baked_model(path) -> str | None:
     if architecture in ("", "controlvector"):
         return None
     return f"model:       {architecture}\n{describe_bake(path)}"
+
+
+def _warn_if_tuned_op_cannot_bake(vector, strength) -> None:
+    tuned = vector.tuned
+    if tuned is not None and vector.tuned_addition is None and strength is None:
+        print(f"ggsteer: warning: the vector's tuned settings ({tuned.op}, {tuned.when} tokens) cannot be baked into "
+              "weights, which only add on every token: baking plain addition at its recommended strength and layers",
+              file=sys.stderr)
+
+
+def _bake_strength(vector) -> float:
+    return default_strength(vector, None if vector.tuned_addition else "add")

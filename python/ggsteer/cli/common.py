@@ -115,8 +115,9 @@ def add_steering_arguments(parser: argparse.ArgumentParser) -> None:
                         help="project this vector's direction out of the residual stream; repeatable")
     parser.add_argument("--clamp", action="append", default=[], metavar="FILE:VALUE",
                         help="hold the projection on this vector at VALUE (in strength units; 0 = ablate); repeatable")
-    parser.add_argument("--when", choices=("all", "prompt", "generated"), default="all",
-                        help="steer every token (default), only the prompt, or only generated tokens")
+    parser.add_argument("--when", choices=("all", "prompt", "generated"), default=None,
+                        help="steer every token (default; a tuned vector: its tuned gating), only the prompt, "
+                             "or only generated tokens")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, n_default: int) -> None:

@@ -308,11 +308,29 @@ def cmd_eval(args) -> int:
     seconds = time.perf_counter() - started
     print(f"{job.vector_path.name}: {len(job.eval_items)} '{job.preset}' prompts, {len(job.strengths)} strengths")
     print_sweeps(sweeps, samples=args.samples)
+    if job.vector.tuned is not None:
+        print_tuned(job, args.raw)
     write_reports(args, job, sweeps, seconds)
     if args.ablation:
         print_ablation(job, args.layers)
     print(f"(eval took {time.perf_counter() - started:.0f} s)", file=sys.stderr)
     return 0
+
+
+def print_tuned(job: SweepJob, raw: bool) -> None:
+    """The file's tuned settings beside its default (recommended) ones, on every eval prompt."""
+    from ggsteer.evaluate.fluency import neutral_tokens
+    from ggsteer.evaluate.tune import Setting, default_setting, measure
+
+    tuned = job.vector.tuned
+    settings = [default_setting(job.model, job.vector),
+                Setting(tuned.op, tuned.when, tuple(tuned.layers), tuned.strength)]
+    moves, kls = measure(job.model, job.vector, settings, job.eval_items, neutral_tokens(job.model, None), raw)
+    print(f"tuned against default on all {len(job.eval_items)} eval prompts (the tune scored on half of them):")
+    for name, setting, move, kl in zip(("default", "tuned"), settings, moves, kls):
+        label = f"{name} settings:"
+        print(f"  {label:<18}{setting.label}: behaviour move {move.mean():+.3f} nats, KL {kl:.4f}")
+    print()
 
 
 def print_ablation(job: SweepJob, layers_text: str | None) -> None:

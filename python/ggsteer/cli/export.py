@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from ggsteer.cli.common import CliError, layers_argument, output_path
 from ggsteer.vectors import UNIT_RAW, ControlVector
 
@@ -16,11 +18,11 @@ def add_parser(sub) -> None:
     # the only output format; the flag stays accepted for scripts written when it was required
     export.add_argument("--for-llama-cpp", action="store_true",
                         help="write a plain llama.cpp control vector (the default and only format)")
-    export.add_argument("--strength", type=float, required=True,
+    export.add_argument("--strength", type=float, default=None,
                         help="steering strength to bake in (ggsteer's unit: 1.0 = the trained gap; with --raw a "
-                             "plain coefficient)")
+                             "plain coefficient); default: the vector's tuned strength (`ggsteer tune`)")
     export.add_argument("--layers", default=None,
-                        help="layers to keep, e.g. 3-14 (default: the vector's recommended layers)")
+                        help="layers to keep, e.g. 3-14 (default: the vector's tuned, else recommended layers)")
     export.add_argument("--raw", action="store_true",
                         help="strength is a plain coefficient (needed for files without a trained gap)")
     export.add_argument("-o", "--output", required=True, metavar="OUT.gguf", help="where to write the exported vector")
@@ -32,16 +34,34 @@ def baked_vector(vector: ControlVector, strength: float, layers: list[int] | Non
     if vector.unit == UNIT_RAW and not raw:
         raise CliError("this vector has no trained gap (not written by ggsteer): "
                        "pass --raw to use the strength as a coefficient")
-    chosen = layers or vector.recommended_layers or vector.layers
+    tuned = vector.tuned_addition
+    chosen = layers or (tuned.layers if tuned else None) or vector.recommended_layers or vector.layers
     chosen = [il for il in chosen if il != 0]
     baked = vector.select_layers(chosen) * strength
     baked.metadata = {"method": "exported", "unit": UNIT_RAW}
     return baked
 
 
+def export_strength(vector: ControlVector, strength: float | None, path: str) -> float:
+    """--strength, else the tuned strength; llama.cpp can only add on every token, so tuned settings
+    with another op or gating are refused without an explicit --strength (and warned about with one)."""
+    tuned = vector.tuned
+    if tuned is not None and vector.tuned_addition is None:
+        what = f"{path}'s tuned settings ({tuned.op}, {tuned.when} tokens) cannot be expressed by llama.cpp, which only adds"
+        if strength is None:
+            raise CliError(f"{what}: pass --strength to export plain addition instead")
+        print(f"ggsteer: warning: {what}: exporting plain addition at --strength {strength:g}", file=sys.stderr)
+    if strength is not None:
+        return strength
+    if vector.tuned_addition is None:
+        raise CliError(f"{path} has no tuned strength (run `ggsteer tune`): pass --strength")
+    return vector.tuned_addition.strength
+
+
 def export_command(args) -> int:
     output = output_path(args.output, args.force)
     source = ControlVector.load(args.file)
+    args.strength = export_strength(source, args.strength, args.file)
     baked = baked_vector(source, args.strength, layers_argument(args.layers), args.raw)
     baked.save(output, overwrite=args.force)
     first, last = baked.layers[0], baked.layers[-1]

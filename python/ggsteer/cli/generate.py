@@ -62,7 +62,7 @@ def complete(model, prompt: ChatPrompt, controls: list, sampling: dict) -> list[
 def describe_controls(args, vectors) -> str:
     parts = [f"{name} {strength:+g}" for name, _, strength in vectors]
     parts += [f"ablate {path}" for path in args.ablate] + [f"clamp {spec}" for spec in args.clamp]
-    return ", ".join(parts) + ("" if args.when == "all" else f", {args.when} tokens only")
+    return ", ".join(parts) + ("" if args.when in (None, "all") else f", {args.when} tokens only")
 
 
 def generate_command(args) -> int:

@@ -7,7 +7,7 @@ import sys
 import warnings
 
 from ggsteer import __version__
-from ggsteer.cli import bake, chat, demo, evaluate, export, generate, inspect, rpc_server, serve, train
+from ggsteer.cli import bake, chat, demo, evaluate, export, generate, inspect, rpc_server, serve, train, tune
 from ggsteer.cli.common import CliError
 from ggsteer.extras import MissingExtraError
 from ggsteer.generation import SequenceError
@@ -16,7 +16,7 @@ from ggsteer.vectors import VectorFileError
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
-SUBCOMMANDS = (demo, train, inspect, generate, chat, export, evaluate, serve, bake, rpc_server)
+SUBCOMMANDS = (demo, train, inspect, generate, chat, export, evaluate, tune, serve, bake, rpc_server)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ def steered_layers(
 ) -> list[int]:
     """The layers `model.set_control(vector, layers=layers)` steers; raises if the vector does not fit the model."""
     vector.check_model(model)
-    return list(model.intervention(vector, 0.0, layers=layers, raw=raw).layers)
+    return list(model.intervention(vector, 0.0, layers=layers, raw=raw, op="add").layers)
 
 
 def settings_per_strength(model, vector, strengths, layers, raw) -> list[list[Intervention]]:
@@ -44,4 +44,5 @@ def settings_per_strength(model, vector, strengths, layers, raw) -> list[list[In
         if not math.isfinite(strength):
             raise ValueError(f"strength must be a finite number, got {strength}")
     steered_layers(model, vector, layers, raw)  # fail before any decoding
-    return [normalize_controls(model, [(vector, float(s))], layers=layers, raw=raw) for s in strengths]
+    # op given: sweeps and calibration measure plain addition, never a file's tuned settings
+    return [normalize_controls(model, [(vector, float(s))], layers=layers, raw=raw, op="add") for s in strengths]

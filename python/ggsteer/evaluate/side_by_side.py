@@ -43,6 +43,8 @@ class Unit:
     consume: Callable[[list[np.ndarray]], None]
     branches: list[list[int]] = field(default_factory=list)
     branch_wants: list[range | list[int]] = field(default_factory=list)  # positions within each branch
+    # rows at positions >= this are decoded as generated tokens (for `when` gating); None: all prompt
+    generated_from: int | None = None
 
     @property
     def n_rows(self) -> int:
@@ -113,6 +115,7 @@ class SideBySide:
         slot_settings: list[int] = []
         spans: list[list[tuple[int, int]]] = []  # per unit, per piece: its range of logits rows
         n_outputs = 0
+        generated: list[bool] = []
         for unit in group:
             seqs = list(range(len(slot_settings), len(slot_settings) + unit.n_sequences))
             slot_settings += [unit.setting] * len(seqs)
@@ -123,12 +126,13 @@ class SideBySide:
                 wanted = set(wants)
                 for offset, token in enumerate(tokens):
                     batch.add_shared(token, start + offset, piece_seqs, offset in wanted)
+                    generated.append(unit.generated_from is not None and start + offset >= unit.generated_from)
                 unit_spans.append((n_outputs, n_outputs + len(wanted)))
                 n_outputs += len(wanted)
             spans.append(unit_spans)
         self._install(tuple(slot_settings))
         self.model.context.clear_memory()
-        self.model.decode_batch(batch.batch)
+        self.model.decode_batch(batch.batch, generated=np.array(generated, dtype=np.uint8))
         # llama.h: the requested logits are stored contiguously in batch order
         logits = self.model.context.logits(n_outputs)
         for unit, unit_spans in zip(group, spans):

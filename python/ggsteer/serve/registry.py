@@ -106,7 +106,8 @@ class VectorRegistry:
     def controls(self, steering: dict[str, object], model) -> list:
         """The request's steering as interventions; ApiError(400) for unknown names or bad settings.
 
-        Each value is a strength (op "add") or an object with strength, op, when, layers, first_k.
+        Each value is a strength (op "add"; a tuned vector: its tuned op, gating and layers) or an object
+        with strength, op, when, layers, first_k (without op: the tuned settings, else "add").
         """
         if not isinstance(steering, dict):
             raise ApiError(400, "steering must be an object mapping vector names to strengths", "steering")
@@ -125,21 +126,23 @@ def intervention_for(entry: RegisteredVector, spec, model):
     unknown = [key for key in options if key not in STEERING_KEYS]
     if unknown:
         raise ApiError(400, f"steering.{name}: unknown setting {unknown[0]!r}; use {', '.join(STEERING_KEYS)}", "steering")
-    op = options.get("op", "add")
+    # no op given: the vector's tuned settings (`ggsteer tune`) when it has them, else "add"
+    tuned = entry.vector.tuned if options.get("op") is None else None
+    op = options.get("op") or (tuned.op if tuned is not None else "add")
     if op not in OPS:
         raise ApiError(400, f"steering.{name}: unknown op {op!r}: choose one of {', '.join(OPS)}", "steering")
     strength = options.get("strength")
     if strength is None:
-        if op == "clamp":
+        if op == "clamp" and tuned is None:
             raise ApiError(400, f"steering.{name}: op 'clamp' needs a strength (where to hold the projection)", "steering")
-        strength = default_strength(entry.vector) if op in ("add", "add_normalized") else 1.0
+        strength = default_strength(entry.vector, None if tuned else op) if op != "ablate" else 1.0
     check_strength(name, strength)
     if op in ("add", "add_normalized") and strength == 0.0:
         return None
     try:
-        return make_intervention(entry.vector, strength, model.n_layer, model.n_embd, op=op, raw=entry.is_raw,
-                                 layers=layers_setting(options.get("layers")), when=options.get("when", "all"),
-                                 first_k=options.get("first_k"))
+        return make_intervention(entry.vector, strength, model.n_layer, model.n_embd, op=None if tuned else op,
+                                 raw=entry.is_raw, layers=layers_setting(options.get("layers")),
+                                 when=options.get("when"), first_k=options.get("first_k"))
     except (ValueError, TypeError) as error:
         raise ApiError(400, f"steering.{name}: {error}", "steering") from None
 

@@ -76,14 +76,15 @@ def make_intervention(
     n_layer: int,
     n_embd: int,
     *,
-    op: str = "add",
+    op: str | None = None,
     layers: Iterable[int] | None = None,
     raw: bool = False,
-    when: str = "all",
+    when: str | None = None,
     first_k: int | None = None,
     condition: Condition | tuple | None = None,
     skip_first: int | None = None,
 ) -> Intervention:
+    op, when, layers = _tuned_defaults(vector, op, when, layers)
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}: choose one of {', '.join(OPS)}")
     if when not in WHEN:
@@ -116,6 +117,15 @@ def make_intervention(
                         int(skip_first))
 
 
+def _tuned_defaults(vector, op: str | None, when: str | None, layers):
+    """op and when left unset: the vector's tuned settings (`ggsteer tune`) when it has them (with
+    its tuned layers unless layers are given), else addition on every token."""
+    tuned = getattr(vector, "tuned", None) if op is None else None
+    if tuned is None:
+        return op or "add", when or "all", layers
+    return tuned.op, when or tuned.when, tuned.layers if layers is None else layers
+
+
 def _make_condition(condition, n_layer: int, n_embd: int, layers: tuple[int, ...]) -> Condition | None:
     if condition is None:
         return None
@@ -136,7 +146,7 @@ def _make_condition(condition, n_layer: int, n_embd: int, layers: tuple[int, ...
 
 
 def normalize_controls(model, control, **options) -> list[Intervention]:
-    """The one reading of a "control": None, a ControlVector (at its recommended strength, else 1.0),
+    """The one reading of a "control": None, a ControlVector (at its tuned, else recommended strength, else 1.0),
     a `(vector, strength)` pair (strength None = recommended), an Intervention, or a list of those.
     `options` (op, layers, raw, when, first_k, condition) apply to the vectors given without an
     Intervention. `model` gives n_layer and n_embd."""
@@ -152,15 +162,20 @@ def normalize_controls(model, control, **options) -> list[Intervention]:
             items.append(item)
         elif isinstance(item, (ControlVector, TokenAlignedVector)) or _is_pair(item):
             vector, strength = (item, None) if not _is_pair(item) else item
-            items.append(make_intervention(vector, default_strength(vector) if strength is None else strength,
+            strength = default_strength(vector, options.get("op")) if strength is None else strength
+            items.append(make_intervention(vector, strength,
                                            model.n_layer, model.n_embd, **options))
         else:
             raise TypeError(f"cannot steer with {type(item).__name__}: give a ControlVector, (vector, strength) or Intervention")
     return items
 
 
-def default_strength(vector) -> float:
-    """A vector's recommended strength (set by calibration), else 1.0 (the trained gap)."""
+def default_strength(vector, op: str | None = None) -> float:
+    """A vector's tuned strength (`ggsteer tune`; only with `op=None`, which means its tuned settings),
+    else its recommended strength (set by calibration), else 1.0 (the trained gap)."""
+    tuned = getattr(vector, "tuned", None)
+    if tuned is not None and op is None:
+        return tuned.strength
     return getattr(vector, "recommended_strength", None) or 1.0
 
 

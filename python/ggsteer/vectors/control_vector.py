@@ -15,7 +15,7 @@ import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -34,6 +34,13 @@ if TYPE_CHECKING:
 
 UNIT_GAP = "gap"
 UNIT_RAW = "raw"
+
+
+class TunedSettings(NamedTuple):
+    op: str
+    when: str
+    layers: list[int]
+    strength: float
 
 
 @dataclass(eq=False)
@@ -78,6 +85,22 @@ class ControlVector:
     def recommended_layers(self) -> list[int] | None:
         value = self.metadata.get("recommended_layers")
         return None if value is None else [int(il) for il in value]
+
+    @property
+    def tuned(self) -> "TunedSettings | None":
+        """The settings `ggsteer tune` chose (op, when, layers, strength), or None."""
+        meta = self.metadata
+        if "tuned_op" not in meta:
+            return None
+        return TunedSettings(str(meta["tuned_op"]), str(meta.get("tuned_when", "all")),
+                             [int(il) for il in meta["tuned_layers"]], float(meta["tuned_strength"]))
+
+    @property
+    def tuned_addition(self) -> "TunedSettings | None":
+        """The tuned settings when they are plain addition on every token (what llama.cpp's control
+        vectors and a bake can carry), else None."""
+        tuned = self.tuned
+        return tuned if tuned is not None and tuned.op == "add" and tuned.when == "all" else None
 
     def layer_stat(self, name: str) -> dict[int, float]:
         """A per-layer statistic (separation, gap, residual_norm, center) keyed by layer."""
@@ -144,6 +167,12 @@ class ControlVector:
                     metadata[name] = rows[index].reshape(-1).tolist()
         if "recommended_layers" in metadata:
             metadata["recommended_layers"] = [il for il in metadata["recommended_layers"] if il in keep] or sorted(keep)
+        if "tuned_layers" in metadata:
+            tuned = [il for il in metadata["tuned_layers"] if il in keep]
+            if tuned:
+                metadata["tuned_layers"] = tuned
+            else:  # none of the tuned layers is left: the tuned settings no longer describe this vector
+                metadata = {k: v for k, v in metadata.items() if not k.startswith("tuned_")}
         return ControlVector({il: self.directions[il] for il in wanted}, self.model_hint, metadata)
 
     def _combined_metadata(self, other: "ControlVector | None" = None) -> dict[str, object]:

@@ -44,6 +44,11 @@ def _describe_scalars(meta: dict[str, object]) -> list[str]:
         lines.append(f"recommended strength: {meta['recommended_strength']:g}")
     if "recommended_layers" in meta:
         lines.append(f"recommended layers:   {_format_layer_ranges(meta['recommended_layers'])}")  # type: ignore[arg-type]
+    if "tuned_op" in meta:
+        recorded = {"tuned_kl", "tuned_max_kl"} <= set(meta)
+        budget = f" (KL {meta['tuned_kl']:.3g} <= {meta['tuned_max_kl']:g})" if recorded else ""
+        lines.append(f"tuned settings:       {meta['tuned_op']} on {meta['tuned_when']} tokens, layers "
+                     f"{_format_layer_ranges(meta['tuned_layers'])}, strength {meta['tuned_strength']:g}{budget}")  # type: ignore[arg-type]
     return lines
 
 

@@ -50,10 +50,23 @@ METADATA_KEYS: dict[str, MetadataSpec] = {
     "pool": _STR,  # how token states were pooled during training, e.g. "last", "mean"
     "n_layer": _UINT32,  # number of blocks of the model the vector was made for
 }
+# The settings `ggsteer tune` chose (evaluate/tune.py); consumers prefer them to the recommended ones.
+TUNED_KEYS: dict[str, MetadataSpec] = {
+    "tuned_op": _STR,  # "add", "add_normalized" or "clamp"
+    "tuned_when": _STR,  # "all" or "generated"
+    "tuned_layers": _INT32_LIST,
+    "tuned_strength": _FLOAT32,  # in the op's strength unit (clamp: the target, in gaps past neutral)
+    "tuned_max_kl": _FLOAT32,  # the KL budget the search ran under
+    "tuned_kl": _FLOAT32,  # the chosen settings' KL on neutral text
+    "tuned_gain": _FLOAT32,  # their behaviour move on the report prompts (not searched on), nats
+}
+METADATA_KEYS.update(TUNED_KEYS)
+TUNED_OPS = ("add", "add_normalized", "clamp")
+TUNED_WHEN = ("all", "prompt", "generated")
 PER_LAYER_KEYS = ("separation", "gap", "residual_norm", "center", "ablation_center", "ablation_gap")
 # per-layer keys holding one n_embd vector per layer, concatenated in layer order
 PER_LAYER_VECTOR_KEYS = ("ablation_direction",)
-LAYER_LIST_KEYS = ("layers", "recommended_layers")
+LAYER_LIST_KEYS = ("layers", "recommended_layers", "tuned_layers")
 
 INTEGER_GGUF_TYPES = {
     GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
@@ -136,8 +149,23 @@ def check_metadata_consistency(meta: dict[str, object], layers: list[int], n_emb
             )
     if "n_layer" in meta and max(layers) >= meta["n_layer"]:  # type: ignore[operator]
         raise VectorFileError(f"{where}: ggsteer.n_layer is {meta['n_layer']} but layer {max(layers)} has a direction")
-    unknown = sorted(set(meta.get("recommended_layers", [])) - set(layers))  # type: ignore[arg-type]
-    if unknown:
+    for key in ("recommended_layers", "tuned_layers"):
+        unknown = sorted(set(meta.get(key, [])) - set(layers))  # type: ignore[arg-type]
+        if unknown:
+            raise VectorFileError(f"{where}: ggsteer.{key} has layers {unknown} that have no direction (layers: {layers})")
+    _check_tuned(meta, where)
+
+
+def _check_tuned(meta: dict[str, object], where: str) -> None:
+    """The tuned settings come as a whole (op, when, layers, strength), with an op and gating ggsteer knows."""
+    needed = ("tuned_op", "tuned_when", "tuned_layers", "tuned_strength")
+    present = [key for key in needed if key in meta]
+    if present and len(present) != len(needed):
+        missing = [key for key in needed if key not in meta]
+        raise VectorFileError(f"{where}: the tuned settings are incomplete: {', '.join(missing)} missing")
+    if meta.get("tuned_op", "add") not in TUNED_OPS:
+        raise VectorFileError(f"{where}: ggsteer.tuned_op is {meta['tuned_op']!r}: expected one of {', '.join(TUNED_OPS)}")
+    if meta.get("tuned_when", "all") not in TUNED_WHEN:
         raise VectorFileError(
-            f"{where}: ggsteer.recommended_layers has layers {unknown} that have no direction (layers: {layers})"
+            f"{where}: ggsteer.tuned_when is {meta['tuned_when']!r}: expected one of {', '.join(TUNED_WHEN)}"
         )
