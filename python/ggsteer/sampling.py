@@ -9,6 +9,8 @@ from typing import Sequence
 
 import numpy as np
 
+MAX_TEMPERATURE = 2.0  # the highest temperature the CLI and the server accept (OpenAI's limit)
+
 
 @dataclass(frozen=True)
 class SequenceSampling:

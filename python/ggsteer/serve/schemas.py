@@ -8,8 +8,10 @@ from typing import Literal
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ggsteer.sampling import MAX_TEMPERATURE
 from ggsteer.serve.errors import ApiError
 from ggsteer.serve.settings import DEFAULT_TEMPERATURE, MAX_BODY_BYTES, MAX_STOP_STRINGS
+from ggsteer.steering.options import short_repr
 
 # -- request bodies -----------------------------------------------------------------------------
 
@@ -39,12 +41,15 @@ def check_unsupported_fields(data: dict) -> None:
         if name in data and not asks_for_nothing(data[name]):
             raise ApiError(400, f"{name}: {why} by this server (ggsteer)", name)
     for name in ("n", "best_of"):
-        if name in data and data[name] not in (None, 1):
-            raise ApiError(400, f"{name}={data[name]!r}: ggsteer returns one choice per request; send several "
+        # `true == 1` in Python: the type is checked too (booleans are not numbers here)
+        if name in data and data[name] is not None and not (type(data[name]) is int and data[name] == 1):
+            raise ApiError(400, f"{name}={short_repr(data[name])}: ggsteer returns one choice per request; send several "
                                 "requests instead (they are batched together)", name)
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)  # "yes" or 1 is not a boolean
+
     include_usage: bool = False
 
 
@@ -55,7 +60,7 @@ class GenerationRequest(BaseModel):
     model: str | None = None  # accepted for OpenAI clients; the server has one model
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
-    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=2.0)
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
