@@ -28,47 +28,76 @@ anything = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.
                                                                                               max_size=3), max_leaves=8)
 
 
-def or_anything(valid):
-    return st.one_of(valid, valid, anything)
-
-
-layer_specs = st.one_of(st.sampled_from(["1-2", "1", "2", "0-2", "1-20000000", "2-1", "x", "1,2", "0-" + "9" * 30]),
-                        st.lists(st.integers(-1, 4), max_size=4))
-condition = st.fixed_dictionaries({"vector": st.sampled_from(["happy", "honest", "sad"]),
-                                   "threshold": st.floats(-1.5, 1.5), "layer": st.integers(-1, 3)})
-setting_values = {
-    "strength": st.one_of(st.floats(-12, 12), st.integers(-12, 12)), "op": st.sampled_from(OPS + ("bogus",)),
-    "when": st.sampled_from(WHEN + ("later",)), "layers": layer_specs,
-    "first_k": st.one_of(st.integers(-1, 2**32), st.sampled_from([1e300, 2.0])),
-    "skip_first": st.one_of(st.integers(-1, 2**32), st.just(1.5)), "condition": condition,
+NAN, INF = float("nan"), float("inf")
+hostile_integers = st.sampled_from([0, -1, 2**31 - 1, 2**31, 2**63, 10**30, 1e300, INF, 2.0, True, "3"])
+# per steering setting: values a valid request holds, and values of the right shape but out of bounds
+# (what reached the worker before issue 24's fixes)
+valid_values = {
+    "strength": st.floats(0.1, 2) | st.floats(-2, -0.1), "op": st.sampled_from(OPS), "when": st.sampled_from(WHEN),
+    "layers": st.sampled_from(["2", [2], "1-2", [1, 2]]), "first_k": st.integers(1, 8),
+    "skip_first": st.integers(0, 3),
+    "condition": st.fixed_dictionaries({"vector": st.just("honest"), "threshold": st.floats(-1, 1), "layer": st.just(1)}),
 }
-assert set(setting_values) == set(STEERING_KEYS)  # the fuzz covers every steering setting the server takes
-setting = st.one_of(st.floats(-12, 12), st.fixed_dictionaries(
-    {}, optional={key: or_anything(value) for key, value in setting_values.items()} | {"scale": st.just(1)}))
-steering = or_anything(st.dictionaries(st.sampled_from(["happy", "honest", "plain", "sad"]), setting, max_size=2))
-
+hostile_values = {
+    "strength": st.sampled_from([10**400, 1e300, 10.5, True, NAN, INF, "1"]), "op": st.just("bogus"),
+    "when": st.just("later"), "first_k": hostile_integers, "skip_first": hostile_integers,
+    "layers": st.sampled_from(["1-20000000", "0-" + "9" * 30, [True], [], "2-1", [10**30], "x", [2.0]]),
+    "condition": st.sampled_from([{"vector": "sad", "threshold": 0.1, "layer": 1}, {"vector": "honest"},
+                                  {"vector": "honest", "threshold": NAN, "layer": 1},
+                                  {"vector": "honest", "threshold": 0.1, "layer": 10**30},
+                                  {"vector": "honest", "threshold": 0.1, "layer": True}]),
+}
+assert set(valid_values) == set(hostile_values) == set(STEERING_KEYS)  # every setting the server takes is fuzzed
 common_fields = {
-    "max_tokens": or_anything(st.integers(1, 3)), "max_completion_tokens": or_anything(st.integers(1, 3)),
-    "temperature": or_anything(st.floats(0, 2.5)), "top_p": or_anything(st.floats(0, 1)),
-    "seed": or_anything(st.integers(0, 2**64)), "stop": or_anything(st.lists(st.text(max_size=3), max_size=5)),
-    "stream": or_anything(st.booleans()),
-    "stream_options": or_anything(st.fixed_dictionaries({}, optional={"include_usage": or_anything(st.booleans())})),
-    "n": or_anything(st.just(1)), "best_of": or_anything(st.just(1)),
-    "presence_penalty": or_anything(st.floats(-3, 3)), "frequency_penalty": or_anything(st.floats(-3, 3)),
-    "logit_bias": or_anything(st.dictionaries(st.sampled_from(["0", "5", "47", "99999", "-1", "x"]),
-                                              st.floats(-150, 150), max_size=2)),
-    "response_format": or_anything(st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "xml"])})),
-    "steering": steering,
+    "max_tokens": st.integers(1, 3), "max_completion_tokens": st.integers(1, 3), "temperature": st.floats(0, 2),
+    "top_p": st.floats(0.01, 1), "seed": st.integers(0, 2**63 - 1), "stop": st.lists(st.text(max_size=3, min_size=1),
+                                                                                    max_size=4),
+    "stream": st.booleans(), "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
+    "n": st.just(1), "best_of": st.just(1), "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
+    "logit_bias": st.dictionaries(st.sampled_from(["0", "5", "47"]), st.floats(-100, 100), max_size=2),
+    "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object"])}),
 }
-completion = st.fixed_dictionaries({"prompt": or_anything(st.text(max_size=12))},
-                                   optional=common_fields | {"logprobs": or_anything(st.integers(0, 6))})
-message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "robot"]),
-                                 "content": or_anything(st.text(max_size=12))})
-chat = st.fixed_dictionaries({"messages": or_anything(st.lists(message, min_size=1, max_size=3))},
-                             optional=common_fields | {"logprobs": or_anything(st.booleans()),
-                                                       "top_logprobs": or_anything(st.integers(0, 21))})
-requests = st.one_of(st.tuples(st.just("/v1/completions"), completion), st.tuples(st.just("/v1/chat/completions"), chat),
-                     st.tuples(st.just("/v1/steering"), st.fixed_dictionaries({"steering": steering})))
+
+
+@st.composite
+def setting(draw):
+    """A valid setting for one vector: a strength, or an object of settings."""
+    if draw(st.integers(0, 3)) == 0:
+        return draw(st.floats(-2, 2))
+    keys = draw(st.sets(st.sampled_from(sorted(valid_values))))
+    value = {key: draw(valid_values[key]) for key in keys | {"strength"}}
+    if "condition" in value:
+        value["layers"] = "2"  # the condition reads layer 1: steering must come after it
+    return value
+
+
+@st.composite
+def fuzzed(draw, path: str, required: dict, optional: dict):
+    """A valid body, then most often one thing broken: a steering setting made hostile or any JSON value,
+    or one field replaced by any JSON value."""
+    body = draw(st.fixed_dictionaries(required, optional=optional))
+    body["steering"] = draw(st.dictionaries(st.sampled_from(["happy", "honest", "plain"]), setting(), max_size=2))
+    how = draw(st.sampled_from(["none", "hostile", "hostile", "setting", "field", "vector"]))
+    settings_ = [(name, value) for name, value in body["steering"].items() if isinstance(value, dict)]
+    if how in ("hostile", "setting") and settings_:
+        name, value = draw(st.sampled_from(settings_))
+        key = draw(st.sampled_from(sorted(valid_values)))
+        value[key] = draw(hostile_values[key] if how == "hostile" else anything)
+    elif how == "field":
+        body[draw(st.sampled_from(sorted(set(required) | set(optional) | {"steering"})))] = draw(anything)
+    elif how == "vector":
+        body["steering"][draw(st.sampled_from(["sad", "happy", ""]))] = draw(anything)
+    return path, body
+
+
+message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]),
+                                 "content": st.text(max_size=12)})
+requests = st.one_of(
+    fuzzed("/v1/completions", {"prompt": st.text(max_size=12)}, common_fields | {"logprobs": st.integers(0, 5)}),
+    fuzzed("/v1/chat/completions", {"messages": st.lists(message, min_size=1, max_size=3)},
+           common_fields | {"logprobs": st.booleans(), "top_logprobs": st.integers(0, 20)}),
+    fuzzed("/v1/steering", {}, {}),
+)
 
 
 @pytest.fixture(scope="module")
