@@ -19,7 +19,7 @@ from ggsteer.cli.main import build_parser
 from ggsteer.model import SteeredModel
 from ggsteer.serve.errors import ApiError
 from ggsteer.serve.registry import STEERING_KEYS, RegisteredVector, VectorRegistry, intervention_for, parse_setting
-from ggsteer.steering.interventions import make_intervention, normalize_controls
+from ggsteer.steering.interventions import Intervention, make_intervention, normalize_controls
 from ggsteer.steering.options import (
     BAKE,
     BAKE_OPS,
@@ -67,6 +67,7 @@ def test_every_place_offers_the_options_the_definition_gives_it():
     library = names(LIBRARY) - {"vector", "strength"}
     assert set(keyword_defaults(make_intervention)) == library
     assert set(keyword_defaults(SteeredModel.set_control)) == library
+    assert {field.name for field in dataclasses.fields(Intervention)} == names(LIBRARY) - {"raw"}  # raw: read once
     assert set(STEERING_KEYS) == names(SERVER) - {"vector"}
     assert {field.name for field in dataclasses.fields(BakeRequest)} == names(BAKE)
     cli = {option.cli_flag for option in options_for(CLI) if option.cli_flag}

@@ -47,7 +47,6 @@ class SteeringOption:
     choices: tuple[str, ...] = ()
     minimum: float | None = None
     maximum: float | None = None
-    optional: bool = False  # None is a value (no limit) besides the default
     cli_flag: str | None = None  # the CLI's spelling where it is a plain argument
     limits: dict[str, str] = field(default_factory=dict)  # place -> what differs there
 
@@ -154,7 +153,7 @@ OPTIONS_LIST = (
         limits={SERVER: "each layer in 0..n_layer-1"}),
     SteeringOption(
         "first_k", "integer", None, "steer only positions below k (the first k tokens)", (LIBRARY, CLI, SERVER),
-        default_text="no limit", minimum=1, maximum=INT32_MAX, optional=True, cli_flag="--first-k"),
+        default_text="no limit", minimum=1, maximum=INT32_MAX, cli_flag="--first-k"),
     SteeringOption(
         "skip_first", "integer", None, "leave positions below k alone (position 0 is the attention sink)",
         (LIBRARY, CLI, SERVER), default_text="1 for ablate and clamp, else 0", minimum=0, maximum=INT32_MAX,
