@@ -71,7 +71,8 @@ def test_every_steering_option_of_the_cli_reaches_the_steering(tmp_path, tiny_mo
     limit that excludes nothing gives the steered text, each that excludes everything the plain one."""
     rng = np.random.default_rng(3)
     path = tmp_path / "v.gguf"
-    ControlVector({il: rng.normal(size=48).astype(np.float32) * 4 for il in (1, 2)}, "llama", {"unit": "raw"}).save(path)
+    directions = {il: rng.normal(size=48).astype(np.float32) * 4 for il in (1, 2)}
+    ControlVector(directions, "llama", {"unit": "raw"}).save(path)
 
     def text(*extra, layers: str = "1-2") -> str:
         argv = ["generate", "--model", str(tiny_model_path), "-p", "the cat", "-n", "6", "--temp", "0",

@@ -36,7 +36,8 @@ valid_values = {
     "strength": st.floats(0.1, 2) | st.floats(-2, -0.1), "op": st.sampled_from(OPS), "when": st.sampled_from(WHEN),
     "layers": st.sampled_from(["2", [2], "1-2", [1, 2]]), "first_k": st.integers(1, 8),
     "skip_first": st.integers(0, 3),
-    "condition": st.fixed_dictionaries({"vector": st.just("honest"), "threshold": st.floats(-1, 1), "layer": st.just(1)}),
+    "condition": st.fixed_dictionaries({"vector": st.just("honest"), "threshold": st.floats(-1, 1),
+                                        "layer": st.just(1)}),
 }
 hostile_values = {
     "strength": st.sampled_from([10**400, 1e300, 10.5, True, NAN, INF, "1"]), "op": st.just("bogus"),
@@ -80,7 +81,7 @@ def fuzzed(draw, path: str, required: dict, optional: dict):
     how = draw(st.sampled_from(["none", "hostile", "hostile", "setting", "field", "vector"]))
     settings_ = [(name, value) for name, value in body["steering"].items() if isinstance(value, dict)]
     if how in ("hostile", "setting") and settings_:
-        name, value = draw(st.sampled_from(settings_))
+        _, value = draw(st.sampled_from(settings_))
         key = draw(st.sampled_from(sorted(valid_values)))
         value[key] = draw(hostile_values[key] if how == "hostile" else anything)
     elif how == "field":
@@ -104,9 +105,9 @@ requests = st.one_of(
 def fuzzed_server(tiny_model_path, tmp_path_factory):
     directory = tmp_path_factory.mktemp("fuzz_vectors")
     write_vectors(directory)
-    with fresh_server(tiny_model_path, directory, ServerConfig(max_batch=4)) as (url, _):
-        with httpx.Client(base_url=url, timeout=120) as client:
-            yield client
+    with fresh_server(tiny_model_path, directory, ServerConfig(max_batch=4)) as (url, _), \
+            httpx.Client(base_url=url, timeout=120) as client:
+        yield client
 
 
 def greedy_text(client) -> str:

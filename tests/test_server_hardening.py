@@ -242,11 +242,12 @@ def test_first_k_beyond_the_hook_gets_400_and_the_worker_is_not_restarted(served
     hook program (500, worker restart, a neighbour's stream broken); 1e400 was a 500 too."""
     url, _ = served
     restarts = metrics(url).get("ggsteer_worker_restarts_total", 0.0)
-    content = '{"prompt": "the cat", "max_tokens": 2, "steering": {"happy": {"strength": 0.5, "first_k": %s}}}'
-    error = openai_error(httpx.post(f"{url}/v1/completions", content=content % first_k, headers=JSON_HEADERS))
+    content = '{"prompt": "the cat", "max_tokens": 2, "steering": {"happy": {"strength": 0.5, "first_k": FIRST_K}}}'
+    error = openai_error(httpx.post(f"{url}/v1/completions", content=content.replace("FIRST_K", first_k),
+                                    headers=JSON_HEADERS))
     assert error["param"] == "steering" and error["message"].startswith("steering.happy: first_k must be")
     # the same as a server-wide default is refused too, and the default stays as it was
-    default = '{"steering": {"happy": {"strength": 0.5, "first_k": %s}}}' % first_k
+    default = '{"steering": {"happy": {"strength": 0.5, "first_k": FIRST_K}}}'.replace("FIRST_K", first_k)
     openai_error(httpx.post(f"{url}/v1/steering", content=default, headers=JSON_HEADERS))
     assert httpx.get(f"{url}/v1/steering").json()["steering"] == {}
     # positive control: the largest first_k the hook takes steers like no limit at all

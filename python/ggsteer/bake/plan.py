@@ -97,8 +97,10 @@ class Planner:
 
     # -- requests -------------------------------------------------------------------------
     def add(self, request: BakeRequest) -> BakedOp:
-        deltas = {il: np.float64(request.strength) * request.vector.directions[il].astype(np.float64) for il in request.layers}
-        baked = BakedOp("add", request.layers, request.strength, vector_hash(request.vector, request.layers), True, "", "")
+        deltas = {il: np.float64(request.strength) * request.vector.directions[il].astype(np.float64)
+                  for il in request.layers}
+        baked = BakedOp("add", request.layers, request.strength, vector_hash(request.vector, request.layers), True,
+                        "", "")
         if self.arch.residual_bias:
             for il, delta in deltas.items():
                 name = f"blk.{il}.{self.arch.residual_bias}"

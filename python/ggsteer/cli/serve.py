@@ -35,7 +35,8 @@ def add_parser(subparsers) -> None:
                        help=f"requests generating together at most (default {settings.DEFAULT_MAX_BATCH})")
     wait_ms = settings.DEFAULT_BATCH_WAIT_S * 1000
     serve.add_argument("--batch-wait-ms", type=float, default=wait_ms,
-                       help=f"when idle, wait this long after a request for others to start with it (default {wait_ms:g})")
+                       help="when idle, wait this long after a request for others to start with it "
+                            f"(default {wait_ms:g})")
     serve.add_argument("--max-queue", type=int, default=settings.DEFAULT_MAX_QUEUE,
                        help="requests waiting for a place in the batch at most; more are answered 429 "
                             f"(default {settings.DEFAULT_MAX_QUEUE})")

@@ -18,4 +18,6 @@ def __getattr__(name: str):
     require("fastapi", "serve", "ggsteer serve")
     from ggsteer.serve import app, registry
 
-    return {"ServerConfig": app.ServerConfig, "create_app": app.create_app, "VectorRegistry": registry.VectorRegistry}[name]
+    exported = {"ServerConfig": app.ServerConfig, "create_app": app.create_app,
+                "VectorRegistry": registry.VectorRegistry}
+    return exported[name]

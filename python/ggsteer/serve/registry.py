@@ -8,8 +8,15 @@ from pathlib import Path
 
 from ggsteer.serve.errors import ApiError
 from ggsteer.steering.interventions import default_strength, make_intervention
-from ggsteer.steering.options import SERVER, OptionError, options_for, parse_condition_fields, parse_option, \
-    parse_strength, short_repr
+from ggsteer.steering.options import (
+    SERVER,
+    OptionError,
+    options_for,
+    parse_condition_fields,
+    parse_option,
+    parse_strength,
+    short_repr,
+)
 from ggsteer.vectors import UNIT_RAW, ControlVector
 
 # what a request may say about one vector besides a bare strength (the vector is the entry's name)
@@ -119,7 +126,7 @@ class VectorRegistry:
         return controls
 
 
-def intervention_for(entry: RegisteredVector, spec, model, registry: "VectorRegistry | None" = None):
+def intervention_for(entry: RegisteredVector, spec, model, registry: VectorRegistry | None = None):
     """One vector's steering as an Intervention (None: an addition at strength 0 does nothing).
 
     Every setting is parsed into its typed, bounded form here (steering/options.py), before any

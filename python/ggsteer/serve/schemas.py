@@ -43,8 +43,8 @@ def check_unsupported_fields(data: dict) -> None:
     for name in ("n", "best_of"):
         # `true == 1` in Python: the type is checked too (booleans are not numbers here)
         if name in data and data[name] is not None and not (type(data[name]) is int and data[name] == 1):
-            raise ApiError(400, f"{name}={short_repr(data[name])}: ggsteer returns one choice per request; send several "
-                                "requests instead (they are batched together)", name)
+            raise ApiError(400, f"{name}={short_repr(data[name])}: ggsteer returns one choice per request; send "
+                                "several requests instead (they are batched together)", name)
 
 
 class StreamOptions(BaseModel):

@@ -124,7 +124,7 @@ def _make_condition(condition, n_layer: int, n_embd: int, layers: tuple[int, ...
     if not isinstance(condition, Condition):
         vector, threshold, layer = parse_condition_fields(condition, n_layer)
         if not isinstance(vector, ControlVector):
-            raise ValueError(f"condition vector must be a ControlVector, got {type(vector).__name__}")
+            raise TypeError(f"condition vector must be a ControlVector, got {type(vector).__name__}")
         condition = Condition(vector, threshold, layer)
     if condition.vector.n_embd != n_embd:
         raise ValueError(f"condition vector has n_embd {condition.vector.n_embd} but the model has n_embd {n_embd}")

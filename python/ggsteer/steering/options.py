@@ -100,7 +100,8 @@ def _check_range(option: SteeringOption, number, shown) -> None:
 
 def _parse_choice(option: SteeringOption, value, n_layer):
     if not isinstance(value, str) or value not in option.choices:
-        raise OptionError(option.name, f"unknown {option.name} {short_repr(value)}: choose one of {', '.join(option.choices)}")
+        raise OptionError(option.name,
+                          f"unknown {option.name} {short_repr(value)}: choose one of {', '.join(option.choices)}")
     return value
 
 
@@ -122,9 +123,11 @@ def _parse_layers(option: SteeringOption, value, n_layer):
         limit = n_layer if n_layer is not None else INT32_MAX + 1
         beyond = [il for il in value if not 0 <= il < limit]
         if beyond:
-            raise OptionError(option.name, f"layer {short_repr(beyond[0])} is beyond the model: it has layers 0..{limit - 1}")
+            raise OptionError(option.name,
+                              f"layer {short_repr(beyond[0])} is beyond the model: it has layers 0..{limit - 1}")
         return sorted({int(il) for il in value})
-    raise OptionError(option.name, f"bad layers {short_repr(value)}: give a range like \"3-14\" or a list of layer numbers")
+    raise OptionError(option.name,
+                      f"bad layers {short_repr(value)}: give a range like \"3-14\" or a list of layer numbers")
 
 
 _PARSERS = {"number": _parse_number, "integer": _parse_integer, "choice": _parse_choice, "flag": _parse_flag,
@@ -160,7 +163,8 @@ OPTIONS_LIST = (
         cli_flag="--skip-first"),
     SteeringOption(
         "condition", "condition", None, "steer only prompts whose mean state at `layer` has at least `threshold` "
-        "cosine with the condition vector (CAST); threshold in -1..1, layer before every steered layer", (LIBRARY, CLI, SERVER), default_text="always steer",
+        "cosine with the condition vector (CAST); threshold in -1..1, layer before every steered layer",
+        (LIBRARY, CLI, SERVER), default_text="always steer",
         cli_flag="--condition",
         limits={LIBRARY: "(vector, threshold, layer) or a Condition", CLI: "FILE:THRESHOLD:LAYER",
                 SERVER: '{"vector": name, "threshold": t, "layer": l}'}),
@@ -188,7 +192,8 @@ def parse_strength(value, bounded: bool = True) -> float:
     too_large = OptionError("strength", f"strength {short_repr(value)} is too large: it must be within "
                                         f"+-{MAX_ABS_STRENGTH:g} (1.0 = the trained gap)")
     # an integer of hundreds of digits is bounded before float() would overflow on it
-    if bounded and isinstance(value, numbers.Integral) and not isinstance(value, bool) and abs(value) > MAX_ABS_STRENGTH:
+    integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if bounded and integer and abs(value) > MAX_ABS_STRENGTH:
         raise too_large
     strength = OPTIONS["strength"].parse(value)
     if strength is None:

@@ -11,7 +11,6 @@ from typing import Iterable
 
 import numpy as np
 
-
 # more blocks than any model has: a layer spec is refused past this before a range is expanded
 MAX_LAYERS = 4096
 
