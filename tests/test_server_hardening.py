@@ -294,3 +294,30 @@ def test_the_well_typed_forms_of_those_fields_are_served(served):
         assert response.status_code == 200
         events = [line for line in response.iter_lines() if line.startswith("data: {")]
     assert '"usage"' in events[-1]
+
+
+def test_server_defaults_and_limits_are_defined_once():
+    """`ggsteer serve`'s option defaults, ServerConfig and the worker take theirs from serve/settings.py,
+    and the CLI and the server share one temperature limit."""
+    import argparse
+    import inspect
+
+    from annotated_types import Le
+
+    from ggsteer.cli.main import build_parser
+    from ggsteer.sampling import MAX_TEMPERATURE
+    from ggsteer.serve import settings
+    from ggsteer.serve.schemas import GenerationRequest
+    from ggsteer.serve.worker import BatchWorker
+
+    parser = build_parser()
+    serve = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
+    defaults = {flag: action.default for action in serve._actions for flag in action.option_strings}
+    config = ServerConfig()
+    assert defaults["--max-batch"] == config.max_batch == settings.DEFAULT_MAX_BATCH
+    assert defaults["--max-queue"] == config.max_queue == settings.DEFAULT_MAX_QUEUE
+    assert inspect.signature(BatchWorker).parameters["max_queue"].default == settings.DEFAULT_MAX_QUEUE
+    assert defaults["--batch-wait-ms"] / 1000 == config.batch_wait_s == settings.DEFAULT_BATCH_WAIT_S
+    assert (defaults["--host"], defaults["--port"]) == (settings.DEFAULT_HOST, settings.DEFAULT_PORT)
+    limits = [m.le for m in GenerationRequest.model_fields["temperature"].metadata if isinstance(m, Le)]
+    assert limits == [MAX_TEMPERATURE]
