@@ -70,3 +70,30 @@ def test_sane_steering_does_not_warn(tmp_path, tiny_model_path, capsys):
     assert main(["generate", "--model", str(tiny_model_path), "--vector", f"{vector}:1", "--raw", "-p", "the cat",
                  "-n", "4", "--threads", "2"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_every_steering_option_of_the_cli_reaches_the_steering(tmp_path, tiny_model_path, capsys):
+    """--first-k, --skip-first and --condition (made from steering/options.py) act on the text: each
+    limit that excludes nothing gives the steered text, each that excludes everything the plain one."""
+    rng = np.random.default_rng(3)
+    path = tmp_path / "v.gguf"
+    directions = {il: rng.normal(size=48).astype(np.float32) * 4 for il in (1, 2)}
+    ControlVector(directions, "llama", {"unit": "raw"}).save(path)
+
+    def text(*extra, layers: str = "1-2") -> str:
+        argv = ["generate", "--model", str(tiny_model_path), "-p", "the cat", "-n", "6", "--temp", "0",
+                "--repeat-penalty", "1", "--threads", "2", "--raw", "--layers", layers, *extra]
+        assert main(argv) == 0
+        return capsys.readouterr().out
+
+    vector = ("--vector", f"{path}:0.7")
+    plain, steered = text("--vector", f"{path}:0"), text(*vector)
+    assert steered != plain
+    assert text(*vector, "--first-k", "1000") == steered
+    assert text(*vector, "--skip-first", "1000") == plain
+    assert text(*vector, "--first-k", "1") not in (plain, steered)
+    # the condition reads layer 1, so only layer 2 is steered
+    steered_2 = text(*vector, layers="2")
+    assert steered_2 != plain
+    assert text(*vector, "--condition", f"{path}:-1:1", layers="2") == steered_2  # every cosine is >= -1
+    assert text(*vector, "--condition", f"{path}:1:1", layers="2") == plain  # no prompt's mean state is parallel

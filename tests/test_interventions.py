@@ -445,11 +445,11 @@ def test_bad_intervention_arguments(tiny_model):
         tiny_model.set_control(vector, 1.0, op="subtract")
     with pytest.raises(ValueError, match="unknown when 'later'"):
         tiny_model.set_control(vector, 1.0, when="later")
-    with pytest.raises(ValueError, match="first_k must be a positive integer"):
+    with pytest.raises(ValueError, match=r"first_k must be within 1..2147483647, got 0"):
         tiny_model.set_control(vector, 1.0, first_k=0)
     with pytest.raises(ValueError, match="condition layer 1 must come before every steered layer"):
         tiny_model.set_control(vector, 1.0, layers=[1, 2], condition=(vector, 0.1, 1))
-    with pytest.raises(ValueError, match="must lie in"):
+    with pytest.raises(ValueError, match=r"condition threshold must be within -1..1, got 1.5"):
         tiny_model.set_control(vector, 1.0, layers=[2], condition=(vector, 1.5, 1))
     with pytest.raises(ValueError, match="2 prompts but 1 controls"):
         tiny_model.generate_batch(["a", "b"], [None])

@@ -213,3 +213,111 @@ def test_bad_serve_options_get_one_line(tmp_path, tiny_model_path, capsys, optio
     assert main(["serve", "--model", str(tiny_model_path), "--vectors", str(tmp_path), option, value]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and message in error[0]
+
+
+# -- issue 24: every steering field typed and bounded before it reaches the worker -----------------
+
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+def openai_error(response, status: int = 400) -> dict:
+    """The error object of a refused request, which must be OpenAI's shape."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["code"]) == ("invalid_request_error", status)
+    return error
+
+
+def steered_text(url: str, setting) -> str:
+    body = {"prompt": "the cat", **GREEDY, "steering": {"happy": setting}}
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("first_k", ["1e300", str(10**30), "1e400", "2147483648", "true", "2.0"])
+def test_first_k_beyond_the_hook_gets_400_and_the_worker_is_not_restarted(served, first_k):
+    """issue 24 item 1: 1e300 and 10**30 passed validation, then overflowed while the worker built the
+    hook program (500, worker restart, a neighbour's stream broken); 1e400 was a 500 too."""
+    url, _ = served
+    restarts = metrics(url).get("ggsteer_worker_restarts_total", 0.0)
+    content = '{"prompt": "the cat", "max_tokens": 2, "steering": {"happy": {"strength": 0.5, "first_k": FIRST_K}}}'
+    error = openai_error(httpx.post(f"{url}/v1/completions", content=content.replace("FIRST_K", first_k),
+                                    headers=JSON_HEADERS))
+    assert error["param"] == "steering" and error["message"].startswith("steering.happy: first_k must be")
+    # the same as a server-wide default is refused too, and the default stays as it was
+    default = '{"steering": {"happy": {"strength": 0.5, "first_k": FIRST_K}}}'.replace("FIRST_K", first_k)
+    openai_error(httpx.post(f"{url}/v1/steering", content=default, headers=JSON_HEADERS))
+    assert httpx.get(f"{url}/v1/steering").json()["steering"] == {}
+    # positive control: the largest first_k the hook takes steers like no limit at all
+    assert steered_text(url, {"strength": 0.5, "first_k": 2**31 - 1}) == steered_text(url, 0.5)
+    assert metrics(url).get("ggsteer_worker_restarts_total", 0.0) == restarts
+
+
+@pytest.mark.parametrize("layers", ["1-20000000", "0-99999999999999999999", "2,1-20000000", [1, 20000000]])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/steering"])
+def test_huge_layer_ranges_are_refused_by_the_models_size_before_they_are_expanded(served, layers, path):
+    """issue 24 item 3: "1-20000000" was expanded (4 s on the event loop, 48 MB) before its 400."""
+    url, _ = served
+    body = {"steering": {"happy": {"strength": 0.5, "layers": layers}}}
+    if path == "/v1/completions":
+        body |= {"prompt": "the cat", "max_tokens": 2}
+    error = openai_error(httpx.post(f"{url}{path}", json=body, timeout=60))
+    number = "99999999... (20 digits)" if "999" in str(layers) else "20000000"
+    assert error["message"] == f"steering.happy: layer {number} is beyond the model: it has layers 0..2"
+    assert steered_text(url, {"strength": 0.5, "layers": "1-2"}) == steered_text(url, 0.5)  # the vector's own layers
+
+
+@pytest.mark.parametrize(("field", "value", "param"), [
+    ("n", True, "n"), ("best_of", True, "best_of"), ("n", 1.0, "n"),
+    ("stream_options", {"include_usage": "yes"}, "stream_options.include_usage"),
+    ("stream_options", {"include_usage": 1}, "stream_options.include_usage"),
+    ("steering", {"happy": {"strength": 0.5, "first_k": True}}, "steering"),
+    ("steering", {"happy": {"strength": 0.5, "skip_first": True}}, "steering"),
+    ("steering", {"happy": True}, "steering"),
+])
+def test_booleans_are_not_numbers_and_strings_are_not_booleans(served, field, value, param):
+    """issue 24 item 7: `true` was taken as n and first_k, and "yes" as include_usage."""
+    url, _ = served
+    body = {"prompt": "the cat", "max_tokens": 2, "stream": True, field: value}
+    error = openai_error(httpx.post(f"{url}/v1/completions", json=body, timeout=60))
+    assert error["param"] == param
+
+
+def test_the_well_typed_forms_of_those_fields_are_served(served):
+    """The positive control of the test above: the same fields with their JSON types are accepted."""
+    url, _ = served
+    body = {"prompt": "the cat", "max_tokens": 2, "n": 1, "best_of": 1, "stream": True,
+            "stream_options": {"include_usage": True}, "steering": {"happy": {"strength": 0.5, "first_k": 1}}}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        events = [line for line in response.iter_lines() if line.startswith("data: {")]
+    assert '"usage"' in events[-1]
+
+
+def test_server_defaults_and_limits_are_defined_once():
+    """`ggsteer serve`'s option defaults, ServerConfig and the worker take theirs from serve/settings.py,
+    and the CLI and the server share one temperature limit."""
+    import argparse
+    import inspect
+
+    from annotated_types import Le
+
+    from ggsteer.cli.main import build_parser
+    from ggsteer.sampling import MAX_TEMPERATURE
+    from ggsteer.serve import settings
+    from ggsteer.serve.schemas import GenerationRequest
+    from ggsteer.serve.worker import BatchWorker
+
+    parser = build_parser()
+    serve = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
+    defaults = {flag: action.default for action in serve._actions for flag in action.option_strings}
+    config = ServerConfig()
+    assert defaults["--max-batch"] == config.max_batch == settings.DEFAULT_MAX_BATCH
+    assert defaults["--max-queue"] == config.max_queue == settings.DEFAULT_MAX_QUEUE
+    assert inspect.signature(BatchWorker).parameters["max_queue"].default == settings.DEFAULT_MAX_QUEUE
+    assert defaults["--batch-wait-ms"] / 1000 == config.batch_wait_s == settings.DEFAULT_BATCH_WAIT_S
+    assert (defaults["--host"], defaults["--port"]) == (settings.DEFAULT_HOST, settings.DEFAULT_PORT)
+    limits = [m.le for m in GenerationRequest.model_fields["temperature"].metadata if isinstance(m, Le)]
+    assert limits == [MAX_TEMPERATURE]

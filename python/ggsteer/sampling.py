@@ -31,7 +31,7 @@ class SamplingDefaults:
 DEFAULTS = SamplingDefaults()
 # greedy text for a human to compare (demo, eval samples): a base model's greedy text loops without a penalty
 READABLE_GREEDY = replace(DEFAULTS, temperature=0.0, repeat_penalty=1.3)
-MAX_TEMPERATURE = 2.0
+MAX_TEMPERATURE = 2.0  # the highest temperature the CLI and the server accept (OpenAI's limit)
 SAMPLING_OPTIONS = tuple(f.name for f in fields(SamplingDefaults))
 
 

@@ -117,10 +117,8 @@ def _requests(add, ablate, clamp, layers, n_embd: int, n_layer: int, path: str) 
         if vector.n_embd != n_embd:
             raise BakeError(f"{request.op}: vector has n_embd {vector.n_embd} but {path} has n_embd {n_embd}: "
                             f"it was made for another model ({vector.model_hint or 'unknown'})")
-        if request.value is not None and not np.isfinite(request.value):
-            raise BakeError(f"{request.op}: value must be a finite number, got {request.value}")
         chosen = _layers_for(vector, layers, n_layer)
-        checked.append(BakeRequest(request.op, vector, request.value, tuple(chosen)))
+        checked.append(BakeRequest(request.op, vector, request.strength, tuple(chosen)))
     return checked
 
 

@@ -33,6 +33,7 @@ from ggsteer.bake import edits
 from ggsteer.bake.architectures import WRITERS, Architecture
 from ggsteer.bake.gguf_layout import GGUFLayout
 from ggsteer.bake.quant import read_tensor
+from ggsteer.steering.options import BAKE_OPS, OptionError, parse_strength
 from ggsteer.vectors import ControlVector
 from ggsteer.vectors.projection import projection_for_layer
 
@@ -45,10 +46,23 @@ class BakeError(ValueError):
 
 @dataclass(frozen=True)
 class BakeRequest:
+    """One steering entry to bake: its fields are the steering options a bake can hold
+    (steering/options.py; weights act on every position, so when, first_k, skip_first and
+    condition have no baked form)."""
+
     op: str  # "add", "ablate" or "clamp"
     vector: ControlVector
-    value: float | None  # strength for add, clamp value (in gaps), None for ablate
+    strength: float | None  # strength for add, clamp value (in gaps), None for ablate
     layers: tuple[int, ...]
+
+    def __post_init__(self):
+        if self.op not in BAKE_OPS:
+            raise BakeError(f"cannot bake op {self.op!r}: choose one of {', '.join(BAKE_OPS)}")
+        if self.strength is not None:
+            try:
+                object.__setattr__(self, "strength", parse_strength(self.strength, bounded=False))
+            except OptionError as error:
+                raise BakeError(f"{self.op}: {error}") from None
 
 
 @dataclass
@@ -83,8 +97,10 @@ class Planner:
 
     # -- requests -------------------------------------------------------------------------
     def add(self, request: BakeRequest) -> BakedOp:
-        deltas = {il: np.float64(request.value) * request.vector.directions[il].astype(np.float64) for il in request.layers}
-        baked = BakedOp("add", request.layers, request.value, vector_hash(request.vector, request.layers), True, "", "")
+        deltas = {il: np.float64(request.strength) * request.vector.directions[il].astype(np.float64)
+                  for il in request.layers}
+        baked = BakedOp("add", request.layers, request.strength, vector_hash(request.vector, request.layers), True,
+                        "", "")
         if self.arch.residual_bias:
             for il, delta in deltas.items():
                 name = f"blk.{il}.{self.arch.residual_bias}"
@@ -101,13 +117,13 @@ class Planner:
         vector, layers = request.vector, request.layers
         # the direction and projection the hook's ablate/clamp use: with training's statistics, the
         # direction without the ones every token shares (which the attention sink is made of)
-        fits = {il: projection_for_layer(vector, il, request.op, request.value) for il in layers}
+        fits = {il: projection_for_layer(vector, il, request.op, request.strength) for il in layers}
         units = {il: edits.unit(direction.astype(np.float64)) for il, (direction, _) in fits.items()}
         targets = {il: float(target) for il, (_, target) in fits.items()}
         reasons = self._projection_limits(units, targets)
         exact = not reasons
         centered = exact and any(t != 0.0 for t in targets.values())
-        baked = BakedOp(request.op, layers, request.value, vector_hash(vector, layers), exact,
+        baked = BakedOp(request.op, layers, request.strength, vector_hash(vector, layers), exact,
                         "centered" if centered else "plain", "", reasons)
         self._require_approximate(baked)
         if request.op == "clamp" and not exact:

@@ -13,10 +13,11 @@ import numpy as np
 
 from ggsteer.atomic_file import check_destination
 from ggsteer.model import SteeredModel
+from ggsteer.runtime.rpc import RpcWorkerError, parse_endpoints
 from ggsteer.runtime.sampler import SEED_MASK
 from ggsteer.sampling import DEFAULTS, MAX_TEMPERATURE, check_settings
-from ggsteer.runtime.rpc import RpcWorkerError, parse_endpoints
-from ggsteer.steering.interventions import MAX_ABS_STRENGTH, default_strength
+from ggsteer.steering.interventions import default_strength
+from ggsteer.steering.options import CLI, OPTIONS, OptionError, options_for, parse_condition_fields, parse_strength
 from ggsteer.vectors import ControlVector, parse_layer_range
 
 
@@ -34,9 +35,10 @@ def parse_vector_spec(spec: str) -> tuple[Path, float | None]:
     path, _, text = spec.rpartition(":")
     strength = finite_number(text, f"bad --vector {spec!r}: expected FILE or FILE:STRENGTH with a number after the colon",
                              f"bad --vector {spec!r}: the strength must be a finite number")
-    if abs(strength) > MAX_ABS_STRENGTH:
-        raise CliError(f"bad --vector {spec!r}: a strength of {strength:g} would destroy the text; "
-                       f"use a value within +-{MAX_ABS_STRENGTH:g} (1.0 = the trained gap)")
+    try:
+        strength = parse_strength(strength)
+    except OptionError as error:
+        raise CliError(f"bad --vector {spec!r}: {error}") from None
     if not path:
         raise CliError(f"bad --vector {spec!r}: the file name is missing")
     return Path(path), strength
@@ -106,18 +108,70 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --rpc: share of the layers per worker, e.g. 3,1 (default: by free memory)")
 
 
+# the CLI spells the op by the flag a vector is given with
+OP_FLAGS = {"add": "--vector", "ablate": "--ablate", "clamp": "--clamp"}
+
+
 def add_steering_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vector", "-v", action="append", default=[], metavar="FILE[:STRENGTH]",
+    """--vector/--ablate/--clamp (vector, strength, op) and one argument per steering option the CLI
+    takes (steering/options.py: its flag, help, default and bounds)."""
+    parser.add_argument(OP_FLAGS["add"], "-v", action="append", default=[], metavar="FILE[:STRENGTH]",
                         help="control vector and strength (default: its recommended strength, else 1.0); repeatable")
-    parser.add_argument("--layers", default=None, help="layers to steer, e.g. 3-14 (default: the vector's recommended layers)")
-    parser.add_argument("--raw", action="store_true", help="strength is a plain coefficient (files without a trained gap)")
-    parser.add_argument("--ablate", action="append", default=[], metavar="FILE",
+    parser.add_argument(OP_FLAGS["ablate"], action="append", default=[], metavar="FILE",
                         help="project this vector's direction out of the residual stream; repeatable")
-    parser.add_argument("--clamp", action="append", default=[], metavar="FILE:VALUE",
+    parser.add_argument(OP_FLAGS["clamp"], action="append", default=[], metavar="FILE:VALUE",
                         help="hold the projection on this vector at VALUE (in strength units; 0 = ablate); repeatable")
-    parser.add_argument("--when", choices=("all", "prompt", "generated"), default=None,
-                        help="steer every token (default; a tuned vector: its tuned gating), only the prompt, "
-                             "or only generated tokens")
+    for option in options_for(CLI):
+        if option.cli_flag is None:
+            continue
+        default = f" (default: {option.default_text or option.default})"
+        if option.kind == "flag":
+            parser.add_argument(option.cli_flag, action="store_true", help=option.help)
+        elif option.kind == "choice":
+            parser.add_argument(option.cli_flag, choices=option.choices, default=option.default,
+                                help=option.help + default)
+        else:
+            metavar = "FILE:THRESHOLD:LAYER" if option.kind == "condition" else None
+            parser.add_argument(option.cli_flag, type=_cli_type(option.name), default=option.default,
+                                metavar=metavar, help=option.help + default)
+
+
+def _cli_type(name: str):
+    """An argparse type that parses the text as the option defines it (an error before any model loads)."""
+    option = OPTIONS[name]
+
+    def convert(text: str):
+        try:
+            if option.kind == "condition":
+                return _condition_argument(text)
+            if option.kind == "integer":
+                return option.parse(_integer_text(name, text))
+            option.parse(text)  # layers: checked now, read again with the model's size by layers_argument
+            return text
+        except OptionError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.__name__ = name  # argparse names the type in "invalid <name> value"
+    return convert
+
+
+def _integer_text(name: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise OptionError(name, f"{name} must be an integer, got {text!r}") from None
+
+
+def _condition_argument(text: str) -> tuple[Path, float, int]:
+    path, threshold, layer = ([""] * 3 + text.rsplit(":", 2))[-3:]
+    try:
+        threshold_value = float(threshold)
+    except ValueError:
+        raise OptionError("condition", f"bad --condition {text!r}: expected FILE:THRESHOLD:LAYER") from None
+    if not path:
+        raise OptionError("condition", f"bad --condition {text!r}: expected FILE:THRESHOLD:LAYER")
+    _, threshold_value, layer_value = parse_condition_fields((path, threshold_value, _integer_text("layer", layer)))
+    return Path(path), threshold_value, layer_value
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, n_default: int) -> None:
@@ -157,8 +211,9 @@ def load_vectors(specs: list[str]):
 
 def steering_interventions(model, args, vectors) -> list:
     """Interventions from --vector/--ablate/--clamp/--when/--layers/--raw."""
-    layers = layers_argument(args.layers)
-    common = dict(layers=layers, raw=args.raw, when=args.when)
+    layers = layers_argument(args.layers, model.n_layer)
+    common = dict(layers=layers, raw=args.raw, when=args.when, first_k=args.first_k, skip_first=args.skip_first,
+                  condition=condition_argument(args.condition))
     items = [model.intervention(vector, strength, **common) for _, vector, strength in vectors]
     for path in args.ablate:
         items.append(model.intervention(ControlVector.load(path), 1.0, op="ablate", **common))
@@ -170,8 +225,17 @@ def steering_interventions(model, args, vectors) -> list:
     return items
 
 
-def layers_argument(text: str | None):
-    return None if text is None else parse_layer_range(text)
+def layers_argument(text: str | None, n_layer: int | None = None):
+    return None if text is None else parse_layer_range(text, n_layer)
+
+
+def condition_argument(condition: tuple[Path, float, int] | None):
+    """--condition FILE:THRESHOLD:LAYER with its vector loaded, as make_intervention takes it."""
+    if condition is None:
+        return None
+    path, threshold, layer = condition
+    return ControlVector.load(path), threshold, layer
+
 
 
 def check_sampling_arguments(args) -> None:

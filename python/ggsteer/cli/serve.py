@@ -11,6 +11,7 @@ import sys
 from ggsteer.cli.common import CliError, add_model_arguments, load_model
 from ggsteer.extras import require
 from ggsteer.model import DEFAULT_N_CTX
+from ggsteer.serve import settings
 
 API_KEY_ENV = "GGSTEER_API_KEY"
 
@@ -24,16 +25,21 @@ def add_parser(subparsers) -> None:
     add_model_arguments(serve)
     serve.add_argument("--vectors", required=True, metavar="DIR",
                        help="directory of *.gguf control vectors; requests steer by file stem")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--host", default=settings.DEFAULT_HOST, help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=settings.DEFAULT_PORT,
+                       help=f"port to listen on (default {settings.DEFAULT_PORT}; 0 picks a free one)")
     serve.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                        help=f"require 'Authorization: Bearer KEY' on /v1 requests (default: ${API_KEY_ENV}, "
                             "which keeps the key out of the process list)")
-    serve.add_argument("--max-batch", type=int, default=8, help="requests generating together at most (default 8)")
-    serve.add_argument("--batch-wait-ms", type=float, default=20.0,
-                       help="when idle, wait this long after a request for others to start with it (default 20)")
-    serve.add_argument("--max-queue", type=int, default=64,
-                       help="requests waiting for a place in the batch at most; more are answered 429 (default 64)")
+    serve.add_argument("--max-batch", type=int, default=settings.DEFAULT_MAX_BATCH,
+                       help=f"requests generating together at most (default {settings.DEFAULT_MAX_BATCH})")
+    wait_ms = settings.DEFAULT_BATCH_WAIT_S * 1000
+    serve.add_argument("--batch-wait-ms", type=float, default=wait_ms,
+                       help="when idle, wait this long after a request for others to start with it "
+                            f"(default {wait_ms:g})")
+    serve.add_argument("--max-queue", type=int, default=settings.DEFAULT_MAX_QUEUE,
+                       help="requests waiting for a place in the batch at most; more are answered 429 "
+                            f"(default {settings.DEFAULT_MAX_QUEUE})")
     serve.add_argument("--allowed-hosts", default=None, metavar="NAMES",
                        help="comma-separated Host names the server answers besides the loopback names (against DNS "
                             "rebinding; needed when --host is not loopback); '*' accepts any")
@@ -46,12 +52,9 @@ def cmd_serve(args) -> int:
     uvicorn = require("uvicorn", "serve", "ggsteer serve")
     from ggsteer.serve import ServerConfig, VectorRegistry, create_app
 
-    if not 1 <= args.max_batch <= 256:
-        raise CliError(f"--max-batch must be between 1 and 256, got {args.max_batch}")
-    if not 0 <= args.batch_wait_ms <= 1000:
-        raise CliError(f"--batch-wait-ms must be between 0 and 1000, got {args.batch_wait_ms}")
-    if not 1 <= args.max_queue <= 100_000:
-        raise CliError(f"--max-queue must be between 1 and 100000, got {args.max_queue}")
+    check_range("--max-batch", args.max_batch, 1, settings.MAX_BATCH_LIMIT)
+    check_range("--batch-wait-ms", args.batch_wait_ms, 0, settings.MAX_BATCH_WAIT_S * 1000)
+    check_range("--max-queue", args.max_queue, 1, settings.MAX_QUEUE_LIMIT)
     allowed_hosts = allowed_host_names(args.host, args.allowed_hosts)
     listener = bind_listener(args.host, args.port)  # before the model loads: a busy port fails in a second
     try:
@@ -75,6 +78,11 @@ def cmd_serve(args) -> int:
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
     server.run(sockets=[listener])
     return 0
+
+
+def check_range(flag: str, value, low, high) -> None:
+    if not low <= value <= high:  # also false for NaN
+        raise CliError(f"{flag} must be between {low:g} and {high:g}, got {value:g}")
 
 
 def bind_listener(host: str, port: int) -> socket.socket:

@@ -8,9 +8,16 @@ metrics.py (/metrics). Imports point one way: app -> the others.
 
 from ggsteer.extras import require
 
-require("fastapi", "serve", "ggsteer serve")
-
-from ggsteer.serve.app import ServerConfig, create_app  # noqa: E402
-from ggsteer.serve.registry import VectorRegistry  # noqa: E402
-
 __all__ = ["ServerConfig", "VectorRegistry", "create_app"]
+
+
+def __getattr__(name: str):
+    # loaded on first use, so settings.py (read by `ggsteer serve`'s option defaults) needs no extra
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    require("fastapi", "serve", "ggsteer serve")
+    from ggsteer.serve import app, registry
+
+    exported = {"ServerConfig": app.ServerConfig, "create_app": app.create_app,
+                "VectorRegistry": registry.VectorRegistry}
+    return exported[name]

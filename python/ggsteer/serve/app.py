@@ -65,6 +65,8 @@ from ggsteer.serve.schemas import (
 )
 from ggsteer.serve.settings import (
     DEFAULT_BATCH_WAIT_S,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_QUEUE,
     DEFAULT_MAX_TOKENS,
     MAX_TOKENS_CAP,
     MAX_VECTOR_FILE_BYTES,
@@ -73,7 +75,7 @@ from ggsteer.serve.settings import (
 from ggsteer.serve.steering_routes import steering_routes
 from ggsteer.serve.vector_routes import vector_routes
 from ggsteer.serve.vector_store import VectorStore
-from ggsteer.serve.worker import DEFAULT_MAX_QUEUE, BatchWorker, Job, QueueFull, WorkerUnavailable
+from ggsteer.serve.worker import BatchWorker, Job, QueueFull, WorkerUnavailable
 
 log = logging.getLogger("ggsteer.server")
 
@@ -83,7 +85,7 @@ log = logging.getLogger("ggsteer.server")
 @dataclass
 class ServerConfig:
     api_key: str | None = None
-    max_batch: int = 8
+    max_batch: int = DEFAULT_MAX_BATCH
     max_tokens_cap: int = MAX_TOKENS_CAP
     batch_wait_s: float = DEFAULT_BATCH_WAIT_S
     max_queue: int = DEFAULT_MAX_QUEUE  # requests waiting for the batch at most (more get 429)

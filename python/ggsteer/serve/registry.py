@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from ggsteer.serve.errors import ApiError
-from ggsteer.steering.interventions import MAX_ABS_STRENGTH, OPS, default_strength, make_intervention
-from ggsteer.vectors import UNIT_RAW, ControlVector, parse_layer_range
+from ggsteer.steering.interventions import default_strength, make_intervention
+from ggsteer.steering.options import (
+    SERVER,
+    OptionError,
+    options_for,
+    parse_condition_fields,
+    parse_option,
+    parse_strength,
+    short_repr,
+)
+from ggsteer.vectors import UNIT_RAW, ControlVector
 
-# what a request may say about one vector besides a bare strength
-STEERING_KEYS = ("strength", "op", "when", "layers", "first_k")
+# what a request may say about one vector besides a bare strength (the vector is the entry's name)
+STEERING_KEYS = tuple(option.name for option in options_for(SERVER) if option.name != "vector")
 
 # -- the vector registry ------------------------------------------------------------------------
 
@@ -113,59 +121,57 @@ class VectorRegistry:
             raise ApiError(400, "steering must be an object mapping vector names to strengths", "steering")
         controls = []
         for name, spec in steering.items():
-            item = intervention_for(self.get(name), spec, model)
+            item = intervention_for(self.get(name), spec, model, self)
             if item is not None:
                 controls.append(item)
         return controls
 
 
-def intervention_for(entry: RegisteredVector, spec, model):
-    """One vector's steering as an Intervention (None: an addition at strength 0 does nothing)."""
+def intervention_for(entry: RegisteredVector, spec, model, registry: VectorRegistry | None = None):
+    """One vector's steering as an Intervention (None: an addition at strength 0 does nothing).
+
+    Every setting is parsed into its typed, bounded form here (steering/options.py), before any
+    job reaches the worker: ApiError(400) naming the vector and the setting otherwise."""
     name = entry.name
-    options = dict(spec) if isinstance(spec, dict) else {"strength": spec}
-    unknown = [key for key in options if key not in STEERING_KEYS]
-    if unknown:
-        raise ApiError(400, f"steering.{name}: unknown setting {unknown[0]!r}; use {', '.join(STEERING_KEYS)}", "steering")
-    # no op given: the vector's tuned settings (`ggsteer tune`) when it has them, else "add"
-    tuned = entry.vector.tuned if options.get("op") is None else None
-    op = options.get("op") or (tuned.op if tuned is not None else "add")
-    if op not in OPS:
-        raise ApiError(400, f"steering.{name}: unknown op {op!r}: choose one of {', '.join(OPS)}", "steering")
-    strength = options.get("strength")
-    if strength is None:
-        if op == "clamp" and tuned is None:
-            raise ApiError(400, f"steering.{name}: op 'clamp' needs a strength (where to hold the projection)", "steering")
-        strength = default_strength(entry.vector, None if tuned else op) if op != "ablate" else 1.0
-    check_strength(name, strength)
-    if op in ("add", "add_normalized") and strength == 0.0:
-        return None
     try:
-        return make_intervention(entry.vector, strength, model.n_layer, model.n_embd, op=None if tuned else op,
-                                 raw=entry.is_raw, layers=layers_setting(options.get("layers")),
-                                 when=options.get("when"), first_k=options.get("first_k"))
+        options = parse_setting(spec, model.n_layer)
+        strength = options.pop("strength")
+        # no op given: the vector's tuned settings (`ggsteer tune`) when it has them, else "add"
+        tuned = entry.vector.tuned if options["op"] is None else None
+        op = options["op"] or (tuned.op if tuned is not None else "add")
+        if strength is None:
+            if op == "clamp" and tuned is None:
+                raise OptionError("strength", "op 'clamp' needs a strength (where to hold the projection)")
+            strength = default_strength(entry.vector, None if tuned else op) if op != "ablate" else 1.0
+        if op in ("add", "add_normalized") and strength == 0.0:
+            return None
+        if options["condition"] is not None:
+            vector_name, threshold, layer = options["condition"]
+            if registry is None or not isinstance(vector_name, str):
+                raise OptionError("condition", "condition.vector must be the name of a loaded vector")
+            options["condition"] = (registry.get(vector_name).vector, threshold, layer)
+        return make_intervention(entry.vector, strength, model.n_layer, model.n_embd, raw=entry.is_raw, **options)
     except (ValueError, TypeError) as error:
         raise ApiError(400, f"steering.{name}: {error}", "steering") from None
 
 
-def layers_setting(layers):
-    """"3-14", "1,3,5-7", [3, 4, 5] or None (the vector's recommended layers)."""
-    if layers is None:
-        return None
-    if isinstance(layers, str):
-        return parse_layer_range(layers)
-    if isinstance(layers, list) and all(isinstance(il, int) and not isinstance(il, bool) for il in layers) and layers:
-        return layers
-    raise ValueError(f"bad layers {layers!r}: give a range like \"3-14\" or a list of layer numbers")
+def parse_setting(spec, n_layer: int) -> dict:
+    """A request's setting for one vector (a strength, or an object of STEERING_KEYS) as typed values;
+    OptionError on the first unknown, mistyped or out-of-bounds one. strength None: not given."""
+    options = dict(spec) if isinstance(spec, dict) else {"strength": spec}
+    unknown = [key for key in options if key not in STEERING_KEYS]
+    if unknown:
+        raise OptionError(str(unknown[0]), f"unknown setting {short_repr(unknown[0])}; use {', '.join(STEERING_KEYS)}")
+    parsed = {key: parse_option(key, options.get(key), n_layer) for key in STEERING_KEYS
+              if key not in ("strength", "condition")}
+    # op and when left None: the vector's tuned settings when it has them, else add on every token
+    strength = options.get("strength")
+    parsed["strength"] = None if strength is None else parse_strength(strength)
+    condition = options.get("condition")
+    parsed["condition"] = None if condition is None else parse_condition_fields(condition, n_layer)
+    return parsed
 
 
-def check_strength(name: str, strength) -> None:
-    # math.isfinite(int) would overflow on a JSON integer of hundreds of digits; abs() does not
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or (isinstance(strength, float) and not math.isfinite(strength)):
-        raise ApiError(400, f"steering strength for {name!r} must be a finite number, got {short_repr(strength)}", "steering")
-    if abs(strength) > MAX_ABS_STRENGTH:
-        raise ApiError(400, f"steering strength for {name!r} is {short_repr(strength)}: it must be within +-{MAX_ABS_STRENGTH:g}", "steering")
-
-
-def short_repr(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 24 else f"{text[:20]}... ({len(text)} characters)"
+def layers_setting(layers, n_layer: int | None = None):
+    """"3-14", "1,3,5-7", [3, 4, 5] or None (the vector's recommended layers), bounded by n_layer."""
+    return parse_option("layers", layers, n_layer)

@@ -12,6 +12,7 @@ from ggsteer.sampling import DEFAULTS, MAX_TEMPERATURE
 from ggsteer.serve.errors import ApiError
 from ggsteer.serve.json_checks import MAX_JSON_DEPTH, check_json_value
 from ggsteer.serve.settings import MAX_BODY_BYTES, MAX_STOP_STRINGS
+from ggsteer.steering.options import short_repr
 
 # -- request bodies -----------------------------------------------------------------------------
 
@@ -41,12 +42,15 @@ def check_unsupported_fields(data: dict) -> None:
         if name in data and not asks_for_nothing(data[name]):
             raise ApiError(400, f"{name}: {why} by this server (ggsteer)", name)
     for name in ("n", "best_of"):
-        if name in data and data[name] not in (None, 1):
-            raise ApiError(400, f"{name}={data[name]!r}: ggsteer returns one choice per request; send several "
-                                "requests instead (they are batched together)", name)
+        # `true == 1` in Python: the type is checked too (booleans are not numbers here)
+        if name in data and data[name] is not None and not (type(data[name]) is int and data[name] == 1):
+            raise ApiError(400, f"{name}={short_repr(data[name])}: ggsteer returns one choice per request; send "
+                                "several requests instead (they are batched together)", name)
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)  # "yes" or 1 is not a boolean
+
     include_usage: bool = False
 
 

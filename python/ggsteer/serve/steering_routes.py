@@ -139,7 +139,7 @@ class LlamaShapes:
     def loaded_list(self) -> list[dict]:
         answer = []
         for i, (name, value) in enumerate(self.defaults.entries):
-            layers = layers_setting(value.get("layers")) if isinstance(value, dict) else None
+            layers = layers_setting(value.get("layers"), self.store.model.n_layer) if isinstance(value, dict) else None
             layers = layers or self._vector(name).layers
             scale = self.scale_of(name, value)
             answer.append({"id": i, "path": f"{name}.gguf", "scale": scale, "layer_start": min(layers),
@@ -159,7 +159,7 @@ class LlamaShapes:
             old = current.get(name) if isinstance(current.get(name), dict) else {}
             start, end = item.get("layer_start"), item.get("layer_end")
             if start is None and end is None and old.get("layers"):
-                old_layers = layers_setting(old["layers"])
+                old_layers = layers_setting(old["layers"], self.store.model.n_layer)
                 start, end = min(old_layers), max(old_layers)
             # llama-server reads a missing scale as 0; ik_llama.cpp's apply requires one
             scale = item.get("scale", None if keep_listed_only else 0.0)

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 from ggsteer.generation import ContinuousBatch, SequenceSampling, SequenceState
 from ggsteer.serve.metrics import ServerMetrics
+from ggsteer.serve.settings import DEFAULT_MAX_QUEUE
 
 log = logging.getLogger("ggsteer.server")
 
-DEFAULT_MAX_QUEUE = 64
 # after a failure to open a batch, the worker waits this long before trying again (doubling up to the cap)
 RESTART_DELAY_S = (0.05, 5.0)
 

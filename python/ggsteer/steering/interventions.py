@@ -23,19 +23,23 @@ for the intervention to act (at later layers, for the rest of that sequence).
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Iterable
 
+from ggsteer.steering.options import (
+    MAX_ABS_STRENGTH,
+    OPS,
+    OPTIONS,
+    WHEN,
+    parse_condition_fields,
+    parse_option,
+    parse_strength,
+)
 from ggsteer.vectors import UNIT_RAW, ControlVector, TokenAlignedVector, choose_layers
 from ggsteer.vectors.projection import SINK_POSITIONS, SINK_SAFE_OPS
 
-OPS = ("add", "ablate", "clamp", "add_normalized")
-WHEN = ("all", "prompt", "generated")
-# the largest strength a user input (CLI, server request) may ask for: 1.0 is the trained gap, and
-# 2 already degenerates into repetition on Gemma 3 270M (docs/methods.md, "Conventions")
-MAX_ABS_STRENGTH = 10.0
+__all__ = ["MAX_ABS_STRENGTH", "OPS", "WHEN", "Condition", "Intervention", "make_intervention", "normalize_controls"]
 OP_CODES = {name: code for code, name in enumerate(OPS)}
 WHEN_CODES = {name: code for code, name in enumerate(WHEN)}
 
@@ -76,28 +80,25 @@ def make_intervention(
     n_layer: int,
     n_embd: int,
     *,
-    op: str | None = None,
-    layers: Iterable[int] | None = None,
-    raw: bool = False,
-    when: str | None = None,
-    first_k: int | None = None,
-    condition: Condition | tuple | None = None,
-    skip_first: int | None = None,
+    op: str = OPTIONS["op"].default,
+    layers: Iterable[int] | str | None = OPTIONS["layers"].default,
+    raw: bool = OPTIONS["raw"].default,
+    when: str = OPTIONS["when"].default,
+    first_k: int | None = OPTIONS["first_k"].default,
+    condition: Condition | tuple | None = OPTIONS["condition"].default,
+    skip_first: int | None = OPTIONS["skip_first"].default,
 ) -> Intervention:
+    """One steering entry for a model of `n_layer` blocks of width `n_embd`; each option is parsed as
+    steering/options.py defines it (ValueError naming the option otherwise)."""
+    op, when = parse_option("op", op), parse_option("when", when)
     op, when, layers = _tuned_defaults(vector, op, when, layers)
-    if op not in OPS:
-        raise ValueError(f"unknown op {op!r}: choose one of {', '.join(OPS)}")
-    if when not in WHEN:
-        raise ValueError(f"unknown when {when!r}: choose one of {', '.join(WHEN)}")
-    strength = float(strength)
-    if not math.isfinite(strength):
-        raise ValueError(f"strength must be a finite number, got {strength}")
-    if first_k is not None and (int(first_k) != first_k or first_k < 1):
-        raise ValueError(f"first_k must be a positive integer, got {first_k}")
+    strength = parse_strength(strength, bounded=False)
+    first_k = parse_option("first_k", first_k)
+    skip_first = parse_option("skip_first", skip_first)
     if skip_first is None:
         skip_first = SINK_POSITIONS if op in SINK_SAFE_OPS else 0
-    if isinstance(skip_first, bool) or int(skip_first) != skip_first or skip_first < 0:
-        raise ValueError(f"skip_first must be a non-negative integer, got {skip_first}")
+    layers = parse_option("layers", layers if layers is None or isinstance(layers, str) else list(layers), n_layer)
+    parse_option("raw", raw)
     if vector.n_embd != n_embd:
         raise ValueError(f"vector has n_embd {vector.n_embd} but the model has n_embd {n_embd}: it was made for another model")
     if isinstance(vector, TokenAlignedVector):
@@ -113,8 +114,7 @@ def make_intervention(
             )
         chosen = tuple(choose_layers(vector, n_layer, layers, allow_layer_zero=True))
     cond = _make_condition(condition, n_layer, n_embd, chosen)
-    return Intervention(vector, strength, op, chosen, when, None if first_k is None else int(first_k), cond,
-                        int(skip_first))
+    return Intervention(vector, strength, op, chosen, when, first_k, cond, skip_first)
 
 
 def _tuned_defaults(vector, op: str | None, when: str | None, layers):
@@ -130,8 +130,10 @@ def _make_condition(condition, n_layer: int, n_embd: int, layers: tuple[int, ...
     if condition is None:
         return None
     if not isinstance(condition, Condition):
-        vector, threshold, layer = condition
-        condition = Condition(vector, float(threshold), int(layer))
+        vector, threshold, layer = parse_condition_fields(condition, n_layer)
+        if not isinstance(vector, ControlVector):
+            raise TypeError(f"condition vector must be a ControlVector, got {type(vector).__name__}")
+        condition = Condition(vector, threshold, layer)
     if condition.vector.n_embd != n_embd:
         raise ValueError(f"condition vector has n_embd {condition.vector.n_embd} but the model has n_embd {n_embd}")
     if condition.layer not in condition.vector.directions:
@@ -148,8 +150,8 @@ def _make_condition(condition, n_layer: int, n_embd: int, layers: tuple[int, ...
 def normalize_controls(model, control, **options) -> list[Intervention]:
     """The one reading of a "control": None, a ControlVector (at its tuned, else recommended strength, else 1.0),
     a `(vector, strength)` pair (strength None = recommended), an Intervention, or a list of those.
-    `options` (op, layers, raw, when, first_k, condition) apply to the vectors given without an
-    Intervention. `model` gives n_layer and n_embd."""
+    `options` (op, when, layers, first_k, skip_first, condition, raw: steering/options.py) apply to
+    the vectors given without an Intervention. `model` gives n_layer and n_embd."""
     if control is None:
         return []
     if isinstance(control, (Intervention, ControlVector, TokenAlignedVector)) or _is_pair(control):

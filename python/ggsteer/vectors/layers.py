@@ -11,20 +11,34 @@ from typing import Iterable
 
 import numpy as np
 
+# more blocks than any model has: a layer spec is refused past this before a range is expanded
+MAX_LAYERS = 4096
 
-def parse_layer_range(text: str) -> list[int]:
-    """ "3-14" -> [3..14]; "5" -> [5]; "1,3,5-7" -> [1, 3, 5, 6, 7]."""
-    layers: list[int] = []
+
+def parse_layer_range(text: str, n_layer: int | None = None) -> list[int]:
+    """ "3-14" -> [3..14]; "5" -> [5]; "1,3,5-7" -> [1, 3, 5, 6, 7] (sorted, each layer once).
+
+    Every number is checked against `n_layer` (else MAX_LAYERS) before a range is expanded, so a
+    short string never costs more than the model's layers."""
+    limit = MAX_LAYERS if n_layer is None else n_layer
+    layers: set[int] = set()
     for part in text.split(","):
         match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not match:
-            raise ValueError(f"bad layer range {text!r}: use forms like 3-14, 5 or 1,3,5-7")
-        first = int(match.group(1))
-        last = int(match.group(2)) if match.group(2) is not None else first
+            raise ValueError(f"bad layer range {text[:40]!r}: use forms like 3-14, 5 or 1,3,5-7")
+        first, last = (_layer_number(group, limit) for group in (match.group(1), match.group(2) or match.group(1)))
         if last < first:
             raise ValueError(f"bad layer range {part.strip()!r}: the end is before the start")
-        layers.extend(range(first, last + 1))
-    return layers
+        layers.update(range(first, last + 1))
+    return sorted(layers)
+
+
+def _layer_number(digits: str, limit: int) -> int:
+    # compared as text first: int() of thousands of digits is slow and Python refuses past 4300
+    if len(digits) > len(str(limit)) or int(digits) >= limit:
+        shown = digits if len(digits) <= 12 else f"{digits[:8]}... ({len(digits)} digits)"
+        raise ValueError(f"layer {shown} is beyond the model: it has layers 0..{limit - 1}")
+    return int(digits)
 
 
 def default_steering_layers(n_layer: int) -> list[int]:
