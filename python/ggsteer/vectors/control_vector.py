@@ -259,7 +259,7 @@ class ControlVector:
         `layer_offset=-1` to read such a file at the layers it was measured on.
 
         A file whose directions break the size rule of `ggsteer.vectors.bounds` (values beyond
-        +-1e6, or a norm above 10x the layer's stored residual norm) raises VectorTooLargeError unless
+        +-1e6, or a norm above ten times the layer's stored residual norm) raises VectorTooLargeError unless
         `allow_large` is true (None: the environment variable GGSTEER_ALLOW_LARGE_VECTORS decides).
         """
         vf = read_vector_file(path, layer_offset=layer_offset)
