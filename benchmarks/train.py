@@ -10,6 +10,15 @@ range. Rows: pca_center and mean_diff on the default layers, and mean_diff with 
 (its rows must be logits outputs, which runs the output head). The last column is what one training
 run's capture costs: llama_decode calls, tokens per decode, logits rows requested.
 repeng on the same data: benchmarks/repeng_compare.py (its own environment).
+
+    python benchmarks/train.py --adaptive [--model PATH] [--presets happy,calm,honest] [--rounds 2]
+                               [--gpu-layers N] [--threads N]
+
+Today's path (every pair of a preset, `ControlVector.train`) against the new default (`ggsteer train`:
+rounds that stop when the direction is stable), paired, alternating: time, tokens decoded (which do
+not depend on the machine's load), the median |cos| of the two directions at the recommended layers,
+and the behaviour each vector gives on the preset's held-out prompts at strength 0.5 (with the
+prompts' standard error: the noise the two effects are compared within).
 """
 
 from __future__ import annotations
@@ -20,8 +29,14 @@ import statistics
 
 from _common import BareContext, machine_line, paired_times, print_table, ratio_cells
 
+import numpy as np
+
 from ggsteer import CaptureStats, SteeredModel
-from ggsteer.train import make_dataset, preset_dataset, truncated_suffixes
+from ggsteer.evaluate.behaviour import behaviour_matrix
+from ggsteer.evaluate.settings import settings_per_strength
+from ggsteer.train import get_preset, load_eval_prompts, make_dataset, preset_dataset, truncated_suffixes
+from ggsteer.train.extract import train_vector
+from ggsteer.train.rounds import RoundsLog, train_in_rounds
 from ggsteer.vectors import ControlVector, default_training_layers
 
 REPLIES = [
@@ -42,9 +57,17 @@ def main() -> None:
     parser.add_argument("--suffixes", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--adaptive", action="store_true", help="all pairs vs rounds that stop when stable")
+    parser.add_argument("--model", default=None, help="GGUF model (default: the default model)")
+    parser.add_argument("--presets", default="happy,calm,honest")
+    parser.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to a GPU (llama.cpp n_gpu_layers)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
+    if args.adaptive:
+        adaptive_table(args)
+        return
 
-    model = SteeredModel(n_threads=os.cpu_count(), n_seq_max=args.batch)
+    model = SteeredModel(n_threads=args.threads, n_seq_max=args.batch, n_gpu_layers=args.gpu_layers)
     bare = BareContext(model)
     datasets = {
         f"preset happy, {args.suffixes} suffixes": preset_dataset("happy", max_suffixes=args.suffixes),
@@ -90,6 +113,57 @@ def main() -> None:
     )
     bare.close()
     model.close()
+
+
+def adaptive_table(args) -> None:
+    model = SteeredModel(args.model, n_threads=args.threads, n_gpu_layers=args.gpu_layers)
+    model.hidden_states(["warm up the weights"])
+    rows, pairs, facts = [], {}, {}
+    for name in args.presets.split(","):
+        preset = get_preset(name)
+        entries = preset_dataset(name, chat_template=model.chat_instruction_formatter())
+        period = len(preset.positive_personas)
+        all_stats, round_stats, log = CaptureStats(), CaptureStats(), RoundsLog()
+        everything = train_vector(model, entries, stats=all_stats)
+        rounds = train_in_rounds(model, entries, period=period, stats=round_stats, log=log)
+        facts[name] = (everything, rounds, all_stats, round_stats, log)
+        pairs[name] = (lambda e=entries: train_vector(model, e),
+                       lambda e=entries, p=period: train_in_rounds(model, e, period=p))
+    results = paired_times(pairs, args.rounds)
+    for name, (ratios, all_times, round_times) in results.items():
+        everything, rounds, all_stats, round_stats, log = facts[name]
+        cos = median_cos(everything, rounds)
+        effect = held_out_effect(model, name, [everything, rounds])
+        rows.append([name, f"{everything.metadata['dataset_size']} / {rounds.metadata['pairs_used']}",
+                     f"{all_stats.tokens} / {round_stats.tokens} ({round_stats.tokens / all_stats.tokens:.3f})",
+                     f"{statistics.median(all_times):.1f} / {statistics.median(round_times):.1f}",
+                     *ratio_cells(ratios), f"{log.stability[-1]:.4f} ({log.stopped})", f"{cos:.4f}", effect])
+    print_table(
+        f"Training on {model.model_name}: all pairs (today's path) vs rounds (the default), median of {args.rounds} "
+        f"paired rounds ({machine_line()}, load {os.getloadavg()[0]:.2f}, n_gpu_layers {args.gpu_layers})",
+        ["preset", "pairs all / rounds", "tokens decoded all / rounds (ratio)", "s all / rounds", "time ratio",
+         "range", "stability (stop)", "median |cos|", "gain at +0.5 all / rounds (+- s.e.)"],
+        rows,
+    )
+    model.close()
+
+
+def median_cos(a: ControlVector, b: ControlVector) -> float:
+    layers = a.recommended_layers
+    cos = [abs(float(np.dot(a.directions[il], b.directions[il])))
+           / float(np.linalg.norm(a.directions[il]) * np.linalg.norm(b.directions[il])) for il in layers]
+    return float(np.median(cos))
+
+
+def held_out_effect(model, preset: str, vectors: list[ControlVector]) -> str:
+    """Mean behaviour gain of each vector at +0.5 on the held-out prompts, and the standard error of
+    the prompts' paired difference between the two vectors."""
+    items = load_eval_prompts(preset)
+    settings = [[], *(settings_per_strength(model, v, [0.5], None, False)[0] for v in vectors)]
+    scores = behaviour_matrix(model, settings, items)
+    gains = scores[1:] - scores[0]
+    spread = float(np.std(gains[0] - gains[1], ddof=1) / np.sqrt(len(items)))
+    return f"{gains[0].mean():+.3f} / {gains[1].mean():+.3f} (+- {spread:.3f})"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,128 @@
+"""Training in rounds: capture pairs until the direction is known, not every pair offered.
+
+The pairs are taken in a balanced order (`balanced_order`: every persona pair of a preset in each
+block, the blocks spread evenly over the suffixes), starting from a floor and doubling up to a cap.
+Each round captures only its new pairs (the token trie of train/capture.py, as one training pass
+does) and measures the split-half stability of the direction at the steering layers
+(train/stability.py); training stops at the first round whose median stability reaches the target.
+The states of the extra prompts the ablation direction needs are captured once, after the last round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ggsteer.runtime.protocol import HookedModel
+from ggsteer.train.capture import CaptureStats, capture_pooled
+from ggsteer.train.dataset import DatasetEntry
+from ggsteer.train.extract import (
+    checked_entries,
+    extra_pools,
+    extra_prompts,
+    fit_vector,
+    split_extra,
+    training_layers,
+)
+from ggsteer.train.stability import layer_stability, stability_metadata
+from ggsteer.vectors import ControlVector, default_steering_layers
+
+# The first round's pairs (16 suffixes of a 3-persona preset), the most pairs a round may reach, and
+# the median stability at the steering layers that ends the rounds (an expected |cos| with the
+# direction of unlimited pairs; see docs/efficient-training.md for how these were measured).
+DEFAULT_MIN_PAIRS = 48
+DEFAULT_MAX_PAIRS = 384
+DEFAULT_TARGET = 0.995
+
+
+@dataclass(frozen=True)
+class RoundsPolicy:
+    min_pairs: int = DEFAULT_MIN_PAIRS
+    max_pairs: int | None = DEFAULT_MAX_PAIRS  # None: no cap but the dataset
+    target: float = DEFAULT_TARGET
+
+    def __post_init__(self) -> None:
+        if self.min_pairs < 1:
+            raise ValueError(f"min_pairs must be at least 1, got {self.min_pairs}")
+        if self.max_pairs is not None and self.max_pairs < self.min_pairs:
+            raise ValueError(f"max_pairs ({self.max_pairs}) must be at least min_pairs ({self.min_pairs})")
+        if not 0.0 < self.target <= 1.0:
+            raise ValueError(f"the stability target must be in (0, 1], got {self.target}")
+
+
+@dataclass
+class RoundsLog:
+    """What the rounds did: pairs after each round and the median stability then."""
+
+    pairs: list[int] = field(default_factory=list)
+    stability: list[float] = field(default_factory=list)
+    stopped: str = ""  # "stable", "cap" or "all pairs"
+
+
+def spread_order(n: int) -> list[int]:
+    """0..n-1 in an order whose every prefix is spread evenly over the range (bit-reversed)."""
+    if n <= 1:
+        return list(range(n))
+    bits = (n - 1).bit_length()
+    keys = [int(format(i, f"0{bits}b")[::-1], 2) for i in range(2**bits)]
+    return [i for _, i in sorted(zip(keys, range(2**bits))) if i < n]
+
+
+def balanced_order(n_pairs: int, period: int = 1) -> list[int]:
+    """Pair indices in training order: blocks of `period` consecutive pairs (a preset's persona pairs
+    for one suffix: make_dataset is suffix-major), the blocks in `spread_order`."""
+    period = max(1, int(period))
+    n_blocks = -(-n_pairs // period)
+    return [b * period + k for b in spread_order(n_blocks) for k in range(period) if b * period + k < n_pairs]
+
+
+def train_in_rounds(
+    model: HookedModel,
+    dataset: Sequence[DatasetEntry],
+    method: str = "mean_diff",
+    layers: Iterable[int] | None = None,
+    pool: str = "last",
+    *,
+    policy: RoundsPolicy = RoundsPolicy(),
+    period: int = 1,
+    batch_size: int | None = None,
+    progress: bool | None = None,
+    stats: CaptureStats | None = None,
+    log: RoundsLog | None = None,
+) -> ControlVector:
+    """Like train_vector, on as many pairs (in `balanced_order`) as make the direction stable."""
+    offered = checked_entries(dataset, method, pool)
+    train_layers = training_layers(model, layers)
+    steering = [k for k, il in enumerate(train_layers) if il in default_steering_layers(model.n_layer)]
+    steering = steering or list(range(len(train_layers)))
+    order = balanced_order(len(offered), period)[: policy.max_pairs]
+    log = RoundsLog() if log is None else log
+    chunks: list[np.ndarray] = []
+    n = min(policy.min_pairs, len(order))
+    with model.unsteered():
+        while True:
+            new = [offered[i] for i in order[sum(len(c) // 2 for c in chunks) : n]]
+            prompts = [text for entry in new for text in (entry.positive, entry.negative)]
+            chunks.append(np.stack(capture_pooled(model, prompts, pool, layers=train_layers, batch_size=batch_size,
+                                                  progress=progress, stats=stats)))
+            hidden = np.concatenate(chunks)
+            log.pairs.append(n)
+            log.stability.append(_median_stability(hidden[:, steering], method, period))
+            if log.stability[-1] >= policy.target or n == len(order):
+                break
+            n = min(2 * n, len(order))
+        entries = [offered[i] for i in order[:n]]
+        all_prompts = [text for entry in entries for text in (entry.positive, entry.negative)]
+        extra = extra_prompts(all_prompts)
+        states = capture_pooled(model, extra[0] + extra[1], extra_pools(extra), layers=train_layers,
+                                batch_size=batch_size, progress=progress, stats=stats)
+    log.stopped = "stable" if log.stability[-1] >= policy.target else ("all pairs" if n == len(offered) else "cap")
+    metadata = {**stability_metadata(hidden, method, period), "pairs_used": n}
+    return fit_vector(model, entries, method, pool, train_layers, hidden, split_extra(states, extra), offered, metadata)
+
+
+def _median_stability(hidden: np.ndarray, method: str, period: int) -> float:
+    values = layer_stability(hidden, method, period)
+    return 0.0 if values is None else float(np.median(values))
