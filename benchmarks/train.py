@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 
 from _common import BareContext, machine_line, paired_times, print_table, ratio_cells
 
@@ -35,7 +36,10 @@ from ggsteer import CaptureStats, SteeredModel
 from ggsteer.evaluate.behaviour import behaviour_matrix
 from ggsteer.evaluate.settings import settings_per_strength
 from ggsteer.train import get_preset, load_eval_prompts, make_dataset, preset_dataset, truncated_suffixes
-from ggsteer.train.extract import train_vector
+from ggsteer.train import methods
+from ggsteer.train.capture import tokenize_prompts
+from ggsteer.train.capture_plan import plan_shared
+from ggsteer.train.extract import extra_pools, extra_prompts
 from ggsteer.train.rounds import RoundsLog, train_in_rounds
 from ggsteer.vectors import ControlVector, default_training_layers
 
@@ -62,6 +66,7 @@ def main() -> None:
     parser.add_argument("--presets", default="happy,calm,honest")
     parser.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to a GPU (llama.cpp n_gpu_layers)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--save", default=None, help="with --adaptive: save each rounds vector as SAVE-PRESET.gguf")
     args = parser.parse_args()
     if args.adaptive:
         adaptive_table(args)
@@ -118,34 +123,57 @@ def main() -> None:
 def adaptive_table(args) -> None:
     model = SteeredModel(args.model, n_threads=args.threads, n_gpu_layers=args.gpu_layers)
     model.hidden_states(["warm up the weights"])
-    rows, pairs, facts = [], {}, {}
+    rows = []
     for name in args.presets.split(","):
         preset = get_preset(name)
         entries = preset_dataset(name, chat_template=model.chat_instruction_formatter())
         period = len(preset.positive_personas)
-        all_stats, round_stats, log = CaptureStats(), CaptureStats(), RoundsLog()
-        everything = train_vector(model, entries, stats=all_stats)
-        rounds = train_in_rounds(model, entries, period=period, stats=round_stats, log=log)
-        facts[name] = (everything, rounds, all_stats, round_stats, log)
-        pairs[name] = (lambda e=entries: train_vector(model, e),
-                       lambda e=entries, p=period: train_in_rounds(model, e, period=p))
-    results = paired_times(pairs, args.rounds)
-    for name, (ratios, all_times, round_times) in results.items():
-        everything, rounds, all_stats, round_stats, log = facts[name]
+        stats, log = CaptureStats(), RoundsLog()
+        started = time.perf_counter()
+        rounds = train_in_rounds(model, entries, period=period, stats=stats, log=log)
+        seconds = time.perf_counter() - started
+        if args.save:
+            rounds.save(f"{args.save}-{name}.gguf", overwrite=True)
+        started = time.perf_counter()
+        everything = all_pairs_direction(model, entries, rounds.recommended_layers)
+        all_seconds = time.perf_counter() - started
+        today = today_tokens(model, entries)
         cos = median_cos(everything, rounds)
         effect = held_out_effect(model, name, [everything, rounds])
-        rows.append([name, f"{everything.metadata['dataset_size']} / {rounds.metadata['pairs_used']}",
-                     f"{all_stats.tokens} / {round_stats.tokens} ({round_stats.tokens / all_stats.tokens:.3f})",
-                     f"{statistics.median(all_times):.1f} / {statistics.median(round_times):.1f}",
-                     *ratio_cells(ratios), f"{log.stability[-1]:.4f} ({log.stopped})", f"{cos:.4f}", effect])
+        rows.append([name, f"{len(entries)} / {rounds.metadata['pairs_used']}",
+                     f"{today} / {stats.tokens} ({stats.tokens / today:.3f})", f"{all_seconds:.0f} / {seconds:.0f}",
+                     " ".join(f"{n}:{s:.4f}" for n, s in zip(log.pairs, log.stability)) + f" ({log.stopped})",
+                     f"{cos:.4f}", effect])
+        print(rows[-1], flush=True)
     print_table(
-        f"Training on {model.model_name}: all pairs (today's path) vs rounds (the default), median of {args.rounds} "
-        f"paired rounds ({machine_line()}, load {os.getloadavg()[0]:.2f}, n_gpu_layers {args.gpu_layers})",
-        ["preset", "pairs all / rounds", "tokens decoded all / rounds (ratio)", "s all / rounds", "time ratio",
-         "range", "stability (stop)", "median |cos|", "gain at +0.5 all / rounds (+- s.e.)"],
+        f"Training on {model.model_name}: every pair (today's path) vs rounds (the default) "
+        f"({machine_line()}, load {os.getloadavg()[0]:.2f}, n_gpu_layers {args.gpu_layers})",
+        ["preset", "pairs all / rounds", "tokens decoded today / rounds (ratio)",
+         "s all-pairs capture / rounds", "median stability by round (stop)", "median |cos|",
+         "gain at +0.5 all / rounds (+- s.e.)"],
         rows,
     )
     model.close()
+
+
+def today_tokens(model, entries) -> int:
+    """Tokens `train_vector` decodes on every pair: the trie plan of its one capture (counted, not run)."""
+    prompts = [text for entry in entries for text in (entry.positive, entry.negative)]
+    extra = extra_prompts(prompts)
+    token_lists = tokenize_prompts(model, prompts + extra[0] + extra[1])
+    plan = plan_shared(token_lists, ["last"] * len(prompts) + extra_pools(extra), model.n_batch)
+    return sum(len(segment.tokens) for segment in plan.segments)
+
+
+def all_pairs_direction(model, entries, layers) -> ControlVector:
+    """The mean_diff direction of every pair at `layers` (what train_vector gives there), captured
+    without the other layers so that no output head runs."""
+    prompts = [text for entry in entries for text in (entry.positive, entry.negative)]
+    hidden = model.hidden_states(prompts, layers=layers, progress=True)
+    fits = [methods.fit_layer(hidden[0::2, k], hidden[1::2, k], "mean_diff") for k in range(len(layers))]
+    directions = {il: fit.direction * abs(fit.gap) for il, fit in zip(layers, fits)}
+    metadata = {"unit": "gap", "layers": list(layers), "gap": [abs(f.gap) for f in fits], "recommended_layers": layers}
+    return ControlVector(directions, model.model_hint, metadata)
 
 
 def median_cos(a: ControlVector, b: ControlVector) -> float:

@@ -50,6 +50,7 @@ from ggsteer.evaluate import (
     steered_layers,
 )
 from ggsteer.evaluate.ablation import ablation_view, asking_items
+from ggsteer.evaluate.strength_search import Work, search_calibration
 from ggsteer.train import get_preset, load_eval_prompts
 from ggsteer.vectors import ControlVector
 
@@ -81,6 +82,9 @@ def add_parser(subparsers) -> None:
     calibrate.add_argument("-o", "--output", default=None,
                            help="write the calibrated vector here (default: rewrite VECTOR in place)")
     calibrate.add_argument("--force", action="store_true", help="overwrite an existing --output file")
+    calibrate.add_argument("--full-sweep", action="store_true",
+                           help="measure every strength of --strengths on every neutral position (for the plot) "
+                                "instead of searching the grid for the strength (the same choice, a fraction of the work)")
 
 
 def _sweep_parser(subparsers, name: str, default_strengths: str, func, **text):
@@ -211,6 +215,29 @@ def run_sweeps(job: SweepJob, raw: bool, samples: bool = False) -> list:
                        samples=samples, progress=True)
 
 
+def search_sweeps(job: SweepJob, raw: bool, max_kl: float):
+    """The strength search on each layer range; the calibration with the largest gain among them."""
+    sweeps, best, work = [], None, Work()
+    for layers in job.layer_ranges:
+        try:
+            sweep, calibration = search_calibration(job.model, job.vector, job.eval_items, job.strengths, max_kl,
+                                                    layers=layers, raw=raw, work=work)
+        except ValueError as error:
+            if len(job.layer_ranges) == 1:
+                raise CliError(str(error)) from None
+            print(f"layers {format_layers(steered_layers(job.model, job.vector, layers, raw))}: {error}", file=sys.stderr)
+            continue
+        sweeps.append(sweep)
+        best = calibration if best is None or calibration.gain > best.gain else best
+    print_sweeps(sweeps)
+    print(f"searched {len(job.strengths)} strengths: measured {sum(len(s.points) for s in sweeps)} "
+          f"(KL from sampled positions), {work.logits_rows} logits rows, {work.tokens} tokens, {work.decodes} decodes; "
+          "--full-sweep measures all", file=sys.stderr)
+    if best is None:
+        raise CliError(f"no layer range has a positive strength that raised the behaviour score with KL <= {max_kl:g}")
+    return sweeps, best
+
+
 # -- output -------------------------------------------------------------------------------------
 
 
@@ -223,13 +250,20 @@ def print_sweeps(sweeps, samples: bool = False) -> None:
         print(f"{'strength':>9} {'behaviour':>10} {'gain':>8} {'wrong-way':>10} {'KL':>9} {'perplexity':>11}")
         for p in sweep.points:
             wrong = "-" if p.wrong_way is None else f"{p.wrong_way:.2f}"
-            print(f"{p.strength:>+9.3g} {p.behaviour:>+10.3f} {p.gain:>+8.3f} {wrong:>10} {p.kl:>9.4f} {p.perplexity:>11.2f}")
+            print(f"{p.strength:>+9.3g} {_cell(p.behaviour, '+10.3f')} {_cell(p.gain, '+8.3f')} {wrong:>10} "
+                  f"{_cell(p.kl, '9.4f')} {_cell(p.perplexity, '11.2f')}")
         if samples:
             print(f"\n  samples ({sweep.label}, greedy):")
             print(f"  {'unsteered':>9} | {_one_line(sweep.baseline_sample)}")
             for p in sweep.points:
                 print(f"  {p.strength:>+9.3g} | {_one_line(p.sample)}")
     print()
+
+
+def _cell(value: float, spec: str) -> str:
+    """A number, or "-" right-aligned where the search did not need it."""
+    width = int("".join(c for c in spec.split(".")[0] if c.isdigit()))
+    return f"{'-':>{width}}" if math.isnan(value) else format(value, spec)
 
 
 def _one_line(text: str | None) -> str:
@@ -338,9 +372,12 @@ def cmd_calibrate(args) -> int:
             f"--strengths {args.strengths!r} has no positive strength: calibration picks one toward the positive persona"
         )
     job = prepare_sweep(args)
-    sweeps = run_sweeps(job, args.raw)
-    print_sweeps(sweeps)
-    calibration = choose_calibration(sweeps, args.max_kl)
+    if args.full_sweep:
+        sweeps = run_sweeps(job, args.raw)
+        print_sweeps(sweeps)
+        calibration = choose_calibration(sweeps, args.max_kl)
+    else:
+        sweeps, calibration = search_sweeps(job, args.raw, args.max_kl)
     calibrated_vector(job.vector, calibration, job.preset).save(target, overwrite=True)
     seconds = time.perf_counter() - started
     print(f"calibrated: strength {calibration.strength:g} on layers {format_layers(calibration.layers)} "
