@@ -189,3 +189,36 @@ def test_search_lands_on_the_full_sweeps_strength_with_fewer_rows(tiny_model, pl
     assert work.logits_rows < rows / 2, (work.logits_rows, rows)
     measured = [p.strength for p in sweep.points]
     assert len(measured) < len(GRID) and found.strength in measured
+
+
+def test_layer_sweep_sweeps_only_the_range_that_can_win(tiny_model, tiny_model_path, planted, tmp_path, monkeypatch,
+                                                         capsys):
+    import json
+
+    from ggsteer.evaluate import fluency, layer_windows
+
+    vector = train_in_rounds(tiny_model, planted, policy=RoundsPolicy(min_pairs=8, max_pairs=64, target=0.98))
+    path = tmp_path / "planted.gguf"
+    vector.save(path)
+    monkeypatch.setattr(fluency, "load_neutral_texts", lambda: list(TEXTS))
+    monkeypatch.setattr("ggsteer.cli.evaluate.load_eval_prompts", lambda name: [dict(i) for i in ITEMS])
+    out = tmp_path / "eval.json"
+    assert cli.main(["eval", str(path), "--model", str(tiny_model_path), "--preset", "happy", "--threads", "2",
+                     "--strengths=0.1:1.5:15", "--layer-sweep", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    ranges = layer_windows(vector, tiny_model.n_layer)
+    assert len(ranges) > 1 and len(report["sweeps"]) == 1
+    assert printed.count("cannot win: not swept") == len(ranges) - 1 and printed.count("the best: swept below") == 1
+    # positive control: the full sweeps of every range under the same budget pick the range that was swept
+    from ggsteer.cli.common import load_model
+    from ggsteer.cli.main import build_parser
+    from ggsteer.evaluate import DEFAULT_MAX_KL
+
+    cli_model = load_model(build_parser().parse_args(["eval", str(path), "--model", str(tiny_model_path),
+                                                      "--threads", "2"]))
+    try:
+        full = layer_sweep(cli_model, vector, GRID, ITEMS, ranges, neutral_texts=TEXTS)
+    finally:
+        cli_model.close()
+    assert report["sweeps"][0]["layers"] == choose_calibration(full, DEFAULT_MAX_KL).layers

@@ -66,6 +66,8 @@ def add_parser(subparsers) -> None:
     )
     evaluate.add_argument("--samples", action="store_true",
                           help="print a greedy completion of the first eval prompt per strength")
+    evaluate.add_argument("--all-ranges", action="store_true",
+                          help="with --layer-sweep: sweep every range, not only those that can win")
     evaluate.add_argument("--ablation", action="store_true",
                           help="also measure ablate and clamp at -1, 0, +1 gap: fluency cost, behaviour left on "
                                "prompts that ask for it, and how much the projections collapse")
@@ -215,6 +217,30 @@ def run_sweeps(job: SweepJob, raw: bool, samples: bool = False) -> list:
                        samples=samples, progress=True)
 
 
+def ranges_that_can_win(job: SweepJob, raw: bool, max_kl: float = DEFAULT_MAX_KL) -> list:
+    """The layer ranges worth a full strength sweep: each range is first searched for its calibrated
+    gain under the default KL budget (a fraction of a sweep's work), and only the best one is swept;
+    the others are reported in a line each (a range with a smaller gain at the budget cannot win)."""
+    results = []
+    for layers in job.layer_ranges:
+        label = format_layers(steered_layers(job.model, job.vector, layers, raw))
+        try:
+            _, calibration = search_calibration(job.model, job.vector, job.eval_items, parse_strengths(CALIBRATE_STRENGTHS),
+                                                max_kl, layers=layers, raw=raw)
+        except ValueError as error:
+            print(f"layers {label}: {error}", file=sys.stderr)
+            continue
+        results.append((calibration.gain, layers, label, calibration))
+    if not results:
+        return job.layer_ranges
+    best = max(results, key=lambda r: r[0])
+    for gain, _, label, calibration in results:
+        verdict = "the best: swept below" if gain == best[0] else "cannot win: not swept (--all-ranges sweeps it)"
+        print(f"layers {label}: gain {gain:+.3f} at strength {calibration.strength:g} with KL {calibration.kl:.3f} "
+              f"<= {max_kl:g} ({verdict})")
+    return [best[1]]
+
+
 def search_sweeps(job: SweepJob, raw: bool, max_kl: float):
     """The strength search on each layer range; the calibration with the largest gain among them."""
     sweeps, best, work = [], None, Work()
@@ -322,6 +348,8 @@ def _finite(value):
 def cmd_eval(args) -> int:
     started = time.perf_counter()
     job = prepare_sweep(args)
+    if args.layer_sweep and not args.all_ranges:
+        job.layer_ranges = ranges_that_can_win(job, args.raw)
     sweeps = run_sweeps(job, args.raw, samples=args.samples)
     seconds = time.perf_counter() - started
     print(f"{job.vector_path.name}: {len(job.eval_items)} '{job.preset}' prompts, {len(job.strengths)} strengths")

@@ -5,7 +5,8 @@ block, the blocks spread evenly over the suffixes), starting from a floor and do
 Each round captures only its new pairs (the token trie of train/capture.py, as one training pass
 does) and measures the split-half stability of the direction at the steering layers
 (train/stability.py); training stops at the first round whose median stability reaches the target.
-The states of the extra prompts the ablation direction needs are captured once, after the last round.
+The extra prompts the ablation direction needs (whole token rows of a few prompts, the mean-pooled
+states of some pairs) are the first pairs of the same order, captured in the same passes.
 """
 
 from __future__ import annotations
@@ -18,16 +19,9 @@ import numpy as np
 from ggsteer.runtime.protocol import HookedModel
 from ggsteer.train.capture import CaptureStats, capture_pooled
 from ggsteer.train.dataset import DatasetEntry
-from ggsteer.train.extract import (
-    checked_entries,
-    extra_pools,
-    extra_prompts,
-    fit_vector,
-    split_extra,
-    training_layers,
-)
+from ggsteer.train.extract import checked_entries, fit_vector, training_layers
 from ggsteer.train.stability import layer_stability, stability_metadata
-from ggsteer.vectors import ControlVector, default_steering_layers
+from ggsteer.vectors import ControlVector, default_steering_layers, projection
 
 # The first round's pairs (16 suffixes of a 3-persona preset), the most pairs a round may reach, and
 # the median stability at the steering layers that ends the rounds (an expected |cos| with the
@@ -100,27 +94,43 @@ def train_in_rounds(
     order = balanced_order(len(offered), period)[: policy.max_pairs]
     log = RoundsLog() if log is None else log
     chunks: list[np.ndarray] = []
+    shared: list[np.ndarray] = []
+    pooled: list[np.ndarray] = []
     n = min(policy.min_pairs, len(order))
     with model.unsteered():
         while True:
-            new = [offered[i] for i in order[sum(len(c) // 2 for c in chunks) : n]]
-            prompts = [text for entry in new for text in (entry.positive, entry.negative)]
-            chunks.append(np.stack(capture_pooled(model, prompts, pool, layers=train_layers, batch_size=batch_size,
-                                                  progress=progress, stats=stats)))
+            states = _capture_round(model, [offered[i] for i in order], sum(map(len, chunks)) // 2, n, pool,
+                                    train_layers, batch_size=batch_size, progress=progress, stats=stats)
+            chunks.append(states[0])
+            shared += states[1]
+            pooled += states[2]
             hidden = np.concatenate(chunks)
             log.pairs.append(n)
             log.stability.append(_median_stability(hidden[:, steering], method, period))
             if log.stability[-1] >= policy.target or n == len(order):
                 break
             n = min(2 * n, len(order))
-        entries = [offered[i] for i in order[:n]]
-        all_prompts = [text for entry in entries for text in (entry.positive, entry.negative)]
-        extra = extra_prompts(all_prompts)
-        states = capture_pooled(model, extra[0] + extra[1], extra_pools(extra), layers=train_layers,
-                                batch_size=batch_size, progress=progress, stats=stats)
     log.stopped = "stable" if log.stability[-1] >= policy.target else ("all pairs" if n == len(offered) else "cap")
     metadata = {**stability_metadata(hidden, method, period), "pairs_used": n}
-    return fit_vector(model, entries, method, pool, train_layers, hidden, split_extra(states, extra), offered, metadata)
+    entries = [offered[i] for i in order[:n]]
+    return fit_vector(model, entries, method, pool, train_layers, hidden, (shared, pooled), offered, metadata)
+
+
+def _capture_round(model, ordered: list[DatasetEntry], start: int, stop: int, pool: str, layers: list[int],
+                   **options) -> tuple[np.ndarray, list, list]:
+    """States of pairs [start, stop) of the training order, and in the same pass (the same tokens) the
+    extra prompts among them: every token of the first pairs' prompts and the mean over the tokens of
+    the first ABLATION_PAIRS pairs (a prefix of the balanced order is spread over the whole dataset)."""
+    new = ordered[start:stop]
+    prompts = [text for entry in new for text in (entry.positive, entry.negative)]
+    shared = [text for k, entry in enumerate(new, start) if 2 * k < projection.SHARED_PROMPTS
+              for text in (entry.positive, entry.negative)]
+    pooled = [text for k, entry in enumerate(new, start) if k < projection.ABLATION_PAIRS
+              for text in (entry.positive, entry.negative)]
+    pools = [pool] * len(prompts) + ["all"] * len(shared) + ["mean"] * len(pooled)
+    states = capture_pooled(model, prompts + shared + pooled, pools, layers=layers, **options)
+    first, second = len(prompts), len(prompts) + len(shared)
+    return np.stack(states[:first]), states[first:second], states[second:]
 
 
 def _median_stability(hidden: np.ndarray, method: str, period: int) -> float:
