@@ -145,7 +145,8 @@ def search_table(args) -> int:
         print(rows[-1], flush=True)
     print_table(
         f"calibrate on {model.model_name}: full sweep of {len(grid)} strengths vs the search, max KL {args.max_kl:g}, "
-        f"{args.rounds} paired rounds ({machine_line()}, load {os.getloadavg()[0]:.2f}, n_gpu_layers {args.gpu_layers})",
+        f"{args.rounds} paired rounds ({machine_line()}, load {os.getloadavg()[0]:.2f}, "
+        f"n_gpu_layers {args.gpu_layers})",
         ["preset", "strength full / search", "logits rows full / search (ratio)", "tokens full / search",
          "s full / search (median)", "time ratio", "range"],
         rows,

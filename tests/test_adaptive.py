@@ -222,3 +222,29 @@ def test_layer_sweep_sweeps_only_the_range_that_can_win(tiny_model, tiny_model_p
     finally:
         cli_model.close()
     assert report["sweeps"][0]["layers"] == choose_calibration(full, DEFAULT_MAX_KL).layers
+
+
+def test_cli_calibrate_searches_and_saves_the_full_sweeps_strength(tiny_model, tiny_model_path, planted, tmp_path,
+                                                                  monkeypatch, capsys):
+    import json
+
+    from ggsteer.evaluate import fluency
+
+    vector = train_in_rounds(tiny_model, planted, policy=RoundsPolicy(min_pairs=8, max_pairs=64, target=0.98))
+    path = tmp_path / "planted.gguf"
+    vector.save(path)
+    monkeypatch.setattr(fluency, "load_neutral_texts", lambda: list(TEXTS))
+    monkeypatch.setattr("ggsteer.cli.evaluate.load_eval_prompts", lambda name: [dict(i) for i in ITEMS])
+    reports = {}
+    for mode in ("search", "full"):
+        out = tmp_path / f"{mode}.gguf"
+        report = tmp_path / f"{mode}.json"
+        extra = ["--full-sweep"] if mode == "full" else []
+        assert cli.main(["calibrate", str(path), "--model", str(tiny_model_path), "--preset", "happy", "--threads", "2",
+                         "--max-kl", "0.1", "-o", str(out), "--json", str(report), *extra]) == 0
+        reports[mode] = json.loads(report.read_text())
+        assert ControlVector.load(out).recommended_strength == pytest.approx(reports[mode]["calibration"]["strength"])
+    assert "logits rows" in capsys.readouterr().err
+    search, full = reports["search"]["calibration"], reports["full"]["calibration"]
+    assert full["kl"] > 0.03 and abs(search["strength"] - full["strength"]) <= 0.1 + 1e-9
+    assert len(reports["search"]["sweeps"][0]["points"]) < len(reports["full"]["sweeps"][0]["points"]) == 15

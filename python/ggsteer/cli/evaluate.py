@@ -50,7 +50,7 @@ from ggsteer.evaluate import (
     steered_layers,
 )
 from ggsteer.evaluate.ablation import ablation_view, asking_items
-from ggsteer.evaluate.strength_search import Work, search_calibration
+from ggsteer.cli.search import ranges_that_can_win, search_sweeps
 from ggsteer.train import get_preset, load_eval_prompts
 from ggsteer.vectors import ControlVector
 
@@ -217,53 +217,6 @@ def run_sweeps(job: SweepJob, raw: bool, samples: bool = False) -> list:
                        samples=samples, progress=True)
 
 
-def ranges_that_can_win(job: SweepJob, raw: bool, max_kl: float = DEFAULT_MAX_KL) -> list:
-    """The layer ranges worth a full strength sweep: each range is first searched for its calibrated
-    gain under the default KL budget (a fraction of a sweep's work), and only the best one is swept;
-    the others are reported in a line each (a range with a smaller gain at the budget cannot win)."""
-    results = []
-    for layers in job.layer_ranges:
-        label = format_layers(steered_layers(job.model, job.vector, layers, raw))
-        try:
-            _, calibration = search_calibration(job.model, job.vector, job.eval_items, parse_strengths(CALIBRATE_STRENGTHS),
-                                                max_kl, layers=layers, raw=raw)
-        except ValueError as error:
-            print(f"layers {label}: {error}", file=sys.stderr)
-            continue
-        results.append((calibration.gain, layers, label, calibration))
-    if not results:
-        return job.layer_ranges
-    best = max(results, key=lambda r: r[0])
-    for gain, _, label, calibration in results:
-        verdict = "the best: swept below" if gain == best[0] else "cannot win: not swept (--all-ranges sweeps it)"
-        print(f"layers {label}: gain {gain:+.3f} at strength {calibration.strength:g} with KL {calibration.kl:.3f} "
-              f"<= {max_kl:g} ({verdict})")
-    return [best[1]]
-
-
-def search_sweeps(job: SweepJob, raw: bool, max_kl: float):
-    """The strength search on each layer range; the calibration with the largest gain among them."""
-    sweeps, best, work = [], None, Work()
-    for layers in job.layer_ranges:
-        try:
-            sweep, calibration = search_calibration(job.model, job.vector, job.eval_items, job.strengths, max_kl,
-                                                    layers=layers, raw=raw, work=work)
-        except ValueError as error:
-            if len(job.layer_ranges) == 1:
-                raise CliError(str(error)) from None
-            print(f"layers {format_layers(steered_layers(job.model, job.vector, layers, raw))}: {error}", file=sys.stderr)
-            continue
-        sweeps.append(sweep)
-        best = calibration if best is None or calibration.gain > best.gain else best
-    print_sweeps(sweeps)
-    print(f"searched {len(job.strengths)} strengths: measured {sum(len(s.points) for s in sweeps)} "
-          f"(KL from sampled positions), {work.logits_rows} logits rows, {work.tokens} tokens, {work.decodes} decodes; "
-          "--full-sweep measures all", file=sys.stderr)
-    if best is None:
-        raise CliError(f"no layer range has a positive strength that raised the behaviour score with KL <= {max_kl:g}")
-    return sweeps, best
-
-
 # -- output -------------------------------------------------------------------------------------
 
 
@@ -349,7 +302,7 @@ def cmd_eval(args) -> int:
     started = time.perf_counter()
     job = prepare_sweep(args)
     if args.layer_sweep and not args.all_ranges:
-        job.layer_ranges = ranges_that_can_win(job, args.raw)
+        job.layer_ranges = ranges_that_can_win(job, args.raw, parse_strengths(CALIBRATE_STRENGTHS))
     sweeps = run_sweeps(job, args.raw, samples=args.samples)
     seconds = time.perf_counter() - started
     print(f"{job.vector_path.name}: {len(job.eval_items)} '{job.preset}' prompts, {len(job.strengths)} strengths")
@@ -406,6 +359,7 @@ def cmd_calibrate(args) -> int:
         calibration = choose_calibration(sweeps, args.max_kl)
     else:
         sweeps, calibration = search_sweeps(job, args.raw, args.max_kl)
+        print_sweeps(sweeps)
     calibrated_vector(job.vector, calibration, job.preset).save(target, overwrite=True)
     seconds = time.perf_counter() - started
     print(f"calibrated: strength {calibration.strength:g} on layers {format_layers(calibration.layers)} "

@@ -148,7 +148,8 @@ class FluencyTally:
 
     def costs(self) -> tuple[list[FluencyCost], FluencyCost]:
         n_positions = self.n_positions
-        n_predicted = n_positions - sum(1 for tokens, p in zip(self.token_lists, self.positions) if len(tokens) - 1 in p)
+        last_read = sum(1 for tokens, p in zip(self.token_lists, self.positions) if len(tokens) - 1 in p)
+        n_predicted = n_positions - last_read
         costs = [FluencyCost(float(kl / n_positions), math.exp(nll / n_predicted), n_positions)
                  for kl, nll in zip(self.kl_sums, self.nll_sums)]
         return costs, FluencyCost(0.0, math.exp(self.plain_nll / n_predicted), n_positions)

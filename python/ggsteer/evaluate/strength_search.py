@@ -179,7 +179,8 @@ class StrengthSearch:
         indices = [i for i in indices if i not in self.behaviour]
         if not indices:
             return
-        settings = settings_per_strength(self.model, self.vector, [self.grid[i] for i in indices], self.layers, self.raw)
+        strengths = [self.grid[i] for i in indices]
+        settings = settings_per_strength(self.model, self.vector, strengths, self.layers, self.raw)
         units, logprobs = behaviour_units(self.model, len(settings) + 1, self.eval_items)
         if self.baseline is not None:
             units = [u for u in units if u.setting != 0]
@@ -238,7 +239,8 @@ class StrengthSearch:
         scored = [(p.strength, p.behaviour) for p in points if not math.isnan(p.behaviour)]
         slope = steerability([0.0, *(s for s, _ in scored)], [float(base.mean()), *(b for _, b in scored)])
         nll, predicted = (sum(v) for v in zip(*self._plain.values())) if self._plain else (math.nan, 1)
-        return Sweep(list(layers), float(base.mean()), math.exp(nll / predicted) if predicted else math.nan, slope, points)
+        perplexity = math.exp(nll / predicted) if predicted else math.nan
+        return Sweep(list(layers), float(base.mean()), perplexity, slope, points)
 
 
 def search_calibration(model: SteeredModel, vector: ControlVector, eval_items: Sequence[dict],

@@ -58,7 +58,8 @@ def _at_recommended(meta: dict[str, object], key: str) -> float | None:
     if key not in meta or "layers" not in meta:
         return None
     values = dict(zip(meta["layers"], meta[key]))  # type: ignore[call-overload]
-    chosen = [values[il] for il in meta.get("recommended_layers", meta["layers"]) if il in values]  # type: ignore[union-attr]
+    layers = meta.get("recommended_layers", meta["layers"])
+    chosen = [values[il] for il in layers if il in values]  # type: ignore[union-attr]
     return float(np.median(chosen)) if chosen else None
 
 
