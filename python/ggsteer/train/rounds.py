@@ -23,11 +23,12 @@ from ggsteer.train.extract import checked_entries, fit_vector, training_layers
 from ggsteer.train.stability import layer_stability, stability_metadata
 from ggsteer.vectors import ControlVector, default_steering_layers, projection
 
-# The first round's pairs (16 suffixes of a 3-persona preset), the most pairs a round may reach, and
+# The first round's pairs (16 suffixes of a 3-persona preset), the most pairs a round may reach (a preset
+# has 1,536: with the persona prompts decoded again each round, 320 keep a preset under 1/4 of its tokens), and
 # the median stability at the steering layers that ends the rounds (an expected |cos| with the
 # direction of unlimited pairs; see docs/efficient-training.md for how these were measured).
 DEFAULT_MIN_PAIRS = 48
-DEFAULT_MAX_PAIRS = 384
+DEFAULT_MAX_PAIRS = 320
 DEFAULT_TARGET = 0.995
 
 
