@@ -12,7 +12,7 @@ from ggsteer.vectors.file.schema import METADATA_KEYS, PER_LAYER_KEYS, show
 # Median consistency (mean cosine between pair differences) at the recommended layers below which a
 # vector is flagged as unlikely to steer (Braun et al. 2025, arXiv 2505.22637); chosen from
 # measurement, see docs/efficient-training.md.
-UNLIKELY_TO_STEER_CONSISTENCY = 0.1
+UNLIKELY_TO_STEER_CONSISTENCY = 0.02
 
 # ---------------------------------------------------------------------------------------------
 # Summary for `ggsteer inspect`
