@@ -77,8 +77,8 @@ def test_consistency_and_stability_figures():
 
 def test_rounds_stop_on_a_stable_dataset_with_the_chosen_pairs_direction(tiny_model, tiny_weights, planted):
     stats, log = CaptureStats(), RoundsLog()
-    vector = train_in_rounds(tiny_model, planted, policy=RoundsPolicy(min_pairs=8, max_pairs=64, target=0.98),
-                             stats=stats, log=log)
+    policy = RoundsPolicy(min_pairs=8, max_pairs=64, target=0.98, growth=2)
+    vector = train_in_rounds(tiny_model, planted, policy=policy, stats=stats, log=log)
     n = vector.metadata["pairs_used"]
     assert log.stopped == "stable" and n == log.pairs[-1] < 64 and log.stability[-1] >= 0.98
     assert log.pairs == [8 * 2**k for k in range(len(log.pairs))]
@@ -99,8 +99,8 @@ def test_rounds_run_to_the_cap_on_an_inconsistent_dataset(tiny_model, inconsiste
     log = RoundsLog()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrainingWarning)
-        vector = train_in_rounds(tiny_model, inconsistent, policy=RoundsPolicy(min_pairs=8, max_pairs=32, target=0.99),
-                                 log=log)
+        policy = RoundsPolicy(min_pairs=8, max_pairs=32, target=0.99, growth=2)
+        vector = train_in_rounds(tiny_model, inconsistent, policy=policy, log=log)
     assert log.stopped == "cap" and log.pairs == [8, 16, 32] and vector.metadata["pairs_used"] == 32
     assert max(log.stability) < 0.9
     assert "this vector is unlikely to steer" in steerability_warning(vector.metadata)
@@ -108,7 +108,8 @@ def test_rounds_run_to_the_cap_on_an_inconsistent_dataset(tiny_model, inconsiste
 
 def test_rounds_over_every_pair_equal_training_on_every_pair(tiny_model, planted):
     everything = ControlVector.train(tiny_model, planted)
-    rounds = train_in_rounds(tiny_model, planted, policy=RoundsPolicy(min_pairs=8, max_pairs=None, target=1.0))
+    policy = RoundsPolicy(min_pairs=8, max_pairs=None, target=1.0, growth=2)
+    rounds = train_in_rounds(tiny_model, planted, policy=policy)
     assert rounds.metadata["pairs_used"] == 64
     for il in everything.layers:  # the same pairs in another order: equal up to float32 summation order
         np.testing.assert_allclose(rounds.directions[il], everything.directions[il], rtol=1e-5, atol=1e-6)
@@ -125,7 +126,7 @@ def test_cli_all_pairs_is_todays_training_and_stability_round_trips(tiny_model, 
     assert cli.main(["train", "--pairs", str(pairs), "--model", str(tiny_model_path), "--threads", "2",
                      "--all-pairs", "-o", str(all_path)]) == 0
     assert cli.main(["train", "--pairs", str(pairs), "--model", str(tiny_model_path), "--threads", "2",
-                     "--min-pairs", "8", "--stability", "0.98", "-o", str(rounds_path)]) == 0
+                     "--min-pairs", "16", "--stability", "0.9", "-o", str(rounds_path)]) == 0
     err = capsys.readouterr().err
     assert "stopped: stable" in err
     from ggsteer.cli.common import load_model
@@ -145,7 +146,7 @@ def test_cli_all_pairs_is_todays_training_and_stability_round_trips(tiny_model, 
     rounds = read_vector_file(rounds_path)
     assert rounds.metadata["pairs_used"] < 64 and len(rounds.metadata["stability"]) == len(rounds.layers)
     np.testing.assert_allclose(rounds.metadata["stability"], ControlVector.load(rounds_path).metadata["stability"])
-    assert all(0.9 < s <= 1.0 for s in rounds.metadata["stability"])
+    assert all(0.8 < s <= 1.0 for s in rounds.metadata["stability"])
     assert cli.main(["inspect", str(rounds_path)]) == 0
     shown = capsys.readouterr().out
     assert "stability:" in shown and f"from {rounds.metadata['pairs_used']} pairs" in shown
@@ -173,7 +174,7 @@ def full_sweep_rows(model, n_settings):
 
 @pytest.mark.parametrize("quantile", [0.3, 0.55, 0.8])
 def test_search_lands_on_the_full_sweeps_strength_with_fewer_rows(tiny_model, planted, quantile):
-    vector = train_in_rounds(tiny_model, planted, policy=RoundsPolicy(min_pairs=8, max_pairs=64, target=0.98))
+    vector = train_in_rounds(tiny_model, planted, policy=RoundsPolicy(min_pairs=8, max_pairs=64, target=0.98, growth=2))
     (full,) = layer_sweep(tiny_model, vector, GRID, ITEMS, [None], neutral_texts=TEXTS)
     kl = full.column("kl")
     assert np.all(np.diff(kl) > 0) and np.all(full.column("gain") > 0)
@@ -197,7 +198,7 @@ def test_layer_sweep_sweeps_only_the_range_that_can_win(tiny_model, tiny_model_p
 
     from ggsteer.evaluate import fluency, layer_windows
 
-    vector = train_in_rounds(tiny_model, planted, policy=RoundsPolicy(min_pairs=8, max_pairs=64, target=0.98))
+    vector = train_in_rounds(tiny_model, planted, policy=RoundsPolicy(min_pairs=8, max_pairs=64, target=0.98, growth=2))
     path = tmp_path / "planted.gguf"
     vector.save(path)
     monkeypatch.setattr(fluency, "load_neutral_texts", lambda: list(TEXTS))
@@ -230,7 +231,7 @@ def test_cli_calibrate_searches_and_saves_the_full_sweeps_strength(tiny_model, t
 
     from ggsteer.evaluate import fluency
 
-    vector = train_in_rounds(tiny_model, planted, policy=RoundsPolicy(min_pairs=8, max_pairs=64, target=0.98))
+    vector = train_in_rounds(tiny_model, planted, policy=RoundsPolicy(min_pairs=8, max_pairs=64, target=0.98, growth=2))
     path = tmp_path / "planted.gguf"
     vector.save(path)
     monkeypatch.setattr(fluency, "load_neutral_texts", lambda: list(TEXTS))
