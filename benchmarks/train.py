@@ -14,11 +14,14 @@ repeng on the same data: benchmarks/repeng_compare.py (its own environment).
     python benchmarks/train.py --adaptive [--model PATH] [--presets happy,calm,honest] [--rounds 2]
                                [--gpu-layers N] [--threads N]
 
-Today's path (every pair of a preset, `ControlVector.train`) against the new default (`ggsteer train`:
-rounds that stop when the direction is stable), paired, alternating: time, tokens decoded (which do
-not depend on the machine's load), the median |cos| of the two directions at the recommended layers,
-and the behaviour each vector gives on the preset's held-out prompts at strength 0.5 (with the
-prompts' standard error: the noise the two effects are compared within).
+Today's path (every pair of a preset) against the new default (`ggsteer train`: rounds that stop
+when the direction is stable): tokens decoded (which do not depend on the machine's load; today's
+counted from the trie plan of `train_vector`'s one capture, the rounds' by their captures), the
+seconds of the rounds and of a capture of every pair at the recommended layers (which gives the
+all-pairs mean_diff direction there without running the output head), the median |cos| of the two
+directions at the recommended layers, and the behaviour gain each vector gives on the preset's
+held-out prompts at strength 0.5 (with the standard error of the prompts' paired difference: the
+noise the two effects are compared within).
 """
 
 from __future__ import annotations
