@@ -10,6 +10,18 @@ range. Rows: pca_center and mean_diff on the default layers, and mean_diff with 
 (its rows must be logits outputs, which runs the output head). The last column is what one training
 run's capture costs: llama_decode calls, tokens per decode, logits rows requested.
 repeng on the same data: benchmarks/repeng_compare.py (its own environment).
+
+    python benchmarks/train.py --adaptive [--model PATH] [--presets happy,calm,honest] [--rounds 2]
+                               [--gpu-layers N] [--threads N]
+
+Today's path (every pair of a preset) against the new default (`ggsteer train`: rounds that stop
+when the direction is stable): tokens decoded (which do not depend on the machine's load; today's
+counted from the trie plan of `train_vector`'s one capture, the rounds' by their captures), the
+seconds of the rounds and of a capture of every pair at the recommended layers (which gives the
+all-pairs mean_diff direction there without running the output head), the median |cos| of the two
+directions at the recommended layers, and the behaviour gain each vector gives on the preset's
+held-out prompts at strength 0.5 (with the standard error of the prompts' paired difference: the
+noise the two effects are compared within).
 """
 
 from __future__ import annotations
@@ -17,11 +29,21 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 
 from _common import BareContext, machine_line, paired_times, print_table, ratio_cells
 
+import numpy as np
+
 from ggsteer import CaptureStats, SteeredModel
-from ggsteer.train import make_dataset, preset_dataset, truncated_suffixes
+from ggsteer.evaluate.behaviour import behaviour_matrix
+from ggsteer.evaluate.settings import settings_per_strength
+from ggsteer.train import get_preset, load_eval_prompts, make_dataset, preset_dataset, truncated_suffixes
+from ggsteer.train import methods
+from ggsteer.train.capture import tokenize_prompts
+from ggsteer.train.capture_plan import plan_shared
+from ggsteer.train.extract import extra_pools, extra_prompts
+from ggsteer.train.rounds import RoundsLog, train_in_rounds
 from ggsteer.vectors import ControlVector, default_training_layers
 
 REPLIES = [
@@ -42,9 +64,18 @@ def main() -> None:
     parser.add_argument("--suffixes", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--adaptive", action="store_true", help="all pairs vs rounds that stop when stable")
+    parser.add_argument("--model", default=None, help="GGUF model (default: the default model)")
+    parser.add_argument("--presets", default="happy,calm,honest")
+    parser.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to a GPU (llama.cpp n_gpu_layers)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--save", default=None, help="with --adaptive: save each rounds vector as SAVE-PRESET.gguf")
     args = parser.parse_args()
+    if args.adaptive:
+        adaptive_table(args)
+        return
 
-    model = SteeredModel(n_threads=os.cpu_count(), n_seq_max=args.batch)
+    model = SteeredModel(n_threads=args.threads, n_seq_max=args.batch, n_gpu_layers=args.gpu_layers)
     bare = BareContext(model)
     datasets = {
         f"preset happy, {args.suffixes} suffixes": preset_dataset("happy", max_suffixes=args.suffixes),
@@ -90,6 +121,80 @@ def main() -> None:
     )
     bare.close()
     model.close()
+
+
+def adaptive_table(args) -> None:
+    model = SteeredModel(args.model, n_threads=args.threads, n_gpu_layers=args.gpu_layers)
+    model.hidden_states(["warm up the weights"])
+    rows = []
+    for name in args.presets.split(","):
+        preset = get_preset(name)
+        entries = preset_dataset(name, chat_template=model.chat_instruction_formatter())
+        period = len(preset.positive_personas)
+        stats, log = CaptureStats(), RoundsLog()
+        started = time.perf_counter()
+        rounds = train_in_rounds(model, entries, period=period, stats=stats, log=log)
+        seconds = time.perf_counter() - started
+        if args.save:
+            rounds.save(f"{args.save}-{name}.gguf", overwrite=True)
+        started = time.perf_counter()
+        everything = all_pairs_direction(model, entries, rounds.recommended_layers)
+        all_seconds = time.perf_counter() - started
+        today = today_tokens(model, entries)
+        cos = median_cos(everything, rounds)
+        effect = held_out_effect(model, name, [everything, rounds])
+        rows.append([name, f"{len(entries)} / {rounds.metadata['pairs_used']}",
+                     f"{today} / {stats.tokens} ({stats.tokens / today:.3f})", f"{all_seconds:.0f} / {seconds:.0f}",
+                     " ".join(f"{n}:{s:.4f}" for n, s in zip(log.pairs, log.stability)) + f" ({log.stopped})",
+                     f"{cos:.4f}", effect])
+        print(rows[-1], flush=True)
+    print_table(
+        f"Training on {model.model_name}: every pair (today's path) vs rounds (the default) "
+        f"({machine_line()}, load {os.getloadavg()[0]:.2f}, n_gpu_layers {args.gpu_layers})",
+        ["preset", "pairs all / rounds", "tokens decoded today / rounds (ratio)",
+         "s all-pairs capture / rounds", "median stability by round (stop)", "median |cos|",
+         "gain at +0.5 all / rounds (+- s.e.)"],
+        rows,
+    )
+    model.close()
+
+
+def today_tokens(model, entries) -> int:
+    """Tokens `train_vector` decodes on every pair: the trie plan of its one capture (counted, not run)."""
+    prompts = [text for entry in entries for text in (entry.positive, entry.negative)]
+    extra = extra_prompts(prompts)
+    token_lists = tokenize_prompts(model, prompts + extra[0] + extra[1])
+    plan = plan_shared(token_lists, ["last"] * len(prompts) + extra_pools(extra), model.n_batch)
+    return sum(len(segment.tokens) for segment in plan.segments)
+
+
+def all_pairs_direction(model, entries, layers) -> ControlVector:
+    """The mean_diff direction of every pair at `layers` (what train_vector gives there), captured
+    without the other layers so that no output head runs."""
+    prompts = [text for entry in entries for text in (entry.positive, entry.negative)]
+    hidden = model.hidden_states(prompts, layers=layers, progress=True)
+    fits = [methods.fit_layer(hidden[0::2, k], hidden[1::2, k], "mean_diff") for k in range(len(layers))]
+    directions = {il: fit.direction * abs(fit.gap) for il, fit in zip(layers, fits)}
+    metadata = {"unit": "gap", "layers": list(layers), "gap": [abs(f.gap) for f in fits], "recommended_layers": layers}
+    return ControlVector(directions, model.model_hint, metadata)
+
+
+def median_cos(a: ControlVector, b: ControlVector) -> float:
+    layers = a.recommended_layers
+    cos = [abs(float(np.dot(a.directions[il], b.directions[il])))
+           / float(np.linalg.norm(a.directions[il]) * np.linalg.norm(b.directions[il])) for il in layers]
+    return float(np.median(cos))
+
+
+def held_out_effect(model, preset: str, vectors: list[ControlVector]) -> str:
+    """Mean behaviour gain of each vector at +0.5 on the held-out prompts, and the standard error of
+    the prompts' paired difference between the two vectors."""
+    items = load_eval_prompts(preset)
+    settings = [[], *(settings_per_strength(model, v, [0.5], None, False)[0] for v in vectors)]
+    scores = behaviour_matrix(model, settings, items)
+    gains = scores[1:] - scores[0]
+    spread = float(np.std(gains[0] - gains[1], ddof=1) / np.sqrt(len(items)))
+    return f"{gains[0].mean():+.3f} / {gains[1].mean():+.3f} (+- {spread:.3f})"
 
 
 if __name__ == "__main__":

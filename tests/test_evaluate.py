@@ -332,7 +332,7 @@ def test_cli_eval_writes_json_and_plot(capsys, tiny_vector_file, tiny_model_path
     monkeypatch.setattr("ggsteer.cli.evaluate.load_eval_prompts", lambda name: load_eval_prompts(name)[:3])
     out_json, out_png = tmp_path / "eval.json", tmp_path / "eval.png"
     code = cli.main(["eval", str(tiny_vector_file), "--model", str(tiny_model_path), "--preset", "happy", "--strengths=-1:1:3",
-                     "--layer-sweep", "--json", str(out_json), "--plot", str(out_png)])
+                     "--layer-sweep", "--all-ranges", "--json", str(out_json), "--plot", str(out_png)])
     assert code == 0
     table = capsys.readouterr().out
     assert "layers 1-2" in table and "wrong-way" in table and "perplexity" in table

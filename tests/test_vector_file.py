@@ -68,6 +68,9 @@ def full_metadata() -> dict[str, object]:
         "ablation_direction": [f32(x) for x in np.linspace(-1.0, 1.0, 3 * N_EMBD)],
         "ablation_center": [f32(-2.5), f32(0.5), f32(11.0)],
         "ablation_gap": [f32(1.0), f32(2.0), f32(2.75)],
+        "stability": [f32(0.9), f32(0.99), f32(0.999)],
+        "consistency": [f32(-0.01), f32(0.2), f32(0.45)],
+        "pairs_used": 96,
         "dataset_size": 256,
         "dataset_hash": "sha256:0123abcd",
         "recommended_strength": f32(4.2),
@@ -1070,10 +1073,13 @@ def test_describe_ggsteer_file(ggsteer_file):
     assert "recommended layers:   4, 7" in text
     header_line = next(line for line in text.splitlines() if line.strip().startswith("layer "))
     assert header_line.split() == ["layer", "norm", "separation", "gap", "residual", "norm", "center", "ablation", "center",
-                                   "ablation", "gap"]
+                                   "ablation", "gap", "stability", "consistency"]
     row = next(line for line in text.splitlines() if line.split()[:1] == ["4"]).split()
     assert float(row[1]) == pytest.approx(np.linalg.norm(vf.directions[4]), rel=1e-3)
-    assert [float(value) for value in row[2:]] == pytest.approx([0.83, 2.5, 45.6, 0.25, 0.5, 2.0], rel=1e-3)
+    assert [float(value) for value in row[2:]] == pytest.approx([0.83, 2.5, 45.6, 0.25, 0.5, 2.0, 0.99, 0.2], rel=1e-3)
+    # medians at the recommended layers 4 and 7, and no warning: their differences are consistent
+    assert "stability:   0.9945 from 96 pairs" in text and "consistency: 0.325" in text
+    assert "unlikely to steer" not in text
 
 
 def test_describe_external_file_and_layer_ranges(tmp_path):

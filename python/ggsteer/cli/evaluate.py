@@ -50,6 +50,7 @@ from ggsteer.evaluate import (
     steered_layers,
 )
 from ggsteer.evaluate.ablation import ablation_view, asking_items
+from ggsteer.cli.search import ranges_that_can_win, search_sweeps
 from ggsteer.extras import require
 from ggsteer.train import UnknownPresetError, get_preset, load_eval_prompts
 from ggsteer.vectors import ControlVector
@@ -66,6 +67,8 @@ def add_parser(subparsers) -> None:
     )
     evaluate.add_argument("--samples", action="store_true",
                           help="print a greedy completion of the first eval prompt per strength")
+    evaluate.add_argument("--all-ranges", action="store_true",
+                          help="with --layer-sweep: sweep every range, not only those that can win")
     evaluate.add_argument("--ablation", action="store_true",
                           help="also measure ablate and clamp at -1, 0, +1 gap: fluency cost, behaviour left on "
                                "prompts that ask for it, and how much the projections collapse")
@@ -82,6 +85,9 @@ def add_parser(subparsers) -> None:
     calibrate.add_argument("-o", "--output", default=None,
                            help="write the calibrated vector here (default: rewrite VECTOR in place)")
     calibrate.add_argument("--force", action="store_true", help="overwrite an existing --output file")
+    calibrate.add_argument("--full-sweep", action="store_true",
+                           help="measure every strength of --strengths on every neutral position (for the plot) "
+                                "instead of searching the grid for the strength (the same choice, a fraction of the work)")
 
 
 def _sweep_parser(subparsers, name: str, default_strengths: str, func, **text):
@@ -239,13 +245,20 @@ def print_sweeps(sweeps, samples: bool = False) -> None:
         print(f"{'strength':>9} {'behaviour':>10} {'gain':>8} {'wrong-way':>10} {'KL':>9} {'perplexity':>11}")
         for p in sweep.points:
             wrong = "-" if p.wrong_way is None else f"{p.wrong_way:.2f}"
-            print(f"{p.strength:>+9.3g} {p.behaviour:>+10.3f} {p.gain:>+8.3f} {wrong:>10} {p.kl:>9.4f} {p.perplexity:>11.2f}")
+            print(f"{p.strength:>+9.3g} {_cell(p.behaviour, '+10.3f')} {_cell(p.gain, '+8.3f')} {wrong:>10} "
+                  f"{_cell(p.kl, '9.4f')} {_cell(p.perplexity, '11.2f')}")
         if samples:
             print(f"\n  samples ({sweep.label}, greedy):")
             print(f"  {'unsteered':>9} | {_one_line(sweep.baseline_sample)}")
             for p in sweep.points:
                 print(f"  {p.strength:>+9.3g} | {_one_line(p.sample)}")
     print()
+
+
+def _cell(value: float, spec: str) -> str:
+    """A number, or "-" right-aligned where the search did not need it."""
+    width = int("".join(c for c in spec.split(".")[0] if c.isdigit()))
+    return f"{'-':>{width}}" if math.isnan(value) else format(value, spec)
 
 
 def _one_line(text: str | None) -> str:
@@ -304,6 +317,8 @@ def _finite(value):
 def cmd_eval(args) -> int:
     started = time.perf_counter()
     job = prepare_sweep(args)
+    if args.layer_sweep and not args.all_ranges:
+        job.layer_ranges = ranges_that_can_win(job, args.raw, parse_strengths(CALIBRATE_STRENGTHS))
     sweeps = run_sweeps(job, args.raw, samples=args.samples)
     seconds = time.perf_counter() - started
     print(f"{job.vector_path.name}: {len(job.eval_items)} '{job.preset}' prompts, {len(job.strengths)} strengths")
@@ -372,9 +387,13 @@ def cmd_calibrate(args) -> int:
             f"--strengths {args.strengths!r} has no positive strength: calibration picks one toward the positive persona"
         )
     job = prepare_sweep(args)
-    sweeps = run_sweeps(job, args.raw)
-    print_sweeps(sweeps)
-    calibration = choose_calibration(sweeps, args.max_kl)
+    if args.full_sweep:
+        sweeps = run_sweeps(job, args.raw)
+        print_sweeps(sweeps)
+        calibration = choose_calibration(sweeps, args.max_kl)
+    else:
+        sweeps, calibration = search_sweeps(job, args.raw, args.max_kl)
+        print_sweeps(sweeps)
     calibrated_vector(job.vector, calibration, job.preset).save(target, overwrite=True)
     seconds = time.perf_counter() - started
     print(f"calibrated: strength {calibration.strength:g} on layers {format_layers(calibration.layers)} "

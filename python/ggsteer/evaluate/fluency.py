@@ -105,22 +105,26 @@ def fluency_costs(model: SteeredModel, token_lists: list[list[int]], settings: S
 class FluencyTally:
     """Units for every (text, setting) pair, text by text with the plain model first (setting 0;
     setting k + 1 is settings[k]), and the sums they add up. A text's plain logits are kept only
-    until its steered units have been compared with them."""
+    until its steered units have been compared with them. `stride` > 1 reads the logits of every
+    stride-th position only (from `offset`): an estimate of the same means from fewer logits rows."""
 
-    def __init__(self, token_lists: list[list[int]], n_settings: int):
+    def __init__(self, token_lists: list[list[int]], n_settings: int, stride: int = 1, offset: int = 0):
         self.token_lists = token_lists
+        self.positions = [range(offset % stride, len(tokens), stride) for tokens in token_lists]
         self.kl_sums = np.zeros(n_settings)
         self.nll_sums = np.zeros(n_settings)
+        self.kl_per_text = np.zeros((n_settings, len(token_lists)))
         self.plain_nll = 0.0
         self._reference: dict[int, _Reference] = {}
         self.units = [
-            Unit(setting, tokens, range(len(tokens)), self._consumer(index, setting))
+            Unit(setting, tokens, self.positions[index], self._consumer(index, setting))
             for index, tokens in enumerate(token_lists)
             for setting in range(n_settings + 1)
         ]
 
     def _consumer(self, text: int, setting: int):
-        targets = np.array([*self.token_lists[text][1:], -1])  # the token each row predicts (-1 after the last)
+        # the token each read row predicts (-1 after the last)
+        targets = np.array([*self.token_lists[text][1:], -1])[list(self.positions[text])]
         last = setting == len(self.kl_sums)
 
         def consume(pieces: list[np.ndarray]) -> None:
@@ -131,18 +135,35 @@ class FluencyTally:
             else:
                 kl, nll = self._reference[text].compare(logits)
                 self.kl_sums[setting - 1] += kl
+                self.kl_per_text[setting - 1, text] = kl
                 self.nll_sums[setting - 1] += nll
             if last:
                 del self._reference[text]
 
         return consume
 
+    @property
+    def n_positions(self) -> int:
+        return sum(len(p) for p in self.positions)
+
     def costs(self) -> tuple[list[FluencyCost], FluencyCost]:
-        n_positions = sum(len(tokens) for tokens in self.token_lists)
-        n_predicted = n_positions - len(self.token_lists)
+        n_positions = self.n_positions
+        last_read = sum(1 for tokens, p in zip(self.token_lists, self.positions) if len(tokens) - 1 in p)
+        n_predicted = n_positions - last_read
         costs = [FluencyCost(float(kl / n_positions), math.exp(nll / n_predicted), n_positions)
                  for kl, nll in zip(self.kl_sums, self.nll_sums)]
         return costs, FluencyCost(0.0, math.exp(self.plain_nll / n_predicted), n_positions)
+
+    def kl_standard_errors(self) -> np.ndarray:
+        """Standard error of each setting's mean KL, texts as the sampled clusters (a ratio estimator:
+        positions within a text are not independent)."""
+        counts = np.array([len(p) for p in self.positions], dtype=np.float64)
+        n = len(counts)
+        if n < 2:
+            return np.full(len(self.kl_sums), np.inf)
+        means = self.kl_sums / counts.sum()
+        residuals = self.kl_per_text - means[:, None] * counts[None, :]
+        return np.sqrt(n / (n - 1) * (residuals**2).sum(axis=1)) / counts.sum()
 
 
 def _row_logsumexp(logits: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ from ggsteer.train.dataset import (
     truncated_suffixes,
 )
 from ggsteer.train.extract import TrainingWarning, phrase_vector, token_aligned_difference, train_vector
+from ggsteer.train.rounds import RoundsLog, RoundsPolicy, train_in_rounds
 from ggsteer.train.presets import (
     UnknownPresetError,
     get_preset,
@@ -26,6 +27,8 @@ __all__ = [
     "CaptureStats",
     "DatasetEntry",
     "DatasetError",
+    "RoundsLog",
+    "RoundsPolicy",
     "TrainingWarning",
     "UnknownPresetError",
     "capture_hidden_states",
@@ -41,5 +44,6 @@ __all__ = [
     "save_jsonl",
     "token_aligned_difference",
     "truncated_suffixes",
+    "train_in_rounds",
     "train_vector",
 ]

@@ -15,7 +15,8 @@ import numpy as np
 
 from ggsteer.runtime.protocol import HookedModel
 from ggsteer.train import methods
-from ggsteer.train.capture import capture_hidden_states, capture_pooled
+from ggsteer.train.capture import CaptureStats, capture_hidden_states, capture_pooled
+from ggsteer.train.stability import stability_metadata
 from ggsteer.train.dataset import DatasetEntry, dataset_hash
 from ggsteer.vectors import (
     UNIT_GAP,
@@ -43,27 +44,55 @@ def train_vector(
     *,
     batch_size: int | None = None,
     progress: bool | None = None,
+    stats: CaptureStats | None = None,
 ) -> ControlVector:
     """Train on contrastive pairs: one direction per layer, pointing negative -> positive.
 
-    `layers` defaults to every layer llama.cpp can steer (1..n_layer-1).
+    Every pair is used (train/rounds.py stops earlier, once the direction is stable). `layers`
+    defaults to every layer llama.cpp can steer (1..n_layer-1); `stats` counts the capture's work.
     """
-    entries = _checked_entries(dataset, method, pool)
-    train_layers = default_training_layers(model.n_layer) if layers is None else [int(il) for il in layers]
+    entries = checked_entries(dataset, method, pool)
+    train_layers = training_layers(model, layers)
     prompts = [text for entry in entries for text in (entry.positive, entry.negative)]
-    # and, in the same pass, every token of a few of them: the directions ordinary tokens share
-    # (vectors/projection.py); the last layer keeps its raw direction (tests/test_projection.py)
-    # and of some pairs the mean over all tokens: the direction ablate and clamp act on
-    shared = projection.shared_prompts(prompts)
-    pooled = projection.ablation_prompts(prompts)
-    pools = [pool] * len(prompts) + ["all"] * len(shared) + ["mean"] * len(pooled)
+    extra = extra_prompts(prompts)
+    pools = [pool] * len(prompts) + extra_pools(extra)
     with model.unsteered():
-        states = capture_pooled(model, prompts + shared + pooled, pools,
-                                layers=train_layers, batch_size=batch_size, progress=progress)
+        states = capture_pooled(model, prompts + extra[0] + extra[1], pools,
+                                layers=train_layers, batch_size=batch_size, progress=progress, stats=stats)
     hidden = np.stack(states[: len(prompts)])
+    extra_states = split_extra(states[len(prompts):], extra)
+    return fit_vector(model, entries, method, pool, train_layers, hidden, extra_states, entries,
+                      stability_metadata(hidden, method))
+
+
+def training_layers(model: HookedModel, layers: Iterable[int] | None) -> list[int]:
+    return default_training_layers(model.n_layer) if layers is None else [int(il) for il in layers]
+
+
+def extra_prompts(prompts: list[str]) -> tuple[list[str], list[str]]:
+    """Prompts captured besides each prompt's pooled state: every token of a few of them (the
+    directions ordinary tokens share, vectors/projection.py; the last layer keeps its raw direction,
+    tests/test_projection.py), and of some pairs the mean over all tokens (what ablate and clamp act on)."""
+    return projection.shared_prompts(prompts), projection.ablation_prompts(prompts)
+
+
+def extra_pools(extra: tuple[list[str], list[str]]) -> list[str]:
+    return ["all"] * len(extra[0]) + ["mean"] * len(extra[1])
+
+
+def split_extra(states: list[np.ndarray], extra: tuple[list[str], list[str]]) -> tuple[list, list]:
+    """The captured states of `extra_prompts`: (every token of the shared ones, the mean-pooled ones)."""
+    return states[: len(extra[0])], states[len(extra[0]):]
+
+
+def fit_vector(model: HookedModel, entries: list[DatasetEntry], method: str, pool: str, train_layers: list[int],
+               hidden: np.ndarray, extra_states: tuple[list, list], offered: Sequence[DatasetEntry],
+               extra_metadata: dict | None = None) -> ControlVector:
+    """The vector from the pooled states `hidden` [2 * pairs, layers, n_embd] (positive, negative,
+    ...) of `entries` and the states of their `extra_prompts`; `offered` is the dataset they came from."""
     shared_layers = [il for il in train_layers if il != model.n_layer - 1]
-    tokens = [s[:, [train_layers.index(il) for il in shared_layers]] for s in states[len(prompts):-len(pooled)]]
-    mean_pooled = np.stack(states[-len(pooled):])
+    tokens = [s[:, [train_layers.index(il) for il in shared_layers]] for s in extra_states[0]]
+    mean_pooled = np.stack(extra_states[1])
     fits = [methods.fit_layer(hidden[0::2, k], hidden[1::2, k], method) for k in range(len(train_layers))]
     _warn_near_chance(train_layers, fits)
     ablation = [
@@ -89,9 +118,10 @@ def train_vector(
         "ablation_direction": np.concatenate([a.direction for a in ablation]).tolist(),
         "ablation_center": [a.center for a in ablation],
         "ablation_gap": [a.gap for a in ablation],
-        "dataset_size": len(entries),
-        "dataset_hash": dataset_hash(entries),
+        "dataset_size": len(offered),
+        "dataset_hash": dataset_hash(offered),
         "recommended_layers": recommended or list(train_layers),
+        **(extra_metadata or {}),
     }
     return ControlVector(directions, model_hint=model.model_hint, metadata=metadata)
 
@@ -113,7 +143,7 @@ def _shared_directions(tokens, shared_layers: list[int], layer: int, n_embd: int
     return projection.kept_out_directions(tokens, shared_layers.index(layer))
 
 
-def _checked_entries(dataset: Sequence[DatasetEntry], method: str, pool: str) -> list[DatasetEntry]:
+def checked_entries(dataset: Sequence[DatasetEntry], method: str, pool: str) -> list[DatasetEntry]:
     if method not in methods.METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(methods.METHODS)}")
     entries = list(dataset)

@@ -9,6 +9,11 @@ import numpy as np
 from ggsteer.vectors.file.format import VectorFile
 from ggsteer.vectors.file.schema import METADATA_KEYS, PER_LAYER_KEYS, show
 
+# Median consistency (mean cosine between pair differences) at the recommended layers below which a
+# vector is flagged as unlikely to steer (Braun et al. 2025, arXiv 2505.22637); chosen from
+# measurement, see docs/efficient-training.md.
+UNLIKELY_TO_STEER_CONSISTENCY = 0.02
+
 # ---------------------------------------------------------------------------------------------
 # Summary for `ggsteer inspect`
 
@@ -49,7 +54,43 @@ def _describe_scalars(meta: dict[str, object]) -> list[str]:
         budget = f" (KL {meta['tuned_kl']:.3g} <= {meta['tuned_max_kl']:g})" if recorded else ""
         lines.append(f"tuned settings:       {meta['tuned_op']} on {meta['tuned_when']} tokens, layers "
                      f"{_format_layer_ranges(meta['tuned_layers'])}, strength {meta['tuned_strength']:g}{budget}")  # type: ignore[arg-type]
+    lines += _describe_stability(meta)
     return lines
+
+
+def _at_recommended(meta: dict[str, object], key: str) -> float | None:
+    """Median of a per-layer key over the recommended layers (all layers without them)."""
+    if key not in meta or "layers" not in meta:
+        return None
+    values = dict(zip(meta["layers"], meta[key]))  # type: ignore[call-overload]
+    layers = meta.get("recommended_layers", meta["layers"])
+    chosen = [values[il] for il in layers if il in values]  # type: ignore[union-attr]
+    return float(np.median(chosen)) if chosen else None
+
+
+def _describe_stability(meta: dict[str, object]) -> list[str]:
+    lines = []
+    stability = _at_recommended(meta, "stability")
+    consistency = _at_recommended(meta, "consistency")
+    if stability is not None:
+        used = f" from {meta['pairs_used']} pairs" if "pairs_used" in meta else ""
+        lines.append(f"stability:   {stability:.4f}{used} (median at the recommended layers: expected |cos| with the "
+                     "direction of unlimited pairs)")
+    if consistency is not None:
+        lines.append(f"consistency: {consistency:.3f} (median mean cosine between pair differences)")
+    warning = steerability_warning(meta)
+    if warning:
+        lines.append(f"warning:     {warning}")
+    return lines
+
+
+def steerability_warning(meta: dict[str, object]) -> str | None:
+    """"this vector is unlikely to steer" where the pair differences are inconsistent; else None."""
+    consistency = _at_recommended(meta, "consistency")
+    if consistency is None or consistency >= UNLIKELY_TO_STEER_CONSISTENCY:
+        return None
+    return (f"this vector is unlikely to steer: its pair differences are inconsistent (median cosine "
+            f"{consistency:.3f} < {UNLIKELY_TO_STEER_CONSISTENCY:g} at the recommended layers)")
 
 
 def _layer_table(vf: VectorFile) -> list[str]:

@@ -41,6 +41,9 @@ METADATA_KEYS: dict[str, MetadataSpec] = {
     "ablation_direction": _FLOAT32_LIST,
     "ablation_center": _FLOAT32_LIST,  # per layer: mean projection of the pair midpoints on ablation_direction
     "ablation_gap": _FLOAT32_LIST,  # per layer: mean gap along ablation_direction (clamp's strength unit)
+    "stability": _FLOAT32_LIST,  # per layer: expected |cos| of the direction with unlimited pairs' (split half)
+    "consistency": _FLOAT32_LIST,  # per layer: mean cosine between pair differences (steerability predictor)
+    "pairs_used": _UINT32,  # pairs the directions were fitted on (training in rounds stops early)
     "dataset_size": _UINT32,  # number of contrast pairs
     "dataset_hash": _STR,  # hash of the contrast dataset
     "recommended_strength": _FLOAT32,
@@ -63,7 +66,8 @@ TUNED_KEYS: dict[str, MetadataSpec] = {
 METADATA_KEYS.update(TUNED_KEYS)
 TUNED_OPS = ("add", "add_normalized", "clamp")
 TUNED_WHEN = ("all", "prompt", "generated")
-PER_LAYER_KEYS = ("separation", "gap", "residual_norm", "center", "ablation_center", "ablation_gap")
+PER_LAYER_KEYS = ("separation", "gap", "residual_norm", "center", "ablation_center", "ablation_gap", "stability",
+                  "consistency")
 # per-layer keys holding one n_embd vector per layer, concatenated in layer order
 PER_LAYER_VECTOR_KEYS = ("ablation_direction",)
 LAYER_LIST_KEYS = ("layers", "recommended_layers", "tuned_layers")
