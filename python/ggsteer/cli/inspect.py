@@ -16,7 +16,10 @@ COLUMNS = """columns of the layer table (a column is shown when the file has it)
   center           mean projection of the pairs' midpoints on the direction: its neutral point
   ablation center  the neutral point along the direction ablate and clamp act on (the pairs' difference without
                    the directions every token shares; see docs/interventions.md)
-  ablation gap     the gap along that direction: clamp's unit"""
+  ablation gap     the gap along that direction: clamp's unit
+  stability        expected |cos| between this direction and the one unlimited pairs would give (from split
+                   halves): near 1, more pairs would not change it
+  consistency      mean cosine between the pairs' differences (near 0: unlikely to steer)"""
 
 
 def add_parser(sub) -> None:
