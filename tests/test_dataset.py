@@ -36,7 +36,7 @@ from ggsteer.train.presets import (
 
 PRESET_NAMES = {
     "happy", "honest", "calm", "confident", "creative",
-    "formal", "trippy", "lazy", "optimistic", "verbose",
+    "formal", "trippy", "lazy", "optimistic", "verbose", "refusal",
 }
 TEMPLATE = "Act as if you are an extremely {persona} person."
 

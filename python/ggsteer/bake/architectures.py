@@ -26,6 +26,7 @@ by about -3 nats (the happy text turned sad, 1.21x perplexity); adding queries a
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 
@@ -62,8 +63,17 @@ ARCHITECTURES = {
 }
 
 
+class UntestedArchitectureWarning(UserWarning):
+    """The bake's edits for this architecture were read from llama.cpp's source but never run."""
+
+
 def architecture_for(name: str) -> Architecture:
     if name not in ARCHITECTURES:
         known = ", ".join(sorted(ARCHITECTURES))
         raise ValueError(f"cannot bake into architecture {name!r}: ggsteer knows where edits go only for {known}")
-    return ARCHITECTURES[name]
+    arch = ARCHITECTURES[name]
+    if not arch.tested:
+        warnings.warn(f"baking into {name} has never been checked against llama.cpp (its edits were read from "
+                      f"{arch.sources_read} only): compare the baked file with runtime steering before relying on it",
+                      UntestedArchitectureWarning, stacklevel=2)
+    return arch
