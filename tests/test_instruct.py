@@ -235,10 +235,10 @@ def test_capture_equals_an_independent_ctypes_capture(instruct_model):
 @pytest.mark.default_model
 def test_a_vector_is_refused_on_the_other_model(instruct_model, instruct_happy_vector, default_model):
     vector, path = instruct_happy_vector
-    with pytest.raises(ValueError, match=r"n_embd 576 .*n_embd 640.*made for another model \(llama\)"):
+    with pytest.raises(ValueError, match=r"n_embd 576 but the model has n_embd 640: it was made for another model"):
         default_model.set_control(vector, STRENGTH)
     gemma_vector = ControlVector({il: np.ones(640, np.float32) for il in range(1, 10)}, model_hint="gemma3")
-    with pytest.raises(ValueError, match=r"n_embd 640 .*n_embd 576.*made for another model \(gemma3\)"):
+    with pytest.raises(ValueError, match=r"n_embd 640 but the model has n_embd 576: it was made for another model"):
         instruct_model.set_control(gemma_vector, 1.0, raw=True)
 
 

@@ -150,20 +150,25 @@ def generate_replies(model: SteeredModel, requests: Sequence[str], controls, max
     """Greedy replies to each request through the chat template, every one under `controls`."""
     prompts = chat_prompts(model, requests)
     stops = sorted({stop for prompt in prompts for stop in prompt.stops})
-    texts = model.generate_batch([p.text for p in prompts], [controls] * len(prompts), max_tokens=max_tokens,
-                                 temperature=0.0, stop=stops or None)
+    texts, size = [], model.n_seq_max
+    for start in range(0, len(prompts), size):
+        chunk = [p.text for p in prompts[start:start + size]]
+        texts += model.generate_batch(chunk, [controls] * len(chunk), max_tokens=max_tokens, temperature=0.0,
+                                      stop=stops or None)
     return [text.strip() for text in texts]
 
 
 def refusal_report(model: SteeredModel, vector: ControlVector, strength: float, *,
                    condition: Condition | None = None, layers: Sequence[int] | None = None,
-                   max_tokens: int = 40, split: str = "eval", texts: Sequence[str] | None = None) -> list[RefusalRow]:
+                   raw: bool = False, max_tokens: int = 24, split: str = "eval",
+                   texts: Sequence[str] | None = None) -> list[RefusalRow]:
     """Refusal rates on the split's harmful and harmless requests and KL on neutral text: unsteered,
     steered (`vector` at `strength` on every request) and, given a `condition`, conditional."""
     harmful, harmless = load_refusal_requests(split)
-    settings = {"unsteered": [], "steered": model.intervention(vector, strength, layers=layers)}
+    settings = {"unsteered": [], "steered": model.intervention(vector, strength, layers=layers, raw=raw)}
     if condition is not None:
-        settings["conditional"] = model.intervention(vector, strength, layers=layers, condition=condition.as_tuple())
+        settings["conditional"] = model.intervention(vector, strength, layers=layers, raw=raw,
+                                                     condition=condition.as_tuple())
     rows = []
     for name, controls in settings.items():
         kl = 0.0 if name == "unsteered" else _kl(model, [controls], texts)
