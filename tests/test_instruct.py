@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import re
+import shutil
+import subprocess
 from importlib import metadata
 
 import httpx
@@ -288,6 +291,34 @@ def test_baked_add_equals_the_hook(instruct_model, instruct_model_path, instruct
     assert max(differences) < 1e-2
     with plain_llama(instruct_model_path, instruct_model) as llm:  # positive control: baking changed the model
         assert np.abs(last_logits(llm, prompts[0]) - last_logits(instruct_model, prompts[0])).max() > 0.5
+
+
+def llama_simple() -> str | None:
+    """llama.cpp's own `llama-simple` (GGSTEER_LLAMA_SIMPLE, else on PATH): not shipped by any wheel."""
+    return os.environ.get("GGSTEER_LLAMA_SIMPLE") or shutil.which("llama-simple")
+
+
+@pytest.mark.skipif(llama_simple() is None, reason="llama.cpp's llama-simple is not available "
+                    "(build examples/simple and set GGSTEER_LLAMA_SIMPLE; docs/instruct.md)")
+def test_llama_cpps_own_binary_runs_the_baked_file(instruct_model, instruct_model_path, instruct_happy_vector,
+                                                    tmp_path):
+    from ggsteer.bake import bake_model
+
+    vector, _ = instruct_happy_vector
+    baked = tmp_path / "smol-happy-baked.gguf"
+    bake_model(instruct_model_path, baked, add=[(vector, STRENGTH)])
+    prompt = chat_text(instruct_model, BAKE_PROMPTS[0]).text
+
+    def run(path):
+        done = subprocess.run([llama_simple(), "-m", str(path), "-n", "24", "-ngl", "0", prompt],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        # it echoes the prompt's pieces, then the generated ones
+        return done.stdout.split("<|im_start|>assistant\n", 1)[-1]
+
+    baked_text, original_text = run(baked), run(instruct_model_path)
+    print(f"llama-simple, original: {original_text!r}\nllama-simple, baked:    {baked_text!r}")
+    assert len(baked_text.split()) >= 5 and baked_text != original_text
 
 
 def one_direction_vector(vector: ControlVector, layers: range) -> ControlVector:

@@ -10,7 +10,7 @@ import pytest
 from conftest import TIGHT_LLAMA_KWARGS
 
 from ggsteer import SteeredModel
-from ggsteer.evaluate import refusal
+from ggsteer.evaluate import refusal_judge
 from ggsteer.evaluate.fluency import fluency_cost
 from ggsteer.evaluate.refusal import (
     choose_threshold,
@@ -67,9 +67,12 @@ def test_the_judge_shares_no_code_with_the_steering():
     import ast
     import inspect
 
-    tree = ast.parse(inspect.getsource(is_refusal))
-    names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
-    assert names <= {"reply", "opening", "any", "phrase", "REFUSAL_PHRASES", "_APOSTROPHES", "JUDGE_WINDOW_CHARS", "bool", "str"}
+    from ggsteer.evaluate import refusal_judge
+
+    tree = ast.parse(inspect.getsource(refusal_judge))
+    imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    imported += [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    assert sorted(imported) == ["__future__", "re", "typing"]
 
 
 # -- the request sets and the preset --------------------------------------------------------
@@ -119,7 +122,7 @@ def test_report_numbers_equal_direct_measurement(roomy_tiny_model, monkeypatch):
     plain = generate_replies(model, harmful + harmless, None, 8)
     # a stand-in judge that some tiny-model replies pass, so the rates are not all zero
     marker = next(word for word in plain[0].split() if len(word) > 1)
-    monkeypatch.setattr(refusal, "is_refusal", lambda reply: marker in reply)
+    monkeypatch.setattr(refusal_judge, "is_refusal", lambda reply: marker in reply)
     condition = fit_condition(model, 1)
     texts = ["the cat sat on the mat and then went to sleep", "a long road runs over the hill"]
     rows = refusal_report(model, vector, 6.0, condition=condition, layers=[2], raw=True, max_tokens=8, texts=texts)
