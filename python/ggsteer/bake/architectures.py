@@ -42,7 +42,9 @@ class Architecture:
     # why an add bake can only be approximate here ("" = it is exact)
     add_limit: str
     sources_read: str  # which llama.cpp file this entry was read from
-    tested: bool  # checked against llama.cpp in ggsteer's tests
+    # checked against llama.cpp in ggsteer's tests (llama: the tiny model and SmolLM2-135M-Instruct;
+    # gemma3: Gemma 3 270M); an untested entry warns (UntestedArchitectureWarning)
+    tested: bool
     # the pre-norms and the projections reading through them: where an approximate ablation goes on
     # post-norm architectures (empty: orthogonalise the writers instead)
     readers: tuple[tuple[str, tuple[str, ...]], ...] = ()
