@@ -20,14 +20,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_line
 
-from _common import machine_line  # noqa: E402
-
-from ggsteer import SteeredModel  # noqa: E402
-from ggsteer.evaluate.refusal import fit_condition, format_report, refusal_report  # noqa: E402
-from ggsteer.runtime.instruct_model import instruct_model_path  # noqa: E402
-from ggsteer.train import preset_dataset, train_vector  # noqa: E402
+from ggsteer import SteeredModel
+from ggsteer.evaluate.refusal import fit_condition, format_report, refusal_report
+from ggsteer.runtime.instruct_model import instruct_model_path
+from ggsteer.train import preset_dataset, train_vector
 
 
 def parse_layers(text: str) -> list[int]:
