@@ -134,20 +134,26 @@ def test_each_sequence_gets_its_own_steering(instruct_model, instruct_happy_vect
 
 def test_ggsteer_chat_uses_the_models_template(monkeypatch, capsys, instruct_model, instruct_model_path,
                                                instruct_happy_vector):
+    import ggsteer.cli.chat
     from ggsteer.cli import main
 
     _, vector_path = instruct_happy_vector
     lines = iter([CHAT_PROMPTS[0], "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    code = main(["chat", "--model", str(instruct_model_path), "--vector", f"{vector_path}:{STRENGTH}",
-                 "-n", "24", "--temp", "0"])
+    # the session's model, so the reference below decodes with the very same context settings
+    monkeypatch.setattr(ggsteer.cli.chat, "load_model", lambda args: instruct_model)
+    try:
+        code = main(["chat", "--model", str(instruct_model_path), "--vector", f"{vector_path}:{STRENGTH}",
+                     "-n", "24", "--temp", "0", "--repeat-penalty", "1"])
+    finally:
+        instruct_model.reset_control()
     out = capsys.readouterr().out
     assert code == 0
     reply = re.search(r"bot> (.*)", out, re.DOTALL).group(1).strip()
     vector = ControlVector.load(vector_path)
     with instruct_model.steer(vector, STRENGTH):
         result = instruct_model.create_chat_completion(messages=[{"role": "user", "content": CHAT_PROMPTS[0]}],
-                                                       max_tokens=24, temperature=0.0)
+                                                       max_tokens=24, temperature=0.0, repeat_penalty=1.0)
     assert reply and reply == result["choices"][0]["message"]["content"].strip()
     assert "<|im" not in reply and "User:" not in reply  # no template markup or base-model transcript
 
