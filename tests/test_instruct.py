@@ -215,8 +215,8 @@ class CtypesCapture:
         return True
 
     def run(self, tokens: list[int]) -> None:
-        batch = llama_cpp.llama_batch_get_one((llama_cpp.llama_token * len(tokens))(*tokens), len(tokens))
-        assert llama_cpp.llama_decode(self.ctx, batch) == 0
+        array = (llama_cpp.llama_token * len(tokens))(*tokens)  # kept alive: the batch only points at it
+        assert llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(array, len(tokens))) == 0
 
     def close(self) -> None:
         llama_cpp.llama_free(self.ctx)
