@@ -36,9 +36,9 @@ def chat_text(model, content: str):
     return chat_prompt(model, [{"role": "user", "content": content}])
 
 
-def greedy_replies(model, prompts: list[str], controls: list) -> list[str]:
+def greedy_replies(model, prompts: list[str], controls: list, tokens: int = TOKENS) -> list[str]:
     formatted = [chat_text(model, p) for p in prompts]
-    return model.generate_batch([f.text for f in formatted], controls, max_tokens=TOKENS, temperature=0.0,
+    return model.generate_batch([f.text for f in formatted], controls, max_tokens=tokens, temperature=0.0,
                                 stop=list(formatted[0].stops))
 
 
@@ -172,8 +172,8 @@ def test_server_chat_completion_goes_through_the_real_template(instruct_model, i
         steered = client.post("/v1/chat/completions", json={**body, "steering": {"happy": STRENGTH}}).json()
     prompt = chat_text(instruct_model, CHAT_PROMPTS[2])
     assert plain["usage"]["prompt_tokens"] == len(instruct_model.tokenize_prompt(prompt.text))
-    expected = greedy_replies(instruct_model, [CHAT_PROMPTS[2]], [None])[0]
-    expected_steered = greedy_replies(instruct_model, [CHAT_PROMPTS[2]], [(vector, STRENGTH)])[0]
+    expected = greedy_replies(instruct_model, [CHAT_PROMPTS[2]], [None], 24)[0]
+    expected_steered = greedy_replies(instruct_model, [CHAT_PROMPTS[2]], [(vector, STRENGTH)], 24)[0]
     assert plain["choices"][0]["message"]["content"] == expected and expected.strip()
     assert steered["choices"][0]["message"]["content"] == expected_steered != expected
 
