@@ -293,6 +293,8 @@ def test_baked_add_equals_the_hook(instruct_model, instruct_model_path, instruct
     differences, hook_texts, baked_texts = [], [], []
     with instruct_model.steer(vector, STRENGTH), plain_llama(baked, instruct_model) as llm:
         for prompt in prompts:
+            instruct_model.reset()  # no reused prefix: both decode the whole prompt, then token by token
+            llm.reset()
             hook = instruct_model.create_completion(prompt, **greedy)
             plain = llm.create_completion(prompt, **greedy)
             hook_texts.append(hook["choices"][0]["text"])
