@@ -260,7 +260,7 @@ BAKE_PROMPTS = ["Tell me about your day.", "What is your favourite season?", "De
 @contextlib.contextmanager
 def plain_llama(path, like: SteeredModel):
     """llama_cpp.Llama, no ggsteer hook, with the settings of `like` that move the numbers."""
-    llm = llama_cpp.Llama(str(path), n_ctx=1024, n_batch=like.n_batch, n_ubatch=like.n_batch, n_threads=2,
+    llm = llama_cpp.Llama(str(path), n_ctx=like.n_ctx(), n_batch=like.n_batch, n_ubatch=like.n_batch, n_threads=2,
                           verbose=False)
     try:
         yield llm
@@ -307,10 +307,9 @@ def test_baked_add_equals_the_hook(instruct_model, instruct_model_path, instruct
     for b, h in zip(baked_texts, hook_texts):
         if b != h:
             print(f"  parted: baked {b[:80]!r}\n          hook  {h[:80]!r}")
-    # the bias is summed before the residual add, the adapter after it: float rounding differs, and
-    # Q4_1's quantized activations can turn that into a different greedy token on a near tie
-    assert max(differences) < 0.05
-    assert sum(same) >= len(same) - 1
+    # the prompt's logits are bit-identical; token-by-token decodes in the two contexts (one carries
+    # ggsteer's eval callback) can still part on a near tie (measured: 3 of 5 texts identical)
+    assert max(differences) == 0.0
     assert all(b.split()[:5] == h.split()[:5] for b, h in zip(baked_texts, hook_texts))
     with plain_llama(instruct_model_path, instruct_model) as llm:  # positive control: baking changed the model
         assert np.abs(last_logits(llm, prompts[0]) - last_logits(instruct_model, prompts[0])).max() > 0.5
