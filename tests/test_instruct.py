@@ -271,7 +271,8 @@ def plain_llama(path, like: SteeredModel):
 def last_logits(llm, prompt: str) -> np.ndarray:
     llm.reset()
     llm.eval(llm.tokenize(prompt.encode(), add_bos=True, special=True))
-    return np.array(llm.scores[llm.n_tokens - 1], np.float64)
+    pointer = llama_cpp.llama_get_logits_ith(llm.ctx, -1)  # read from the context: Llama.scores may not hold it
+    return np.ctypeslib.as_array(pointer, shape=(llm.n_vocab(),)).astype(np.float64)
 
 
 def test_baked_add_equals_the_hook(instruct_model, instruct_model_path, instruct_happy_vector, tmp_path, capsys):
@@ -307,9 +308,9 @@ def test_baked_add_equals_the_hook(instruct_model, instruct_model_path, instruct
     for b, h in zip(baked_texts, hook_texts):
         if b != h:
             print(f"  parted: baked {b[:80]!r}\n          hook  {h[:80]!r}")
-    # the prompt's logits are bit-identical; token-by-token decodes in the two contexts (one carries
-    # ggsteer's eval callback) can still part on a near tie (measured: 3 of 5 texts identical)
-    assert max(differences) == 0.0
+    # the bias is summed before the residual add, the adapter after it: float rounding differs, and
+    # greedy decoding can follow a near tie either way (measured: 3 of 5 texts identical)
+    assert max(differences) < 0.05
     assert all(b.split()[:5] == h.split()[:5] for b, h in zip(baked_texts, hook_texts))
     with plain_llama(instruct_model_path, instruct_model) as llm:  # positive control: baking changed the model
         assert np.abs(last_logits(llm, prompts[0]) - last_logits(instruct_model, prompts[0])).max() > 0.5
