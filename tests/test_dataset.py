@@ -36,8 +36,10 @@ from ggsteer.train.presets import (
 
 PRESET_NAMES = {
     "happy", "honest", "calm", "confident", "creative",
-    "formal", "trippy", "lazy", "optimistic", "verbose",
+    "formal", "trippy", "lazy", "optimistic", "verbose", "refusal",
 }
+# presets whose first positive persona is not their name (an assistant's behaviour, not an adjective)
+FIRST_PERSONA = {"refusal": "refuses"}
 TEMPLATE = "Act as if you are an extremely {persona} person."
 
 
@@ -393,7 +395,7 @@ def test_preset_personas(name):
     preset = get_preset(name)
     assert isinstance(preset, Preset)
     assert preset.name == name
-    assert preset.positive_personas[0] == name
+    assert preset.positive_personas[0] == FIRST_PERSONA.get(name, name)
     assert 2 <= len(preset.positive_personas) == len(preset.negative_personas) <= 4
     assert not set(preset.positive_personas) & set(preset.negative_personas)
     assert "{persona}" in preset.template
@@ -406,7 +408,7 @@ def test_preset_opposites():
         "happy": "sad", "honest": "dishonest", "calm": "angry",
         "confident": "uncertain", "creative": "conventional", "formal": "casual",
         "trippy": "sober", "lazy": "diligent", "optimistic": "pessimistic",
-        "verbose": "terse",
+        "verbose": "terse", "refusal": "fulfils",
     }
 
 
@@ -418,7 +420,7 @@ def test_preset_dataset_with_300_suffixes(name):
     assert len(entries) == 300 * personas >= 100
     assert len(set(entries)) == len(entries)
     first_suffix = load_suffixes()[0]
-    assert entries[0].positive == f"{preset.template.format(persona=name)} {first_suffix}"
+    assert entries[0].positive == f"{preset.template.format(persona=FIRST_PERSONA.get(name, name))} {first_suffix}"
     for index, entry in enumerate(entries):
         pos = preset.positive_personas[index % personas]
         neg = preset.negative_personas[index % personas]

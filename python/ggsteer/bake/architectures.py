@@ -24,6 +24,7 @@ persona (the comparison: docs/baking.md, "On the default model").
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 
@@ -39,7 +40,9 @@ class Architecture:
     # why an add bake can only be approximate here ("" = it is exact)
     add_limit: str
     sources_read: str  # which llama.cpp file this entry was read from
-    tested: bool  # checked against llama.cpp in ggsteer's tests
+    # checked against llama.cpp in ggsteer's tests (llama: the tiny model and SmolLM2-135M-Instruct;
+    # gemma3: Gemma 3 270M); an untested entry warns (UntestedArchitectureWarning)
+    tested: bool
     # the pre-norms and the projections reading through them: where an approximate ablation goes on
     # post-norm architectures (empty: orthogonalise the writers instead)
     readers: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -60,8 +63,17 @@ ARCHITECTURES = {
 }
 
 
+class UntestedArchitectureWarning(UserWarning):
+    """The bake's edits for this architecture were read from llama.cpp's source but never run."""
+
+
 def architecture_for(name: str) -> Architecture:
     if name not in ARCHITECTURES:
         known = ", ".join(sorted(ARCHITECTURES))
         raise ValueError(f"cannot bake into architecture {name!r}: ggsteer knows where edits go only for {known}")
-    return ARCHITECTURES[name]
+    arch = ARCHITECTURES[name]
+    if not arch.tested:
+        warnings.warn(f"baking into {name} has never been checked against llama.cpp (its edits were read from "
+                      f"{arch.sources_read} only): compare the baked file with runtime steering before relying on it",
+                      UntestedArchitectureWarning, stacklevel=2)
+    return arch

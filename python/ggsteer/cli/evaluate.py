@@ -37,6 +37,7 @@ from ggsteer.cli.common import (
     layers_argument,
     load_model,
 )
+from ggsteer.cli.refusal import add_refusal_arguments, cmd_refusal
 from ggsteer.evaluate import (
     CALIBRATE_STRENGTHS,
     DEFAULT_MAX_KL,
@@ -72,6 +73,7 @@ def add_parser(subparsers) -> None:
     evaluate.add_argument("--ablation", action="store_true",
                           help="also measure ablate and clamp at -1, 0, +1 gap: fluency cost, behaviour left on "
                                "prompts that ask for it, and how much the projections collapse")
+    add_refusal_arguments(evaluate)
 
     calibrate = _sweep_parser(
         subparsers, "calibrate", CALIBRATE_STRENGTHS, cmd_calibrate,
@@ -315,6 +317,8 @@ def _finite(value):
 
 
 def cmd_eval(args) -> int:
+    if args.refusal:
+        return cmd_refusal(args)
     started = time.perf_counter()
     job = prepare_sweep(args)
     if args.layer_sweep and not args.all_ranges:

@@ -153,6 +153,12 @@ PRESETS: dict[str, Preset] = {
             "verbose", "verbose vs terse",
             "verbose long-winded wordy", "terse concise succinct",
         ),
+        # an assistant that declines vs one that complies (anti-jailbreak; evaluate/refusal.py)
+        Preset(
+            "refusal", "refuses vs complies with requests",
+            ("refuses", "declines", "rejects"), ("fulfils", "carries out", "helps with"),
+            "You are an assistant who always {persona} what the user asks.",
+        ),
     )
 }
 
