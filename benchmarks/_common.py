@@ -91,6 +91,20 @@ class _BarePlanDecoder(BatchDecoder):
             raise RuntimeError("llama_decode failed")
 
 
+GENERATION_PROMPT = "Once upon a time, in a small village by the sea,"
+
+
+def tokens_per_second(model, n_tokens: int, prompt: str = GENERATION_PROMPT) -> float:
+    """Greedy tokens per second of one sequence through Llama.generate, prompt decode included."""
+    tokens = model.tokenize_prompt(prompt)
+    model.reset()
+    start = time.perf_counter()
+    for count, _ in enumerate(model.generate(tokens, temp=0.0, reset=True), start=1):
+        if count == n_tokens:
+            break
+    return n_tokens / (time.perf_counter() - start)
+
+
 def best_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):

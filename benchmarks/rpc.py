@@ -17,24 +17,13 @@ import time
 import warnings
 
 import numpy as np
-from _common import machine_line, paired_ratios, print_table, ratio_cells
+from _common import machine_line, paired_ratios, print_table, ratio_cells, tokens_per_second
 
 from ggsteer import ControlVector, SteeredModel, TrainingWarning
 from ggsteer.runtime.rpc import free_port, start_local_worker
 from ggsteer.train import preset_dataset
 
-PROMPT = "Once upon a time, in a small village by the sea,"
 STEERED_LAYERS = range(3, 15)
-
-
-def tokens_per_second(model: SteeredModel, n_tokens: int) -> float:
-    tokens = model.tokenize_prompt(PROMPT)
-    model.reset()
-    start = time.perf_counter()
-    for count, _ in enumerate(model.generate(tokens, temp=0.0, reset=True), start=1):
-        if count == n_tokens:
-            break
-    return n_tokens / (time.perf_counter() - start)
 
 
 def main() -> None:

@@ -10,25 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import numpy as np
-from _common import machine_line, paired_ratios, print_table, ratio_cells
+from _common import machine_line, paired_ratios, print_table, ratio_cells, tokens_per_second
 
 from ggsteer import SteeredModel
 from ggsteer.vectors import ControlVector
-
-PROMPT = "Once upon a time, in a small village by the sea,"
-
-
-def tokens_per_second(model: SteeredModel, n_tokens: int) -> float:
-    tokens = model.tokenize_prompt(PROMPT)
-    model.reset()
-    start = time.perf_counter()
-    for count, _ in enumerate(model.generate(tokens, temp=0.0, reset=True), start=1):
-        if count == n_tokens:
-            break
-    return n_tokens / (time.perf_counter() - start)
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ temperature 0: joining, leaving, slot reuse and chunked prompts must not change 
 
 import numpy as np
 import pytest
+from support.batch import record_decoded_slots
 from support.oracle import random_vector
 
 from ggsteer.generation import ContinuousBatch, SequenceSampling
@@ -164,14 +165,7 @@ def test_churn_with_a_nearly_full_context(tiny_model):
 
 def test_one_sequence_per_decode_decodes_each_sequence_alone(tiny_model, monkeypatch):
     vector = random_vector(tiny_model, 33, scale=4.0)
-    decoded_slots = []
-    original = ContinuousBatch._decode
-
-    def recording(self, rows):
-        decoded_slots.append({row[0].slot for row in rows})
-        original(self, rows)
-
-    monkeypatch.setattr(ContinuousBatch, "_decode", recording)
+    decoded_slots = record_decoded_slots(monkeypatch)
     prompts = [("i am very happy and", [(vector, 1.0)]), ("the dog is", None),
                ("a cat and the sad dog", [(vector, -1.0)])]
     with ContinuousBatch(tiny_model, one_sequence_per_decode=True) as batch:

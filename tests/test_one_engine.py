@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from support.batch import record_decoded_slots
 from support.server import running_server
 
 from ggsteer import cli
@@ -19,7 +20,6 @@ from ggsteer.cli import chat as chat_cli
 from ggsteer.cli import generate as generate_cli
 from ggsteer.cli.demo import demo_generations
 from ggsteer.evaluate.behaviour import generation_sample, generation_samples
-from ggsteer.generation import ContinuousBatch
 from ggsteer.serve.app import ServerConfig, create_app
 from ggsteer.serve.registry import VectorRegistry
 from ggsteer.vectors import ControlVector
@@ -119,14 +119,7 @@ def test_eval_samples_of_every_setting_come_from_one_batch_and_equal_each_alone(
 
 
 def test_compare_decodes_both_sides_in_one_batch(monkeypatch, capsys, cli_on, tiny_model, vector_file):
-    slots_per_decode = []
-    original = ContinuousBatch._decode
-
-    def recording(self, rows):
-        slots_per_decode.append({row[0].slot for row in rows})
-        original(self, rows)
-
-    monkeypatch.setattr(ContinuousBatch, "_decode", recording)
+    slots_per_decode = record_decoded_slots(monkeypatch)
     out = run_cli(capsys, "generate", "--model", "tiny", "--vector", f"{vector_file}:{STRENGTH}", "-p", PROMPT,
                   "--compare", *CLI_SETTINGS)
     assert slots_per_decode and all(len(slots) == 2 for slots in slots_per_decode)
