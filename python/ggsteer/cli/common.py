@@ -33,7 +33,8 @@ def parse_vector_spec(spec: str) -> tuple[Path, float | None]:
     if os.path.exists(spec) or ":" not in spec:
         return Path(spec), None
     path, _, text = spec.rpartition(":")
-    strength = finite_number(text, f"bad --vector {spec!r}: expected FILE or FILE:STRENGTH with a number after the colon",
+    strength = finite_number(text,
+                             f"bad --vector {spec!r}: expected FILE or FILE:STRENGTH with a number after the colon",
                              f"bad --vector {spec!r}: the strength must be a finite number")
     try:
         strength = parse_strength(strength)
@@ -265,7 +266,8 @@ def warn_if_steering_is_absurd(vectors) -> None:
         peak = max(float(np.max(np.abs(d), initial=0.0)) for d in vector.directions.values()) * abs(strength)
         if not math.isfinite(peak) or peak > ABSURD_STEERING:
             print(f"ggsteer: warning: {name} at strength {strength:g} adds values up to {peak:.3g} to the residual "
-                  f"stream (a model's own stay far below {ABSURD_STEERING:g}): expect meaningless output", file=sys.stderr)
+                  f"stream (a model's own stay far below {ABSURD_STEERING:g}): expect meaningless output",
+                  file=sys.stderr)
 
 
 def sampling_kwargs(args) -> dict:
