@@ -297,3 +297,25 @@ def output_path(path: str, force: bool, what: str = "output file") -> Path:
         raise CliError(f"{path} is a directory: give a file name for the {what}") from None
     except FileNotFoundError as error:
         raise CliError(f"cannot write {path}: the folder {error.filename} does not exist") from None
+
+
+def check_writable(path: str | os.PathLike | None, what: str) -> None:
+    """Fail now, not after the sweep, when `path` cannot be written."""
+    if path is None:
+        return
+    target = Path(path)
+    folder = target.parent
+    if not folder.is_dir():
+        raise CliError(f"cannot write {what} {target}: the directory {folder} does not exist")
+    if target.is_dir():
+        raise CliError(f"cannot write {what} {target}: it is a directory")
+    if not os.access(folder, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise CliError(f"cannot write {what} {target}: permission denied")
+
+
+def write_output(path: str, what: str, write) -> None:
+    """Run `write()`; an OSError becomes one clear line naming `what` and `path`."""
+    try:
+        write()
+    except OSError as error:
+        raise CliError(f"cannot write {what} {path}: {error.strerror or error}") from None

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -33,9 +32,11 @@ from ggsteer.atomic_file import write_atomically
 from ggsteer.cli.common import (
     CliError,
     add_model_arguments,
+    check_writable,
     finite_number,
     layers_argument,
     load_model,
+    write_output,
 )
 from ggsteer.cli.refusal import add_refusal_arguments, cmd_refusal
 from ggsteer.cli.search import ranges_that_can_win, search_sweeps
@@ -161,20 +162,6 @@ def _count(text: str, spec: str) -> int:
     return count
 
 
-def check_writable(path: str | os.PathLike | None, what: str) -> None:
-    """Fail now, not after the sweep, when `path` cannot be written."""
-    if path is None:
-        return
-    target = Path(path)
-    folder = target.parent
-    if not folder.is_dir():
-        raise CliError(f"cannot write {what} {target}: the directory {folder} does not exist")
-    if target.is_dir():
-        raise CliError(f"cannot write {what} {target}: it is a directory")
-    if not os.access(folder, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise CliError(f"cannot write {what} {target}: permission denied")
-
-
 # -- the shared sweep ---------------------------------------------------------------------------
 
 
@@ -291,22 +278,15 @@ def write_reports(args, job: SweepJob, sweeps, seconds: float, calibration=None)
             "calibration": None if calibration is None else asdict(calibration),
         }
         text = json.dumps(_finite(report), indent=2) + "\n"
-        _write(args.json, "--json",
-               lambda: write_atomically(args.json, lambda temp: Path(temp).write_text(text, encoding="utf-8"),
-                                        overwrite=True))
+        write_output(args.json, "--json",
+                     lambda: write_atomically(args.json, lambda temp: Path(temp).write_text(text, encoding="utf-8"),
+                                              overwrite=True))
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         title = f"{job.vector_path.name} on {job.model.model_name}, preset {job.preset!r}"
-        _write(args.plot, "--plot", lambda: write_atomically(
+        write_output(args.plot, "--plot", lambda: write_atomically(
             args.plot, lambda temp: plot_sweeps(sweeps, temp, title=title, calibration=calibration), overwrite=True))
         print(f"wrote {args.plot}", file=sys.stderr)
-
-
-def _write(path: str, what: str, write) -> None:
-    try:
-        write()
-    except OSError as error:
-        raise CliError(f"cannot write {what} {path}: {error.strerror or error}") from None
 
 
 def _finite(value):
