@@ -140,9 +140,9 @@ def test_ggsteer_chat_uses_the_models_template(monkeypatch, capsys, instruct_mod
 
     _, vector_path = instruct_happy_vector
     lines = iter([CHAT_PROMPTS[0], "/quit"])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))  # noqa: ARG005 (input's signature)
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))  # noqa: ARG005 - input's signature
     # the session's model, so the reference below decodes with the very same context settings
-    monkeypatch.setattr(ggsteer.cli.chat, "load_model", lambda args: instruct_model)  # noqa: ARG005 (load_model's)
+    monkeypatch.setattr(ggsteer.cli.chat, "load_model", lambda args: instruct_model)  # noqa: ARG005 - load_model's
     try:
         code = main(["chat", "--model", str(instruct_model_path), "--vector", f"{vector_path}:{STRENGTH}",
                      "-n", "24", "--temp", "0", "--repeat-penalty", "1"])

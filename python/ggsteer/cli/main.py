@@ -31,8 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# warnings.showwarning's signature
-def show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001 - showwarning's
     """Warnings as one clean line (not Python's two lines with source code)."""
     print(f"ggsteer: warning: {message}", file=file or sys.stderr)
 
