@@ -26,20 +26,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
-
 import statistics
+import sys
 
 from _common import machine_line, paired_times, print_table, ratio_cells, seconds
 
 from ggsteer import SteeredModel
 from ggsteer.cli.evaluate import parse_strengths
 from ggsteer.evaluate import DEFAULT_MAX_KL, choose_calibration, layer_sweep, strength_sweep
-from ggsteer.evaluate.strength_search import Work, search_calibration
 from ggsteer.evaluate.behaviour import behaviour_units
 from ggsteer.evaluate.fluency import FluencyTally, neutral_tokens
 from ggsteer.evaluate.settings import settings_per_strength
 from ggsteer.evaluate.side_by_side import SideBySide, run_side_by_side
+from ggsteer.evaluate.strength_search import Work, search_calibration
 from ggsteer.train import load_eval_prompts, preset_dataset
 from ggsteer.vectors import ControlVector
 
@@ -52,9 +51,9 @@ def sweep_units(model, vector, strengths, items):
     return settings, fluency.units + units
 
 
-def floor(model, units, settings):
+def floor(model, units, _settings):
     """The same packed decodes, unsteered, nothing scored."""
-    idle = [dataclasses.replace(unit, setting=0, consume=lambda pieces: None) for unit in units]
+    idle = [dataclasses.replace(unit, setting=0, consume=lambda _pieces: None) for unit in units]
     with SideBySide(model, [[]]) as runner:
         groups = runner.pack(idle)
         for group in groups:
@@ -125,11 +124,11 @@ def search_table(args) -> int:
         full_rows, full_tokens = sum(u.n_outputs for u in units), sum(u.n_rows for u in units)
         found, times = {}, {"full": [], "search": []}
 
-        def full():
+        def full(vector=vector, items=items, found=found):
             (sweep,) = layer_sweep(model, vector, grid, items, [None])
             found["full"] = choose_calibration([sweep], args.max_kl)
 
-        def search():
+        def search(vector=vector, items=items, found=found):
             found["work"] = work = Work()
             found["search"] = search_calibration(model, vector, items, grid, args.max_kl, work=work)[1]
 

@@ -31,15 +31,13 @@ import os
 import statistics
 import time
 
-from _common import BareContext, machine_line, paired_times, print_table, ratio_cells
-
 import numpy as np
+from _common import BareContext, machine_line, paired_times, print_table, ratio_cells
 
 from ggsteer import CaptureStats, SteeredModel
 from ggsteer.evaluate.behaviour import behaviour_matrix
 from ggsteer.evaluate.settings import settings_per_strength
-from ggsteer.train import get_preset, load_eval_prompts, make_dataset, preset_dataset, truncated_suffixes
-from ggsteer.train import methods
+from ggsteer.train import get_preset, load_eval_prompts, make_dataset, methods, preset_dataset, truncated_suffixes
 from ggsteer.train.capture import tokenize_prompts
 from ggsteer.train.capture_plan import plan_shared
 from ggsteer.train.extract import extra_pools, extra_prompts
@@ -56,7 +54,8 @@ REPLIES = [
 
 
 def truncated_dataset():
-    return make_dataset("Act as if you are an extremely {persona} person.", ["happy"], ["sad"], truncated_suffixes(REPLIES))
+    return make_dataset("Act as if you are an extremely {persona} person.", ["happy"], ["sad"],
+                        truncated_suffixes(REPLIES))
 
 
 def main() -> None:
@@ -101,7 +100,7 @@ def main() -> None:
             facts[(name, variant)] = (len(prompts), stats)
             pairs[(name, variant)] = (
                 lambda t=token_lists: bare.decode_prompts(t, args.batch),
-                lambda e=entries, m=method, l=layers: ControlVector.train(model, e, method=m, layers=l,
+                lambda e=entries, m=method, ls=layers: ControlVector.train(model, e, method=m, layers=ls,
                                                                           batch_size=args.batch, progress=False),
             )
     results = paired_times(pairs, args.rounds)

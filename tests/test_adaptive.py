@@ -202,7 +202,7 @@ def test_layer_sweep_sweeps_only_the_range_that_can_win(tiny_model, tiny_model_p
     path = tmp_path / "planted.gguf"
     vector.save(path)
     monkeypatch.setattr(fluency, "load_neutral_texts", lambda: list(TEXTS))
-    monkeypatch.setattr("ggsteer.cli.evaluate.load_eval_prompts", lambda name: [dict(i) for i in ITEMS])
+    monkeypatch.setattr("ggsteer.cli.evaluate.load_eval_prompts", lambda name: [dict(i) for i in ITEMS])  # noqa: ARG005 - load_eval_prompts stand-in
     out = tmp_path / "eval.json"
     assert cli.main(["eval", str(path), "--model", str(tiny_model_path), "--preset", "happy", "--threads", "2",
                      "--strengths=0.1:1.5:15", "--layer-sweep", "--json", str(out)]) == 0
@@ -235,7 +235,7 @@ def test_cli_calibrate_searches_and_saves_the_full_sweeps_strength(tiny_model, t
     path = tmp_path / "planted.gguf"
     vector.save(path)
     monkeypatch.setattr(fluency, "load_neutral_texts", lambda: list(TEXTS))
-    monkeypatch.setattr("ggsteer.cli.evaluate.load_eval_prompts", lambda name: [dict(i) for i in ITEMS])
+    monkeypatch.setattr("ggsteer.cli.evaluate.load_eval_prompts", lambda name: [dict(i) for i in ITEMS])  # noqa: ARG005 - load_eval_prompts stand-in
     reports = {}
     for mode in ("search", "full"):
         out = tmp_path / f"{mode}.gguf"

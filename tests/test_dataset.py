@@ -457,7 +457,7 @@ def test_preset_dataset_chat_template_without_trailing_newline_gets_a_space():
 
 def test_preset_dataset_rejects_bad_chat_template_output():
     with pytest.raises(DatasetError) as caught:
-        preset_dataset("happy", chat_template=lambda text: None, max_suffixes=1)
+        preset_dataset("happy", chat_template=lambda text: None, max_suffixes=1)  # noqa: ARG005 - a template
     assert "chat_template returned None" in str(caught.value)
 
 

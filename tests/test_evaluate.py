@@ -39,7 +39,8 @@ STEERED_LAYERS = (1, 2)
 
 def random_vector(n_embd, seed=0, scale=1.5, layers=STEERED_LAYERS):
     rng = np.random.default_rng(seed)
-    return ControlVector({il: rng.normal(size=n_embd).astype(np.float32) * scale for il in layers}, "llama", {"unit": "gap"})
+    return ControlVector({il: rng.normal(size=n_embd).astype(np.float32) * scale for il in layers}, "llama",
+                         {"unit": "gap"})
 
 
 def reference_log_softmax(model, weights, text, added=None):
@@ -57,7 +58,8 @@ def reference_fluency(model, weights, vector, strength):
     kls, nlls = [], []
     for text in TEXTS:
         tokens, log_p = reference_log_softmax(model, weights, text)
-        _, log_q = reference_log_softmax(model, weights, text, {il: strength * vector.directions[il] for il in STEERED_LAYERS})
+        _, log_q = reference_log_softmax(model, weights, text,
+                                         {il: strength * vector.directions[il] for il in STEERED_LAYERS})
         kls.extend((np.exp(log_p) * (log_p - log_q)).sum(axis=1))
         nlls.extend(-log_q[pos - 1, tokens[pos]] for pos in range(1, len(tokens)))
     return np.mean(kls), np.exp(np.mean(nlls))
@@ -296,7 +298,8 @@ def test_cli_empty_strengths_range(capsys, tiny_vector_file, spec):
     assert f"empty --strengths range {spec!r}" in err and "N must be at least 1" in err
 
 
-@pytest.mark.parametrize("spec, message", [("1:2", "use A:B:N"), ("a,b", "'a' is not a number"), ("0:1:2.5", "whole number")])
+@pytest.mark.parametrize("spec, message",
+                         [("1:2", "use A:B:N"), ("a,b", "'a' is not a number"), ("0:1:2.5", "whole number")])
 def test_cli_bad_strengths(capsys, tiny_vector_file, spec, message):
     code, err = run_cli(capsys, "eval", tiny_vector_file, f"--strengths={spec}")
     assert code == 2 and message in err
@@ -331,8 +334,9 @@ def test_cli_eval_writes_json_and_plot(capsys, tiny_vector_file, tiny_model_path
     monkeypatch.setattr(fluency, "load_neutral_texts", lambda: list(TEXTS))
     monkeypatch.setattr("ggsteer.cli.evaluate.load_eval_prompts", lambda name: load_eval_prompts(name)[:3])
     out_json, out_png = tmp_path / "eval.json", tmp_path / "eval.png"
-    code = cli.main(["eval", str(tiny_vector_file), "--model", str(tiny_model_path), "--preset", "happy", "--strengths=-1:1:3",
-                     "--layer-sweep", "--all-ranges", "--json", str(out_json), "--plot", str(out_png)])
+    code = cli.main(["eval", str(tiny_vector_file), "--model", str(tiny_model_path), "--preset", "happy",
+                     "--strengths=-1:1:3", "--layer-sweep", "--all-ranges", "--json", str(out_json),
+                     "--plot", str(out_png)])
     assert code == 0
     table = capsys.readouterr().out
     assert "layers 1-2" in table and "wrong-way" in table and "perplexity" in table
@@ -394,7 +398,8 @@ def test_calibrate_writes_the_strength_generate_uses(calibrated_file, capsys):
 def test_behaviour_rises_and_kl_grows_over_the_calibrated_range(default_model, happy_vector, calibrated_file):
     top = calibrated_file[1]["calibration"]["strength"]
     strengths = [-top, -top / 2, 0.0, top / 2, top]
-    sweep = strength_sweep(default_model, happy_vector, strengths, load_eval_prompts("happy"), neutral_texts=few_neutral_texts())
+    sweep = strength_sweep(default_model, happy_vector, strengths, load_eval_prompts("happy"),
+                           neutral_texts=few_neutral_texts())
     behaviour, kl = sweep.column("behaviour"), sweep.column("kl")
     assert np.all(np.diff(behaviour) > 0), behaviour
     assert behaviour[-1] > sweep.baseline_behaviour + 3 and behaviour[0] < sweep.baseline_behaviour - 3

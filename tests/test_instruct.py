@@ -109,7 +109,8 @@ def test_strength_zero_gives_back_the_unsteered_chat_reply(instruct_model, instr
 def test_steering_moves_an_independent_sentiment_judge_the_trained_way(instruct_model, instruct_happy_vector):
     vector, _ = instruct_happy_vector
     n = len(CHAT_PROMPTS)
-    texts = greedy_replies(instruct_model, CHAT_PROMPTS * 3, [None] * n + [(vector, STRENGTH)] * n + [(vector, -STRENGTH)] * n)
+    texts = greedy_replies(instruct_model, CHAT_PROMPTS * 3,
+                           [None] * n + [(vector, STRENGTH)] * n + [(vector, -STRENGTH)] * n)
     plain, happy, sad = texts[:n], texts[n:2 * n], texts[2 * n:]
     assert all(t.strip() for t in texts)
     assert all(h != p for h, p in zip(happy, plain))
@@ -139,9 +140,9 @@ def test_ggsteer_chat_uses_the_models_template(monkeypatch, capsys, instruct_mod
 
     _, vector_path = instruct_happy_vector
     lines = iter([CHAT_PROMPTS[0], "/quit"])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))  # noqa: ARG005 - input's signature
     # the session's model, so the reference below decodes with the very same context settings
-    monkeypatch.setattr(ggsteer.cli.chat, "load_model", lambda args: instruct_model)
+    monkeypatch.setattr(ggsteer.cli.chat, "load_model", lambda args: instruct_model)  # noqa: ARG005 - load_model's
     try:
         code = main(["chat", "--model", str(instruct_model_path), "--vector", f"{vector_path}:{STRENGTH}",
                      "-n", "24", "--temp", "0", "--repeat-penalty", "1"])
@@ -197,7 +198,8 @@ class CtypesCapture:
         self.states: dict[int, np.ndarray] = {}
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)
         params = llama_cpp.llama_context_default_params()
-        for name in ("n_ctx", "n_batch", "n_ubatch", "n_threads", "n_threads_batch", "flash_attn_type", "type_k", "type_v"):
+        for name in ("n_ctx", "n_batch", "n_ubatch", "n_threads", "n_threads_batch", "flash_attn_type", "type_k",
+                     "type_v"):
             setattr(params, name, getattr(model.context_params, name))
         params.cb_eval = self.callback
         self.ctx = llama_cpp.llama_init_from_model(model.model, params)

@@ -2,16 +2,14 @@
 
 import numpy as np
 import pytest
-from support.oracle import ATOL, last_logits, random_vector
+from support.oracle import ATOL, PROMPT, last_logits, numpy_op, random_vector, reference_with, unit
 from support.reference_model import reference_forward
 
 from ggsteer.runtime.native import native as load_native
-
-native = load_native()
-from support.oracle import PROMPT, numpy_op, reference_with, unit
-
 from ggsteer.steering.interventions import OPS, Condition
 from ggsteer.vectors import ControlVector
+
+native = load_native()
 
 pytestmark = pytest.mark.usefixtures("unsteered_tiny_model")
 
@@ -48,7 +46,8 @@ def test_cpu_add_rounds_like_ggml_add():
     assert (once != got).any()  # a kernel rounding once (double or FMA) would not pass
 
 
-@pytest.mark.skipif(not native.cuda_device_available(), reason="no CUDA device here: CUDA kernels are compiled but not run")
+@pytest.mark.skipif(not native.cuda_device_available(),
+                    reason="no CUDA device here: CUDA kernels are compiled but not run")
 @pytest.mark.parametrize("kind", range(len(OPS)))
 @pytest.mark.parametrize("n", [1, 7, 33, 640, 1001, 4096])
 def test_cuda_kernel_matches_cpu(kind, n):
@@ -89,7 +88,8 @@ def gpu_tiny_model(tiny_model_path):
 
 
 @pytest.mark.skipif(bool(_cuda_model_unavailable()), reason=_cuda_model_unavailable() or "runs")
-@pytest.mark.parametrize("options", [dict(op="ablate"), dict(op="clamp", strength=-2.0), dict(op="add_normalized", strength=1.3),
+@pytest.mark.parametrize("options", [dict(op="ablate"), dict(op="clamp", strength=-2.0),
+                                     dict(op="add_normalized", strength=1.3),
                                      dict(op="add", when="prompt"), dict(op="add", first_k=3)])
 def test_cuda_hook_matches_cpu_model(tiny_model, gpu_tiny_model, options):
     """The hook on CUDA buffers (CUDA kernels between graph splits) gives the CPU model's logits."""
@@ -212,7 +212,7 @@ def steered_decode(model, prompt_tokens, generated_tokens):
     [
         (dict(when="generated"), lambda pos, n_prompt: pos >= n_prompt),
         (dict(when="prompt"), lambda pos, n_prompt: pos < n_prompt),
-        (dict(first_k=3), lambda pos, n_prompt: pos < 3),
+        (dict(first_k=3), lambda pos, _n_prompt: pos < 3),
         (dict(when="generated", first_k=9), lambda pos, n_prompt: n_prompt <= pos < 9),
     ],
 )
@@ -290,7 +290,8 @@ def test_condition_switches_steering_per_prompt(tiny_model, tiny_weights):
         tokens = tiny_model.tokenize_prompt(prompt)
         active = index == high
         expected = reference_with(
-            tiny_model, tiny_weights, tokens, lambda il, h, _: h + steer.directions[il] if active and il in (1, 2) else h
+            tiny_model, tiny_weights, tokens,
+            lambda il, h, _, active=active: h + steer.directions[il] if active and il in (1, 2) else h,
         )[-1]
         np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
 
@@ -323,7 +324,8 @@ def test_condition_is_remade_when_llama_reuses_a_prefix(tiny_model, tiny_weights
     np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("options", [dict(op="ablate"), dict(op="clamp", strength=-2.0), dict(op="add_normalized", strength=1.3),
+@pytest.mark.parametrize("options", [dict(op="ablate"), dict(op="clamp", strength=-2.0),
+                                     dict(op="add_normalized", strength=1.3),
                                      dict(op="add", first_k=3), dict(op="add", condition="holds")])
 def test_copy_path_of_other_backends_gives_the_host_results(tiny_model, tiny_weights, options):
     """Backends whose memory is not host memory (and CUDA without a usable runtime) get their rows
@@ -373,7 +375,8 @@ def test_generate_batch_matches_llama_path(tiny_model):
     vector = random_vector(tiny_model, 19, scale=4.0)
     batch = tiny_model.generate_batch(["i am very happy and", "the dog is"], [[(vector, 1.0)], None], max_tokens=10)
     with tiny_model.steer(vector, 1.0):
-        steered = tiny_model.create_completion("i am very happy and", max_tokens=10, temperature=0)["choices"][0]["text"]
+        steered = tiny_model.create_completion("i am very happy and", max_tokens=10,
+                                               temperature=0)["choices"][0]["text"]
     plain = tiny_model.create_completion("the dog is", max_tokens=10, temperature=0)["choices"][0]["text"]
     assert batch == [steered, plain]
 
@@ -401,12 +404,14 @@ def test_generate_batch_conditions_per_sequence(tiny_model, tiny_weights):
         expected = tiny_model.generate_batch([prompt], [[always] if i == high else None], max_tokens=10)
         assert together[i] == expected[0]
     # the check can tell: steering changes the high prompt's completion
-    assert tiny_model.generate_batch([prompts[high]], None, max_tokens=10) != tiny_model.generate_batch([prompts[high]], [[always]], max_tokens=10)
+    assert tiny_model.generate_batch([prompts[high]], None, max_tokens=10) != tiny_model.generate_batch(
+        [prompts[high]], [[always]], max_tokens=10)
 
 
 def test_generate_batch_streams_pieces(tiny_model):
     pieces = {0: [], 1: []}
-    texts = tiny_model.generate_batch(["the dog is", "a cat"], None, max_tokens=6, on_token=lambda i, t: pieces[i].append(t))
+    texts = tiny_model.generate_batch(["the dog is", "a cat"], None, max_tokens=6,
+                                      on_token=lambda i, t: pieces[i].append(t))
     assert ["".join(pieces[0]), "".join(pieces[1])] == texts
 
 
@@ -432,7 +437,8 @@ def test_generate_batch_per_sequence_settings_and_details(tiny_model):
 def test_generate_batch_single_seed_counts_up(tiny_model):
     prompts = ["the dog is", "the dog is"]
     pair = tiny_model.generate_batch(prompts, max_tokens=12, temperature=1.0, seed=3)
-    assert pair == [tiny_model.generate_batch([p], max_tokens=12, temperature=1.0, seed=[s])[0] for p, s in zip(prompts, (3, 4))]
+    assert pair == [tiny_model.generate_batch([p], max_tokens=12, temperature=1.0, seed=[s])[0]
+                    for p, s in zip(prompts, (3, 4))]
     assert pair[0] != pair[1]
 
 
@@ -509,12 +515,13 @@ def test_memory_vector_is_mean_activation(tiny_model, tiny_weights):
 def test_ablate_sets_projection_to_trained_center(tiny_model, tiny_weights):
     base = random_vector(tiny_model, 22)
     centers = {1: 0.8, 2: -1.7}
-    vector = ControlVector(base.directions, "llama", {"unit": "gap", "layers": [1, 2], "center": [centers[1], centers[2]]})
+    vector = ControlVector(base.directions, "llama",
+                           {"unit": "gap", "layers": [1, 2], "center": [centers[1], centers[2]]})
     tokens = tiny_model.tokenize_prompt(PROMPT)
     for op, strength, offset in (("ablate", 1.0, 0.0), ("clamp", 0.5, 0.5)):
         tiny_model.set_control(vector, strength, layers=[1, 2], op=op)
 
-        def edit(il, h, positions):
+        def edit(il, h, positions, offset=offset):
             if il not in (1, 2):
                 return h
             v = vector.directions[il].astype(np.float64)

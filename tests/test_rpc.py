@@ -118,7 +118,8 @@ def condition_that_holds(model):
 
 
 OPTIONS = [{"op": "add"}, {"op": "ablate"}, {"op": "clamp", "strength": -2.0},
-           {"op": "add_normalized", "strength": 1.3}, {"op": "add", "when": "generated"}, {"op": "add", "first_k": 3}, {"op": "add", "condition": "holds"}]
+           {"op": "add_normalized", "strength": 1.3}, {"op": "add", "when": "generated"}, {"op": "add", "first_k": 3},
+           {"op": "add", "condition": "holds"}]
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(str(v) for v in o.values()))
@@ -339,7 +340,9 @@ def test_default_model_steered_across_workers(default_model):
                   f"vs {runs['repacked'][case][1]!r}")
         assert runs["remote"]["add"][1] != runs["remote"]["plain"][1]  # steering acts on the workers
         assert copies > 0  # the ablation ran in the hook, on the workers' rows
-        cosine = lambda a, b: abs(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
+        def cosine(a, b):
+            return abs(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
+
         for il in vector.layers:
             assert cosine(plain_vector.directions[il], split_vector.directions[il]) >= 0.999, il
         repacked = min(cosine(vector.directions[il], split_vector.directions[il]) for il in vector.layers)

@@ -117,7 +117,8 @@ def test_bodies_must_be_json(served):
                     headers={"content-type": "application/json; charset=utf-8"}, timeout=60)
     assert ok.status_code == 200
     # none of the refused requests reached the worker
-    assert metrics(url)['ggsteer_requests_total{outcome="completed"}'] == before['ggsteer_requests_total{outcome="completed"}'] + 1
+    completed = 'ggsteer_requests_total{outcome="completed"}'
+    assert metrics(url)[completed] == before[completed] + 1
 
 
 def test_only_loopback_host_names_by_default(served):
@@ -207,7 +208,8 @@ def test_a_busy_port_is_reported_before_the_model_loads(tmp_path, tiny_model_pat
                                            "stop the other server or pick another --port")]
 
 
-@pytest.mark.parametrize(("option", "value", "message"), [("--max-queue", "0", "--max-queue"), ("--port", "70000", "--port")])
+@pytest.mark.parametrize(("option", "value", "message"),
+                         [("--max-queue", "0", "--max-queue"), ("--port", "70000", "--port")])
 def test_bad_serve_options_get_one_line(tmp_path, tiny_model_path, capsys, option, value, message):
     write_vectors(tmp_path)
     assert main(["serve", "--model", str(tiny_model_path), "--vectors", str(tmp_path), option, value]) == 2

@@ -50,7 +50,8 @@ def server_model(tiny_model_path):
 @pytest.fixture
 def client(server_model, vector_dir, vectors):
     """A fresh server on its own vectors directory for each test (the tests change both)."""
-    with serving(server_model, vector_dir, ServerConfig(max_batch=4)) as (url, _), httpx.Client(base_url=url, timeout=60) as c:
+    with serving(server_model, vector_dir, ServerConfig(max_batch=4)) as (url, _), httpx.Client(base_url=url,
+                                                                                                 timeout=60) as c:
         yield c
 
 
@@ -86,7 +87,8 @@ def test_default_steering_applies_to_plain_requests_until_cleared(client, refere
     assert complete(client, {}) == unsteered
     chat = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": TOKENS}
     chat_default = client.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
-    assert chat_default == client.post("/v1/chat/completions", json={**chat, "steering": steering}).json()["choices"][0]["message"]["content"]
+    reply = client.post("/v1/chat/completions", json={**chat, "steering": steering}).json()
+    assert chat_default == reply["choices"][0]["message"]["content"]
     assert client.delete("/v1/steering").json()["steering"] == {}
     assert complete(client) == unsteered
 
@@ -144,7 +146,8 @@ def test_bad_operations_get_the_cli_messages(client, setting, message):
 def test_ik_llama_control_vector_endpoints(client, reference, vectors):
     unsteered = expected_text(reference, vectors, PROMPT)
     assert client.get("/control-vectors").json() == []
-    assert client.post("/control-vectors/load", json={"path": "happy.gguf", "scale": 0.8}).json() == {"success": True, "id": 0}
+    assert client.post("/control-vectors/load",
+                       json={"path": "happy.gguf", "scale": 0.8}).json() == {"success": True, "id": 0}
     loaded = {"path": "plain.gguf", "scale": 0.5, "layer_start": 2, "layer_end": 2}
     assert client.post("/control-vectors/load", json=loaded).json() == {"success": True, "id": 1}
     assert client.get("/control-vectors").json() == [
@@ -156,7 +159,8 @@ def test_ik_llama_control_vector_endpoints(client, reference, vectors):
     # apply: the listed ids get their scale, every other loaded vector 0 (llama.cpp's semantics)
     assert client.post("/control-vectors/apply", json=[{"id": 1, "scale": -0.7}]).json() == {"success": True}
     assert [v["scale"] for v in client.get("/control-vectors").json()] == [0.0, -0.7]
-    assert complete(client) == intervened_text(reference, [reference.intervention(vectors["plain"], -0.7, layers=[2], raw=True)])
+    assert complete(client) == intervened_text(reference,
+                                               [reference.intervention(vectors["plain"], -0.7, layers=[2], raw=True)])
     bad = client.post("/control-vectors/apply", json=[{"id": 7, "scale": 1}])
     assert bad.status_code == 400 and bad.json()["success"] is False
     assert [v["scale"] for v in client.get("/control-vectors").json()] == [0.0, -0.7]  # nothing changed
@@ -168,7 +172,8 @@ def test_ik_llama_control_vector_endpoints(client, reference, vectors):
 
 def test_lora_adapter_style_cvectors_endpoint(client, reference, vectors):
     listed = client.get("/cvectors").json()
-    assert listed == [{"id": i, "path": f"{name}.gguf", "scale": 0.0} for i, name in enumerate(["happy", "honest", "plain"])]
+    assert listed == [{"id": i, "path": f"{name}.gguf", "scale": 0.0}
+                      for i, name in enumerate(["happy", "honest", "plain"])]
     assert client.post("/cvectors", json=[{"id": 1, "scale": 0.9}]).json() == {"success": True}
     assert [v["scale"] for v in client.get("/cvectors").json()] == [0.0, 0.9, 0.0]
     assert complete(client) == expected_text(reference, vectors, PROMPT, {"honest": 0.9})
@@ -207,7 +212,8 @@ def directory_state(directory) -> dict[str, bytes]:
     return {entry.name: entry.read_bytes() if entry.is_file() else b"" for entry in sorted(directory.iterdir())}
 
 
-def test_an_uploaded_vector_is_usable_at_once_and_after_a_restart(client, reference, vectors, vector_dir, tmp_path, server_model):
+def test_an_uploaded_vector_is_usable_at_once_and_after_a_restart(client, reference, vectors, vector_dir, tmp_path,
+                                                                  server_model):
     new = make_vector(48, 77)
     response = client.put("/v1/vectors/calm", content=gguf_bytes(tmp_path, new))
     assert response.status_code == 201 and response.json()["id"] == "calm"
@@ -229,10 +235,13 @@ def nan_vector_bytes(tmp_path) -> bytes:
 
 
 @pytest.mark.parametrize(("kind", "message"), [
-    ("wrong_n_embd", "n_embd 32"), ("nan", "bad.gguf: tensor 'direction.2': direction has 1 non-finite values"), ("not_gguf", "uploaded vector 'bad'"), ("too_big", "larger than 4096 bytes")])
-def test_a_bad_upload_gets_400_and_leaves_the_directory_unchanged(server_model, vector_dir, vectors, tmp_path, kind, message):
+    ("wrong_n_embd", "n_embd 32"), ("nan", "bad.gguf: tensor 'direction.2': direction has 1 non-finite values"),
+    ("not_gguf", "uploaded vector 'bad'"), ("too_big", "larger than 4096 bytes")])
+def test_a_bad_upload_gets_400_and_leaves_the_directory_unchanged(server_model, vector_dir, vectors, tmp_path, kind,
+                                                                  message):
     config = ServerConfig(max_batch=2, max_vector_file_bytes=4096)
-    content = {"wrong_n_embd": lambda: gguf_bytes(tmp_path, make_vector(32, 1)), "nan": lambda: nan_vector_bytes(tmp_path),
+    content = {"wrong_n_embd": lambda: gguf_bytes(tmp_path, make_vector(32, 1)),
+               "nan": lambda: nan_vector_bytes(tmp_path),
                "not_gguf": lambda: b"GGUF but not really" * 3, "too_big": lambda: b"\0" * 5000}[kind]()
     before = directory_state(vector_dir)
     with serving(server_model, vector_dir, config) as (url, _), httpx.Client(base_url=url, timeout=60) as c:
@@ -261,7 +270,8 @@ def test_unload_load_and_rescan(client, reference, vectors, vector_dir):
     (vector_dir / "sub").mkdir()
     make_vector(48, 40).save(vector_dir / "sub" / "kind.gguf")
     assert client.post("/v1/vectors/load", json={"path": "sub/kind.gguf"}).json()["id"] == "kind"
-    assert complete(client, {"kind": 0.5}) == intervened_text(reference, [reference.intervention(ControlVector.load(vector_dir / "sub" / "kind.gguf"), 0.5)])
+    kind = ControlVector.load(vector_dir / "sub" / "kind.gguf")
+    assert complete(client, {"kind": 0.5}) == intervened_text(reference, [reference.intervention(kind, 0.5)])
     make_vector(48, 41).save(vector_dir / "fresh.gguf")
     os.remove(vector_dir / "plain.gguf")
     make_vector(32, 2).save(vector_dir / "small.gguf")
@@ -287,9 +297,11 @@ def test_unloading_a_vector_does_not_disturb_a_request_using_it(client, referenc
 
 
 def test_overwriting_a_vector_keeps_the_default_usable(client, reference, tmp_path):
-    assert client.post("/control-vectors/load", json={"path": "honest.gguf", "layer_start": 2, "layer_end": 2}).json()["success"]
+    assert client.post("/control-vectors/load",
+                       json={"path": "honest.gguf", "layer_start": 2, "layer_end": 2}).json()["success"]
     only_layer_1 = ControlVector({1: np.ones(48, np.float32)}, "llama", {"unit": "gap"})
-    assert client.put("/v1/vectors/honest?overwrite=true", content=gguf_bytes(tmp_path, only_layer_1)).status_code == 201
+    assert client.put("/v1/vectors/honest?overwrite=true",
+                      content=gguf_bytes(tmp_path, only_layer_1)).status_code == 201
     # the default named layer 2, which the new file lacks: it is dropped, not left to fail every request
     assert client.get("/v1/steering").json()["steering"] == {}
     assert complete(client) == intervened_text(reference, [])
@@ -298,7 +310,8 @@ def test_overwriting_a_vector_keeps_the_default_usable(client, reference, tmp_pa
 def test_ik_apply_turns_off_entries_set_in_ggsteers_shape(client, reference, vectors):
     client.post("/v1/steering", json={"steering": {"honest": {"op": "ablate", "layers": "1-2"}, "happy": 0.5}})
     listed = client.get("/control-vectors").json()
-    assert [(v["path"], v["scale"], v["applied"]) for v in listed] == [("honest.gguf", 0.0, True), ("happy.gguf", 0.5, True)]
+    assert [(v["path"], v["scale"], v["applied"]) for v in listed] == [("honest.gguf", 0.0, True),
+                                                                      ("happy.gguf", 0.5, True)]
     assert client.post("/control-vectors/apply", json=[{"id": 1, "scale": 0.25}]).json() == {"success": True}
     assert [v["applied"] for v in client.get("/control-vectors").json()] == [False, True]
     assert complete(client) == expected_text(reference, vectors, PROMPT, {"happy": 0.25})

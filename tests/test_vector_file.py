@@ -1072,8 +1072,8 @@ def test_describe_ggsteer_file(ggsteer_file):
     assert "method:      pca_diff" in text
     assert "recommended layers:   4, 7" in text
     header_line = next(line for line in text.splitlines() if line.strip().startswith("layer "))
-    assert header_line.split() == ["layer", "norm", "separation", "gap", "residual", "norm", "center", "ablation", "center",
-                                   "ablation", "gap", "stability", "consistency"]
+    assert header_line.split() == ["layer", "norm", "separation", "gap", "residual", "norm", "center", "ablation",
+                                   "center", "ablation", "gap", "stability", "consistency"]
     row = next(line for line in text.splitlines() if line.split()[:1] == ["4"]).split()
     assert float(row[1]) == pytest.approx(np.linalg.norm(vf.directions[4]), rel=1e-3)
     assert [float(value) for value in row[2:]] == pytest.approx([0.83, 2.5, 45.6, 0.25, 0.5, 2.0, 0.99, 0.2], rel=1e-3)
@@ -1207,7 +1207,8 @@ def test_a_direction_far_beyond_the_stored_residual_norm_is_refused(tmp_path, mo
     monkeypatch.delenv("GGSTEER_ALLOW_LARGE_VECTORS", raising=False)
     # norm 100 * 4 = 400: 40 times a residual norm of 10, below the absolute bound
     far = control_vector_file(tmp_path / "far.gguf", 100.0, residual_norm=10.0)
-    with pytest.raises(VectorTooLargeError, match=r"direction\.1 has norm 400, 40 times the layer's stored residual norm 10"):
+    with pytest.raises(VectorTooLargeError,
+                       match=r"direction\.1 has norm 400, 40 times the layer's stored residual norm 10"):
         ControlVector.load(far)
     near = control_vector_file(tmp_path / "near.gguf", 20.0, residual_norm=10.0)  # 8 times: allowed
     assert ControlVector.load(near).layers == [1, 2]
@@ -1222,7 +1223,8 @@ def test_trained_vectors_pass_the_size_rule(tiny_model, tmp_path, monkeypatch):
     from ggsteer.vectors.bounds import MAX_RESIDUAL_RATIO
 
     monkeypatch.delenv("GGSTEER_ALLOW_LARGE_VECTORS", raising=False)
-    pairs = make_dataset("i am very {persona} and", ["happy", "good"], ["sad", "bad"], ["i feel", "the dog is", "today"])
+    pairs = make_dataset("i am very {persona} and", ["happy", "good"], ["sad", "bad"],
+                         ["i feel", "the dog is", "today"])
     for method in ("mean_diff", "pca_diff"):
         trained = ControlVector.train(tiny_model, pairs, method=method)
         trained.save(tmp_path / f"{method}.gguf")

@@ -31,7 +31,8 @@ class Hook:
     def intervening(self) -> bool:
         """Whether a program with ops or conditions is installed."""
     def set_stop_after(self, layer: int) -> None:
-        """End every following decode right after l_out-<layer> (-1: run whole graphs); the later blocks' KV cells stay unwritten."""
+        """End every following decode right after l_out-<layer> (-1: run whole graphs); the later blocks'
+        KV cells stay unwritten."""
     @property
     def stop_after(self) -> int:
         """The layer every decode ends after, or -1."""
@@ -47,7 +48,8 @@ class Hook:
         n_outputs: int,
         out: npt.NDArray[np.float32],
     ) -> None:
-        """Plan the copy of `rows` of each layer's l_out into `out` [len(rows), len(layers), n_embd] during the next decode."""
+        """Plan the copy of `rows` of each layer's l_out into `out` [len(rows), len(layers), n_embd] during the
+        next decode."""
     def finish_capture(self) -> list[int]:
         """End the capture; return per-layer copy counts, raise RuntimeError on a capture error."""
     def set_program(
@@ -61,7 +63,8 @@ class Hook:
         vectors: npt.ArrayLike,
         n_slots: int,
     ) -> None:
-        """Install interventions: ops int32 [n, 8] (kind, layer, slot, when, first_k, condition, n_vector_rows, skip_first)."""
+        """Install interventions: ops int32 [n, 8] (kind, layer, slot, when, first_k, condition, n_vector_rows,
+        skip_first)."""
     def clear_program(self) -> None:
         """Remove every intervention."""
     def set_rows(

@@ -148,13 +148,15 @@ class SteeredModel(llama_cpp.Llama):
         positive and negative activations at each layer; `raw=True` makes it a plain coefficient.
         `layers` defaults to the vector's recommended layers. `op` is "add", "ablate", "clamp" or
         "add_normalized"; `when` is "all", "prompt" or "generated"; left unset, op, when, layers and
-        strength come from the vector's tuned settings (`ggsteer tune`) when it has them, else "add", "all"; `first_k` limits steering to the
-        first k positions; `condition=(vector, threshold, layer)` steers only prompts whose mean state
-        at `layer` has at least that cosine with the condition vector; `skip_first=k` leaves positions
-        < k alone (ablate and clamp leave the attention sink, position 0, alone by default). Plain addition on every token
-        goes through llama.cpp's adapter (no cost); the rest runs in ggsteer's native hook.
+        strength come from the vector's tuned settings (`ggsteer tune`) when it has them, else "add", "all";
+        `first_k` limits steering to the first k positions; `condition=(vector, threshold, layer)` steers
+        only prompts whose mean state at `layer` has at least that cosine with the condition vector;
+        `skip_first=k` leaves positions < k alone (ablate and clamp leave the attention sink, position 0,
+        alone by default). Plain addition on every token goes through llama.cpp's adapter (no cost); the
+        rest runs in ggsteer's native hook.
         """
-        if isinstance(vector, (list, tuple)) and not all(isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in vector):
+        if isinstance(vector, (list, tuple)) and not all(isinstance(pair, (list, tuple)) and len(pair) == 2
+                                                         for pair in vector):
             raise TypeError("set_control takes a ControlVector or a list of (ControlVector, strength) pairs")
         control = vector if isinstance(vector, (list, tuple)) else [(vector, strength)]
         self._apply_controls(normalize_controls(self, control, op=op, layers=layers, raw=raw, when=when,

@@ -44,8 +44,10 @@ class BakeReport:
             value = "" if op.value is None else f" {op.value:g}"
             kind = "exact" if op.exact else "approximate: " + "; ".join(op.reasons)
             projection = f", {op.projection} projection" if op.projection else ""
-            lines.append(f"  {op.op}{value} at layers {format_layers(list(op.layers))}{projection}: {op.method} ({kind})")
-        lines.append(f"  {len(self.edited_tensors)} tensors edited (each in its own type), {len(self.added_tensors)} added")
+            lines.append(f"  {op.op}{value} at layers {format_layers(list(op.layers))}{projection}: "
+                         f"{op.method} ({kind})")
+        lines.append(f"  {len(self.edited_tensors)} tensors edited (each in its own type), "
+                     f"{len(self.added_tensors)} added")
         return "\n".join(lines)
 
 
@@ -89,7 +91,8 @@ def bake_model(
 def _open_model(model_path, output: Path, force: bool) -> GGUFLayout:
     layout = read_layout(model_path)
     if layout.architecture == "controlvector":
-        raise ModelFileError(f"{model_path}: is a control-vector file, not a model (pass it as --vector/--ablate/--clamp)")
+        raise ModelFileError(f"{model_path}: is a control-vector file, not a model "
+                             "(pass it as --vector/--ablate/--clamp)")
     if not layout.architecture:
         raise ModelFileError(f"{model_path}: has no general.architecture: not a llama.cpp model file")
     if any(key.startswith(PREFIX) for key in layout.records):

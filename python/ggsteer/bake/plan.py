@@ -131,7 +131,8 @@ class Planner:
             raise BakeError(f"cannot bake clamp into {self.arch.name} even approximately: {'; '.join(reasons)} "
                             "(bake --ablate for the plain projection)")
         if not exact:
-            baked.method = self._project_readers(layers, units) if self.arch.readers else self._project_span(layers, units)
+            baked.method = (self._project_readers(layers, units) if self.arch.readers
+                            else self._project_span(layers, units))
             return baked
         self.plan.embedding_steps.append(units[0])
         previous = 0.0
@@ -151,7 +152,8 @@ class Planner:
         if "output.weight" in self.layout.tensors:
             for q in edits.orthonormal_basis([units[il] for il in layers], None):
                 self.plan.embedding_steps.append(q)
-            return f"writers of {blocks} and the token embeddings orthogonalised against the later steered layers' directions"
+            return (f"writers of {blocks} and the token embeddings orthogonalised against the later steered "
+                    "layers' directions")
         # a tied output head would need its own copy of the embeddings (the file would grow by that much)
         return (f"writers of {blocks} orthogonalised against the later steered layers' directions "
                 "(token embeddings kept: they are the tied output head)")
@@ -186,7 +188,8 @@ class Planner:
         layers = sorted(units)
         reasons = []
         if layers != list(range(layers[-1] + 1)):
-            reasons.append(f"layers {format_layers(layers)} do not start at 0, so unedited blocks still write along the direction")
+            reasons.append(f"layers {format_layers(layers)} do not start at 0, so unedited blocks still write "
+                           "along the direction")
         first = units[layers[0]]
         if any(float(units[il] @ first) < _PARALLEL for il in layers):
             reasons.append("the vector's direction differs between layers, so no single direction can be kept out")

@@ -26,7 +26,8 @@ def add_parser(subparsers) -> None:
                       help="project this vector's direction out of the weights; repeatable")
     bake.add_argument("--clamp", action="append", default=[], metavar="FILE:VALUE",
                       help="hold the projection on this vector at VALUE (strength units); repeatable")
-    bake.add_argument("--layers", default=None, help="layers to bake, e.g. 3-14 (default: each vector's recommended layers)")
+    bake.add_argument("--layers", default=None,
+                      help="layers to bake, e.g. 3-14 (default: each vector's recommended layers)")
     bake.add_argument("--approximate", action="store_true",
                       help="where the architecture cannot hold the steering exactly, bake the nearest edit")
     bake.add_argument("-o", "--output", required=True, metavar="OUT.gguf")

@@ -33,7 +33,8 @@ def parse_vector_spec(spec: str) -> tuple[Path, float | None]:
     if os.path.exists(spec) or ":" not in spec:
         return Path(spec), None
     path, _, text = spec.rpartition(":")
-    strength = finite_number(text, f"bad --vector {spec!r}: expected FILE or FILE:STRENGTH with a number after the colon",
+    strength = finite_number(text,
+                             f"bad --vector {spec!r}: expected FILE or FILE:STRENGTH with a number after the colon",
                              f"bad --vector {spec!r}: the strength must be a finite number")
     try:
         strength = parse_strength(strength)
@@ -265,7 +266,8 @@ def warn_if_steering_is_absurd(vectors) -> None:
         peak = max(float(np.max(np.abs(d), initial=0.0)) for d in vector.directions.values()) * abs(strength)
         if not math.isfinite(peak) or peak > ABSURD_STEERING:
             print(f"ggsteer: warning: {name} at strength {strength:g} adds values up to {peak:.3g} to the residual "
-                  f"stream (a model's own stay far below {ABSURD_STEERING:g}): expect meaningless output", file=sys.stderr)
+                  f"stream (a model's own stay far below {ABSURD_STEERING:g}): expect meaningless output",
+                  file=sys.stderr)
 
 
 def sampling_kwargs(args) -> dict:
@@ -295,3 +297,25 @@ def output_path(path: str, force: bool, what: str = "output file") -> Path:
         raise CliError(f"{path} is a directory: give a file name for the {what}") from None
     except FileNotFoundError as error:
         raise CliError(f"cannot write {path}: the folder {error.filename} does not exist") from None
+
+
+def check_writable(path: str | os.PathLike | None, what: str) -> None:
+    """Fail now, not after the sweep, when `path` cannot be written."""
+    if path is None:
+        return
+    target = Path(path)
+    folder = target.parent
+    if not folder.is_dir():
+        raise CliError(f"cannot write {what} {target}: the directory {folder} does not exist")
+    if target.is_dir():
+        raise CliError(f"cannot write {what} {target}: it is a directory")
+    if not os.access(folder, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise CliError(f"cannot write {what} {target}: permission denied")
+
+
+def write_output(path: str, what: str, write) -> None:
+    """Run `write()`; an OSError becomes one clear line naming `what` and `path`."""
+    try:
+        write()
+    except OSError as error:
+        raise CliError(f"cannot write {what} {path}: {error.strerror or error}") from None

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -33,11 +32,14 @@ from ggsteer.atomic_file import write_atomically
 from ggsteer.cli.common import (
     CliError,
     add_model_arguments,
+    check_writable,
     finite_number,
     layers_argument,
     load_model,
+    write_output,
 )
 from ggsteer.cli.refusal import add_refusal_arguments, cmd_refusal
+from ggsteer.cli.search import ranges_that_can_win, search_sweeps
 from ggsteer.evaluate import (
     CALIBRATE_STRENGTHS,
     DEFAULT_MAX_KL,
@@ -51,7 +53,6 @@ from ggsteer.evaluate import (
     steered_layers,
 )
 from ggsteer.evaluate.ablation import ablation_view, asking_items
-from ggsteer.cli.search import ranges_that_can_win, search_sweeps
 from ggsteer.extras import require
 from ggsteer.train import UnknownPresetError, get_preset, load_eval_prompts
 from ggsteer.vectors import ControlVector
@@ -83,13 +84,15 @@ def add_parser(subparsers) -> None:
                     "metadata as recommended_strength (and recommended_layers); generate and chat use it by default.",
     )
     calibrate.add_argument("--max-kl", type=float, default=DEFAULT_MAX_KL,
-                           help=f"largest mean KL(unsteered || steered) per token allowed, nats (default {DEFAULT_MAX_KL:g})")
+                           help="largest mean KL(unsteered || steered) per token allowed, nats "
+                                f"(default {DEFAULT_MAX_KL:g})")
     calibrate.add_argument("-o", "--output", default=None,
                            help="write the calibrated vector here (default: rewrite VECTOR in place)")
     calibrate.add_argument("--force", action="store_true", help="overwrite an existing --output file")
     calibrate.add_argument("--full-sweep", action="store_true",
                            help="measure every strength of --strengths on every neutral position (for the plot) "
-                                "instead of searching the grid for the strength (the same choice, a fraction of the work)")
+                                "instead of searching the grid for the strength (the same choice, a fraction of "
+                                "the work)")
 
 
 def _sweep_parser(subparsers, name: str, default_strengths: str, func, **text):
@@ -107,13 +110,16 @@ def add_sweep_arguments(parser, default_strengths: str) -> None:
                              f"(default {default_strengths}); "
                              "write --strengths=-0.5:0.5:5 when the first value is negative")
     layers = parser.add_mutually_exclusive_group()
-    layers.add_argument("--layers", default=None, help="layers to steer, e.g. 3-14 (default: the vector's recommended layers)")
+    layers.add_argument("--layers", default=None,
+                        help="layers to steer, e.g. 3-14 (default: the vector's recommended layers)")
     layers.add_argument("--layer-sweep", action="store_true",
-                        help="also sweep windows over the depth: recommended layers plus three equal windows over all layers")
+                        help="also sweep windows over the depth: recommended layers plus three equal windows over "
+                             "all layers")
     parser.add_argument("--preset", default=None,
                         help="preset whose held-out prompts to score (default: the one the vector records or "
                              "matches; see `ggsteer presets`)")
-    parser.add_argument("--raw", action="store_true", help="strength is a plain coefficient (files without a trained gap)")
+    parser.add_argument("--raw", action="store_true",
+                        help="strength is a plain coefficient (files without a trained gap)")
     parser.add_argument("--json", default=None, metavar="OUT.json", help="write every number (and samples) as JSON")
     parser.add_argument("--plot", default=None, metavar="OUT.png", help="plot behaviour and KL against strength (PNG)")
 
@@ -151,22 +157,9 @@ def _count(text: str, spec: str) -> int:
     except ValueError:
         raise CliError(f"bad --strengths {spec!r}: N must be a whole number, got {text.strip()!r}") from None
     if count < 1:
-        raise CliError(f"empty --strengths range {spec!r}: N is {count}, so there is nothing to evaluate (N must be at least 1)")
+        raise CliError(f"empty --strengths range {spec!r}: N is {count}, so there is nothing to evaluate "
+                       "(N must be at least 1)")
     return count
-
-
-def check_writable(path: str | os.PathLike | None, what: str) -> None:
-    """Fail now, not after the sweep, when `path` cannot be written."""
-    if path is None:
-        return
-    target = Path(path)
-    folder = target.parent
-    if not folder.is_dir():
-        raise CliError(f"cannot write {what} {target}: the directory {folder} does not exist")
-    if target.is_dir():
-        raise CliError(f"cannot write {what} {target}: it is a directory")
-    if not os.access(folder, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise CliError(f"cannot write {what} {target}: permission denied")
 
 
 # -- the shared sweep ---------------------------------------------------------------------------
@@ -285,21 +278,15 @@ def write_reports(args, job: SweepJob, sweeps, seconds: float, calibration=None)
             "calibration": None if calibration is None else asdict(calibration),
         }
         text = json.dumps(_finite(report), indent=2) + "\n"
-        _write(args.json, "--json", lambda: write_atomically(args.json, lambda temp: Path(temp).write_text(text, encoding="utf-8"),
-                                                              overwrite=True))
+        write_output(args.json, "--json",
+                     lambda: write_atomically(args.json, lambda temp: Path(temp).write_text(text, encoding="utf-8"),
+                                              overwrite=True))
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         title = f"{job.vector_path.name} on {job.model.model_name}, preset {job.preset!r}"
-        _write(args.plot, "--plot", lambda: write_atomically(
+        write_output(args.plot, "--plot", lambda: write_atomically(
             args.plot, lambda temp: plot_sweeps(sweeps, temp, title=title, calibration=calibration), overwrite=True))
         print(f"wrote {args.plot}", file=sys.stderr)
-
-
-def _write(path: str, what: str, write) -> None:
-    try:
-        write()
-    except OSError as error:
-        raise CliError(f"cannot write {what} {path}: {error.strerror or error}") from None
 
 
 def _finite(value):
@@ -388,7 +375,8 @@ def cmd_calibrate(args) -> int:
     check_writable(target, "the calibrated vector")
     if not any(s > 0 for s in parse_strengths(args.strengths)):
         raise CliError(
-            f"--strengths {args.strengths!r} has no positive strength: calibration picks one toward the positive persona"
+            f"--strengths {args.strengths!r} has no positive strength: calibration picks one toward the positive "
+            "persona"
         )
     job = prepare_sweep(args)
     if args.full_sweep:
@@ -402,6 +390,7 @@ def cmd_calibrate(args) -> int:
     seconds = time.perf_counter() - started
     print(f"calibrated: strength {calibration.strength:g} on layers {format_layers(calibration.layers)} "
           f"(behaviour gain {calibration.gain:+.3f} nats, KL {calibration.kl:.4f} <= {calibration.max_kl:g})")
-    print(f"wrote recommended_strength and recommended_layers to {target}; `ggsteer generate -v {target}` now uses them")
+    print(f"wrote recommended_strength and recommended_layers to {target}; "
+          f"`ggsteer generate -v {target}` now uses them")
     write_reports(args, job, sweeps, seconds, calibration)
     return 0

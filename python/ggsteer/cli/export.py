@@ -47,7 +47,8 @@ def export_strength(vector: ControlVector, strength: float | None, path: str) ->
     with another op or gating are refused without an explicit --strength (and warned about with one)."""
     tuned = vector.tuned
     if tuned is not None and vector.tuned_addition is None:
-        what = f"{path}'s tuned settings ({tuned.op}, {tuned.when} tokens) cannot be expressed by llama.cpp, which only adds"
+        what = (f"{path}'s tuned settings ({tuned.op}, {tuned.when} tokens) cannot be expressed by llama.cpp, "
+                "which only adds")
         if strength is None:
             raise CliError(f"{what}: pass --strength to export plain addition instead")
         print(f"ggsteer: warning: {what}: exporting plain addition at --strength {strength:g}", file=sys.stderr)

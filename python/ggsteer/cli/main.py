@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001 - showwarning's
     """Warnings as one clean line (not Python's two lines with source code)."""
     print(f"ggsteer: warning: {message}", file=file or sys.stderr)
 

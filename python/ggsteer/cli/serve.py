@@ -101,7 +101,8 @@ def bind_listener(host: str, port: int) -> socket.socket:
     except OSError as error:
         listener.close()
         if error.errno == errno.EADDRINUSE:
-            raise CliError(f"port {port} on {host} is already in use: stop the other server or pick another --port") from None
+            raise CliError(f"port {port} on {host} is already in use: stop the other server or pick another "
+                           "--port") from None
         reason = error.strerror or str(error)
         raise CliError(f"cannot listen on {host}:{port}: {reason}") from None
     return listener

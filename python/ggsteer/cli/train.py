@@ -56,7 +56,7 @@ def add_parser(sub) -> None:
     presets.set_defaults(func=cmd_presets)
 
 
-def cmd_presets(args) -> int:
+def cmd_presets(_args) -> int:
     for preset in list_presets():
         pos = "/".join(preset.positive_personas)
         neg = "/".join(preset.negative_personas)

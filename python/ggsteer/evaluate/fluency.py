@@ -54,7 +54,8 @@ class FluencyCost:
 
 
 def fluency_cost(model: SteeredModel, texts: Sequence[str] | None = None) -> FluencyCost:
-    """KL(unsteered || current controls) and perplexity under the current controls (default texts: the shipped neutral ones)."""
+    """KL(unsteered || current controls) and perplexity under the current controls (default texts: the
+    shipped neutral ones)."""
     costs, _ = fluency_costs(model, neutral_tokens(model, texts), [model.controls])
     return costs[0]
 
@@ -90,7 +91,8 @@ def neutral_tokens(model: SteeredModel, texts: Sequence[str] | None) -> list[lis
         if len(tokens) < 2:
             raise ValueError(f"neutral text {text!r} has fewer than 2 tokens: nothing to predict")
         if len(tokens) > model.n_batch:
-            raise ValueError(f"neutral text {text[:40]!r}... has {len(tokens)} tokens, more than n_batch={model.n_batch}")
+            raise ValueError(f"neutral text {text[:40]!r}... has {len(tokens)} tokens, "
+                             f"more than n_batch={model.n_batch}")
     return token_lists
 
 

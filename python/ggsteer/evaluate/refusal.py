@@ -57,7 +57,8 @@ def chat_prompts(model: SteeredModel, requests: Sequence[str]) -> list[chat_form
 def harmful_condition_vector(model: SteeredModel, layers: Sequence[int]) -> ControlVector:
     """The harmful-minus-harmless direction of mean prompt states (train split, chat format)."""
     harmful, harmless = load_refusal_requests("train")
-    entries = [DatasetEntry(a.text, b.text) for a, b in zip(chat_prompts(model, harmful), chat_prompts(model, harmless))]
+    entries = [DatasetEntry(a.text, b.text)
+               for a, b in zip(chat_prompts(model, harmful), chat_prompts(model, harmless))]
     return train_vector(model, entries, layers=list(layers), pool="mean", progress=False)
 
 

@@ -73,8 +73,10 @@ def pack_units(units: Sequence[Unit], n_batch: int, n_seq_max: int, max_outputs:
         if unit.n_rows > n_batch:
             raise ValueError(f"a text of {unit.n_rows} tokens does not fit n_batch={n_batch} (raise n_batch)")
         if unit.n_sequences > n_seq_max:
-            raise ValueError(f"a text with {unit.n_sequences} continuations needs more than n_seq_max={n_seq_max} sequences")
-        full = rows + unit.n_rows > n_batch or seqs + unit.n_sequences > n_seq_max or outputs + unit.n_outputs > max_outputs
+            raise ValueError(f"a text with {unit.n_sequences} continuations needs more than "
+                             f"n_seq_max={n_seq_max} sequences")
+        full = (rows + unit.n_rows > n_batch or seqs + unit.n_sequences > n_seq_max
+                or outputs + unit.n_outputs > max_outputs)
         if current and full:
             groups.append(current)
             current, rows, seqs, outputs = [], 0, 0, 0
@@ -120,7 +122,8 @@ class SideBySide:
             seqs = list(range(len(slot_settings), len(slot_settings) + unit.n_sequences))
             slot_settings += [unit.setting] * len(seqs)
             pieces = [(unit.prefix, unit.prefix_wants, seqs, 0)]
-            pieces += [(b, w, [seqs[k]], len(unit.prefix)) for k, (b, w) in enumerate(zip(unit.branches, unit.branch_wants))]
+            pieces += [(b, w, [seqs[k]], len(unit.prefix))
+                       for k, (b, w) in enumerate(zip(unit.branches, unit.branch_wants))]
             unit_spans = []
             for tokens, wants, piece_seqs, start in pieces:
                 wanted = set(wants)

@@ -220,7 +220,7 @@ def create_app(model, registry: VectorRegistry, config: ServerConfig | None = No
     server = SteeringServer(model, registry, config)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI):  # noqa: ARG001 - FastAPI's lifespan signature
         server.worker.start()
         yield
         server.worker.stop()
@@ -262,7 +262,7 @@ def checked_grammar(model, grammar: str | None) -> str | None:
     return grammar
 
 
-def api_error_handler(request: Request, error: ApiError) -> JSONResponse:
+def api_error_handler(request: Request, error: ApiError) -> JSONResponse:  # noqa: ARG001 - Starlette's handler signature
     return error_response(error.status, error.message, error.param)
 
 
@@ -271,14 +271,14 @@ def unexpected_error_handler(request: Request, error: Exception) -> JSONResponse
     return error_response(500, f"internal error: {type(error).__name__}")
 
 
-def busy_handler(request: Request, error: Exception) -> JSONResponse:
+def busy_handler(request: Request, error: Exception) -> JSONResponse:  # noqa: ARG001 - Starlette's handler signature
     """429 when the queue is full, 503 while the worker restarts; both say when to try again."""
     response = error_response(429 if isinstance(error, QueueFull) else 503, str(error))
     response.headers["Retry-After"] = "1"
     return response
 
 
-def client_gone_handler(request: Request, error: Exception) -> JSONResponse:
+def client_gone_handler(request: Request, error: Exception) -> JSONResponse:  # noqa: ARG001 - Starlette's handler signature
     return error_response(499, "the client closed the connection before the reply")  # read by nobody
 
 

@@ -82,7 +82,8 @@ class VectorRegistry:
             except Exception as error:  # noqa: BLE001 - every bad file is reported, then start-up stops
                 problems.append(f"  {path.name}: {error}")
         if problems:
-            raise ValueError(f"refusing vectors that do not fit the model {model.model_name!r}:\n" + "\n".join(problems))
+            raise ValueError(f"refusing vectors that do not fit the model {model.model_name!r}:\n"
+                             + "\n".join(problems))
         return cls(loaded, directory)
 
     def put(self, entry: RegisteredVector) -> None:
@@ -101,7 +102,8 @@ class VectorRegistry:
     def get(self, name: str) -> RegisteredVector:
         entry = self.vectors.get(name)
         if entry is None:
-            raise ApiError(400, f"unknown vector {name!r} in steering; known vectors: {', '.join(self.names) or 'none'}", "steering")
+            known = ", ".join(self.names) or "none"
+            raise ApiError(400, f"unknown vector {name!r} in steering; known vectors: {known}", "steering")
         return entry
 
     @property

@@ -34,7 +34,8 @@ UNSUPPORTED_FIELDS = {
 
 
 def asks_for_nothing(value) -> bool:
-    return value is None or value is False or value in ("", "none", "auto") or (isinstance(value, (list, dict)) and not value)
+    return (value is None or value is False or value in ("", "none", "auto")
+            or (isinstance(value, (list, dict)) and not value))
 
 
 def check_unsupported_fields(data: dict) -> None:
@@ -101,9 +102,11 @@ class GenerationRequest(BaseModel):
         for key, bias in (self.logit_bias or {}).items():
             # str.isdigit() also takes "²" and other digits int() refuses or reads differently
             if not (key.isascii() and key.isdigit() and len(key) <= 10) or int(key) >= n_vocab:
-                raise ApiError(400, f"logit_bias: {key!r} is not a token id of this model (0..{n_vocab - 1})", "logit_bias")
+                raise ApiError(400, f"logit_bias: {key!r} is not a token id of this model (0..{n_vocab - 1})",
+                               "logit_bias")
             if not -100.0 <= bias <= 100.0:
-                raise ApiError(400, f"logit_bias: the bias for token {key} is {bias}: it must be within -100..100", "logit_bias")
+                raise ApiError(400, f"logit_bias: the bias for token {key} is {bias}: it must be within -100..100",
+                               "logit_bias")
             items.append((int(key), float(bias)))
         return tuple(items)
 
@@ -117,11 +120,13 @@ class GenerationRequest(BaseModel):
         if kind == "json_object":
             return JSON_GBNF
         if kind != "json_schema":
-            raise ApiError(400, f"response_format: unknown type {kind!r}; use text, json_object or json_schema", "response_format")
+            raise ApiError(400, f"response_format: unknown type {kind!r}; use text, json_object or json_schema",
+                           "response_format")
         wrapper = self.response_format.get("json_schema")
         schema = wrapper.get("schema") if isinstance(wrapper, dict) else None
         if not isinstance(schema, dict):
-            raise ApiError(400, "response_format.json_schema.schema: give the JSON schema as an object", "response_format")
+            raise ApiError(400, "response_format.json_schema.schema: give the JSON schema as an object",
+                           "response_format")
         try:
             return json_schema_to_gbnf(json.dumps(schema))
         except Exception as error:  # noqa: BLE001 - the converter raises what it likes on schemas it cannot express

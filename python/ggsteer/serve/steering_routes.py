@@ -119,7 +119,8 @@ class LlamaShapes:
             raise ApiError(400, "layer_start and layer_end must be integers", "layer_start")
         layers = [il for il in self._vector(name).layers if start <= il <= end]
         if not layers:
-            raise ApiError(400, f"no layer of {name!r} lies in {start}..{end} (it has {self._vector(name).layers})", "layer_start")
+            raise ApiError(400, f"no layer of {name!r} lies in {start}..{end} (it has {self._vector(name).layers})",
+                           "layer_start")
         return {"strength": scale, "layers": layers}
 
     def scale_of(self, name: str, value) -> float:
@@ -143,7 +144,8 @@ class LlamaShapes:
             layers = layers or self._vector(name).layers
             scale = self.scale_of(name, value)
             answer.append({"id": i, "path": f"{name}.gguf", "scale": scale, "layer_start": min(layers),
-                           "layer_end": max(layers), "applied": bool(self.store.registry.controls({name: value}, self.store.model))})
+                           "layer_end": max(layers),
+                           "applied": bool(self.store.registry.controls({name: value}, self.store.model))})
         return answer
 
     def set_scales(self, items: list[dict], keep_listed_only: bool) -> None:

@@ -252,7 +252,8 @@ class BatchWorker:
             job = self._backlog.popleft()
             self._leave_queue(job)
             try:
-                state = batch.add(job.tokens, job.controls, job.sampling, on_piece=lambda piece, job=job: self._piece(job, piece))
+                state = batch.add(job.tokens, job.controls, job.sampling,
+                                  on_piece=lambda piece, job=job: self._piece(job, piece))
             except Exception as error:  # noqa: BLE001 - this job cannot run; the others can
                 log.exception("a request could not join the batch")
                 self._finish_failed(job, f"generation failed: {error}")

@@ -16,9 +16,10 @@ Each operation acts on a block's output rows h (llama.cpp's `l_out-i`), per laye
 
 Gating: `when="prompt"` (prompt tokens only), `"generated"` (generated tokens only), `first_k=k`
 (positions < k only), `skip_first=k` (positions < k left alone: ablate and clamp leave the
-attention sink, position 0, alone by default; 0 acts on every row). A `Condition` (CAST) decides per sequence from its prompt: the cosine between
-the mean prompt state at the condition layer and the condition direction must reach the threshold
-for the intervention to act (at later layers, for the rest of that sequence).
+attention sink, position 0, alone by default; 0 acts on every row). A `Condition` (CAST) decides per
+sequence from its prompt: the cosine between the mean prompt state at the condition layer and the
+condition direction must reach the threshold for the intervention to act (at later layers, for the
+rest of that sequence).
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def make_intervention(
     layers = parse_option("layers", layers if layers is None or isinstance(layers, str) else list(layers), n_layer)
     parse_option("raw", raw)
     if vector.n_embd != n_embd:
-        raise ValueError(f"vector has n_embd {vector.n_embd} but the model has n_embd {n_embd}: it was made for another model")
+        raise ValueError(f"vector has n_embd {vector.n_embd} but the model has n_embd {n_embd}: "
+                         "it was made for another model")
     if isinstance(vector, TokenAlignedVector):
         if not 0 <= vector.layer < n_layer:
             raise ValueError(f"layer {vector.layer} is beyond the model: it has layers 0..{n_layer - 1}")
@@ -137,11 +139,13 @@ def _make_condition(condition, n_layer: int, n_embd: int, layers: tuple[int, ...
     if condition.vector.n_embd != n_embd:
         raise ValueError(f"condition vector has n_embd {condition.vector.n_embd} but the model has n_embd {n_embd}")
     if condition.layer not in condition.vector.directions:
-        raise ValueError(f"condition layer {condition.layer} is not in the condition vector (it has {condition.vector.layers})")
+        raise ValueError(f"condition layer {condition.layer} is not in the condition vector "
+                         f"(it has {condition.vector.layers})")
     if not 0 <= condition.layer < n_layer:
         raise ValueError(f"condition layer {condition.layer} is beyond the model: it has layers 0..{n_layer - 1}")
     if min(layers) <= condition.layer:
-        raise ValueError(f"the condition layer {condition.layer} must come before every steered layer (steering {min(layers)}..)")
+        raise ValueError(f"the condition layer {condition.layer} must come before every steered layer "
+                         f"(steering {min(layers)}..)")
     if not -1.0 <= condition.threshold <= 1.0:
         raise ValueError(f"condition threshold {condition.threshold} is a cosine: it must lie in [-1, 1]")
     return condition
@@ -157,7 +161,8 @@ def normalize_controls(model, control, **options) -> list[Intervention]:
     if isinstance(control, (Intervention, ControlVector, TokenAlignedVector)) or _is_pair(control):
         control = [control]
     if not isinstance(control, (list, tuple)):
-        raise TypeError(f"cannot steer with {type(control).__name__}: give a ControlVector, (vector, strength) or Intervention")
+        raise TypeError(f"cannot steer with {type(control).__name__}: "
+                        "give a ControlVector, (vector, strength) or Intervention")
     items = []
     for item in control:
         if isinstance(item, Intervention):
@@ -168,7 +173,8 @@ def normalize_controls(model, control, **options) -> list[Intervention]:
             items.append(make_intervention(vector, strength,
                                            model.n_layer, model.n_embd, **options))
         else:
-            raise TypeError(f"cannot steer with {type(item).__name__}: give a ControlVector, (vector, strength) or Intervention")
+            raise TypeError(f"cannot steer with {type(item).__name__}: "
+                            "give a ControlVector, (vector, strength) or Intervention")
     return items
 
 

@@ -72,7 +72,7 @@ def _number_text(number) -> str:
     return str(number) if isinstance(number, int) else f"{number:g}"
 
 
-def _parse_number(option: SteeringOption, value, n_layer):
+def _parse_number(option: SteeringOption, value, _n_layer):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise OptionError(option.name, f"{option.name} must be a finite number, got {short_repr(value)}")
     # abs() first: math.isfinite(int) overflows on an integer of hundreds of digits
@@ -85,7 +85,7 @@ def _parse_number(option: SteeringOption, value, n_layer):
     return number
 
 
-def _parse_integer(option: SteeringOption, value, n_layer):
+def _parse_integer(option: SteeringOption, value, _n_layer):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise OptionError(option.name, f"{option.name} must be an integer, got {short_repr(value)}")
     _check_range(option, int(value), value)
@@ -98,14 +98,14 @@ def _check_range(option: SteeringOption, number, shown) -> None:
         raise OptionError(option.name, f"{option.name} must be within {option.bounds_text}, got {short_repr(shown)}")
 
 
-def _parse_choice(option: SteeringOption, value, n_layer):
+def _parse_choice(option: SteeringOption, value, _n_layer):
     if not isinstance(value, str) or value not in option.choices:
         raise OptionError(option.name,
                           f"unknown {option.name} {short_repr(value)}: choose one of {', '.join(option.choices)}")
     return value
 
 
-def _parse_flag(option: SteeringOption, value, n_layer):
+def _parse_flag(option: SteeringOption, value, _n_layer):
     if not isinstance(value, bool):
         raise OptionError(option.name, f"{option.name} must be true or false, got {short_repr(value)}")
     return value

@@ -12,7 +12,6 @@ from ggsteer.train.dataset import (
     truncated_suffixes,
 )
 from ggsteer.train.extract import TrainingWarning, phrase_vector, token_aligned_difference, train_vector
-from ggsteer.train.rounds import RoundsLog, RoundsPolicy, train_in_rounds
 from ggsteer.train.presets import (
     UnknownPresetError,
     get_preset,
@@ -21,6 +20,7 @@ from ggsteer.train.presets import (
     load_suffixes,
     preset_dataset,
 )
+from ggsteer.train.rounds import RoundsLog, RoundsPolicy, train_in_rounds
 
 __all__ = [
     "CaptureError",

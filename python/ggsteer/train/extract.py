@@ -16,8 +16,8 @@ import numpy as np
 from ggsteer.runtime.protocol import HookedModel
 from ggsteer.train import methods
 from ggsteer.train.capture import CaptureStats, capture_hidden_states, capture_pooled
-from ggsteer.train.stability import stability_metadata
 from ggsteer.train.dataset import DatasetEntry, dataset_hash
+from ggsteer.train.stability import stability_metadata
 from ggsteer.vectors import (
     UNIT_GAP,
     UNIT_RAW,
@@ -85,11 +85,11 @@ def split_extra(states: list[np.ndarray], extra: tuple[list[str], list[str]]) ->
     return states[: len(extra[0])], states[len(extra[0]):]
 
 
-def fit_vector(model: HookedModel, entries: list[DatasetEntry], method: str, pool: str, train_layers: list[int],
+def fit_vector(model: HookedModel, _entries: list[DatasetEntry], method: str, pool: str, train_layers: list[int],
                hidden: np.ndarray, extra_states: tuple[list, list], offered: Sequence[DatasetEntry],
                extra_metadata: dict | None = None) -> ControlVector:
     """The vector from the pooled states `hidden` [2 * pairs, layers, n_embd] (positive, negative,
-    ...) of `entries` and the states of their `extra_prompts`; `offered` is the dataset they came from."""
+    ...) of `_entries` and the states of their `extra_prompts`; `offered` is the dataset they came from."""
     shared_layers = [il for il in train_layers if il != model.n_layer - 1]
     tokens = [s[:, [train_layers.index(il) for il in shared_layers]] for s in extra_states[0]]
     mean_pooled = np.stack(extra_states[1])

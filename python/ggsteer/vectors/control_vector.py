@@ -55,7 +55,8 @@ class ControlVector:
         lengths = {int(np.asarray(v).shape[-1]) for v in self.directions.values()}
         if len(lengths) != 1:
             raise ValueError(f"directions have different lengths: {sorted(lengths)}")
-        self.directions = {int(il): np.asarray(v, dtype=np.float32).reshape(-1) for il, v in sorted(self.directions.items())}
+        self.directions = {int(il): np.asarray(v, dtype=np.float32).reshape(-1)
+                           for il, v in sorted(self.directions.items())}
         for il, vector in self.directions.items():
             if il < 0:
                 raise ValueError(f"layer {il} is negative")
@@ -185,7 +186,8 @@ class ControlVector:
         if other.n_embd != self.n_embd:
             raise ValueError(f"cannot combine vectors of n_embd {self.n_embd} and {other.n_embd}")
         if other.model_hint != self.model_hint:
-            warnings.warn(f"combining vectors for different models ({self.model_hint} and {other.model_hint})", stacklevel=3)
+            warnings.warn(f"combining vectors for different models ({self.model_hint} and {other.model_hint})",
+                          stacklevel=3)
 
     def __add__(self, other: "ControlVector") -> "ControlVector":
         if not isinstance(other, ControlVector):
@@ -241,7 +243,8 @@ class ControlVector:
         """
         directions = dict(self.directions)
         if 0 in directions:
-            warnings.warn("layer 0 is left out of the file: llama.cpp cannot apply a direction to block 0", stacklevel=2)
+            warnings.warn("layer 0 is left out of the file: llama.cpp cannot apply a direction to block 0",
+                          stacklevel=2)
             del directions[0]
         if not directions:
             raise ValueError("nothing to save: the vector only has layer 0, which llama.cpp cannot apply")
@@ -251,7 +254,8 @@ class ControlVector:
         write_vector_file(path, directions, model_hint=self.model_hint, metadata=metadata, overwrite=overwrite)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, layer_offset: int = 0, allow_large: bool | None = None) -> "ControlVector":
+    def load(cls, path: str | os.PathLike, *, layer_offset: int = 0,
+             allow_large: bool | None = None) -> "ControlVector":
         """Read a GGUF control vector written by ggsteer, repeng or llama.cpp.
 
         `direction.N` is read as layer N, the layer llama.cpp applies it to. llama.cpp's
@@ -273,7 +277,8 @@ class ControlVector:
     def __repr__(self) -> str:
         span = f"{self.layers[0]}..{self.layers[-1]}" if self.layers else "-"
         method = self.metadata.get("method", "?")
-        return f"ControlVector(model_hint={self.model_hint!r}, layers={span} ({len(self.layers)}), n_embd={self.n_embd}, method={method}, unit={self.unit})"
+        return (f"ControlVector(model_hint={self.model_hint!r}, layers={span} ({len(self.layers)}), "
+                f"n_embd={self.n_embd}, method={method}, unit={self.unit})")
 
 
 __all__ = ["UNIT_GAP", "UNIT_RAW", "ControlVector", "VectorFileError", "default_steering_layers"]

@@ -156,7 +156,8 @@ def check_metadata_consistency(meta: dict[str, object], layers: list[int], n_emb
     for key in ("recommended_layers", "tuned_layers"):
         unknown = sorted(set(meta.get(key, [])) - set(layers))  # type: ignore[arg-type]
         if unknown:
-            raise VectorFileError(f"{where}: ggsteer.{key} has layers {unknown} that have no direction (layers: {layers})")
+            raise VectorFileError(f"{where}: ggsteer.{key} has layers {unknown} that have no direction "
+                                  f"(layers: {layers})")
     _check_tuned(meta, where)
 
 
@@ -168,7 +169,8 @@ def _check_tuned(meta: dict[str, object], where: str) -> None:
         missing = [key for key in needed if key not in meta]
         raise VectorFileError(f"{where}: the tuned settings are incomplete: {', '.join(missing)} missing")
     if meta.get("tuned_op", "add") not in TUNED_OPS:
-        raise VectorFileError(f"{where}: ggsteer.tuned_op is {meta['tuned_op']!r}: expected one of {', '.join(TUNED_OPS)}")
+        raise VectorFileError(f"{where}: ggsteer.tuned_op is {meta['tuned_op']!r}: "
+                              f"expected one of {', '.join(TUNED_OPS)}")
     if meta.get("tuned_when", "all") not in TUNED_WHEN:
         raise VectorFileError(
             f"{where}: ggsteer.tuned_when is {meta['tuned_when']!r}: expected one of {', '.join(TUNED_WHEN)}"
