@@ -189,3 +189,27 @@ def test_importing_ggsteer_loads_no_extension_and_no_extras():
             "print(sorted(m for m in ('ggsteer._native', 'fastapi', 'uvicorn', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _test_module_imports(path: Path) -> list[str]:
+    """Imports of another test module or of conftest (shared helpers live in tests/support/)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        found += [f"{path.name}:{node.lineno} imports {name}" for name in names
+                  if name.split(".")[0].startswith("test_") or name.split(".")[0] == "conftest"]
+    return found
+
+
+def test_test_modules_share_helpers_only_through_support():
+    tests = Path(__file__).resolve().parent
+    assert [line for path in sorted(tests.glob("*.py")) for line in _test_module_imports(path)] == []
+
+
+def test_a_test_module_importing_another_is_caught(tmp_path):
+    planted = tmp_path / "test_planted.py"
+    planted.write_text("from test_server import running_server\n\ndef f():\n    import conftest\n")
+    assert _test_module_imports(planted) == ["test_planted.py:1 imports test_server",
+                                             "test_planted.py:4 imports conftest"]

@@ -84,7 +84,7 @@ def test_inspect_prints_layers_and_stats(capsys, trained_file):
 def test_presets_lists_all(capsys):
     code, out, _ = run(capsys, "presets")
     names = [line.split()[0] for line in out.strip().splitlines()]
-    assert code == 0 and "happy" in names and "honest" in names and len(names) == 10
+    assert code == 0 and "happy" in names and "honest" in names and "refusal" in names and len(names) == 11
 
 
 def test_generate_compare_shows_both(capsys, tiny_model_path, trained_file):

@@ -41,6 +41,9 @@ EXTERNAL_FILES = {
     "Modelfile",
     "llama.h",  # llama.cpp's C API header, installed by llama-cpp-python
     "ggml.h",  # ggml's C API header, installed by llama-cpp-python
+    "ggml-rpc.h",  # ggml's RPC backend: its header,
+    "ggml-rpc.cpp",  # its implementation,
+    "transport.cpp",  # and its socket transport (llama.cpp's ggml/src/ggml-rpc/)
 }
 
 TOP_PATH = re.compile(r"(?<![\w./-])((?:%s)/[\w./*-]*)" % "|".join(re.escape(f) for f in TOP_FOLDERS))

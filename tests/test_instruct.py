@@ -151,16 +151,20 @@ def test_ggsteer_chat_uses_the_models_template(monkeypatch, capsys, instruct_mod
     out = capsys.readouterr().out
     assert code == 0
     reply = re.search(r"bot> (.*)", out, re.DOTALL).group(1).strip()
+    # the reference: the model's own ChatML template around the message, steered through the batch engine
+    prompt = chat_prompt(instruct_model, [{"role": "user", "content": CHAT_PROMPTS[0]}])
+    assert f"<|im_start|>user\n{CHAT_PROMPTS[0]}<|im_end|>" in prompt.text
     vector = ControlVector.load(vector_path)
-    with instruct_model.steer(vector, STRENGTH):
-        result = instruct_model.create_chat_completion(messages=[{"role": "user", "content": CHAT_PROMPTS[0]}],
-                                                       max_tokens=24, temperature=0.0, repeat_penalty=1.0)
-    assert reply and reply == result["choices"][0]["message"]["content"].strip()
+    stops = list(prompt.stops)
+    (expected,) = instruct_model.generate_batch([prompt.text], [[(vector, STRENGTH)]], max_tokens=24, stop=stops)
+    (plain,) = instruct_model.generate_batch([prompt.text], None, max_tokens=24, stop=stops)
+    assert reply and reply == expected.strip()
+    assert plain.strip() != reply  # control: the steering reached the chat
     assert "<|im" not in reply and "User:" not in reply  # no template markup or base-model transcript
 
 
 def test_server_chat_completion_goes_through_the_real_template(instruct_model, instruct_happy_vector, tmp_path):
-    from test_server import running_server
+    from support.server import running_server
 
     from ggsteer.serve import ServerConfig, VectorRegistry, create_app
 

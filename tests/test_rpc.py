@@ -14,7 +14,7 @@ import llama_cpp
 import numpy as np
 import pytest
 from support.models import TIGHT_LLAMA_KWARGS
-from test_steer import last_logits, random_vector
+from support.oracle import last_logits, random_vector
 
 from ggsteer import ControlVector, SteeredModel, TrainingWarning
 from ggsteer.runtime.rpc import (

@@ -11,7 +11,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,6 +21,7 @@ from support.server import (
     JSON,
     MAX_BATCH,
     TOKENS,
+    RecordingJob,
     expected_result,
     expected_text,
     fresh_server,
@@ -30,14 +30,14 @@ from support.server import (
     stream_events,
     tiny_server_model,
     transcript,
+    wait_until,
     write_vectors,
 )
 
-from ggsteer import SequenceSampling
 from ggsteer.chat_format import chat_prompt
 from ggsteer.serve import ServerConfig, VectorRegistry, create_app
 from ggsteer.serve.settings import MAX_BODY_BYTES
-from ggsteer.serve.worker import BatchWorker, Job
+from ggsteer.serve.worker import BatchWorker
 from ggsteer.vectors import ControlVector
 
 
@@ -430,27 +430,6 @@ def test_concurrent_clients_never_see_each_others_steering(base_url, app, refere
 # -- continuous batching: the worker on its own model ----------------------------------------------
 
 
-class RecordingJob(Job):
-    """A Job that records its events (with their order) instead of sending them to an event loop."""
-
-    def __init__(self, tokens, max_tokens, delay_s=0.0, controls=()):
-        super().__init__(tokens, list(controls), SequenceSampling(max_tokens), loop=None, events=None)
-        self.delay_s = delay_s
-        self.pieces: list[str] = []
-        self.result = None
-        self.error = None
-        self.finished = threading.Event()
-
-    def send(self, kind, value) -> None:
-        if kind == "piece":
-            self.pieces.append(value)
-            time.sleep(self.delay_s)  # a slow consumer stretches this sequence over many decodes
-        else:
-            self.result, self.error = (value, None) if kind == "done" else (None, value)
-            self.finished_at = time.monotonic()
-            self.finished.set()
-
-
 @pytest.fixture
 def worker(tiny_model_path):
     with tiny_server_model(tiny_model_path) as model:
@@ -458,13 +437,6 @@ def worker(tiny_model_path):
         worker.start()
         yield worker
         worker.stop()
-
-
-def wait_until(condition, timeout_s=60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.001)
 
 
 def test_a_request_joins_a_running_generation(worker, reference, vectors):

@@ -126,7 +126,7 @@ def test_generate_batch_names_the_prompt_that_failed(tiny_model_path):
 
 def test_steering_that_cannot_be_built_fails_its_request_alone(tiny_model_path, reference, vectors):
     """The worker: one job's hook program cannot be built; it fails, its neighbours finish exactly."""
-    from test_server import RecordingJob, wait_until
+    from support.server import RecordingJob, wait_until
 
     with tiny_server_model(tiny_model_path) as model, unbuildable_program_for(0.123):
         worker = BatchWorker(model, max_batch=4)

@@ -12,9 +12,10 @@ import httpx
 import numpy as np
 import uvicorn
 
-from ggsteer import SteeredModel
+from ggsteer import SequenceSampling, SteeredModel
 from ggsteer.chat_format import TRANSCRIPT_HEADER
 from ggsteer.serve import ServerConfig, VectorRegistry, create_app
+from ggsteer.serve.worker import Job
 from ggsteer.vectors import ControlVector
 from support.models import TIGHT_LLAMA_KWARGS
 
@@ -131,3 +132,31 @@ def metrics(url: str) -> dict[str, float]:
         assert match, line
         values[match[1]] = float(match[2])
     return values
+
+
+class RecordingJob(Job):
+    """A Job that records its events (with their order) instead of sending them to an event loop."""
+
+    def __init__(self, tokens, max_tokens, delay_s=0.0, controls=()):
+        super().__init__(tokens, list(controls), SequenceSampling(max_tokens), loop=None, events=None)
+        self.delay_s = delay_s
+        self.pieces: list[str] = []
+        self.result = None
+        self.error = None
+        self.finished = threading.Event()
+
+    def send(self, kind, value) -> None:
+        if kind == "piece":
+            self.pieces.append(value)
+            time.sleep(self.delay_s)  # a slow consumer stretches this sequence over many decodes
+        else:
+            self.result, self.error = (value, None) if kind == "done" else (None, value)
+            self.finished_at = time.monotonic()
+            self.finished.set()
+
+
+def wait_until(condition, timeout_s=60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)

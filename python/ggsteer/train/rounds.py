@@ -1,7 +1,7 @@
 """Training in rounds: capture pairs until the direction is known, not every pair offered.
 
 The pairs are taken in a balanced order (`balanced_order`: every persona pair of a preset in each
-block, the blocks spread evenly over the suffixes), starting from a floor and growing (3x) up to a cap.
+block, the blocks spread evenly over the suffixes), starting from a floor and tripling each round up to a cap.
 Each round captures only its new pairs (the token trie of train/capture.py, as one training pass
 does) and measures the split-half stability of the direction at the steering layers
 (train/stability.py); training stops at the first round whose median stability reaches the target.
