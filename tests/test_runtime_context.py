@@ -273,8 +273,8 @@ def test_llama_log_is_quiet_unless_verbose(tiny_model_path, capfd, restore_verbo
 def test_cli_verbose_shows_llama_log(tiny_model_path, tiny_weights, tmp_path, capfd, restore_verbosity):
     vector, n_embd = tmp_path / "v.gguf", tiny_weights.hparams.n_embd
     ControlVector({1: np.full(n_embd, 0.01, np.float32), 2: np.full(n_embd, 0.01, np.float32)}, "llama").save(vector)
-    args = ["generate", "--model", str(tiny_model_path), "--prompt", "the dog", "-n", "2", "--threads", "2",
-            "--vector", f"{vector}:0.5", "--raw"]
+    args = ["generate", "--model", str(tiny_model_path), "--prompt", "the dog", "-n", "4", "--temp", "0",
+            "--threads", "2", "--vector", f"{vector}:0.5", "--raw"]
     assert cli.main(args) == 0
     quiet = capfd.readouterr()
     assert "llama_" not in quiet.err and quiet.out.strip()
