@@ -132,3 +132,12 @@ def test_inspect_help_explains_every_column():
     text = subparser(inspect, "inspect").format_help()
     for title in ("layer", "norm", *(key.replace("_", " ") for key in PER_LAYER_KEYS)):
         assert f"\n  {title} " in text, title
+
+
+def test_every_option_of_every_command_has_help():
+    from ggsteer.cli.main import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    missing = {name: [a.dest for a in sub._actions if not a.help] for name, sub in commands.items()}
+    assert {name: dests for name, dests in missing.items() if dests} == {}
+    assert len(commands) >= 12  # control: every subcommand is looked at

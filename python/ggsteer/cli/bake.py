@@ -30,7 +30,8 @@ def add_parser(subparsers) -> None:
                       help="layers to bake, e.g. 3-14 (default: each vector's recommended layers)")
     bake.add_argument("--approximate", action="store_true",
                       help="where the architecture cannot hold the steering exactly, bake the nearest edit")
-    bake.add_argument("-o", "--output", required=True, metavar="OUT.gguf")
+    bake.add_argument("-o", "--output", required=True, metavar="OUT.gguf",
+                      help="the baked model to write (never over an existing file without --force)")
     bake.add_argument("--force", action="store_true", help="overwrite an existing output file")
     bake.set_defaults(func=cmd_bake)
 

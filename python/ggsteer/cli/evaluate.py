@@ -97,7 +97,7 @@ def add_parser(subparsers) -> None:
 
 def _sweep_parser(subparsers, name: str, default_strengths: str, func, **text):
     parser = subparsers.add_parser(name, **text)
-    parser.add_argument("vector", metavar="VECTOR.gguf")
+    parser.add_argument("vector", metavar="VECTOR.gguf", help="the control-vector file (ggsteer train)")
     add_sweep_arguments(parser, default_strengths)
     parser.set_defaults(func=func)
     return parser

@@ -38,7 +38,7 @@ def add_parser(subparsers) -> None:
                     "Prints the Pareto front of behaviour against KL and writes the chosen settings into the "
                     "vector's metadata; generate, chat, serve, export and bake then use them by default.",
     )
-    parser.add_argument("vector", metavar="VECTOR.gguf")
+    parser.add_argument("vector", metavar="VECTOR.gguf", help="the control-vector file to tune (ggsteer train)")
     add_model_arguments(parser)
     parser.add_argument("--max-kl", type=float, default=DEFAULT_MAX_KL,
                         help="largest mean KL(unsteered || steered) per token allowed, nats (default %(default)s)")
