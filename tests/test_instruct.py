@@ -314,8 +314,22 @@ def test_baked_add_equals_the_hook(instruct_model, instruct_model_path, instruct
     for b, h in zip(baked_texts, hook_texts):
         if b != h:
             print(f"  parted: baked {b[:80]!r}\n          hook  {h[:80]!r}")
-    # not yet equal (measured: logits up to 0.9 apart, 3 of 5 texts identical): the bake must at least
-    # sit much nearer the hook than the unbaked model does, and start every reply the same way
+    # Adding v inside ffn_down (the bake) or after the residual add (the hook) differs only in float
+    # rounding, but Q4_1 matmuls quantize each activation row to 8 bits, so this model turns rounding
+    # into logit changes of its own size: the yardstick is what a 1e-6 relative change of the strength
+    # does to the hook's own logits.
+    rounding = []
+    for prompt in prompts:
+        with instruct_model.steer(vector, STRENGTH):
+            at = last_logits(instruct_model, prompt)
+        nudged = []
+        for factor in (1 - 1e-6, 1 + 1e-6):
+            with instruct_model.steer(vector, STRENGTH * factor):
+                nudged.append(np.abs(last_logits(instruct_model, prompt) - at).max())
+        rounding.append(max(nudged))
+    print("  a 1e-6 relative strength change moves the hook's logits by up to "
+          + ", ".join(f"{r:.2f}" for r in rounding))
+    assert all(d <= 2 * r + 1e-3 for d, r in zip(differences, rounding)), (differences, rounding)
     assert all(b.split()[:5] == h.split()[:5] for b, h in zip(baked_texts, hook_texts))
     with instruct_model.steer(vector, STRENGTH), plain_llama(instruct_model_path, instruct_model) as llm:
         unbaked = [np.abs(last_logits(llm, p) - last_logits(instruct_model, p)).max() for p in prompts]
