@@ -95,8 +95,9 @@ GENERATION_PROMPT = "Once upon a time, in a small village by the sea,"
 
 
 def tokens_per_second(model, n_tokens: int, prompt: str = GENERATION_PROMPT) -> float:
-    """Greedy tokens per second of one sequence through Llama.generate, prompt decode included."""
-    tokens = model.tokenize_prompt(prompt)
+    """Greedy tokens per second of one sequence through Llama.generate (any llama_cpp.Llama), prompt
+    decode included."""
+    tokens = model.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
     model.reset()
     start = time.perf_counter()
     for count, _ in enumerate(model.generate(tokens, temp=0.0, reset=True), start=1):

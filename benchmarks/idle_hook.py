@@ -21,7 +21,7 @@ import statistics
 import time
 
 import llama_cpp
-from _common import machine_line, paired_ratios, print_table, ratio_cells
+from _common import machine_line, paired_ratios, print_table, ratio_cells, tokens_per_second
 from llama_cpp import _internals
 
 from ggsteer import SteeredModel
@@ -48,16 +48,6 @@ def plain_llama(steered: SteeredModel, same_context: bool, **kwargs) -> llama_cp
     return llm
 
 
-def generation_speed(llm: llama_cpp.Llama, n_tokens: int) -> float:
-    tokens = llm.tokenize(PROMPT.encode("utf-8"), add_bos=True, special=True)
-    llm.reset()
-    start = time.perf_counter()
-    for count, _ in enumerate(llm.generate(tokens, temp=0.0, reset=True), start=1):
-        if count == n_tokens:
-            break
-    return n_tokens / (time.perf_counter() - start)
-
-
 def prompt_speed(llm: llama_cpp.Llama, n_tokens: int) -> float:
     text = " ".join([PROMPT] * (n_tokens // 8 + 1))
     tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)[:n_tokens]
@@ -80,7 +70,7 @@ def main() -> None:
     plain = plain_llama(steered, True, **kwargs)
     defaults = plain_llama(steered, False, **kwargs)
     workloads = {
-        f"generation, {args.tokens} tokens": lambda llm: generation_speed(llm, args.tokens),
+        f"generation, {args.tokens} tokens": lambda llm: tokens_per_second(llm, args.tokens),
         f"prompt, {args.prompt_tokens} tokens in one decode": lambda llm: prompt_speed(llm, args.prompt_tokens),
     }
     for measure in workloads.values():  # warm-up: first decodes repack weights

@@ -38,7 +38,7 @@ def add_refusal_arguments(parser) -> None:
 
 
 def cmd_refusal(args) -> int:
-    from ggsteer.cli.evaluate import check_writable
+    from ggsteer.cli.common import check_writable
     from ggsteer.evaluate.refusal import fit_condition, format_report, refusal_report
 
     check_writable(args.json, "--json")

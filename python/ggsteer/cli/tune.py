@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from ggsteer.cli.common import CliError, add_model_arguments, load_model, output_path
-from ggsteer.cli.evaluate import check_writable, named_preset, resolve_preset
+from ggsteer.cli.common import CliError, add_model_arguments, check_writable, load_model, output_path
+from ggsteer.cli.evaluate import named_preset, resolve_preset
 from ggsteer.evaluate import DEFAULT_MAX_KL
 from ggsteer.evaluate.tune import DEFAULT_BUDGET, DEFAULT_SEED, SEARCH_OPS, SEARCH_WHEN, TuneResult, tune, tuned_vector
 from ggsteer.extras import require

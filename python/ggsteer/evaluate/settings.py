@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Sequence
 
@@ -15,17 +14,6 @@ STEERABILITY_WINDOW = 0.25
 # ... or over this many strengths nearest 0 when the window holds fewer
 STEERABILITY_MIN_POINTS = 3
 SAMPLE_TOKENS = 40
-
-
-@contextlib.contextmanager
-def steered_by(model: SteeredModel, items: Sequence[Intervention]):
-    """Run the block under exactly these interventions, then restore the model's controls."""
-    previous = model.controls
-    model.set_interventions(items)
-    try:
-        yield model
-    finally:
-        model.set_interventions(previous)
 
 
 def steered_layers(
