@@ -4,6 +4,7 @@ unless verbose."""
 
 import gc
 import logging
+from dataclasses import replace
 
 import llama_cpp
 import numpy as np
@@ -22,7 +23,8 @@ from ggsteer.runtime.context import (
     KVCacheFullError,
     decode_error,
 )
-from ggsteer.runtime.grammar import GrammarConstraint
+from ggsteer.runtime.grammar import check_grammar
+from ggsteer.runtime.sampler import ChainOptions, TokenSampler
 from ggsteer.vectors import ControlVector
 
 
@@ -225,19 +227,27 @@ def test_a_batch_is_freed_once_by_close_or_with(batch_frees):
     assert other.closed and len(batch_frees) == 2
 
 
-def test_a_grammar_sampler_is_freed_once_without_close(model, monkeypatch):
+def test_a_sampler_and_its_grammar_are_freed_once_without_close(model, monkeypatch):
     freed = []
     real = llama_cpp.llama_sampler_free
     monkeypatch.setattr(grammar_module.llama_cpp, "llama_sampler_free", lambda s: (freed.append(s), real(s)))
-    constraint = GrammarConstraint(model, 'root ::= "yes" | "no"')
-    del constraint
+    options = ChainOptions(temperature=0.0, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0, repeat_last_n=64,
+                           presence_penalty=0.0, frequency_penalty=0.0, logit_bias=(), seed=None,
+                           grammar='root ::= "yes" | "no"')
+    sampler = TokenSampler(model, options, model.n_ctx())
+    del sampler
     gc.collect()
-    assert len(freed) == 1
-    with GrammarConstraint(model, 'root ::= "yes"') as constraint:
-        constraint.allowed(np.zeros(model.n_vocab()))
-    assert len(freed) == 2
-    with pytest.raises(ValueError, match="GrammarConstraint is closed"):
-        constraint.accept(1)
+    assert len(freed) == 2  # the chain (with its steps) and the grammar
+    with TokenSampler(model, replace(options, grammar='root ::= "yes"'), model.n_ctx()) as sampler:
+        sampler.sample(np.zeros(model.n_vocab(), np.float32))
+    assert len(freed) == 4
+    with pytest.raises(ValueError, match="TokenSampler is closed"):
+        sampler.accept(1)
+    check_grammar(model, 'root ::= "no"')  # parsed, then freed at once
+    assert len(freed) == 5
+    with pytest.raises(ValueError, match="the grammar does not parse"):
+        check_grammar(model, "root ::= (")
+    assert len(freed) == 5  # nothing was allocated
 
 
 # -- llama.cpp's log ------------------------------------------------------------------------

@@ -12,12 +12,13 @@ chain samples from that copy through a `llama_token_data_array`, not from the co
 from __future__ import annotations
 
 import ctypes
-import weakref
 from dataclasses import dataclass
-from typing import Self
 
 import llama_cpp
 import numpy as np
+
+from ggsteer.runtime.grammar import grammar_sampler
+from ggsteer.runtime.lifetime import NativeHandle
 
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
 assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
@@ -43,13 +44,14 @@ class ChainOptions:
     grammar: str | None
 
 
-def _free(chain, grammar) -> None:
+def _free(samplers) -> None:
+    chain, grammar = samplers
     llama_cpp.llama_sampler_free(chain)  # frees the samplers added to it too
     if grammar:
         llama_cpp.llama_sampler_free(grammar)
 
 
-class TokenSampler:
+class TokenSampler(NativeHandle):
     """A sequence's llama.cpp sampler chain (and grammar); freed by `close`, `with`, or garbage collection.
 
     Example:
@@ -64,14 +66,10 @@ class TokenSampler:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         self.options = options
         self.last_n = n_ctx if options.repeat_last_n < 0 else options.repeat_last_n
-        grammar = None
-        if options.grammar is not None:
-            grammar = llama_cpp.llama_sampler_init_grammar(vocab, options.grammar.encode("utf-8"), b"root")
-            if not grammar:
-                raise ValueError("the grammar does not parse (llama.cpp's log says where)")
+        grammar = None if options.grammar is None else grammar_sampler(model, options.grammar)
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         self._chain, self._grammar = chain, grammar
-        self._finalizer = weakref.finalize(self, _free, chain, grammar)
+        self.own(_free, (chain, grammar))
         for step in self._steps(options):
             llama_cpp.llama_sampler_chain_add(chain, step)
         self._data = np.zeros(self.n_vocab, dtype=_TOKEN_DATA)
@@ -92,35 +90,22 @@ class TokenSampler:
                         llama_cpp.llama_sampler_init_min_p(o.min_p, 1),
                         llama_cpp.llama_sampler_init_temp(o.temperature), llama_cpp.llama_sampler_init_dist(seed)]
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._finalizer()
-
-    def _alive(self) -> None:
-        if not self._finalizer.alive:
-            raise ValueError("the sampler is closed")
-
     def accept_prompt(self, tokens) -> None:
         """Feed the prompt's tokens to the penalties (as llama-server does; the grammar never sees them)."""
-        self._alive()
+        self.require_open()
         for token in list(tokens)[-self.last_n:] if self.last_n else []:
             llama_cpp.llama_sampler_accept(self._chain, int(token))
 
     def accept(self, token: int) -> None:
         """Record a generated token: penalties count it, the grammar advances past it."""
-        self._alive()
+        self.require_open()
         llama_cpp.llama_sampler_accept(self._chain, int(token))
         if self._grammar:
             llama_cpp.llama_sampler_accept(self._grammar, int(token))
 
     def sample(self, logits: np.ndarray) -> int | None:
         """The next token for these logits (one row, n_vocab floats); None when the grammar allows none."""
-        self._alive()
+        self.require_open()
         if logits.shape != (self.n_vocab,):
             raise ValueError(f"expected {self.n_vocab} logits, got shape {logits.shape}")
         data = self._data

@@ -41,7 +41,7 @@ from starlette.requests import ClientDisconnect
 
 from ggsteer.chat_format import ChatTemplateError, chat_prompt
 from ggsteer.generation import SequenceSampling
-from ggsteer.runtime.grammar import GrammarConstraint
+from ggsteer.runtime.grammar import check_grammar
 from ggsteer.serve.defaults import DefaultSteering
 from ggsteer.serve.errors import ApiError, error_response, http_error_handler, validation_error_handler
 from ggsteer.serve.guard import LOOPBACK_HOSTS, RequestGuard, api_key_matches
@@ -256,7 +256,7 @@ def checked_grammar(model, grammar: str | None) -> str | None:
     """Refuse (400) a grammar llama.cpp cannot parse here, not in the worker."""
     if grammar is not None:
         try:
-            GrammarConstraint(model, grammar)
+            check_grammar(model, grammar)
         except ValueError as error:
             raise ApiError(400, f"response_format: {error}", "response_format") from None
     return grammar
