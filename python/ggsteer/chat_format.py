@@ -61,8 +61,13 @@ def transcript(messages: Sequence[dict]) -> str:
 
 
 def strip_bos(prompt: str, bos: str) -> str:
-    # tokenize_prompt adds BOS itself: do not add it twice
+    # tokenize_prompt adds BOS itself: do not add it twice (bos is "" when the model adds none)
     return prompt[len(bos):] if bos and prompt.startswith(bos) else prompt
+
+
+def adds_bos(model) -> bool:
+    """Whether tokenizing with add_bos puts a BOS token first (SmolLM2's vocabulary says not to)."""
+    return model.tokenize(b"a", add_bos=True, special=False) != model.tokenize(b"a", add_bos=False, special=False)
 
 
 def _template_formatter(model):
@@ -71,4 +76,5 @@ def _template_formatter(model):
     bos = model.detokenize([model.token_bos()], special=True).decode("utf-8", "replace")
     eos = model.detokenize([model.token_eos()], special=True).decode("utf-8", "replace")
     template = model.metadata["tokenizer.chat_template"]
-    return Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos), bos
+    # the template writes BOS as text; only a tokenizer that adds BOS itself needs it stripped
+    return Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos), bos if adds_bos(model) else ""
