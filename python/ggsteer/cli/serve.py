@@ -127,6 +127,8 @@ def run_child() -> int:
     from ggsteer.serve.supervisor import ChildChannel
 
     channel = ChildChannel.from_environment()
+    if channel is None:
+        raise SystemExit("ggsteer: error: run_child() runs the server a `ggsteer serve --rpc` supervisor starts")
     args = pickle.loads(channel.read_payload())  # from the supervisor, our parent: trusted
     args.supervised = channel
     return run(args)

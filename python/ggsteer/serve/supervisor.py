@@ -245,7 +245,7 @@ class Supervisor:
             while True:
                 if self.signal is not None and stopping_since is None:
                     stopping_since = time.monotonic()
-                    child.process.send_signal(self.signal)
+                    child.process.terminate()  # uvicorn stops cleanly; the supervisor alone reports a Ctrl-C
                 if stopping_since is not None and time.monotonic() - stopping_since > STOP_TIMEOUT_S:
                     child.process.kill()
                 watched = [child.status] if child.status is not None else []
