@@ -196,3 +196,52 @@ def test_supervisor_answers_503_in_openai_shape():
             error = {"message": "RPC worker h:1 stopped answering", "type": "server_error", "param": None,
                      "code": 503}
             assert response.json() == ({"status": "unavailable", "error": error} if body is None else {"error": error})
+
+
+FAKE_SERVER = """
+import os, sys, time
+from ggsteer.serve.supervisor import ChildChannel
+channel = ChildChannel.from_environment()
+first_status, later_status = (int(x) for x in channel.read_payload().decode().split(","))
+if not channel.restart:
+    channel.ready()
+    os.write(channel.status_fd, b"RPC worker h:1 stopped answering (test)\\n")  # as the C handler does
+    sys.exit(first_status)
+time.sleep(3)  # loading the model again
+sys.exit(later_status)
+"""
+
+
+@pytest.mark.parametrize(("first", "later", "restarts"), [(75, 3, True), (4, 0, False)])
+def test_supervisor_restarts_after_status_75_only(first, later, restarts, capfd):
+    """The supervisor's states without a model: status 75 after serving -> 503 naming the lost worker,
+    then a fresh server once every worker answers (none to probe here); any other status ends it."""
+    from ggsteer.serve.supervisor import Supervisor
+
+    replies = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1/completions"
+        done = threading.Event()
+
+        def ask() -> None:
+            while not done.is_set():
+                with contextlib.suppress(httpx.TransportError):
+                    replies.append(httpx.post(url, json={"prompt": "x"}, timeout=QUICK_S))
+                time.sleep(0.05)
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        try:
+            status = Supervisor(listener, [], FAKE_SERVER, f"{first},{later}".encode()).run()
+        finally:
+            done.set()
+            asker.join(timeout=QUICK_S * 2)
+    assert status == (later if restarts else first)
+    messages = [reply.json()["error"]["message"] for reply in replies]
+    assert all(reply.status_code == 503 for reply in replies)
+    if restarts:
+        assert any(m.startswith("the server is loading the model again after this: RPC worker h:1 stopped "
+                                "answering (test)") for m in messages), messages
+        assert "answering 503 until every worker answers again" in capfd.readouterr().err
+    else:
+        assert messages == []  # it never answered: the first server's status ends it
