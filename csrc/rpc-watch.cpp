@@ -9,9 +9,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <mutex>
+#include <thread>
 
 #include "ggml.h"
 
@@ -109,7 +111,7 @@ void write_all(int fd, const std::string & text) {
         std::fflush(stdout);
     }
     if (!fds.empty()) {
-        usleep(static_cast<useconds_t>(grace_ms) * 1000);
+        std::this_thread::sleep_for(std::chrono::milliseconds(grace_ms));
     }
     _exit(exit_code);
 }

@@ -10,6 +10,7 @@ import json
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -19,7 +20,7 @@ from support.rpc import CLI, start_workers, stop
 from support.server import expected_text, write_vectors
 
 from ggsteer import SteeredModel
-from ggsteer.runtime.rpc import free_port, library_dir, start_local_worker
+from ggsteer.runtime.rpc import EXIT_WORKER_LOST, free_port, library_dir, start_local_worker
 from ggsteer.serve.supervisor import accept_and_answer
 
 pytestmark = pytest.mark.skipif(not (library_dir() / "libggml-rpc.so").exists(),
@@ -245,3 +246,35 @@ def test_supervisor_restarts_after_status_75_only(first, later, restarts, capfd)
         assert "answering 503 until every worker answers again" in capfd.readouterr().err
     else:
         assert messages == []  # it never answered: the first server's status ends it
+
+
+HEARS_BUT_STAYS = """
+import sys, time
+from ggsteer import SteeredModel
+from ggsteer.runtime.rpc import on_lost_worker
+model = SteeredModel(sys.argv[1], rpc_servers=[sys.argv[2]], n_ctx=256, n_batch=128, n_threads=1)
+on_lost_worker(lambda line: print("heard:", line, time.monotonic(), flush=True), grace_s=1.0)
+print("loaded", flush=True)
+while True:
+    model.create_completion("the dog is", max_tokens=200, temperature=0)
+"""
+
+
+def test_lost_worker_ends_the_process_even_if_python_does_not(tiny_model_path):
+    """on_lost_worker's callback hears the lost worker; if nothing ends the process, the parked ggml
+    thread does after grace_s, with status 75: a server stuck in Python cannot hang."""
+    ports, workers = start_workers(1)
+    try:
+        command = [sys.executable, "-c", HEARS_BUT_STAYS, str(tiny_model_path), f"127.0.0.1:{ports[0]}"]
+        client = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert client.stdout.readline().strip() == "loaded"
+        time.sleep(0.3)  # generating now
+        stop(workers[0])
+        output, error = client.communicate(timeout=QUICK_S * 3)
+        assert client.returncode == EXIT_WORKER_LOST, error
+        heard = [line for line in output.splitlines() if line.startswith("heard:")]
+        assert len(heard) == 1 and f"RPC worker 127.0.0.1:{ports[0]} stopped answering" in heard[0]
+        assert "the server ends this process (status 75)" in error
+    finally:
+        for worker in workers:
+            stop(worker)
