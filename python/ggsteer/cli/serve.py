@@ -151,9 +151,11 @@ def end_on_lost_worker(server, app, channel) -> threading.Event:
 
     def on_lost(line: str) -> None:
         lost.set()
-        app.state.server.worker.abandon(f"{line}; the server starts again once it answers: retry shortly")
         server.should_exit = True
         threading.Timer(LOST_WORKER_EXIT_S, end_worker_process, args=(EXIT_WORKER_LOST,)).start()
+        while True:  # until the process ends: a job submitted just as the worker was abandoned fails too
+            app.state.server.worker.abandon(f"{line}; the server starts again once it answers: retry shortly")
+            time.sleep(0.05)
 
     on_lost_worker(on_lost, also_fds=[channel.status_fd])
     return lost
