@@ -300,6 +300,8 @@ PYBIND11_MODULE(_native, m) {
 
     m.def("watch_rpc_workers", &rpc_watch_workers, py::arg("endpoints"), py::arg("exit_code"),
           "Turn ggml-rpc's abort on a lost worker into one line naming it and _exit(exit_code).");
+    m.def("watch_rpc_notify", &rpc_watch_notify, py::arg("fds"), py::arg("grace_ms"),
+          "Server mode: also write the lost worker's line to these fds and wait grace_ms before _exit.");
 
     m.def("build_info", []() {
         py::dict info;

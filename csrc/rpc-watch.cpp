@@ -7,10 +7,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <mutex>
+#include <thread>
 
 #include "ggml.h"
 
@@ -20,6 +23,9 @@ std::mutex watch_mutex;
 std::vector<std::string> watched;
 int watch_exit_code = 75;
 ggml_abort_callback_t previous_callback = nullptr;
+std::vector<int> notify_fds;  // a server's pipes: the line goes there too, and the server exits itself
+int notify_grace_ms = 0;
+std::atomic<bool> reported{false};
 
 // Whether something accepts a TCP connection on host:port within `timeout_ms`.
 bool accepts_connections(const std::string & endpoint, int timeout_ms) {
@@ -62,6 +68,54 @@ std::string join(const std::vector<std::string> & items) {
     return out;
 }
 
+void write_all(int fd, const std::string & text) {
+    size_t done = 0;
+    while (done < text.size()) {
+        const ssize_t n = write(fd, text.data() + done, text.size() - done);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            return;
+        }
+        done += static_cast<size_t>(n);
+    }
+}
+
+// One-shot commands exit at once. A server (notify fds registered) gets the line on its pipes and
+// `notify_grace_ms` to answer its clients and exit by itself; this thread waits, then ends the process
+// anyway, so nothing hangs. A second failing thread (another worker's connection) only waits.
+[[noreturn]] void report_and_exit(const std::string & lost_line) {
+    std::vector<int> fds;
+    int grace_ms, exit_code;
+    {
+        std::lock_guard<std::mutex> lock(watch_mutex);
+        fds = notify_fds;
+        grace_ms = notify_grace_ms;
+        exit_code = watch_exit_code;
+    }
+    if (!reported.exchange(true)) {
+        if (fds.empty()) {
+            std::fprintf(stderr,
+                         "ggsteer: error: %s. llama.cpp's RPC backend cannot continue without it in this process; "
+                         "exiting with status %d. Restart the worker, then run again.\n",
+                         lost_line.c_str(), exit_code);
+        } else {
+            std::fprintf(stderr, "ggsteer: error: %s; the server ends this process (status %d)\n", lost_line.c_str(),
+                         exit_code);
+            for (const int fd : fds) {
+                write_all(fd, lost_line + "\n");
+            }
+        }
+        std::fflush(stderr);
+        std::fflush(stdout);
+    }
+    if (!fds.empty()) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(grace_ms));
+    }
+    _exit(exit_code);
+}
+
 // Runs on whichever thread met the failure (ggml-rpc's dispatcher thread, mostly): no Python here,
 // which could wait forever for the interpreter's lock while the main thread waits for this one.
 void on_ggml_abort(const char * message) {
@@ -90,16 +144,14 @@ void on_ggml_abort(const char * message) {
         }
     }
     const char * reason = std::strstr(message, ": ");  // past ggml's "file:line: "
-    reason = reason != nullptr ? reason + 2 : message;
-    std::fprintf(stderr,
-                 "ggsteer: error: RPC worker %s stopped answering (%s). llama.cpp's RPC backend cannot continue "
-                 "without it in this process; exiting with status %d. Restart the worker, then run again.\n",
-                 lost.empty() ? ("one of " + join(endpoints)).c_str() : join(lost).c_str(), reason, watch_exit_code);
-    std::fflush(stderr);
-    std::fflush(stdout);
-    _exit(watch_exit_code);
+    std::string why = reason != nullptr ? reason + 2 : message;
+    while (!why.empty() && (why.back() == '\n' || why.back() == ' ')) {
+        why.pop_back();
+    }
+    const std::string lost_line = "RPC worker " + (lost.empty() ? "(one of " + join(endpoints) + ")" : join(lost)) +
+                                  " stopped answering (" + why + ")";
+    report_and_exit(lost_line);
 }
-
 }  // namespace
 
 void rpc_watch_workers(const std::vector<std::string> & endpoints, int exit_code) {
@@ -116,4 +168,10 @@ void rpc_watch_workers(const std::vector<std::string> & endpoints, int exit_code
         }
     }
     watch_exit_code = exit_code;
+}
+
+void rpc_watch_notify(const std::vector<int> & fds, int grace_ms) {
+    std::lock_guard<std::mutex> lock(watch_mutex);
+    notify_fds = fds;
+    notify_grace_ms = std::max(grace_ms, 0);
 }

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from support.models import TIGHT_LLAMA_KWARGS
 from support.oracle import last_logits, random_vector
+from support.rpc import CLI, stop
 
 from ggsteer import ControlVector, SteeredModel, TrainingWarning
 from ggsteer.runtime.rpc import (
@@ -34,13 +35,6 @@ pytestmark = pytest.mark.skipif(not (library_dir() / "libggml-rpc.so").exists(),
 
 TINY = {"n_ctx": 256, "n_batch": 128, "n_seq_max": 16, **TIGHT_LLAMA_KWARGS}
 PROMPTS = ["i am very happy and the dog", "the dog is", "a sad cat and the bad dog today"]
-CLI = [sys.executable, "-c", "import sys; from ggsteer.cli.main import main; sys.exit(main(sys.argv[1:]))"]
-
-
-def stop(process) -> None:
-    if process.returncode is None:
-        process.kill()
-        process.communicate()
 
 
 def ran_since(model, before: dict) -> dict:

@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    return run(args)
+
+
+def run(args) -> int:
+    """Run a parsed command: its warnings as one line, its errors as one line and status EXIT_ERROR."""
     with warnings.catch_warnings():
         warnings.showwarning = show_warning
         try:

@@ -9,7 +9,9 @@ Faults: ggml-rpc aborts the process when a socket fails (GGML_ABORT on a failed 
 Before loading, every worker is checked (connect and protocol hello, with a timeout), so a worker
 that is down gives an `RpcWorkerError` naming it. A worker lost later, mid-decode, cannot be
 survived inside the process: ggsteer's abort handler prints which worker stopped answering and
-ends the process with `EXIT_WORKER_LOST` instead of a core-dumping abort.
+ends the process with `EXIT_WORKER_LOST` instead of a core-dumping abort. A server first hears of it
+(`on_lost_worker`), answers its clients and ends itself; its supervisor (serve/supervisor.py)
+starts it again once the worker is back.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import socket
 import struct
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Sequence
@@ -255,6 +258,28 @@ def watch_workers(endpoints: Sequence[str]) -> None:
     """Turn ggml-rpc's abort on a lost worker into one line naming it and exit status
     EXIT_WORKER_LOST (in C: the failing thread must not wait for Python's lock)."""
     native().watch_rpc_workers(list(endpoints), EXIT_WORKER_LOST)
+
+
+def on_lost_worker(callback, also_fds: Sequence[int] = (), grace_s: float = 10.0) -> None:
+    """For a server: a lost worker calls `callback(line)` ("RPC worker H:P stopped answering (...)")
+    on a thread of its own instead of ending the process at once. The failing ggml thread stays
+    parked and ends the process with EXIT_WORKER_LOST after `grace_s` if Python has not by then; the
+    callback must end the process too (os._exit: freeing the model would talk to the lost worker).
+    The C handler also writes the line to `also_fds` (a supervisor's pipe), Python or not."""
+    read_fd, write_fd = os.pipe()
+    native().watch_rpc_notify([write_fd, *also_fds], int(grace_s * 1000))
+    threading.Thread(target=_wait_for_lost_worker, args=(read_fd, callback), name="ggsteer-rpc-alarm",
+                     daemon=True).start()
+
+
+def _wait_for_lost_worker(fd: int, callback) -> None:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 4096)  # blocks without Python's lock
+        if not chunk:
+            return
+        data += chunk
+    callback(data.decode(errors="replace").strip())
 
 
 # -- a worker: serve this machine's devices --------------------------------------------------------

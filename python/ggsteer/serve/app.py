@@ -263,7 +263,10 @@ def checked_grammar(model, grammar: str | None) -> str | None:
 
 
 def api_error_handler(request: Request, error: ApiError) -> JSONResponse:  # noqa: ARG001 - Starlette's handler signature
-    return error_response(error.status, error.message, error.param)
+    response = error_response(error.status, error.message, error.param)
+    if error.status == 503:  # the worker lost its model (e.g. an RPC worker): worth retrying
+        response.headers["Retry-After"] = "1"
+    return response
 
 
 def unexpected_error_handler(request: Request, error: Exception) -> JSONResponse:
@@ -291,7 +294,7 @@ def operator_routes(server: SteeringServer) -> APIRouter:
         server.worker.ensure_running()
         if server.worker.available and server.model.ctx is not None:
             return {"status": "ok"}
-        return error_response(503, "the generation worker is not running")
+        return error_response(503, server.worker.lost or "the generation worker is not running")
 
     @router.get("/metrics", dependencies=[Depends(api_key_checker(server.config.api_key))])
     def metrics():

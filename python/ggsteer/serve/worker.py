@@ -110,6 +110,7 @@ class BatchWorker:
         self._waiting = 0  # jobs submitted and not yet admitted, dropped or failed
         self._stopping = False
         self._down = False  # no batch can be opened, or the thread died: 503 until that changes
+        self.lost: str | None = None  # why the model can never run again in this process (abandon)
         self._thread: threading.Thread | None = None
 
     # -- the event loop's side ----------------------------------------------------------------
@@ -121,7 +122,7 @@ class BatchWorker:
     def stop(self) -> None:
         self._stopping = True
         self._queue.put(_STOP)
-        if self._thread is not None:
+        if self._thread is not None and self.lost is None:  # an abandoned thread may never come back
             self._thread.join()
         self._fail_all("the server is shutting down", 503)  # whatever a dead thread left
 
@@ -140,7 +141,7 @@ class BatchWorker:
     def ensure_running(self) -> None:
         """Start the thread again if it died (it fails its own jobs on the way out)."""
         with self._restart_lock:  # /health (a thread-pool thread) and submit (the event loop) may both call
-            if not self._stopping and self._thread is not None and not self._thread.is_alive():
+            if not self._stopping and self.lost is None and self._thread is not None and not self._thread.is_alive():
                 log.error("the batch worker thread had stopped; starting it again")
                 self.metrics.add("ggsteer_worker_restarts_total")
                 self._down = False  # jobs may queue again: if no batch can be opened, they fail with 503
@@ -150,7 +151,7 @@ class BatchWorker:
         self.ensure_running()
         if not self.available:
             self.metrics.add("rejected_unavailable")
-            raise WorkerUnavailable("the generation worker is restarting; try again shortly")
+            raise WorkerUnavailable(self.lost or "the generation worker is restarting; try again shortly")
         with self._lock:
             if self._waiting >= self.max_queue:
                 self.metrics.add("rejected_queue_full")
@@ -159,6 +160,14 @@ class BatchWorker:
             job.queued = True
         job.on_cancel = lambda: self._leave_queue(job)
         self._queue.put(job)
+
+    def abandon(self, message: str, status: int = 503) -> None:
+        """The model can never run again in this process (an RPC worker was lost; the worker thread
+        is stuck in the model for good): every running and waiting job fails with `message`, and so
+        does every later submit. Thread-safe enough for its one use: the worker thread does not move."""
+        self.lost = message
+        self._down = True
+        self._fail_all(message, status)
 
     # -- the worker thread ----------------------------------------------------------------------
 
