@@ -8,14 +8,11 @@ write the K types).
 
 from __future__ import annotations
 
-import ctypes
-import functools
-from pathlib import Path
-
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from ggsteer.bake.gguf_layout import GGUFLayout, TensorInfo
+from ggsteer.runtime.ggml_libs import ggml_quantize_chunk
 
 _FLOAT_DTYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
 
@@ -42,7 +39,7 @@ def encode_tensor(values: np.ndarray, ggml_type: GGMLQuantizationType) -> bytes:
     values = np.ascontiguousarray(values, dtype=np.float32)
     if ggml_type in _FLOAT_DTYPES:
         return values.astype(_FLOAT_DTYPES[ggml_type]).tobytes()
-    quantize = _ggml_quantize_chunk()
+    quantize = ggml_quantize_chunk()
     if quantize is None:
         return quants.quantize(values, ggml_type).tobytes()
     n_per_row = values.shape[-1]
@@ -58,7 +55,7 @@ def encode_tensor(values: np.ndarray, ggml_type: GGMLQuantizationType) -> bytes:
 def can_encode(ggml_type: GGMLQuantizationType) -> bool:
     if ggml_type in _FLOAT_DTYPES:
         return True
-    if _ggml_quantize_chunk() is not None:
+    if ggml_quantize_chunk() is not None:
         return ggml_type not in _NEEDS_IMATRIX
     return ggml_type in _GGUF_PY_WRITABLE
 
@@ -68,21 +65,3 @@ _NEEDS_IMATRIX = {GGMLQuantizationType.IQ2_XXS, GGMLQuantizationType.IQ2_XS, GGM
                   GGMLQuantizationType.IQ1_M, GGMLQuantizationType.IQ2_S}
 _GGUF_PY_WRITABLE = {GGMLQuantizationType.BF16, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
                      GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q8_0}
-
-
-@functools.lru_cache(maxsize=1)
-def _ggml_quantize_chunk():
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
-    lib_dir = Path(llama_cpp.__file__).parent / "lib"
-    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
-        if (lib_dir / name).exists():
-            lib = ctypes.CDLL(str(lib_dir / name))
-            function = lib.ggml_quantize_chunk
-            function.restype = ctypes.c_size_t
-            function.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                 ctypes.c_int64, ctypes.c_void_p]
-            return function
-    return None

@@ -27,10 +27,8 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
-from pathlib import Path
 
-import llama_cpp
-
+from ggsteer.runtime.ggml_libs import ggml_base, ggml_registry, library_dir, shared_library
 from ggsteer.runtime.native import native
 
 # the wire protocol this llama.cpp build speaks (ggml-rpc.h) and its hello message (ggml-rpc.cpp)
@@ -118,48 +116,6 @@ def check_worker(endpoint: str, timeout: float = CHECK_TIMEOUT_S) -> tuple[int, 
     return major, minor, patch
 
 
-# -- the ggml libraries llama_cpp loaded -------------------------------------------------------
-
-
-def library_dir() -> Path:
-    return Path(llama_cpp.__file__).parent / "lib"
-
-
-def _shared_library(name: str) -> ctypes.CDLL:
-    """The copy libllama links (its soname file): wheels hold `.so` and `.so.0` as two files, and
-    opening the other would load a second ggml with its own globals."""
-    linked = library_dir() / f"{name}.so.0"
-    return ctypes.CDLL(str(linked if linked.exists() else library_dir() / f"{name}.so"))
-
-
-@functools.cache
-def ggml_base() -> ctypes.CDLL:
-    lib = _shared_library("libggml-base")
-    lib.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
-    lib.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
-    lib.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    lib.ggml_backend_dev_name.restype = ctypes.c_char_p
-    lib.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_dev_description.restype = ctypes.c_char_p
-    lib.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
-    return lib
-
-
-@functools.cache
-def ggml_registry() -> ctypes.CDLL:
-    lib = _shared_library("libggml")
-    lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p
-    lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
-    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
-    lib.ggml_backend_dev_count.argtypes = []
-    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
-    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-    lib.ggml_backend_dev_type.restype = ctypes.c_int
-    lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-    return lib
-
-
 @functools.cache
 def ggml_rpc() -> ctypes.CDLL:
     """libggml-rpc from the llama-cpp-python build ggsteer runs on, or a clear error."""
@@ -167,7 +123,7 @@ def ggml_rpc() -> ctypes.CDLL:
     if not path.exists():
         raise RuntimeError(f"llama-cpp-python was built without llama.cpp's RPC backend (no {path.name} in "
                            f"{path.parent}): reinstall it with CMAKE_ARGS=\"-DGGML_RPC=ON\"")
-    lib = _shared_library("libggml-rpc")
+    lib = shared_library("libggml-rpc")
     lib.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
     lib.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
     lib.ggml_backend_rpc_start_server.restype = None
