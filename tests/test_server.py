@@ -199,11 +199,18 @@ def test_chat_template_is_used_when_the_model_has_one():
         def detokenize(self, tokens, special=False):  # noqa: ARG002 - chat_prompt passes special= by keyword
             return {1: b"<s>", 2: b"</s>"}[tokens[0]]
 
+        def tokenize(self, text, add_bos=True, special=False):  # noqa: ARG002 - keyword of the real one
+            return ([1] if add_bos and self.vocabulary_adds_bos else []) + list(text)
+
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    prompt = chat_prompt(TemplatedModel(), messages)
+    model = TemplatedModel()
+    model.vocabulary_adds_bos = True
+    prompt = chat_prompt(model, messages)
     assert prompt.text == "<|system|>Be brief.</s><|user|>Hi</s><|assistant|>"  # BOS left to the tokenizer
     assert prompt.stops == ("</s>",)
     assert not prompt.strip_leading
+    model.vocabulary_adds_bos = False  # a tokenizer that adds none (SmolLM2): the template's BOS stays
+    assert chat_prompt(model, messages).text == "<s><|system|>Be brief.</s><|user|>Hi</s><|assistant|>"
 
 
 # -- vectors --------------------------------------------------------------------------------------
