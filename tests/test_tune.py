@@ -1,12 +1,14 @@
 """`ggsteer tune`: the search (planted optimum, KL budget, Ctrl-C), its measurements against the numpy
 reference, the tuned settings in the file and in their consumers (steering, llama.cpp export), the CLI."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from support.reference_model import reference_forward, write_tiny_llama_gguf
 
 from ggsteer import SteeredModel, cli
-from ggsteer.evaluate import fluency, strength_sweep
+from ggsteer.evaluate import fluency, strength_sweep, tune_report
 from ggsteer.evaluate import tune as tune_module
 from ggsteer.evaluate.tune import Setting, Trial, TuneResult, choose, measure, pareto_front, tune, tuned_vector
 from ggsteer.vectors import ControlVector, VectorFileError
@@ -146,8 +148,12 @@ def test_search_finds_the_planted_layer_window_within_the_budget(deep_tiny_model
         assert all(t.kl <= 0.25 for t in result.front) and result.chosen in result.front
         assert any(t.kl > 0.25 for t in result.trials)  # the sampler did try beyond the budget
         assert result.chosen.gain == max(t.gain for t in result.trials if t.kl <= 0.25)
-        # the report is measured on the other half of the prompts, never the scoring half
-        assert calls[-1] == [result.default.setting, chosen]
+        # the report is measured on the other half of the prompts, never the scoring half, and the
+        # default again at other strengths until its KL equals the chosen settings' KL
+        first = calls.index([result.default.setting, chosen])
+        assert first >= len(calls) - 1 - tune_report.MATCH_ROUNDS
+        assert all(c == [replace(result.default.setting, strength=c[0].strength)] for c in calls[first + 1:])
+        assert result.report.matched_kl == pytest.approx(result.report.tuned_kl, rel=tune_report.MATCH_TOLERANCE)
         assert len(result.report.tuned_moves) == result.n_report == 2 and result.n_score == 2
     assert found >= 6, f"the planted window at the budget's strength was found with {found} of 8 seeds"
 
@@ -179,7 +185,7 @@ def test_ctrl_c_keeps_the_best_so_far(deep_tiny_model, monkeypatch):
     best = choose(result.trials, 0.25)
     assert result.chosen is best
     if best is not None:  # the report still runs on the held-out prompts
-        assert result.report is not None and len(calls) == 4
+        assert result.report is not None and calls[3] == [result.default.setting, best.setting]
 
 
 def test_ctrl_c_before_anything_was_measured_stops_the_tune(deep_tiny_model, monkeypatch):
@@ -200,6 +206,39 @@ def test_nothing_beats_the_default(deep_tiny_model, monkeypatch):
     assert result.chosen is None and not result.beats_default and result.report is None
     with pytest.raises(ValueError, match="nothing beat the default"):
         tuned_vector(vector, result)
+
+
+def test_the_report_compares_the_default_at_the_tuned_kl():
+    """KL = 0.2 s^2 for the default's structure: the tuned settings sit at KL 0.2 (strength 1 for the
+    default), the calibrated default at strength 0.5 (KL 0.05). Moves grow as the strength."""
+    default, chosen = Setting("add", "all", (1, 2), 0.5), Setting("clamp", "all", (2,), 0.8)
+    calls = []
+
+    def fake(settings):
+        calls.append(list(settings))
+        moves = [np.array([1.0, 3.0]) * (1.3 if s == chosen else s.strength) for s in settings]
+        return np.array(moves), np.array([0.2 if s == chosen else 0.2 * s.strength**2 for s in settings])
+
+    result = tune_report.report(fake, default, chosen, seed=0)
+    assert calls[0] == [default, chosen] and len(calls) >= 2
+    assert result.tuned_kl == 0.2 and result.default_kl == pytest.approx(0.05)
+    assert result.matched_kl == pytest.approx(0.2, rel=tune_report.MATCH_TOLERANCE)
+    assert result.matched_strength == pytest.approx(1.0, rel=tune_report.MATCH_TOLERANCE)
+    assert result.matched_move == pytest.approx(2.0 * result.matched_strength)
+    assert result.ratio == pytest.approx(1.3 / result.matched_strength)  # at equal KL: 1.3, not 2.6
+    assert result.calibrated_ratio == pytest.approx(2.6)
+    assert result.ratio_spread[0] <= result.ratio <= result.ratio_spread[1]
+
+
+def test_the_report_keeps_the_calibrated_default_when_no_strength_moves_its_kl():
+    default, chosen = Setting("add", "all", (1,), 0.5), Setting("add", "all", (2,), 0.5)
+
+    def fake(settings):
+        return np.array([np.array([1.0, 2.0]) * (2 if s == chosen else 1) for s in settings]), np.array(
+            [0.1 if s == chosen else 0.0 for s in settings])
+
+    result = tune_report.report(fake, default, chosen, seed=0)
+    assert result.matched_strength == 0.5 and result.matched_kl == 0.0 and result.ratio == pytest.approx(2.0)
 
 
 def test_choose_and_front():
@@ -241,6 +280,10 @@ def test_tune_on_the_tiny_model_measures_every_candidate(tiny_model):
         moves, kls = measure(tiny_model, vector, [result.default.setting, result.chosen.setting], report_items, neutral)
         np.testing.assert_allclose(result.report.default_moves, moves[0], atol=TOL)
         np.testing.assert_allclose(result.report.tuned_moves, moves[1], atol=TOL)
+        matched = replace(result.default.setting, strength=result.report.matched_strength)
+        moves, kls = measure(tiny_model, vector, [matched], report_items, neutral)
+        np.testing.assert_allclose(result.report.matched_moves, moves[0], atol=TOL)
+        assert result.report.matched_kl == pytest.approx(kls[0], abs=TOL)
 
 
 # -- the tuned settings in the file and their consumers -------------------------------------------

@@ -116,7 +116,12 @@ def print_result(result: TuneResult, preset: str) -> None:
         return
     chosen, report = result.chosen, result.report
     print(f"chosen:  {chosen.setting.label}: gain {chosen.gain:+.3f}, KL {chosen.kl:.4f}")
-    print(f"on the {result.n_report} held-out report prompts (not searched on): default moves the behaviour score "
-          f"{report.default_move:+.3f} nats (KL {report.default_kl:.4f}), tuned {report.tuned_move:+.3f} "
-          f"(KL {report.tuned_kl:.4f}); ratio {report.ratio:.2f} (10-90% over resampled prompts "
-          f"{report.ratio_spread[0]:.2f}..{report.ratio_spread[1]:.2f})")
+    print(f"on the {result.n_report} held-out report prompts (not searched on), behaviour move over the plain model:")
+    print(f"  default at its strength {result.default.setting.strength:g}: {report.default_move:+.3f} nats "
+          f"(KL {report.default_kl:.4f})")
+    print(f"  default at the tuned KL (strength {report.matched_strength:g}): {report.matched_move:+.3f} nats "
+          f"(KL {report.matched_kl:.4f})")
+    print(f"  tuned: {report.tuned_move:+.3f} nats (KL {report.tuned_kl:.4f})")
+    print(f"ratio tuned / default at equal KL {report.ratio:.2f} (10-90% over resampled prompts "
+          f"{report.ratio_spread[0]:.2f}..{report.ratio_spread[1]:.2f}); against the calibrated strength "
+          f"{report.calibrated_ratio:.2f}")

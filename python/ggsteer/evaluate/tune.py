@@ -11,6 +11,8 @@ within a budget.
   They are measured first, so "nothing beats the default" is a measured statement.
 - The last pass measures the two best windows, ops and gatings at stronger strengths: the
   behaviour gain usually grows with strength up to the budget's edge, where a sampler rarely lands.
+- The default is also measured at the chosen settings' KL (its strength scaled), so the reported
+  ratio compares settings at equal KL, not budget use (evaluate/tune_report.py).
 - Ctrl-C during the search stops it; the best settings measured so far are kept.
 """
 
@@ -27,6 +29,8 @@ from ggsteer.evaluate.behaviour import behaviour_units
 from ggsteer.evaluate.fluency import FluencyTally, neutral_tokens
 from ggsteer.evaluate.side_by_side import run_side_by_side
 from ggsteer.evaluate.sweeps import format_layers
+from ggsteer.evaluate.tune_report import Report
+from ggsteer.evaluate.tune_report import report as report_at_equal_kl
 from ggsteer.model import SteeredModel
 from ggsteer.vectors import ControlVector, default_steering_layers
 
@@ -40,8 +44,6 @@ CANDIDATES_PER_PASS = 4
 # the last pass tries the best structures at these multiples of their strength
 REFINE_STRUCTURES = 2
 REFINE_FACTORS = (1.2, 1.45)
-# resamples of the report prompts for the spread of the tuned / default ratio
-BOOTSTRAP_ROUNDS = 2000
 
 
 @dataclass(frozen=True)
@@ -64,26 +66,6 @@ class Trial:
     gain: float  # mean behaviour move over the plain model on the scoring prompts, nats
     kl: float  # mean KL(unsteered || steered) per position of the neutral texts, nats
     number: int  # order of measurement; the default is 0
-
-
-@dataclass(frozen=True)
-class Report:
-    """The default and the chosen settings measured on the report prompts (never searched on)."""
-
-    default_moves: list[float]  # per report prompt: behaviour minus the plain model's, nats
-    tuned_moves: list[float]
-    default_kl: float
-    tuned_kl: float
-    ratio: float  # mean tuned move / mean default move (nan when the default does not move)
-    ratio_spread: tuple[float, float]  # 10th and 90th percentile of the ratio over resampled prompts
-
-    @property
-    def default_move(self) -> float:
-        return float(np.mean(self.default_moves))
-
-    @property
-    def tuned_move(self) -> float:
-        return float(np.mean(self.tuned_moves))
 
 
 @dataclass
@@ -316,19 +298,10 @@ def pareto_front(trials: Sequence[Trial]) -> list[Trial]:
 
 
 def report(model, vector, default: Setting, chosen: Setting, items, neutral, raw: bool, seed: int) -> Report:
-    """Measure the default and the chosen settings on the report prompts."""
-    moves, kls = measure(model, vector, [default, chosen], items, neutral, raw)
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(items), size=(BOOTSTRAP_ROUNDS, len(items)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = moves[1][picks].mean(axis=1) / moves[0][picks].mean(axis=1)
-        ratio = float(moves[1].mean() / moves[0].mean()) if moves[0].mean() != 0 else math.nan
-    finite = ratios[np.isfinite(ratios)]
-    spread = (math.nan, math.nan)
-    if finite.size:
-        spread = (float(np.percentile(finite, 10)), float(np.percentile(finite, 90)))
-    return Report([float(m) for m in moves[0]], [float(m) for m in moves[1]], float(kls[0]), float(kls[1]), ratio,
-                  spread)
+    """Measure the default and the chosen settings on the report prompts, the default also at the
+    chosen settings' KL (evaluate/tune_report.py)."""
+    return report_at_equal_kl(lambda settings: measure(model, vector, settings, items, neutral, raw), default, chosen,
+                              seed)
 
 
 # -- the file -----------------------------------------------------------------------------------
