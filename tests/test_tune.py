@@ -113,7 +113,7 @@ def planted_measure(calls=None, interrupt_at=None):
     with strength and window size. Counts calls; raises KeyboardInterrupt on call `interrupt_at`."""
     calls = calls if calls is not None else []
 
-    def fake(model, vector, settings, items, neutral, raw=False):
+    def fake(model, vector, settings, items, neutral, raw=False, stride=1):
         calls.append(list(settings))
         if interrupt_at is not None and len(calls) == interrupt_at:
             raise KeyboardInterrupt
@@ -196,7 +196,7 @@ def test_ctrl_c_before_anything_was_measured_stops_the_tune(deep_tiny_model, mon
 
 
 def test_nothing_beats_the_default(deep_tiny_model, monkeypatch):
-    def default_is_best(model, vector, settings, items, neutral, raw=False):
+    def default_is_best(model, vector, settings, items, neutral, raw=False, stride=1):
         gains = [1.0 if s.op == "add" and s.when == "all" and s.layers == tuple(range(1, 8)) else 0.1 for s in settings]
         return np.array([np.full(len(items), g) for g in gains]), np.zeros(len(settings))
 
@@ -254,6 +254,7 @@ def test_choose_and_front():
     (dict(max_kl=0.0), "KL budget must be a positive"), (dict(budget=0), "at least 1 candidate"),
     (dict(ops=("ablate",)), "cannot tune op 'ablate'"), (dict(whens=("sometimes",)), "cannot tune when"),
     (dict(strength_range=(0.0, 1.0)), "0 < low <= high"),
+    (dict(kl_stride=0), "KL stride must be at least 1"),
 ])
 def test_bad_search_settings(tiny_model, kwargs, message):
     options = {"max_kl": 0.25, "budget": 3, **kwargs}
@@ -272,7 +273,7 @@ def test_tune_on_the_tiny_model_measures_every_candidate(tiny_model):
     score_items, report_items = ITEMS[0::2], ITEMS[1::2]
     # every candidate's numbers are what measuring it alone on the scoring prompts gives
     for trial in result.trials[:3]:
-        moves, kls = measure(tiny_model, vector, [trial.setting], score_items, neutral)
+        moves, kls = measure(tiny_model, vector, [trial.setting], score_items, neutral, stride=4)
         assert trial.gain == pytest.approx(moves[0].mean(), abs=TOL) and trial.kl == pytest.approx(kls[0], abs=TOL)
     assert all(t.kl <= 0.05 for t in result.front)
     if result.chosen is not None:

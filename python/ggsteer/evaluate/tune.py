@@ -39,6 +39,8 @@ SEARCH_WHEN = ("all", "generated")
 STRENGTH_RANGE = (0.05, 2.0)
 DEFAULT_BUDGET = 40
 DEFAULT_SEED = 0
+# the search reads the KL at every 4th neutral position (as calibration's search starts); the report reads all
+SEARCH_KL_STRIDE = 4
 # candidates measured per side-by-side pass: the plain model's decode is shared by them
 CANDIDATES_PER_PASS = 4
 # the last pass tries the best structures at these multiples of their strength
@@ -96,12 +98,13 @@ def split_prompts(items: Sequence[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def measure(model: SteeredModel, vector: ControlVector, settings: Sequence[Setting], items: Sequence[dict],
-            neutral: list[list[int]], raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Behaviour moves [len(settings), len(items)] over the plain model and KL per setting, every
-    setting decoded side by side with the plain model. Under `when="generated"` the continuations
-    (behaviour) and every neutral-text token after the first are decoded as generated tokens."""
+            neutral: list[list[int]], raw: bool = False, stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Behaviour moves [len(settings), len(items)] over the plain model and KL per setting (from
+    every `stride`-th neutral position), every setting decoded side by side with the plain model.
+    Under `when="generated"` the continuations (behaviour) and every neutral-text token after the
+    first are decoded as generated tokens."""
     interventions = [[]] + [[interventions_of(model, vector, s, raw)] for s in settings]
-    fluency = FluencyTally(neutral, len(settings))
+    fluency = FluencyTally(neutral, len(settings), stride)
     units, logprobs = behaviour_units(model, len(interventions), items)
     units = fluency.units + units
     for unit in units:
@@ -140,9 +143,12 @@ def steerable_layers(model: SteeredModel, vector: ControlVector) -> list[int]:
 def tune(model: SteeredModel, vector: ControlVector, eval_items: Sequence[dict], *, max_kl: float,
          budget: int = DEFAULT_BUDGET, ops: Sequence[str] = SEARCH_OPS, whens: Sequence[str] = SEARCH_WHEN,
          strength_range: tuple[float, float] = STRENGTH_RANGE, seed: int = DEFAULT_SEED,
-         neutral_texts: Sequence[str] | None = None, raw: bool = False, progress: bool = False) -> TuneResult:
+         neutral_texts: Sequence[str] | None = None, raw: bool = False, progress: bool = False,
+         kl_stride: int = SEARCH_KL_STRIDE) -> TuneResult:
     """Search `budget` candidates after the default; see the module docstring."""
     _check_search(max_kl, budget, ops, whens, strength_range)
+    if kl_stride < 1:
+        raise ValueError(f"the KL stride must be at least 1 (every position), got {kl_stride}")
     score_items, report_items = split_prompts(eval_items)
     layers = steerable_layers(model, vector)
     vector.check_model(model)
@@ -157,7 +163,7 @@ def tune(model: SteeredModel, vector: ControlVector, eval_items: Sequence[dict],
         try:
             while len(trials) < budget + 1:
                 settings, asked = _next_pass(study, trials, default, budget, max_kl, layers, ops, whens, strength_range)
-                moves, kls = measure(model, vector, settings, score_items, neutral, raw)
+                moves, kls = measure(model, vector, settings, score_items, neutral, raw, kl_stride)
                 start = len(trials)
                 for k, setting in enumerate(settings):
                     trials.append(Trial(setting, float(moves[k].mean()), float(kls[k]), start + k))
@@ -315,8 +321,8 @@ def tuned_vector(vector: ControlVector, result: TuneResult, preset: str | None =
     metadata = dict(vector.metadata)
     metadata.update(tuned_op=setting.op, tuned_when=setting.when, tuned_layers=list(setting.layers),
                     tuned_strength=setting.strength, tuned_max_kl=result.max_kl, tuned_kl=result.chosen.kl)
-    if result.report is not None:
-        metadata["tuned_gain"] = result.report.tuned_move
+    if result.report is not None:  # measured on every neutral position
+        metadata.update(tuned_gain=result.report.tuned_move, tuned_kl=result.report.tuned_kl)
     if preset is not None:
         metadata["eval_preset"] = preset
     return ControlVector(dict(vector.directions), vector.model_hint, metadata)
