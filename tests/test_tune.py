@@ -241,6 +241,23 @@ def test_the_report_keeps_the_calibrated_default_when_no_strength_moves_its_kl()
     assert result.matched_strength == 0.5 and result.matched_kl == 0.0 and result.ratio == pytest.approx(2.0)
 
 
+def test_the_last_pass_aims_the_most_efficient_structures_at_the_budget():
+    """Ranked by move / sqrt(KL), not by move: a window that moved little at a small strength beats
+    one that moved more using the whole budget; each is aimed at the budget by KL ~ strength^2."""
+    default = Trial(Setting("add", "all", (1, 2), 0.5), 1.0, 0.05, 0)  # 4.5 per sqrt(KL)
+    efficient = Trial(Setting("add", "all", (3, 4), 0.2), 1.0, 0.01, 1)  # 10 per sqrt(KL)
+    greedy = Trial(Setting("clamp", "all", (1, 2, 3, 4, 5), 1.0), 2.0, 0.24, 2)  # 4.1 per sqrt(KL)
+    wrong_way = Trial(Setting("add", "all", (5,), 0.1), -1.0, 0.001, 3)
+    edge = tune_module.EDGE_MARGIN * 0.25
+    settings = tune_module._at_the_edge([default, efficient, greedy, wrong_way], 0.25, 2, 2.0)
+    assert settings == [Setting("add", "all", (3, 4), round(0.2 * (edge / 0.01) ** 0.5, 4)),
+                        Setting("add", "all", (1, 2), round(0.5 * (edge / 0.05) ** 0.5, 4))]
+    # two strengths of one structure: the exponent is measured between them (KL ~ strength here)
+    linear = [Trial(Setting("add", "all", (3,), 0.5), 1.0, 0.05, 1),
+              Trial(Setting("add", "all", (3,), 1.0), 2.0, 0.1, 2)]
+    assert tune_module._at_the_edge(linear, 0.25, 1, 5.0) == [Setting("add", "all", (3,), round(edge / 0.1, 4))]
+
+
 def test_choose_and_front():
     s = Setting("add", "all", (1,), 1.0)
     default, a, b, c = Trial(s, 0.5, 0.1, 0), Trial(s, 0.9, 0.2, 1), Trial(s, 2.0, 0.4, 2), Trial(s, 0.7, 0.3, 3)

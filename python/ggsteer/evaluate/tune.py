@@ -9,8 +9,9 @@ within a budget.
   settings are then measured on the other half, and only that number is reported as the result.
 - The default settings are the file's recommended (calibrated) ones: plain addition on every token.
   They are measured first, so "nothing beats the default" is a measured statement.
-- The last pass measures the two best windows, ops and gatings at stronger strengths: the
-  behaviour gain usually grows with strength up to the budget's edge, where a sampler rarely lands.
+- The last pass measures the windows, ops and gatings that moved furthest per sqrt(KL) at the
+  strength predicted to meet the budget: the gain grows with strength up to the budget's edge, where
+  a sampler rarely lands.
 - The default is also measured at the chosen settings' KL (its strength scaled), so the reported
   ratio compares settings at equal KL, not budget use (evaluate/tune_report.py).
 - Ctrl-C during the search stops it; the best settings measured so far are kept.
@@ -19,7 +20,7 @@ within a budget.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -29,7 +30,7 @@ from ggsteer.evaluate.behaviour import behaviour_units
 from ggsteer.evaluate.fluency import FluencyTally, neutral_tokens
 from ggsteer.evaluate.side_by_side import run_side_by_side
 from ggsteer.evaluate.sweeps import format_layers
-from ggsteer.evaluate.tune_report import Report
+from ggsteer.evaluate.tune_report import Report, next_strength
 from ggsteer.evaluate.tune_report import report as report_at_equal_kl
 from ggsteer.model import SteeredModel
 from ggsteer.vectors import ControlVector, default_steering_layers
@@ -43,9 +44,8 @@ DEFAULT_SEED = 0
 SEARCH_KL_STRIDE = 4
 # candidates measured per side-by-side pass: the plain model's decode is shared by them
 CANDIDATES_PER_PASS = 4
-# the last pass tries the best structures at these multiples of their strength
-REFINE_STRUCTURES = 2
-REFINE_FACTORS = (1.2, 1.45)
+# the last pass aims the best structures at this share of the KL budget
+EDGE_MARGIN = 0.97
 
 
 @dataclass(frozen=True)
@@ -218,28 +218,36 @@ def _study(seed: int):
 
 def _next_pass(study, trials, default, budget, max_kl, layers, ops, whens, strength_range):
     """The settings of the next side-by-side pass and the optuna trials among them (the last ones).
-    First pass: the default, then sampled candidates. Last pass (budgets of two passes or more):
-    stronger strengths for the best structures so far, since TPE rarely lands on the budget's edge."""
+    First pass: the default, then sampled candidates. Last pass (budgets of two passes or more): the
+    best structures so far at the budget's edge, where TPE rarely lands."""
     remaining = budget + 1 - len(trials)
     reserve = CANDIDATES_PER_PASS if budget >= 2 * CANDIDATES_PER_PASS else 0  # kept for the last pass
     settings = [] if trials else [default]
     room = min(CANDIDATES_PER_PASS, remaining - reserve) if remaining > reserve else remaining
     if remaining <= reserve:
-        settings = _stronger(trials, max_kl, room, strength_range[1])
+        settings = _at_the_edge(trials, max_kl, room, strength_range[1])
     asked = [study.ask() for _ in range(room - len(settings))]
     return settings + [_suggest(t, layers, ops, whens, strength_range) for t in asked], asked
 
 
-def _stronger(trials: Sequence[Trial], max_kl: float, count: int, highest: float) -> list[Setting]:
-    """The best structures (window, op, gating) within the budget at stronger strengths."""
-    best: dict[tuple, Setting] = {}
-    for trial in sorted((t for t in trials if t.kl <= max_kl), key=lambda t: -t.gain):
-        best.setdefault((trial.setting.layers, trial.setting.op, trial.setting.when), trial.setting)
-    tops = list(best.values())[:REFINE_STRUCTURES]
-    settings = [Setting(top.op, top.when, top.layers, round(min(highest, top.strength * factor), 4))
-                for top in tops for factor in REFINE_FACTORS]
-    tried = {t.setting for t in trials}
-    return list(dict.fromkeys(s for s in settings if s not in tried))[:count]
+def _at_the_edge(trials: Sequence[Trial], max_kl: float, count: int, highest: float) -> list[Setting]:
+    """The structures (window, op, gating) that moved furthest per sqrt(KL), each at the strength
+    predicted to meet the budget. For small pushes the move grows as the strength and the KL as its
+    square, so move / sqrt(KL) ranks structures by what they move at equal KL."""
+    groups: dict[tuple, list[Trial]] = {}
+    for trial in trials:
+        if trial.kl > 0 and trial.gain > 0:
+            groups.setdefault((trial.setting.layers, trial.setting.op, trial.setting.when), []).append(trial)
+    ranked = sorted(groups.values(), key=lambda group: -max(t.gain / math.sqrt(t.kl) for t in group))
+    tried, settings = {t.setting for t in trials}, []
+    for group in ranked:
+        strength = next_strength([(t.setting.strength, t.kl, None) for t in group], EDGE_MARGIN * max_kl)
+        setting = replace(group[0].setting, strength=round(min(highest, strength), 4)) if strength else None
+        if setting is not None and setting not in tried and setting not in settings:
+            settings.append(setting)
+        if len(settings) == count:
+            break
+    return settings
 
 
 def _tell_default(study, default: Trial, max_kl, layers, ops, whens, strength_range) -> None:
