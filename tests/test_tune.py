@@ -195,6 +195,27 @@ def test_ctrl_c_before_anything_was_measured_stops_the_tune(deep_tiny_model, mon
              neutral_texts=TEXTS)
 
 
+def test_a_choice_over_the_budget_on_every_position_is_brought_back_within_it(deep_tiny_model, monkeypatch):
+    """The search reads every 4th position, which here reads 20% less KL than every position does:
+    the chosen setting is measured again on every position and lowered to meet the budget."""
+    calls = []
+    planted = planted_measure(calls)
+
+    def strided(model, vector, settings, items, neutral, raw=False, stride=1):
+        moves, kls = planted(model, vector, settings, items, neutral, raw, stride)
+        return moves, kls * (0.8 if stride > 1 else 1.0)
+
+    monkeypatch.setattr(tune_module, "measure", strided)
+    vector = random_vector(deep_tiny_model.n_embd, range(1, 8))
+    result = tune(deep_tiny_model, vector, ITEMS, max_kl=0.25, budget=20, ops=("add",), whens=("all",),
+                  neutral_texts=TEXTS)
+    over = [c for c in calls if len(c) == 2][0][1]  # the first report's chosen setting
+    assert 0.25 < 0.1 * over.strength * len(over.layers) <= 0.25 / 0.8
+    chosen = result.chosen
+    assert chosen.setting == replace(over, strength=chosen.setting.strength) and chosen is result.trials[-1]
+    assert result.report.tuned_kl == chosen.kl <= 0.25 and chosen.setting.strength < over.strength
+
+
 def test_nothing_beats_the_default(deep_tiny_model, monkeypatch):
     def default_is_best(model, vector, settings, items, neutral, raw=False, stride=1):
         gains = [1.0 if s.op == "add" and s.when == "all" and s.layers == tuple(range(1, 8)) else 0.1 for s in settings]

@@ -46,6 +46,8 @@ SEARCH_KL_STRIDE = 4
 CANDIDATES_PER_PASS = 4
 # the last pass aims the best structures at this share of the KL budget
 EDGE_MARGIN = 0.97
+# rounds that bring a choice back within the budget when every position's KL exceeds it
+BACK_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,27 @@ def tune(model: SteeredModel, vector: ControlVector, eval_items: Sequence[dict],
     if result.chosen is not None:
         result.report = report(model, vector, result.default.setting, result.chosen.setting, report_items,
                                neutral, raw, seed)
+        if kl_stride > 1 and result.report.tuned_kl > max_kl:
+            _back_within_budget(result, model, vector, score_items, report_items, neutral, raw, seed)
     return result
+
+
+def _back_within_budget(result: TuneResult, model, vector, score_items, report_items, neutral, raw, seed) -> None:
+    """The search's KL (every kl_stride-th position) was under the budget, every position's is not:
+    the chosen structure again at strengths predicted to meet the budget (a secant on log KL, a few
+    rounds), scored on every position, then reported."""
+    chosen = result.chosen.setting
+    points = [(chosen.strength, result.report.tuned_kl, None)]
+    for _ in range(BACK_ROUNDS):
+        setting = replace(chosen, strength=next_strength(points, EDGE_MARGIN * result.max_kl))
+        moves, kls = measure(model, vector, [setting], score_items, neutral, raw)
+        result.chosen = Trial(setting, float(moves[0].mean()), float(kls[0]), len(result.trials))
+        result.trials.append(result.chosen)
+        points.append((setting.strength, result.chosen.kl, None))
+        if result.chosen.kl <= result.max_kl:
+            break
+    result.report = report(model, vector, result.default.setting, result.chosen.setting, report_items, neutral,
+                           raw, seed)
 
 
 def _check_search(max_kl, budget, ops, whens, strength_range) -> None:
