@@ -57,3 +57,17 @@ def test_the_last_pass_aims_the_most_efficient_structures_at_the_budget():
     linear = [Trial(Setting("add", "all", (3,), 0.5), 1.0, 0.05, 1),
               Trial(Setting("add", "all", (3,), 1.0), 2.0, 0.1, 2)]
     assert tune_module._at_the_edge(linear, 0.25, 1, 5.0) == [Setting("add", "all", (3,), round(edge / 0.1, 4))]
+
+
+def test_the_cli_warns_when_the_report_prompts_disagree_with_the_search(capsys):
+    from ggsteer.cli.tune import print_result
+    from ggsteer.evaluate.tune import TuneResult
+
+    default = Trial(Setting("add", "all", (1, 2), 0.5), 1.0, 0.1, 0)
+    chosen = Trial(Setting("clamp", "all", (2,), 1.0), 2.0, 0.2, 1)
+    for tuned, warned in (([0.5, 0.7], True), ([2.0, 3.0], False)):
+        report = tune_report.Report([1.0, 1.0], tuned, 0.1, 0.2, 0.7, [1.2, 1.4], 0.2, 1.0, (0.9, 1.1), 1.0)
+        print_result(TuneResult(default, [default, chosen], 0.25, chosen=chosen, report=report), "happy")
+        out = capsys.readouterr().out
+        assert ("warning: on the report prompts" in out) is warned
+        assert "ratio tuned / default at equal KL 1.00" in out and "strength 0.7" in out

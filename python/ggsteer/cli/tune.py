@@ -139,3 +139,6 @@ def print_result(result: TuneResult, preset: str) -> None:
     print(f"ratio tuned / default at equal KL {report.ratio:.2f} (10-90% over resampled prompts "
           f"{report.ratio_spread[0]:.2f}..{report.ratio_spread[1]:.2f}); against the calibrated strength "
           f"{report.calibrated_ratio:.2f}")
+    if report.tuned_move <= report.matched_move:
+        print("warning: on the report prompts the tuned settings moved the behaviour score no further than the "
+              "default at equal KL: the search fitted its scoring prompts; consider keeping the default")
