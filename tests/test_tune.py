@@ -1,12 +1,14 @@
 """`ggsteer tune`: the search (planted optimum, KL budget, Ctrl-C), its measurements against the numpy
 reference, the tuned settings in the file and in their consumers (steering, llama.cpp export), the CLI."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from support.reference_model import reference_forward, write_tiny_llama_gguf
 
 from ggsteer import SteeredModel, cli
-from ggsteer.evaluate import fluency, strength_sweep
+from ggsteer.evaluate import fluency, strength_sweep, tune_report
 from ggsteer.evaluate import tune as tune_module
 from ggsteer.evaluate.tune import Setting, Trial, TuneResult, choose, measure, pareto_front, tune, tuned_vector
 from ggsteer.vectors import ControlVector, VectorFileError
@@ -111,7 +113,7 @@ def planted_measure(calls=None, interrupt_at=None):
     with strength and window size. Counts calls; raises KeyboardInterrupt on call `interrupt_at`."""
     calls = calls if calls is not None else []
 
-    def fake(model, vector, settings, items, neutral, raw=False):
+    def fake(model, vector, settings, items, neutral, raw=False, stride=1):
         calls.append(list(settings))
         if interrupt_at is not None and len(calls) == interrupt_at:
             raise KeyboardInterrupt
@@ -146,8 +148,12 @@ def test_search_finds_the_planted_layer_window_within_the_budget(deep_tiny_model
         assert all(t.kl <= 0.25 for t in result.front) and result.chosen in result.front
         assert any(t.kl > 0.25 for t in result.trials)  # the sampler did try beyond the budget
         assert result.chosen.gain == max(t.gain for t in result.trials if t.kl <= 0.25)
-        # the report is measured on the other half of the prompts, never the scoring half
-        assert calls[-1] == [result.default.setting, chosen]
+        # the report is measured on the other half of the prompts, never the scoring half, and the
+        # default again at other strengths until its KL equals the chosen settings' KL
+        first = calls.index([result.default.setting, chosen])
+        assert first >= len(calls) - 1 - tune_report.MATCH_ROUNDS
+        assert all(c == [replace(result.default.setting, strength=c[0].strength)] for c in calls[first + 1:])
+        assert result.report.matched_kl == pytest.approx(result.report.tuned_kl, rel=tune_report.MATCH_TOLERANCE)
         assert len(result.report.tuned_moves) == result.n_report == 2 and result.n_score == 2
     assert found >= 6, f"the planted window at the budget's strength was found with {found} of 8 seeds"
 
@@ -179,7 +185,7 @@ def test_ctrl_c_keeps_the_best_so_far(deep_tiny_model, monkeypatch):
     best = choose(result.trials, 0.25)
     assert result.chosen is best
     if best is not None:  # the report still runs on the held-out prompts
-        assert result.report is not None and len(calls) == 4
+        assert result.report is not None and calls[3] == [result.default.setting, best.setting]
 
 
 def test_ctrl_c_before_anything_was_measured_stops_the_tune(deep_tiny_model, monkeypatch):
@@ -189,8 +195,29 @@ def test_ctrl_c_before_anything_was_measured_stops_the_tune(deep_tiny_model, mon
              neutral_texts=TEXTS)
 
 
+def test_a_choice_over_the_budget_on_every_position_is_brought_back_within_it(deep_tiny_model, monkeypatch):
+    """The search reads every 4th position, which here reads 20% less KL than every position does:
+    the chosen setting is measured again on every position and lowered to meet the budget."""
+    calls = []
+    planted = planted_measure(calls)
+
+    def strided(model, vector, settings, items, neutral, raw=False, stride=1):
+        moves, kls = planted(model, vector, settings, items, neutral, raw, stride)
+        return moves, kls * (0.8 if stride > 1 else 1.0)
+
+    monkeypatch.setattr(tune_module, "measure", strided)
+    vector = random_vector(deep_tiny_model.n_embd, range(1, 8))
+    result = tune(deep_tiny_model, vector, ITEMS, max_kl=0.25, budget=20, ops=("add",), whens=("all",),
+                  neutral_texts=TEXTS)
+    over = [c for c in calls if len(c) == 2][0][1]  # the first report's chosen setting
+    assert 0.25 < 0.1 * over.strength * len(over.layers) <= 0.25 / 0.8
+    chosen = result.chosen
+    assert chosen.setting == replace(over, strength=chosen.setting.strength) and chosen is result.trials[-1]
+    assert result.report.tuned_kl == chosen.kl <= 0.25 and chosen.setting.strength < over.strength
+
+
 def test_nothing_beats_the_default(deep_tiny_model, monkeypatch):
-    def default_is_best(model, vector, settings, items, neutral, raw=False):
+    def default_is_best(model, vector, settings, items, neutral, raw=False, stride=1):
         gains = [1.0 if s.op == "add" and s.when == "all" and s.layers == tuple(range(1, 8)) else 0.1 for s in settings]
         return np.array([np.full(len(items), g) for g in gains]), np.zeros(len(settings))
 
@@ -215,6 +242,7 @@ def test_choose_and_front():
     (dict(max_kl=0.0), "KL budget must be a positive"), (dict(budget=0), "at least 1 candidate"),
     (dict(ops=("ablate",)), "cannot tune op 'ablate'"), (dict(whens=("sometimes",)), "cannot tune when"),
     (dict(strength_range=(0.0, 1.0)), "0 < low <= high"),
+    (dict(kl_stride=0), "KL stride must be at least 1"),
 ])
 def test_bad_search_settings(tiny_model, kwargs, message):
     options = {"max_kl": 0.25, "budget": 3, **kwargs}
@@ -233,7 +261,7 @@ def test_tune_on_the_tiny_model_measures_every_candidate(tiny_model):
     score_items, report_items = ITEMS[0::2], ITEMS[1::2]
     # every candidate's numbers are what measuring it alone on the scoring prompts gives
     for trial in result.trials[:3]:
-        moves, kls = measure(tiny_model, vector, [trial.setting], score_items, neutral)
+        moves, kls = measure(tiny_model, vector, [trial.setting], score_items, neutral, stride=4)
         assert trial.gain == pytest.approx(moves[0].mean(), abs=TOL) and trial.kl == pytest.approx(kls[0], abs=TOL)
     assert all(t.kl <= 0.05 for t in result.front)
     if result.chosen is not None:
@@ -241,6 +269,10 @@ def test_tune_on_the_tiny_model_measures_every_candidate(tiny_model):
         moves, kls = measure(tiny_model, vector, [result.default.setting, result.chosen.setting], report_items, neutral)
         np.testing.assert_allclose(result.report.default_moves, moves[0], atol=TOL)
         np.testing.assert_allclose(result.report.tuned_moves, moves[1], atol=TOL)
+        matched = replace(result.default.setting, strength=result.report.matched_strength)
+        moves, kls = measure(tiny_model, vector, [matched], report_items, neutral)
+        np.testing.assert_allclose(result.report.matched_moves, moves[0], atol=TOL)
+        assert result.report.matched_kl == pytest.approx(kls[0], abs=TOL)
 
 
 # -- the tuned settings in the file and their consumers -------------------------------------------

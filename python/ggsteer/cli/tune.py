@@ -22,7 +22,16 @@ from pathlib import Path
 from ggsteer.cli.common import CliError, add_model_arguments, check_writable, load_model, output_path
 from ggsteer.cli.evaluate import named_preset, resolve_preset
 from ggsteer.evaluate import DEFAULT_MAX_KL
-from ggsteer.evaluate.tune import DEFAULT_BUDGET, DEFAULT_SEED, SEARCH_OPS, SEARCH_WHEN, TuneResult, tune, tuned_vector
+from ggsteer.evaluate.tune import (
+    DEFAULT_BUDGET,
+    DEFAULT_SEED,
+    SEARCH_KL_STRIDE,
+    SEARCH_OPS,
+    SEARCH_WHEN,
+    TuneResult,
+    tune,
+    tuned_vector,
+)
 from ggsteer.extras import require
 from ggsteer.train import load_eval_prompts
 from ggsteer.vectors import ControlVector
@@ -50,6 +59,9 @@ def add_parser(subparsers) -> None:
                         help="ops to search, comma separated (default: %(default)s)")
     parser.add_argument("--when", default=",".join(SEARCH_WHEN),
                         help="position gating to search, comma separated (default: %(default)s)")
+    parser.add_argument("--kl-stride", type=int, default=SEARCH_KL_STRIDE,
+                        help="the search reads the KL at every N-th neutral position; the report reads every "
+                             "one (default %(default)s)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="sampler seed (default %(default)s)")
     parser.add_argument("--raw", action="store_true",
                         help="strength is a plain coefficient (files without a trained gap)")
@@ -65,6 +77,8 @@ def cmd_tune(args) -> int:
         raise CliError(f"--max-kl must be a positive number, got {args.max_kl}")
     if args.budget < 1:
         raise CliError(f"--budget must be at least 1, got {args.budget}")
+    if args.kl_stride < 1:
+        raise CliError(f"--kl-stride must be at least 1, got {args.kl_stride}")
     target = output_path(args.output, args.force, "tuned vector") if args.output else Path(args.vector)
     check_writable(target, "the tuned vector")
     check_writable(args.plot, "--plot")
@@ -78,7 +92,7 @@ def cmd_tune(args) -> int:
     if preset is None:
         preset = resolve_preset(vector, model, Path(args.vector))
     result = tune(model, vector, load_eval_prompts(preset), max_kl=args.max_kl, budget=args.budget, ops=ops,
-                  whens=whens, seed=args.seed, raw=args.raw, progress=True)
+                  whens=whens, seed=args.seed, raw=args.raw, progress=True, kl_stride=args.kl_stride)
     print_result(result, preset)
     if result.chosen is not None:
         tuned_vector(vector, result, preset).save(target, overwrite=True)
@@ -116,7 +130,15 @@ def print_result(result: TuneResult, preset: str) -> None:
         return
     chosen, report = result.chosen, result.report
     print(f"chosen:  {chosen.setting.label}: gain {chosen.gain:+.3f}, KL {chosen.kl:.4f}")
-    print(f"on the {result.n_report} held-out report prompts (not searched on): default moves the behaviour score "
-          f"{report.default_move:+.3f} nats (KL {report.default_kl:.4f}), tuned {report.tuned_move:+.3f} "
-          f"(KL {report.tuned_kl:.4f}); ratio {report.ratio:.2f} (10-90% over resampled prompts "
-          f"{report.ratio_spread[0]:.2f}..{report.ratio_spread[1]:.2f})")
+    print(f"on the {result.n_report} held-out report prompts (not searched on), behaviour move over the plain model:")
+    print(f"  default at its strength {result.default.setting.strength:g}: {report.default_move:+.3f} nats "
+          f"(KL {report.default_kl:.4f})")
+    print(f"  default at the tuned KL (strength {report.matched_strength:g}): {report.matched_move:+.3f} nats "
+          f"(KL {report.matched_kl:.4f})")
+    print(f"  tuned: {report.tuned_move:+.3f} nats (KL {report.tuned_kl:.4f})")
+    print(f"ratio tuned / default at equal KL {report.ratio:.2f} (10-90% over resampled prompts "
+          f"{report.ratio_spread[0]:.2f}..{report.ratio_spread[1]:.2f}); against the calibrated strength "
+          f"{report.calibrated_ratio:.2f}")
+    if report.tuned_move <= report.matched_move:
+        print("warning: on the report prompts the tuned settings moved the behaviour score no further than the "
+              "default at equal KL: the search fitted its scoring prompts; consider keeping the default")

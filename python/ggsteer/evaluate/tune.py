@@ -9,15 +9,18 @@ within a budget.
   settings are then measured on the other half, and only that number is reported as the result.
 - The default settings are the file's recommended (calibrated) ones: plain addition on every token.
   They are measured first, so "nothing beats the default" is a measured statement.
-- The last pass measures the two best windows, ops and gatings at stronger strengths: the
-  behaviour gain usually grows with strength up to the budget's edge, where a sampler rarely lands.
+- The last pass measures the windows, ops and gatings that moved furthest per sqrt(KL) at the
+  strength predicted to meet the budget: the gain grows with strength up to the budget's edge, where
+  a sampler rarely lands.
+- The default is also measured at the chosen settings' KL (its strength scaled), so the reported
+  ratio compares settings at equal KL, not budget use (evaluate/tune_report.py).
 - Ctrl-C during the search stops it; the best settings measured so far are kept.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -27,6 +30,8 @@ from ggsteer.evaluate.behaviour import behaviour_units
 from ggsteer.evaluate.fluency import FluencyTally, neutral_tokens
 from ggsteer.evaluate.side_by_side import run_side_by_side
 from ggsteer.evaluate.sweeps import format_layers
+from ggsteer.evaluate.tune_report import Report, next_strength
+from ggsteer.evaluate.tune_report import report as report_at_equal_kl
 from ggsteer.model import SteeredModel
 from ggsteer.vectors import ControlVector, default_steering_layers
 
@@ -35,13 +40,14 @@ SEARCH_WHEN = ("all", "generated")
 STRENGTH_RANGE = (0.05, 2.0)
 DEFAULT_BUDGET = 40
 DEFAULT_SEED = 0
+# the search reads the KL at every 4th neutral position (as calibration's search starts); the report reads all
+SEARCH_KL_STRIDE = 4
 # candidates measured per side-by-side pass: the plain model's decode is shared by them
 CANDIDATES_PER_PASS = 4
-# the last pass tries the best structures at these multiples of their strength
-REFINE_STRUCTURES = 2
-REFINE_FACTORS = (1.2, 1.45)
-# resamples of the report prompts for the spread of the tuned / default ratio
-BOOTSTRAP_ROUNDS = 2000
+# the last pass aims the best structures at this share of the KL budget
+EDGE_MARGIN = 0.97
+# rounds that bring a choice back within the budget when every position's KL exceeds it
+BACK_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -64,26 +70,6 @@ class Trial:
     gain: float  # mean behaviour move over the plain model on the scoring prompts, nats
     kl: float  # mean KL(unsteered || steered) per position of the neutral texts, nats
     number: int  # order of measurement; the default is 0
-
-
-@dataclass(frozen=True)
-class Report:
-    """The default and the chosen settings measured on the report prompts (never searched on)."""
-
-    default_moves: list[float]  # per report prompt: behaviour minus the plain model's, nats
-    tuned_moves: list[float]
-    default_kl: float
-    tuned_kl: float
-    ratio: float  # mean tuned move / mean default move (nan when the default does not move)
-    ratio_spread: tuple[float, float]  # 10th and 90th percentile of the ratio over resampled prompts
-
-    @property
-    def default_move(self) -> float:
-        return float(np.mean(self.default_moves))
-
-    @property
-    def tuned_move(self) -> float:
-        return float(np.mean(self.tuned_moves))
 
 
 @dataclass
@@ -114,12 +100,13 @@ def split_prompts(items: Sequence[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def measure(model: SteeredModel, vector: ControlVector, settings: Sequence[Setting], items: Sequence[dict],
-            neutral: list[list[int]], raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Behaviour moves [len(settings), len(items)] over the plain model and KL per setting, every
-    setting decoded side by side with the plain model. Under `when="generated"` the continuations
-    (behaviour) and every neutral-text token after the first are decoded as generated tokens."""
+            neutral: list[list[int]], raw: bool = False, stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Behaviour moves [len(settings), len(items)] over the plain model and KL per setting (from
+    every `stride`-th neutral position), every setting decoded side by side with the plain model.
+    Under `when="generated"` the continuations (behaviour) and every neutral-text token after the
+    first are decoded as generated tokens."""
     interventions = [[]] + [[interventions_of(model, vector, s, raw)] for s in settings]
-    fluency = FluencyTally(neutral, len(settings))
+    fluency = FluencyTally(neutral, len(settings), stride)
     units, logprobs = behaviour_units(model, len(interventions), items)
     units = fluency.units + units
     for unit in units:
@@ -158,9 +145,12 @@ def steerable_layers(model: SteeredModel, vector: ControlVector) -> list[int]:
 def tune(model: SteeredModel, vector: ControlVector, eval_items: Sequence[dict], *, max_kl: float,
          budget: int = DEFAULT_BUDGET, ops: Sequence[str] = SEARCH_OPS, whens: Sequence[str] = SEARCH_WHEN,
          strength_range: tuple[float, float] = STRENGTH_RANGE, seed: int = DEFAULT_SEED,
-         neutral_texts: Sequence[str] | None = None, raw: bool = False, progress: bool = False) -> TuneResult:
+         neutral_texts: Sequence[str] | None = None, raw: bool = False, progress: bool = False,
+         kl_stride: int = SEARCH_KL_STRIDE) -> TuneResult:
     """Search `budget` candidates after the default; see the module docstring."""
     _check_search(max_kl, budget, ops, whens, strength_range)
+    if kl_stride < 1:
+        raise ValueError(f"the KL stride must be at least 1 (every position), got {kl_stride}")
     score_items, report_items = split_prompts(eval_items)
     layers = steerable_layers(model, vector)
     vector.check_model(model)
@@ -175,7 +165,7 @@ def tune(model: SteeredModel, vector: ControlVector, eval_items: Sequence[dict],
         try:
             while len(trials) < budget + 1:
                 settings, asked = _next_pass(study, trials, default, budget, max_kl, layers, ops, whens, strength_range)
-                moves, kls = measure(model, vector, settings, score_items, neutral, raw)
+                moves, kls = measure(model, vector, settings, score_items, neutral, raw, kl_stride)
                 start = len(trials)
                 for k, setting in enumerate(settings):
                     trials.append(Trial(setting, float(moves[k].mean()), float(kls[k]), start + k))
@@ -197,7 +187,27 @@ def tune(model: SteeredModel, vector: ControlVector, eval_items: Sequence[dict],
     if result.chosen is not None:
         result.report = report(model, vector, result.default.setting, result.chosen.setting, report_items,
                                neutral, raw, seed)
+        if kl_stride > 1 and result.report.tuned_kl > max_kl:
+            _back_within_budget(result, model, vector, score_items, report_items, neutral, raw, seed)
     return result
+
+
+def _back_within_budget(result: TuneResult, model, vector, score_items, report_items, neutral, raw, seed) -> None:
+    """The search's KL (every kl_stride-th position) was under the budget, every position's is not:
+    the chosen structure again at strengths predicted to meet the budget (a secant on log KL, a few
+    rounds), scored on every position, then reported."""
+    chosen = result.chosen.setting
+    points = [(chosen.strength, result.report.tuned_kl, None)]
+    for _ in range(BACK_ROUNDS):
+        setting = replace(chosen, strength=next_strength(points, EDGE_MARGIN * result.max_kl))
+        moves, kls = measure(model, vector, [setting], score_items, neutral, raw)
+        result.chosen = Trial(setting, float(moves[0].mean()), float(kls[0]), len(result.trials))
+        result.trials.append(result.chosen)
+        points.append((setting.strength, result.chosen.kl, None))
+        if result.chosen.kl <= result.max_kl:
+            break
+    result.report = report(model, vector, result.default.setting, result.chosen.setting, report_items, neutral,
+                           raw, seed)
 
 
 def _check_search(max_kl, budget, ops, whens, strength_range) -> None:
@@ -230,28 +240,36 @@ def _study(seed: int):
 
 def _next_pass(study, trials, default, budget, max_kl, layers, ops, whens, strength_range):
     """The settings of the next side-by-side pass and the optuna trials among them (the last ones).
-    First pass: the default, then sampled candidates. Last pass (budgets of two passes or more):
-    stronger strengths for the best structures so far, since TPE rarely lands on the budget's edge."""
+    First pass: the default, then sampled candidates. Last pass (budgets of two passes or more): the
+    best structures so far at the budget's edge, where TPE rarely lands."""
     remaining = budget + 1 - len(trials)
     reserve = CANDIDATES_PER_PASS if budget >= 2 * CANDIDATES_PER_PASS else 0  # kept for the last pass
     settings = [] if trials else [default]
     room = min(CANDIDATES_PER_PASS, remaining - reserve) if remaining > reserve else remaining
     if remaining <= reserve:
-        settings = _stronger(trials, max_kl, room, strength_range[1])
+        settings = _at_the_edge(trials, max_kl, room, strength_range[1])
     asked = [study.ask() for _ in range(room - len(settings))]
     return settings + [_suggest(t, layers, ops, whens, strength_range) for t in asked], asked
 
 
-def _stronger(trials: Sequence[Trial], max_kl: float, count: int, highest: float) -> list[Setting]:
-    """The best structures (window, op, gating) within the budget at stronger strengths."""
-    best: dict[tuple, Setting] = {}
-    for trial in sorted((t for t in trials if t.kl <= max_kl), key=lambda t: -t.gain):
-        best.setdefault((trial.setting.layers, trial.setting.op, trial.setting.when), trial.setting)
-    tops = list(best.values())[:REFINE_STRUCTURES]
-    settings = [Setting(top.op, top.when, top.layers, round(min(highest, top.strength * factor), 4))
-                for top in tops for factor in REFINE_FACTORS]
-    tried = {t.setting for t in trials}
-    return list(dict.fromkeys(s for s in settings if s not in tried))[:count]
+def _at_the_edge(trials: Sequence[Trial], max_kl: float, count: int, highest: float) -> list[Setting]:
+    """The structures (window, op, gating) that moved furthest per sqrt(KL), each at the strength
+    predicted to meet the budget. For small pushes the move grows as the strength and the KL as its
+    square, so move / sqrt(KL) ranks structures by what they move at equal KL."""
+    groups: dict[tuple, list[Trial]] = {}
+    for trial in trials:
+        if trial.kl > 0 and trial.gain > 0:
+            groups.setdefault((trial.setting.layers, trial.setting.op, trial.setting.when), []).append(trial)
+    ranked = sorted(groups.values(), key=lambda group: -max(t.gain / math.sqrt(t.kl) for t in group))
+    tried, settings = {t.setting for t in trials}, []
+    for group in ranked:
+        strength = next_strength([(t.setting.strength, t.kl, None) for t in group], EDGE_MARGIN * max_kl)
+        setting = replace(group[0].setting, strength=round(min(highest, strength), 4)) if strength else None
+        if setting is not None and setting not in tried and setting not in settings:
+            settings.append(setting)
+        if len(settings) == count:
+            break
+    return settings
 
 
 def _tell_default(study, default: Trial, max_kl, layers, ops, whens, strength_range) -> None:
@@ -316,19 +334,10 @@ def pareto_front(trials: Sequence[Trial]) -> list[Trial]:
 
 
 def report(model, vector, default: Setting, chosen: Setting, items, neutral, raw: bool, seed: int) -> Report:
-    """Measure the default and the chosen settings on the report prompts."""
-    moves, kls = measure(model, vector, [default, chosen], items, neutral, raw)
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(items), size=(BOOTSTRAP_ROUNDS, len(items)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = moves[1][picks].mean(axis=1) / moves[0][picks].mean(axis=1)
-        ratio = float(moves[1].mean() / moves[0].mean()) if moves[0].mean() != 0 else math.nan
-    finite = ratios[np.isfinite(ratios)]
-    spread = (math.nan, math.nan)
-    if finite.size:
-        spread = (float(np.percentile(finite, 10)), float(np.percentile(finite, 90)))
-    return Report([float(m) for m in moves[0]], [float(m) for m in moves[1]], float(kls[0]), float(kls[1]), ratio,
-                  spread)
+    """Measure the default and the chosen settings on the report prompts, the default also at the
+    chosen settings' KL (evaluate/tune_report.py)."""
+    return report_at_equal_kl(lambda settings: measure(model, vector, settings, items, neutral, raw), default, chosen,
+                              seed)
 
 
 # -- the file -----------------------------------------------------------------------------------
@@ -342,8 +351,8 @@ def tuned_vector(vector: ControlVector, result: TuneResult, preset: str | None =
     metadata = dict(vector.metadata)
     metadata.update(tuned_op=setting.op, tuned_when=setting.when, tuned_layers=list(setting.layers),
                     tuned_strength=setting.strength, tuned_max_kl=result.max_kl, tuned_kl=result.chosen.kl)
-    if result.report is not None:
-        metadata["tuned_gain"] = result.report.tuned_move
+    if result.report is not None:  # measured on every neutral position
+        metadata.update(tuned_gain=result.report.tuned_move, tuned_kl=result.report.tuned_kl)
     if preset is not None:
         metadata["eval_preset"] = preset
     return ControlVector(dict(vector.directions), vector.model_hint, metadata)
