@@ -97,5 +97,8 @@ def cuda_device_available() -> bool:
 def watch_rpc_workers(endpoints: list[str], exit_code: int) -> None:
     """Turn ggml-rpc's abort on a lost worker into one line naming it and _exit(exit_code)."""
 
+def watch_rpc_notify(fds: list[int], grace_ms: int) -> None:
+    """Server mode: also write the lost worker's line to these fds and wait grace_ms before _exit."""
+
 def build_info() -> dict[str, str]:
     """The llama-cpp-python version, header fingerprint and CUDA architectures of this build."""
