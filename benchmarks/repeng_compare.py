@@ -1,6 +1,7 @@
 """ggsteer vs repeng: training time and agreement of the directions, same model, data and machine.
 
     python benchmarks/repeng_compare.py [--suffixes 24] [--rounds 3] [--per-layer]
+    python benchmarks/repeng_compare.py --default-training [--rounds 2]
 
 Needs repeng, torch, transformers, gguf and accelerate next to ggsteer (a CPU torch is enough):
 
@@ -18,6 +19,11 @@ on a `repeng.ControlModel` (repeng's default layers, 1..n_layer-1), after a warm
 side. Paired and alternated: each round runs repeng, then ggsteer pca_center, then repeng again and
 ggsteer mean_diff, the order of the two pairs rotating each round; the table gives the median of the
 paired speed-ups and their range. Model loading is not timed.
+
+`--default-training` compares what a user of each gets for one vector instead: ggsteer's default
+training (`ggsteer train --preset happy`: rounds that stop when the direction is stable, at most 288
+of the preset's 1,536 pairs) against repeng's pca_center on every pair, repeng first in each round;
+agreement is taken at ggsteer's recommended layers with repeng's mean difference and its pca_center.
 
 Agreement: per-layer |cos| between ggsteer's and repeng's pca_center directions. repeng's layer id i
 reads `hidden_states[i + 1]`, the output of block i, which is ggsteer's layer i (docs/methods.md,
@@ -47,7 +53,8 @@ from _common import machine_line, paired_times, print_table, ratio_cells
 from train import truncated_dataset
 
 from ggsteer import SteeredModel, default_model_path
-from ggsteer.train import preset_dataset
+from ggsteer.train import get_preset, preset_dataset
+from ggsteer.train.rounds import train_in_rounds
 from ggsteer.vectors import ControlVector
 
 
@@ -112,6 +119,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="sequences per batch on both sides")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads on both sides")
     parser.add_argument("--per-layer", action="store_true", help="also print |cos| for every layer")
+    parser.add_argument("--default-training", action="store_true",
+                        help="instead: ggsteer's default training (rounds) on the whole happy preset against "
+                             "repeng on every pair of it")
     args = parser.parse_args()
 
     modules = _import_repeng()
@@ -138,6 +148,10 @@ def main() -> None:
     warm = ["warm up the weights", "and the threads, twice over"]
     model.hidden_states(warm)
     rep.warm_up(warm)
+    if args.default_training:
+        default_training_table(model, rep, args)
+        model.close()
+        return
 
     rows, layer_rows = [], []
     for name, pairs in datasets.items():
@@ -192,6 +206,38 @@ def main() -> None:
         print_table("Per-layer |cos| between ggsteer and repeng", ["dataset", "layer", "pca_center", "mean_diff"],
                     layer_rows)
     model.close()
+
+
+def default_training_table(model, rep, args) -> None:
+    """`ggsteer train --preset happy` as it runs by default (rounds that stop when the direction is
+    stable, at most DEFAULT_MAX_PAIRS pairs) against repeng's pca_center on every pair of the preset:
+    what a user of each gets for one vector, paired and alternated."""
+    pairs = preset_dataset("happy")
+    results = {}
+
+    def run_ggsteer():
+        results["ggsteer"] = train_in_rounds(model, pairs, period=len(get_preset("happy").positive_personas),
+                                             batch_size=args.batch)
+
+    def run_repeng():
+        results["repeng"] = rep.train(pairs, args.batch)
+
+    ratios, repeng_s, ggsteer_s = paired_times({"default": (run_repeng, run_ggsteer)}, args.rounds)["default"]
+    ours = results["ggsteer"]
+    r_mean = {il: (h[0::2] - h[1::2]).mean(axis=0) for il, h in rep.hiddens.items()}
+    layers = ours.recommended_layers
+    cos_mean = [_cos(ours.directions[il], r_mean[il]) for il in layers]
+    cos_pca = [_cos(ours.directions[il], results["repeng"].directions[il]) for il in layers]
+    print_table(
+        f"ggsteer train (default: rounds, {ours.metadata['pairs_used']} pairs) vs repeng pca_center on all "
+        f"{len(pairs)} pairs of the happy preset, {model.model_name}: batch {args.batch}, median of {args.rounds} "
+        f"paired rounds ({machine_line()}, load {os.getloadavg()[0]:.2f})",
+        ["ggsteer s", "repeng s", "speed-up (median)", "range",
+         f"median |cos| with repeng's mean difference, layers {layers[0]}-{layers[-1]}", "min",
+         "median |cos| with repeng's pca_center"],
+        [[f"{np.median(ggsteer_s):.2f}", f"{np.median(repeng_s):.2f}", *ratio_cells([1 / r for r in ratios]),
+          f"{np.median(cos_mean):.4f}", f"{min(cos_mean):.4f}", f"{np.median(cos_pca):.4f}"]],
+    )
 
 
 if __name__ == "__main__":
