@@ -63,6 +63,7 @@ from _common import machine_line, print_table, ratio_cells
 from ggsteer import default_model_path
 from ggsteer.model import DEFAULT_N_CTX
 from ggsteer.train import preset_dataset
+from ggsteer.train.rounds import DEFAULT_MAX_PAIRS
 from ggsteer.vectors import ControlVector
 
 DEFAULT_BINARY = "/tmp/lcpp-build/bin/llama-cvector-generator"
@@ -156,7 +157,8 @@ def main() -> None:
     ggsteer_cmd = [sys.executable, "-c", GGSTEER_CLI, "train", "--pairs", str(paths["pairs.jsonl"]),
                    "--model", str(model_path), "--threads", threads, "--method", "mean_diff", "--pool", "mean",
                    "-o", str(gg_out), "--force"]
-    ggsteer_label = "ggsteer train --method mean_diff --pool mean"
+    # its default: rounds on at most DEFAULT_MAX_PAIRS of the pairs (docs/efficient-training.md)
+    ggsteer_label = f"ggsteer train --method mean_diff --pool mean (rounds, up to {DEFAULT_MAX_PAIRS} pairs)"
     sides = {
         "cvector": lambda: run_process(cvector_cmd, folder / "cvector.log"),
         "ggsteer": lambda: run_process(ggsteer_cmd, folder / "ggsteer.log"),
