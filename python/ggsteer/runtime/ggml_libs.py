@@ -22,32 +22,34 @@ def shared_library(name: str) -> ctypes.CDLL:
     return ctypes.CDLL(str(found[0] if found else library_dir() / f"{name}.so"))
 
 
+def declare(lib: ctypes.CDLL, signatures: dict) -> ctypes.CDLL:
+    """Set each function's (restype, argtypes) from `signatures`: ctypes assumes int otherwise."""
+    for name, (restype, argtypes) in signatures.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, argtypes
+    return lib
+
+
 @functools.cache
 def ggml_base() -> ctypes.CDLL:
-    lib = shared_library("libggml-base")
-    lib.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
-    lib.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
-    lib.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    lib.ggml_backend_dev_name.restype = ctypes.c_char_p
-    lib.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_dev_description.restype = ctypes.c_char_p
-    lib.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
-    return lib
+    p = ctypes.c_void_p
+    return declare(shared_library("libggml-base"), {
+        "ggml_backend_reg_dev_count": (ctypes.c_size_t, [p]),
+        "ggml_backend_reg_dev_get": (p, [p, ctypes.c_size_t]),
+        "ggml_backend_dev_name": (ctypes.c_char_p, [p]),
+        "ggml_backend_dev_description": (ctypes.c_char_p, [p]),
+    })
 
 
 @functools.cache
 def ggml_registry() -> ctypes.CDLL:
-    lib = shared_library("libggml")
-    lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p
-    lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
-    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
-    lib.ggml_backend_dev_count.argtypes = []
-    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
-    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-    lib.ggml_backend_dev_type.restype = ctypes.c_int
-    lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-    return lib
+    p = ctypes.c_void_p
+    return declare(shared_library("libggml"), {
+        "ggml_backend_dev_by_type": (p, [ctypes.c_int]),
+        "ggml_backend_dev_count": (ctypes.c_size_t, []),
+        "ggml_backend_dev_get": (p, [ctypes.c_size_t]),
+        "ggml_backend_dev_type": (ctypes.c_int, [p]),
+    })
 
 
 @functools.cache
