@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 from support.models import TIGHT_LLAMA_KWARGS
 from support.reference_model import TinyWeights, write_tiny_llama_gguf
+from support.server import write_vectors
 
 # ---- tiny reference llama model (tests/support/reference_model.py) -----------------------
 
@@ -90,3 +91,13 @@ def instruct_happy_vector(instruct_model, tmp_path_factory):
     vector.save(path)
     return vector, path
 # ---- end instruct model -------------------------------------------------------------------
+
+
+# ---- server tests: a directory of vectors for the tiny model, fresh for each test module -----
+
+
+@pytest.fixture(scope="module")
+def vectors_and_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("served_vectors")
+    return write_vectors(directory), directory
+

@@ -21,18 +21,11 @@ from support.server import (
     expected_result,
     fresh_server,
     metrics,
-    write_vectors,
 )
 
 from ggsteer.serve import ServerConfig
 
 POISON = "~"  # a prompt with this character makes every decode of its prompt rows raise
-
-
-@pytest.fixture(scope="module")
-def vectors_and_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("fault_vectors")
-    return write_vectors(directory), directory
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,6 @@ from ggsteer.serve import ServerConfig
 
 
 @pytest.fixture(scope="module")
-def vectors_and_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("hardening_vectors")
-    return write_vectors(directory), directory
-
-
-@pytest.fixture(scope="module")
 def served(tiny_model_path, vectors_and_dir):
     with fresh_server(tiny_model_path, vectors_and_dir[1], ServerConfig(max_batch=4)) as (url, app):
         yield url, app.state.server

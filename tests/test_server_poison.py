@@ -35,12 +35,6 @@ OPENAI_ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 @pytest.fixture(scope="module")
-def vectors_and_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("poison_vectors")
-    return write_vectors(directory), directory
-
-
-@pytest.fixture(scope="module")
 def vectors(vectors_and_dir):
     return vectors_and_dir[0]
 
