@@ -18,7 +18,7 @@ import time
 from ggsteer.cli.common import CliError, add_model_arguments, load_model
 from ggsteer.extras import require
 from ggsteer.model import DEFAULT_N_CTX
-from ggsteer.runtime.rpc import EXIT_WORKER_LOST, RpcWorkerError, check_worker, end_worker_process, on_lost_worker
+from ggsteer.runtime.rpc import EXIT_WORKER_LOST, RpcWorkerError, check_workers, end_worker_process, on_lost_worker
 from ggsteer.serve import settings
 
 API_KEY_ENV = "GGSTEER_API_KEY"
@@ -136,8 +136,7 @@ def run_child() -> int:
 
 def workers_answer(endpoints) -> bool:
     try:
-        for endpoint in endpoints:
-            check_worker(endpoint)
+        check_workers(endpoints)
     except RpcWorkerError as error:
         print(f"ggsteer: error: {error}", file=sys.stderr)
         return False

@@ -135,12 +135,17 @@ def ggml_rpc() -> ctypes.CDLL:
 # -- the main host: workers' devices for a model -------------------------------------------------
 
 
+def check_workers(endpoints: Sequence[str], timeout: float = CHECK_TIMEOUT_S) -> None:
+    """`check_worker` on each endpoint in turn: the first that fails raises its RpcWorkerError."""
+    for endpoint in endpoints:
+        check_worker(endpoint, timeout=timeout)
+
+
 def worker_devices(endpoints: Sequence[str]) -> list[int]:
     """Every device of every worker, in the order given (checked first: a dead worker must not
     reach ggml-rpc, which would abort)."""
     rpc = ggml_rpc()
-    for endpoint in endpoints:
-        check_worker(endpoint)
+    check_workers(endpoints)
     devices = []
     for endpoint in endpoints:
         reg = rpc.ggml_backend_rpc_add_server(endpoint.encode())

@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ggsteer.runtime.rpc import EXIT_WORKER_LOST, RpcWorkerError, check_worker
+from ggsteer.runtime.rpc import EXIT_WORKER_LOST, RpcWorkerError, check_workers
 
 CHILD_ENV = "GGSTEER_SERVE_CHILD"  # "listen_fd,status_fd,lifeline_fd,restart" in a supervised server
 PROBE_INTERVAL_S = 0.5
@@ -274,8 +274,7 @@ class Supervisor:
 
     def _workers_answer(self) -> bool:
         try:
-            for endpoint in self.endpoints:
-                check_worker(endpoint, timeout=PROBE_TIMEOUT_S)
+            check_workers(self.endpoints, timeout=PROBE_TIMEOUT_S)
         except RpcWorkerError:
             return False
         return True
