@@ -23,22 +23,10 @@ from train import today_tokens
 
 from ggsteer import SteeredModel
 from ggsteer.train import get_preset, preset_dataset
-from ggsteer.train.capture import tokenize_prompts
-from ggsteer.train.capture_plan import plan_shared
-from ggsteer.train.extract import extra_pools, extra_prompts
 from ggsteer.train.rounds import balanced_order
 from ggsteer.vectors import default_steering_layers
 
 PAIR_COUNTS = (48, 144, 288, 384, 768, 1152)
-
-
-def capture_tokens(model, entries) -> int:
-    """Tokens one capture of these pairs decodes (their trie, with the ablation's extra prompts)."""
-    prompts = [text for entry in entries for text in (entry.positive, entry.negative)]
-    extra = extra_prompts(prompts)
-    plan = plan_shared(tokenize_prompts(model, prompts + extra[0] + extra[1]),
-                       ["last"] * len(prompts) + extra_pools(extra), model.n_batch)
-    return sum(len(segment.tokens) for segment in plan.segments)
 
 
 def unit(v: np.ndarray) -> np.ndarray:
@@ -58,7 +46,7 @@ def preset_rows(model, name: str) -> list[list[str]]:
     rows = []
     for n in [count for count in PAIR_COUNTS if count < len(entries)]:
         cos = np.abs((unit(diffs[:n].mean(axis=0)) * everything).sum(axis=-1))
-        tokens = capture_tokens(model, ordered[:n])
+        tokens = today_tokens(model, ordered[:n])  # one capture of these pairs, as train_vector's
         rows.append([name, str(n), f"{n / len(entries):.3f}", f"{tokens} / {today} ({tokens / today:.3f})",
                      f"{np.median(cos):.4f}", f"{cos.min():.4f} (layer {layers[int(cos.argmin())]})"])
         print(rows[-1], flush=True)
