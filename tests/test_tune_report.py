@@ -71,3 +71,19 @@ def test_the_cli_warns_when_the_report_prompts_disagree_with_the_search(capsys):
         out = capsys.readouterr().out
         assert ("warning: on the report prompts" in out) is warned
         assert "ratio tuned / default at equal KL 1.00" in out and "strength 0.7" in out
+
+
+def test_one_power_law_step_for_calibration_and_the_report():
+    """KL = 0.1 s^3: two points give the exponent and the exact strength; one point assumes KL ~ s^2;
+    a flat or steep secant is kept within KL_EXPONENT_RANGE (calibrate's search and tune share it)."""
+    from ggsteer.evaluate.calibration import KL_EXPONENT_RANGE, power_law_strength
+
+    def kl(s):
+        return 0.1 * s**3
+
+    assert power_law_strength((0.5, kl(0.5)), (1.0, kl(1.0)), 0.8) == pytest.approx(2.0)
+    assert power_law_strength((1.0, 0.1), None, 0.4) == pytest.approx(2.0)  # squared: 4x the KL at 2x
+    low, high = KL_EXPONENT_RANGE
+    assert power_law_strength((1.0, 0.1), (2.0, 0.1001), 0.4) == pytest.approx(4.0 ** (1 / low))
+    assert power_law_strength((1.0, 0.1), (2.0, 1e4), 0.4) == pytest.approx(4.0 ** (1 / high))
+    assert tune_report.next_strength([(0.5, kl(0.5), None), (1.0, kl(1.0), None)], 0.8) == pytest.approx(2.0)

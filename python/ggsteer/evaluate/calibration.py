@@ -3,6 +3,7 @@ written into the vector's metadata as its recommended strength and layers."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -18,6 +19,25 @@ CALIBRATE_STRENGTHS = "0.1:1.5:15"
 # On Gemma 3 270M's presets this bound lands on a clearly steered but still fluent strength, the one the
 # demo uses (docs/benchmarks.md, "Training methods", lists what calibrate picks under it).
 DEFAULT_MAX_KL = 0.25
+# the exponent of KL against strength that a prediction assumes from one point (KL ~ strength squared
+# for small pushes), and the range a measured one is kept in (a flat or steep secant would overshoot)
+KL_EXPONENT = 2.0
+KL_EXPONENT_RANGE = (0.5, 4.0)
+
+
+def power_law_strength(first: tuple[float, float], second: tuple[float, float] | None, target: float) -> float:
+    """The strength whose KL should equal `target`, KL growing as a power of the strength: the
+    exponent from two measured (strength, KL) points, or KL_EXPONENT from one (or when the two cannot
+    give one), extrapolated from `first`."""
+    s1, k1 = first
+    exponent = KL_EXPONENT
+    if second is not None:
+        s2, k2 = second
+        if s1 > 0 and s2 > 0 and s1 != s2 and k1 > 0 and k2 > 0 and k1 != k2:
+            exponent = math.log(k2 / k1) / math.log(s2 / s1)
+    low, high = KL_EXPONENT_RANGE
+    exponent = min(high, max(low, exponent)) if math.isfinite(exponent) else KL_EXPONENT
+    return s1 * (target / k1) ** (1.0 / exponent)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from ggsteer.evaluate.behaviour import behaviour_units, steerability, wrong_way_share
-from ggsteer.evaluate.calibration import Calibration
+from ggsteer.evaluate.calibration import Calibration, power_law_strength
 from ggsteer.evaluate.fluency import FluencyTally, neutral_tokens
 from ggsteer.evaluate.settings import settings_per_strength, steered_layers
 from ggsteer.evaluate.side_by_side import Unit, run_side_by_side
@@ -141,14 +141,10 @@ class StrengthSearch:
         below = [p for p in points if p[1] <= self.max_kl]
         above = [p for p in points if p[1] > self.max_kl]
         if below and above:
-            (s1, k1), (s2, k2) = below[-1], above[0]
-        elif len(points) >= 2:
-            (s1, k1), (s2, k2) = (points[-2], points[-1]) if below else (points[0], points[1])
-        else:
-            (s1, k1), (s2, k2) = points[0], (points[0][0] * 2.0, points[0][1] * 4.0)  # KL ~ strength squared
-        exponent = math.log(k2 / k1) / math.log(s2 / s1) if s1 != s2 and k1 != k2 and k1 > 0 and k2 > 0 else 2.0
-        exponent = exponent if exponent > 0.1 else 2.0
-        return s1 * (self.max_kl / k1) ** (1.0 / exponent)
+            return power_law_strength(below[-1], above[0], self.max_kl)
+        if len(points) >= 2:
+            return power_law_strength(*((points[-2], points[-1]) if below else (points[0], points[1])), self.max_kl)
+        return power_law_strength(points[0], None, self.max_kl)
 
     def boundary(self) -> int:
         """Index of the largest grid strength under the budget (-1 when none is)."""

@@ -18,6 +18,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ggsteer.evaluate.calibration import power_law_strength
+
 # relative KL difference accepted as equal, and the most extra passes spent reaching it
 MATCH_TOLERANCE = 0.03
 MATCH_ROUNDS = 4
@@ -90,14 +92,9 @@ def next_strength(points: Sequence[tuple], target: float) -> float | None:
     usable = sorted((p for p in points if p[1] > 0 and p[0] > 0), key=lambda p: abs(math.log(p[1] / target)))
     if not usable or target <= 0:
         return None
-    s1, k1 = usable[0][0], usable[0][1]
-    exponent = 2.0
-    for s2, k2, _ in usable[1:]:
-        if s2 != s1 and k2 != k1:
-            exponent = math.log(k2 / k1) / math.log(s2 / s1)
-            break
-    exponent = min(4.0, max(0.5, exponent)) if math.isfinite(exponent) else 2.0
-    return round(s1 * (target / k1) ** (1.0 / exponent), 4)
+    first = usable[0][:2]
+    second = next((p[:2] for p in usable[1:] if p[0] != first[0] and p[1] != first[1]), None)
+    return round(power_law_strength(first, second, target), 4)
 
 
 def ratio_and_spread(base: np.ndarray, tuned: np.ndarray, seed: int) -> tuple[float, tuple[float, float]]:
