@@ -146,6 +146,8 @@ def test_prefix_sharing_equals_full_decodes(tiny_model, batch_size):
     unshared = tiny_model.hidden_states(prompts, pool="all", batch_size=batch_size, share_prefixes=False)
     for a, b in zip(shared, unshared):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    last_three = tiny_model.hidden_states(prompts, pool=3, batch_size=batch_size, share_prefixes=False)
+    np.testing.assert_allclose(last_three, np.stack([a[-3:].mean(axis=0) for a in shared]), atol=1e-5, rtol=0)
 
 
 def test_prompt_longer_than_a_batch(tiny_weights, tiny_model_path):
@@ -186,12 +188,18 @@ def test_a_pool_per_prompt_in_one_pass(tiny_model):
     """Training reads the last token of every prompt and every token of a few in one trie walk."""
     from ggsteer.train.capture import capture_pooled
 
-    prompts = ["the happy dog and a cat", "the happy dog", "i love the bad cat", "the happy dog and a cat"]
-    pools = ["last", "all", "mean", "all"]
+    prompts = ["the happy dog and a cat", "the happy dog", "i love the bad cat", "the happy dog and a cat", "a cat",
+               "a cat"]
+    pools = ["last", "all", "mean", "all", 2, 9]  # a count k: the mean of the last k tokens (of all, if fewer)
     stats = ggsteer.CaptureStats()
     states = capture_pooled(tiny_model, prompts, pools, layers=[0, 2], stats=stats)
     for prompt, pool, got in zip(prompts, pools, states):
-        alone = tiny_model.hidden_states([prompt], layers=[0, 2], pool=pool)[0]
+        if isinstance(pool, int):
+            every = tiny_model.hidden_states([prompt], layers=[0, 2], pool="all")[0]
+            alone = every[-pool:].mean(axis=0)
+            assert len(every) == 3  # <bos> a cat: 2 reads two rows, 9 all three
+        else:
+            alone = tiny_model.hidden_states([prompt], layers=[0, 2], pool=pool)[0]
         np.testing.assert_allclose(got, alone, atol=1e-5, rtol=0)
     distinct = {tuple(t[:k]) for t in map(tiny_model.tokenize_prompt, prompts) for k in range(1, len(t) + 1)}
     assert stats.tokens == len(distinct)  # each shared prefix decoded once, whatever its prompts pool
@@ -204,6 +212,8 @@ def test_a_pool_per_prompt_is_checked(tiny_model):
         capture_pooled(tiny_model, ["the dog", "a cat"], ["last"])
     with pytest.raises(ValueError, match="unknown pool 'first'"):
         capture_pooled(tiny_model, ["the dog", "a cat"], ["last", "first"])
+    with pytest.raises(ValueError, match="unknown pool 0: .* or a count of last tokens >= 1"):
+        capture_pooled(tiny_model, ["the dog", "a cat"], ["last", 0])
 
 
 def test_capture_leaves_generation_unchanged(tiny_model):

@@ -324,13 +324,13 @@ class SteeredModel(llama_cpp.Llama):
         """Tokens of a prompt exactly as `create_completion` would decode them (BOS as the model wants)."""
         return self.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
 
-    def hidden_states(self, prompts: Sequence[str], layers: Sequence[int] | None = None, pool: str = "last",
+    def hidden_states(self, prompts: Sequence[str], layers: Sequence[int] | None = None, pool: str | int = "last",
                       batch_size: int | None = None, *, share_prefixes: bool = True,
                       progress: bool | None = None, stats=None) -> np.ndarray | list[np.ndarray]:
         """Residual stream (output of block i, llama.cpp's `l_out-i`) for each prompt and layer.
 
         Returns float32 `[len(prompts), len(layers), n_embd]` for `pool="last"` (the final token)
-        or `"mean"` (mean over the prompt's tokens), and for `pool="all"` a list of
+        or `"mean"` (mean over the prompt's tokens) or a count k (mean over its last k), and for `pool="all"` a list of
         `[n_tokens, len(layers), n_embd]` arrays. `layers` defaults to every layer, in order.
         `batch_size` caps the sequences decoded together (default: the context's n_seq_max);
         with `share_prefixes`, text shared between prompts is decoded once. The graph ends at the

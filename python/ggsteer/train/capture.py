@@ -28,6 +28,7 @@ from ggsteer.runtime.protocol import HookedModel
 from ggsteer.train.capture_plan import (
     CapturePlan,
     Piece,
+    Pool,
     Segment,
     plan_shared,
     plan_unshared,
@@ -59,7 +60,7 @@ class CaptureStats:
         return self.tokens / self.decodes if self.decodes else 0.0
 
 
-def validate_request(model: HookedModel, prompts, layers, pool: str | Sequence[str]) -> tuple[list[int], list[str]]:
+def validate_request(model: HookedModel, prompts, layers, pool: Pool | Sequence[Pool]) -> tuple[list[int], list[Pool]]:
     """The layers to capture and each prompt's pool; raises on a bad request."""
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, not a single string")
@@ -72,8 +73,8 @@ def validate_request(model: HookedModel, prompts, layers, pool: str | Sequence[s
             raise ValueError(f"prompt {i} is empty")
     pools = pools_per_prompt(pool, len(prompts))
     for name in set(pools):
-        if name not in POOLS:
-            raise ValueError(f"unknown pool {name!r}: choose one of {', '.join(POOLS)}")
+        if isinstance(name, bool) or not (name in POOLS or (isinstance(name, int) and name >= 1)):
+            raise ValueError(f"unknown pool {name!r}: choose one of {', '.join(POOLS)}, or a count of last tokens >= 1")
     return resolve_layers(layers, model.n_layer), pools
 
 
@@ -261,7 +262,7 @@ def capture_hidden_states(
 def capture_pooled(
     model: HookedModel,
     prompts: Sequence[str],
-    pools: str | Sequence[str],
+    pools: Pool | Sequence[Pool],
     *,
     layers: Sequence[int] | None = None,
     batch_size: int | None = None,
@@ -269,7 +270,8 @@ def capture_pooled(
     progress: bool | None = None,
     stats: CaptureStats | None = None,
 ) -> list[np.ndarray]:
-    """Like capture_hidden_states with a pool per prompt, in one pass: one array per prompt."""
+    """Like capture_hidden_states with a pool per prompt, in one pass: one array per prompt. A pool
+    may also be a count k: the mean of the prompt's last k tokens (all of them if it has fewer)."""
     resolved, pools = validate_request(model, prompts, layers, pools)
     max_sequences = model.n_seq_max if batch_size is None else int(batch_size)
     if not 1 <= max_sequences <= model.n_seq_max:

@@ -42,9 +42,13 @@ class CapturePlan:
     prompt_rows: list[list[int]]
 
 
-def pools_per_prompt(pool: str | Sequence[str], n_prompts: int) -> list[str]:
+# a prompt's pool: "last", "mean", "all", or an int k (the mean of its last k tokens)
+Pool = str | int
+
+
+def pools_per_prompt(pool: Pool | Sequence[Pool], n_prompts: int) -> list[Pool]:
     """One pool for every prompt, or a list with one per prompt."""
-    if isinstance(pool, str):
+    if isinstance(pool, (str, int)):
         return [pool] * n_prompts
     pools = list(pool)
     if len(pools) != n_prompts:
@@ -52,7 +56,7 @@ def pools_per_prompt(pool: str | Sequence[str], n_prompts: int) -> list[str]:
     return pools
 
 
-def plan_shared(token_lists: list[list[int]], pool: str | Sequence[str], max_segment: int) -> CapturePlan:
+def plan_shared(token_lists: list[list[int]], pool: Pool | Sequence[Pool], max_segment: int) -> CapturePlan:
     """Compressed token trie over all prompts: each distinct token prefix is decoded once (and
     captured once, however many prompts pool over it)."""
     pools = pools_per_prompt(pool, len(token_lists))
@@ -72,7 +76,7 @@ def plan_shared(token_lists: list[list[int]], pool: str | Sequence[str], max_seg
     capture_of_node: dict[int, int] = {}
     prompt_rows = []
     for path, pool in zip(node_paths, pools):
-        pooled = path[-1:] if pool == "last" else path
+        pooled = path[-pooled_count(pool, len(path)):]
         prompt_rows.append([capture_of_node.setdefault(node, len(capture_of_node)) for node in pooled])
 
     segments: list[Segment] = []
@@ -100,7 +104,7 @@ def _note_wanted(seg: Segment, offset: int, node: int, capture_of_node: dict[int
         seg.wanted[offset] = capture_of_node[node]
 
 
-def plan_unshared(token_lists: list[list[int]], pool: str | Sequence[str], max_segment: int) -> CapturePlan:
+def plan_unshared(token_lists: list[list[int]], pool: Pool | Sequence[Pool], max_segment: int) -> CapturePlan:
     """Every prompt decoded in full on its own sequence (the baseline the trie must equal)."""
     pools = pools_per_prompt(pool, len(token_lists))
     segments: list[Segment] = []
@@ -108,7 +112,7 @@ def plan_unshared(token_lists: list[list[int]], pool: str | Sequence[str], max_s
     prompt_rows = []
     n_captures = 0
     for tokens, pool in zip(token_lists, pools):
-        offsets = [len(tokens) - 1] if pool == "last" else list(range(len(tokens)))
+        offsets = list(range(len(tokens) - pooled_count(pool, len(tokens)), len(tokens)))
         capture_of_offset = {off: n_captures + k for k, off in enumerate(offsets)}
         n_captures += len(offsets)
         prompt_rows.append(list(capture_of_offset.values()))
@@ -123,13 +127,20 @@ def plan_unshared(token_lists: list[list[int]], pool: str | Sequence[str], max_s
     return CapturePlan(segments, roots, n_captures, prompt_rows)
 
 
-def pool_rows(store: np.ndarray, plan: CapturePlan, pools: Sequence[str]) -> list[np.ndarray]:
-    """Each prompt's states: [layers, n_embd] for "last" and "mean", [tokens, layers, n_embd] for "all"."""
+def pooled_count(pool: Pool, n_tokens: int) -> int:
+    """How many of a prompt's last tokens its pool reads."""
+    if pool == "last":
+        return 1
+    return min(pool, n_tokens) if isinstance(pool, int) else n_tokens
+
+
+def pool_rows(store: np.ndarray, plan: CapturePlan, pools: Sequence[Pool]) -> list[np.ndarray]:
+    """Each prompt's states: [layers, n_embd] for "last", "mean" and k, [tokens, layers, n_embd] for "all"."""
     pooled = []
     for rows, pool in zip(plan.prompt_rows, pools):
         if pool == "last":
             pooled.append(store[rows[0]])
-        elif pool == "mean":
+        elif pool == "mean" or isinstance(pool, int):
             pooled.append(store[rows].mean(axis=0, dtype=np.float64).astype(np.float32))
         else:
             pooled.append(store[rows])
