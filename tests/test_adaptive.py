@@ -5,7 +5,8 @@ import warnings
 
 import numpy as np
 import pytest
-from support.reference_model import VOCAB_WORDS, reference_forward
+from support.oracle import reference_pair_states, unit
+from support.reference_model import VOCAB_WORDS
 
 from ggsteer import CaptureStats, ControlVector, TrainingWarning, cli
 from ggsteer.evaluate import choose_calibration, layer_sweep
@@ -44,12 +45,6 @@ def inconsistent():
     return entries
 
 
-def reference_states(model, weights, prompts):
-    return np.stack([reference_forward(weights, model.tokenize_prompt(p), kv_f16=False)[0][:, -1] for p in prompts])
-
-
-def unit(v):
-    return v / np.linalg.norm(v)
 
 
 # -- the order and the figures ----------------------------------------------------------------------
@@ -78,7 +73,8 @@ def test_consistency_and_stability_figures():
 def test_rounds_stop_on_a_stable_dataset_with_the_chosen_pairs_direction(tiny_model, tiny_weights, planted):
     stats, log = CaptureStats(), RoundsLog()
     policy = RoundsPolicy(min_pairs=8, max_pairs=64, target=0.98, growth=2)
-    vector = train_in_rounds(tiny_model, planted, policy=policy, stats=stats, log=log)
+    # the last token: on this random model the persona's effect fades over the two suffix words
+    vector = train_in_rounds(tiny_model, planted, pool="last", policy=policy, stats=stats, log=log)
     n = vector.metadata["pairs_used"]
     assert log.stopped == "stable" and n == log.pairs[-1] < 64 and log.stability[-1] >= 0.98
     assert log.pairs == [8 * 2**k for k in range(len(log.pairs))]
@@ -87,12 +83,25 @@ def test_rounds_stop_on_a_stable_dataset_with_the_chosen_pairs_direction(tiny_mo
     prompts = [t for e in chosen for t in (e.positive, e.negative)]
     assert stats.prompts == len(prompts) + sum(map(len, extra_prompts(prompts)))
     # the directions are those of exactly the chosen pairs (numpy on the reference states)
-    states = reference_states(tiny_model, tiny_weights, prompts)
+    pos, neg = reference_pair_states(tiny_model, tiny_weights, chosen, "last")
     for il in vector.layers:
-        expected = unit((states[0::2, il] - states[1::2, il]).mean(axis=0))
+        expected = unit((pos[:, il] - neg[:, il]).mean(axis=0))
         np.testing.assert_allclose(unit(vector.directions[il]), expected, atol=2e-5)
     assert vector.metadata["dataset_size"] == 64
     assert steerability_warning(vector.metadata) is None  # the positive control of the next test
+
+
+def test_rounds_pool_each_pair_s_suffix(tiny_model, tiny_weights, planted):
+    """The default pool over two rounds: each pair's suffix tokens, the template's " and" left out."""
+    log = RoundsLog()
+    vector = train_in_rounds(tiny_model, planted, log=log,
+                             policy=RoundsPolicy(min_pairs=8, max_pairs=16, target=1.0, growth=2))
+    assert log.pairs == [8, 16] and vector.metadata["pool"] == "suffix"
+    chosen = [planted[i] for i in balanced_order(64)[:16]]
+    pos, neg = reference_pair_states(tiny_model, tiny_weights, chosen)
+    for il in vector.layers:
+        expected = unit((pos[:, il] - neg[:, il]).mean(axis=0))
+        np.testing.assert_allclose(unit(vector.directions[il]), expected, atol=2e-5)
 
 
 def test_rounds_run_to_the_cap_on_an_inconsistent_dataset(tiny_model, inconsistent):

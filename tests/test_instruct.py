@@ -349,7 +349,17 @@ def test_baked_add_equals_the_hook(instruct_model, instruct_model_path, instruct
     print("  a 1e-6 relative strength change moves the hook's logits by up to "
           + ", ".join(f"{r:.2f}" for r in rounding))
     assert all(d <= 2 * r + 1e-3 for d, r in zip(differences, rounding)), (differences, rounding)
-    assert all(b.split()[:5] == h.split()[:5] for b, h in zip(baked_texts, hook_texts))
+    # where a text parts within its first five words, the hook's two best next tokens there must lie
+    # within the rounding yardstick of each other: a tie that rounding alone decides
+    for prompt, b, h in zip(prompts, baked_texts, hook_texts):
+        if b.split()[:5] == h.split()[:5]:
+            continue
+        shared = os.path.commonprefix([b, h])
+        shared = shared[: shared.rfind(" ")] if " " in shared else ""  # back to a word boundary
+        with instruct_model.steer(vector, STRENGTH):
+            top = np.sort(last_logits(instruct_model, prompt + shared))[-2:]
+        print(f"  parted after {shared!r}: the hook's two best next tokens {top[1] - top[0]:.2f} apart")
+        assert top[1] - top[0] <= 2 * max(rounding) + 1e-3, (shared, top, rounding)
     with instruct_model.steer(vector, STRENGTH), plain_llama(instruct_model_path, instruct_model) as llm:
         unbaked = [np.abs(last_logits(llm, p) - last_logits(instruct_model, p)).max() for p in prompts]
     print(f"  unbaked vs hook: last-token logits max abs difference {max(unbaked):.2e}")

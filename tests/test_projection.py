@@ -10,7 +10,7 @@ from support.oracle import (
     last_logits,
     numpy_op,
     random_vector,
-    reference_last_states,
+    reference_pair_states,
     reference_with,
     unit,
 )
@@ -106,8 +106,7 @@ def test_plain_add_still_goes_through_the_adapter(tiny_model):
 
 def test_training_stores_the_ablation_direction_and_its_statistics(tiny_model, tiny_weights, trained):
     pairs, vector = trained
-    pos = reference_last_states(tiny_model, tiny_weights, [e.positive for e in pairs])
-    neg = reference_last_states(tiny_model, tiny_weights, [e.negative for e in pairs])
+    pos, neg = reference_pair_states(tiny_model, tiny_weights, pairs)  # as the default pool reads them
     prompts = shared_prompts([text for e in pairs for text in (e.positive, e.negative)])
     assert len(prompts) == min(SHARED_PROMPTS, 2 * len(pairs))
     states = [reference_forward(tiny_weights, tiny_model.tokenize_prompt(p), kv_f16=False)[0] for p in prompts]

@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
-from support.oracle import SUFFIXES, reference_last_states
+from support.oracle import SUFFIXES, reference_pair_states
 
 from ggsteer import ControlVector, TrainingWarning
 from ggsteer.train import DatasetEntry, make_dataset, methods
@@ -37,14 +37,15 @@ def numpy_direction(method, pos, neg):
     return -d if votes < 0 or (votes == 0 and (diffs @ d).mean() < 0) else d
 
 
+@pytest.mark.parametrize("pool", ["suffix", "last"])
 @pytest.mark.parametrize("method", methods.METHODS)
-def test_method_matches_numpy_on_reference_states(tiny_model, tiny_weights, pairs, method):
+def test_method_matches_numpy_on_reference_states(tiny_model, tiny_weights, pairs, method, pool):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrainingWarning)
-        vector = ControlVector.train(tiny_model, pairs, method=method)
+        vector = ControlVector.train(tiny_model, pairs, method=method, pool=pool)
     assert vector.layers == [1, 2]
-    pos = reference_last_states(tiny_model, tiny_weights, [e.positive for e in pairs])
-    neg = reference_last_states(tiny_model, tiny_weights, [e.negative for e in pairs])
+    assert vector.metadata["pool"] == pool
+    pos, neg = reference_pair_states(tiny_model, tiny_weights, pairs, pool)
     gaps = vector.layer_stat("gap")
     for il in vector.layers:
         expected = numpy_direction(method, pos[:, il], neg[:, il])
@@ -57,17 +58,42 @@ def test_method_matches_numpy_on_reference_states(tiny_model, tiny_weights, pair
 
 
 def test_mean_diff_is_the_raw_mean_difference(tiny_model, tiny_weights, pairs):
-    vector = ControlVector.train(tiny_model, pairs, method="mean_diff")
-    pos = reference_last_states(tiny_model, tiny_weights, [e.positive for e in pairs])
-    neg = reference_last_states(tiny_model, tiny_weights, [e.negative for e in pairs])
+    vector = ControlVector.train(tiny_model, pairs, method="mean_diff")  # the default pool: "suffix"
+    pos, neg = reference_pair_states(tiny_model, tiny_weights, pairs)
     for il in vector.layers:
         np.testing.assert_allclose(vector.directions[il], (pos[:, il] - neg[:, il]).mean(axis=0), atol=2e-4)
+    assert vector.metadata["pool"] == "suffix"
+
+
+def test_suffix_pool_reads_the_shared_ending(tiny_model, tiny_weights):
+    """Pairs that end alike pool their shared tokens; a pair sharing no ending reads its last token."""
+    from ggsteer.train.extract import pair_pools
+
+    pairs = [DatasetEntry("i am very happy and the dog is", "i am very sad and the dog is"),
+             DatasetEntry("i feel good", "the sad cat"),
+             DatasetEntry("today i love the dog", "the dog")]
+    prompts = [text for entry in pairs for text in (entry.positive, entry.negative)]
+    tail = len(tiny_model.tokenize_prompt("i am very happy and the dog is")) - 5  # after "<bos> i am very happy"
+    assert pair_pools(tiny_model, prompts, "suffix") == [tail, tail, 1, 1, 2, 2]
+    vector = ControlVector.train(tiny_model, pairs, method="mean_diff", layers=[1, 2], pool="suffix")
+    pos, neg = reference_pair_states(tiny_model, tiny_weights, pairs)
+    for il in (1, 2):
+        np.testing.assert_allclose(vector.directions[il], (pos[:, il] - neg[:, il]).mean(axis=0), atol=2e-4)
+    assert pair_pools(tiny_model, prompts[:2], "suffix") == [tail, tail]  # one pair: no shared opening to drop
+
+
+def test_suffix_pool_drops_the_opening_every_pair_shares(tiny_model, pairs):
+    """The persona template's " and" ends every pair in common before the suffix: it is not pooled."""
+    from ggsteer.train.extract import pair_pools
+
+    prompts = [text for entry in pairs for text in (entry.positive, entry.negative)]
+    per_suffix = [len(tiny_model.tokenize_prompt(suffix)) - 1 for suffix in SUFFIXES]  # without <bos>
+    assert pair_pools(tiny_model, prompts, "suffix") == [n for n in per_suffix for _ in range(3) for _ in range(2)]
 
 
 def test_statistics_recorded(tiny_model, tiny_weights, pairs):
-    vector = ControlVector.train(tiny_model, pairs, method="mean_diff", layers=[0, 1, 2])
-    pos = reference_last_states(tiny_model, tiny_weights, [e.positive for e in pairs])
-    neg = reference_last_states(tiny_model, tiny_weights, [e.negative for e in pairs])
+    vector = ControlVector.train(tiny_model, pairs, method="mean_diff", layers=[0, 1, 2], pool="suffix")
+    pos, neg = reference_pair_states(tiny_model, tiny_weights, pairs)
     separation = vector.layer_stat("separation")
     norms = vector.layer_stat("residual_norm")
     for il in (0, 1, 2):
@@ -144,5 +170,7 @@ def test_bad_training_input(tiny_model, pairs):
         ControlVector.train(tiny_model, pairs, method="umap")
     with pytest.raises(ValueError, match="layer 7 is out of range"):
         ControlVector.train(tiny_model, pairs, layers=[1, 7])
+    with pytest.raises(ValueError, match="pool must be one of suffix, last, mean for training, got 'all'"):
+        ControlVector.train(tiny_model, pairs, pool="all")
     with pytest.raises(TypeError, match="not DatasetEntry"):
         ControlVector.train(tiny_model, [("a", "b")])

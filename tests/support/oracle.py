@@ -1,5 +1,8 @@
 """Oracles on the tiny reference model shared by the steering, intervention and training tests."""
 
+import os
+from itertools import takewhile
+
 import llama_cpp
 import numpy as np
 
@@ -52,6 +55,29 @@ def unit(v):
 SUFFIXES = ["i feel", "the dog is", "you am very", "today i", "a cat and the dog", "i love the", "the", "good"]
 
 
+
+
+def suffix_counts(model, pairs):
+    """How many last tokens of each pair "suffix" pooling reads: the ending both prompts share, less
+    the opening every pair's ending shares (with two pairs or more), at least one."""
+    endings = []
+    for entry in pairs:
+        a, b = model.tokenize_prompt(entry.positive), model.tokenize_prompt(entry.negative)
+        common = sum(1 for _ in takewhile(lambda t: t[0] == t[1], zip(reversed(a), reversed(b))))
+        endings.append(a[len(a) - common:])
+    opening = len(os.path.commonprefix(endings)) if len(endings) > 1 else 0
+    return [max(len(ending) - opening, 1) for ending in endings]
+
+
+def reference_pair_states(model, weights, pairs, pool="suffix"):
+    """Each pair's (positive, negative) states [n_pairs, n_layer, n_embd] as training pools them: the
+    last token, or for "suffix" the mean over the last `suffix_counts` tokens."""
+    counts = suffix_counts(model, pairs) if pool == "suffix" else [1] * len(pairs)
+    pos, neg = [], []
+    for entry, k in zip(pairs, counts):
+        for text, side in ((entry.positive, pos), (entry.negative, neg)):
+            side.append(reference_forward(weights, model.tokenize_prompt(text), kv_f16=False)[0][:, -k:].mean(axis=1))
+    return np.stack(pos), np.stack(neg)
 
 
 def reference_last_states(model, weights, prompts):

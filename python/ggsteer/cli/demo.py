@@ -15,6 +15,7 @@ from ggsteer.generation import generate_batch
 from ggsteer.runtime.default_model import cache_dir
 from ggsteer.sampling import READABLE_GREEDY
 from ggsteer.train import dataset_hash, preset_dataset
+from ggsteer.train.extract import DEFAULT_POOL
 from ggsteer.vectors import ControlVector
 
 DEMO_PRESET = "happy"
@@ -42,8 +43,10 @@ def add_parser(sub) -> None:
 
 def cached_vector_path(model, pairs) -> Path:
     stat = Path(model.model_path).stat()
-    # the version is in the key: a newer ggsteer may store more per layer (e.g. the ablation center)
-    key = f"{Path(model.model_path).stem}-{stat.st_size}-{dataset_hash(pairs)[:12]}-{DEMO_METHOD}-{__version__}"
+    # the version and the pool are in the key: a newer ggsteer may store more per layer (e.g. the
+    # ablation center) or pool the states another way
+    key = (f"{Path(model.model_path).stem}-{stat.st_size}-{dataset_hash(pairs)[:12]}-{DEMO_METHOD}-{DEFAULT_POOL}-"
+           f"{__version__}")
     return cache_dir() / "vectors" / f"demo-{DEMO_PRESET}-{key}.gguf"
 
 

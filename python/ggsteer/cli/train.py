@@ -13,6 +13,7 @@ from ggsteer.cli.common import (
     output_path,
 )
 from ggsteer.train import get_preset, list_presets, load_jsonl, preset_dataset
+from ggsteer.train.extract import DEFAULT_POOL, TRAIN_POOLS
 from ggsteer.train.methods import METHODS
 from ggsteer.train.rounds import (
     DEFAULT_MAX_PAIRS,
@@ -35,9 +36,10 @@ def add_parser(sub) -> None:
     train.add_argument("--method", default="mean_diff", choices=METHODS,
                        help="mean_diff (default), pca_diff, pca_center or probe")
     train.add_argument("--layers", default=None, help="layers to train, e.g. 1-17 (default: all steerable layers)")
-    train.add_argument("--pool", default="last", choices=("last", "mean"),
-                       help="read each prompt's last token (default) or the mean over its tokens "
-                            "(llama.cpp's cvector-generator averages tokens)")
+    train.add_argument("--pool", default=DEFAULT_POOL, choices=TRAIN_POOLS,
+                       help="suffix (default): the mean over the suffix both prompts of a pair continue with "
+                            "(stable from fewer pairs than the last token, docs/efficient-training.md); last: each "
+                            "prompt's last token, as repeng; mean: every token of each prompt, as cvector-generator")
     train.add_argument("--max-pairs", type=int, default=None,
                        help=f"use at most this many pairs (default: rounds stop by {DEFAULT_MAX_PAIRS}; "
                             "with --all-pairs: every pair)")

@@ -16,6 +16,7 @@ import numpy as np
 from ggsteer.runtime.protocol import HookedModel
 from ggsteer.train import methods
 from ggsteer.train.capture import CaptureStats, capture_hidden_states, capture_pooled
+from ggsteer.train.capture_plan import Pool
 from ggsteer.train.dataset import DatasetEntry, dataset_hash
 from ggsteer.train.stability import stability_metadata
 from ggsteer.vectors import (
@@ -28,7 +29,9 @@ from ggsteer.vectors import (
     projection,
 )
 
-TRAIN_POOLS = ("last", "mean")
+# "suffix": the mean over the suffix a pair's two prompts continue with (see pair_pools)
+TRAIN_POOLS = ("suffix", "last", "mean")
+DEFAULT_POOL = "suffix"
 
 
 class TrainingWarning(UserWarning):
@@ -40,7 +43,7 @@ def train_vector(
     dataset: Sequence[DatasetEntry],
     method: str = "mean_diff",
     layers: Iterable[int] | None = None,
-    pool: str = "last",
+    pool: str = DEFAULT_POOL,
     *,
     batch_size: int | None = None,
     progress: bool | None = None,
@@ -55,7 +58,7 @@ def train_vector(
     train_layers = training_layers(model, layers)
     prompts = [text for entry in entries for text in (entry.positive, entry.negative)]
     extra = extra_prompts(prompts)
-    pools = [pool] * len(prompts) + extra_pools(extra)
+    pools = pair_pools(model, prompts, pool) + extra_pools(extra)
     with model.unsteered():
         states = capture_pooled(model, prompts + extra[0] + extra[1], pools,
                                 layers=train_layers, batch_size=batch_size, progress=progress, stats=stats)
@@ -63,6 +66,39 @@ def train_vector(
     extra_states = split_extra(states[len(prompts):], extra)
     return fit_vector(model, entries, method, pool, train_layers, hidden, extra_states, entries,
                       stability_metadata(hidden, method))
+
+
+def pair_pools(model: HookedModel, prompts: list[str], pool: str) -> list[Pool]:
+    """Each prompt's capture pool for the training pool `pool`, prompts given positive, negative, ...
+
+    "suffix" reads the mean over the suffix both prompts of a pair continue with: the tokens they end
+    with in common, less those that open every pair's ending (the end of the persona sentence and a
+    chat template's turn markers, the same text in every pair). The suffix tokens carry the persona's
+    effect on the text after it and vary less from pair to pair than the last token alone. A pair
+    whose ending is all opening, or that shares no ending, reads its last token.
+    """
+    if pool != "suffix":
+        return [pool] * len(prompts)
+    tokens = [model.tokenize_prompt(prompt) for prompt in prompts]
+    endings = [shared_ending(positive, negative) for positive, negative in zip(tokens[0::2], tokens[1::2])]
+    opening = common_prefix_length(endings) if len(endings) > 1 else 0
+    return [max(len(ending) - opening, 1) for ending in endings for _ in range(2)]
+
+
+def shared_ending(a: Sequence[int], b: Sequence[int]) -> list[int]:
+    """The tokens `a` and `b` end with in common."""
+    count = 0
+    while count < min(len(a), len(b)) and a[-1 - count] == b[-1 - count]:
+        count += 1
+    return list(a[len(a) - count:])
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    shortest = min(map(len, sequences))
+    count = 0
+    while count < shortest and all(seq[count] == sequences[0][count] for seq in sequences):
+        count += 1
+    return count
 
 
 def training_layers(model: HookedModel, layers: Iterable[int] | None) -> list[int]:
@@ -153,7 +189,7 @@ def checked_entries(dataset: Sequence[DatasetEntry], method: str, pool: str) -> 
         if not isinstance(entry, DatasetEntry):
             raise TypeError(f"dataset item {i} is {type(entry).__name__}, not DatasetEntry")
     if pool not in TRAIN_POOLS:
-        raise ValueError(f'pool must be "last" or "mean" for training, got {pool!r}')
+        raise ValueError(f"pool must be one of {', '.join(TRAIN_POOLS)} for training, got {pool!r}")
     return entries
 
 

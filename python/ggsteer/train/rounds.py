@@ -18,8 +18,9 @@ import numpy as np
 
 from ggsteer.runtime.protocol import HookedModel
 from ggsteer.train.capture import CaptureStats, capture_pooled
+from ggsteer.train.capture_plan import Pool
 from ggsteer.train.dataset import DatasetEntry
-from ggsteer.train.extract import checked_entries, fit_vector, training_layers
+from ggsteer.train.extract import DEFAULT_POOL, checked_entries, fit_vector, pair_pools, training_layers
 from ggsteer.train.stability import layer_stability, stability_metadata
 from ggsteer.vectors import ControlVector, default_steering_layers, projection
 
@@ -83,7 +84,7 @@ def train_in_rounds(
     dataset: Sequence[DatasetEntry],
     method: str = "mean_diff",
     layers: Iterable[int] | None = None,
-    pool: str = "last",
+    pool: str = DEFAULT_POOL,
     *,
     policy: RoundsPolicy = RoundsPolicy(),
     period: int = 1,
@@ -98,6 +99,7 @@ def train_in_rounds(
     steering = [k for k, il in enumerate(train_layers) if il in default_steering_layers(model.n_layer)]
     steering = steering or list(range(len(train_layers)))
     order = balanced_order(len(offered), period)[: policy.max_pairs]
+    pools = pair_pools(model, [text for i in order for text in (offered[i].positive, offered[i].negative)], pool)
     log = RoundsLog() if log is None else log
     chunks: list[np.ndarray] = []
     shared: list[np.ndarray] = []
@@ -105,7 +107,7 @@ def train_in_rounds(
     n = min(policy.min_pairs, len(order))
     with model.unsteered():
         while True:
-            states = _capture_round(model, [offered[i] for i in order], sum(map(len, chunks)) // 2, n, pool,
+            states = _capture_round(model, [offered[i] for i in order], pools, sum(map(len, chunks)) // 2, n,
                                     train_layers, batch_size=batch_size, progress=progress, stats=stats)
             chunks.append(states[0])
             shared += states[1]
@@ -122,19 +124,20 @@ def train_in_rounds(
     return fit_vector(model, entries, method, pool, train_layers, hidden, (shared, pooled), offered, metadata)
 
 
-def _capture_round(model, ordered: list[DatasetEntry], start: int, stop: int, pool: str, layers: list[int],
+def _capture_round(model, ordered: list[DatasetEntry], pools: list[Pool], start: int, stop: int, layers: list[int],
                    **options) -> tuple[np.ndarray, list, list]:
-    """States of pairs [start, stop) of the training order, and in the same pass (the same tokens) the
-    extra prompts among them: every token of the first pairs' prompts and the mean over the tokens of
-    the first ABLATION_PAIRS pairs (a prefix of the balanced order is spread over the whole dataset)."""
+    """States of pairs [start, stop) of the training order (pooled as `pools`, one per prompt of the
+    order), and in the same pass (the same tokens) the extra prompts among them: every token of the
+    first pairs' prompts and the mean over the tokens of the first ABLATION_PAIRS pairs (a prefix of
+    the balanced order is spread over the whole dataset)."""
     new = ordered[start:stop]
     prompts = [text for entry in new for text in (entry.positive, entry.negative)]
     shared = [text for k, entry in enumerate(new, start) if 2 * k < projection.SHARED_PROMPTS
               for text in (entry.positive, entry.negative)]
     pooled = [text for k, entry in enumerate(new, start) if k < projection.ABLATION_PAIRS
               for text in (entry.positive, entry.negative)]
-    pools = [pool] * len(prompts) + ["all"] * len(shared) + ["mean"] * len(pooled)
-    states = capture_pooled(model, prompts + shared + pooled, pools, layers=layers, **options)
+    every = pools[2 * start: 2 * stop] + ["all"] * len(shared) + ["mean"] * len(pooled)
+    states = capture_pooled(model, prompts + shared + pooled, every, layers=layers, **options)
     first, second = len(prompts), len(prompts) + len(shared)
     return np.stack(states[:first]), states[first:second], states[second:]
 

@@ -123,16 +123,18 @@ class ControlVector:
     # -- training: thin entry points into ggsteer.train (the one upward import, kept on purpose) --
     @classmethod
     def train(cls, model: "HookedModel", dataset: Sequence, method: str = "mean_diff",
-              layers: Iterable[int] | None = None, pool: str = "last", *, batch_size: int | None = None,
+              layers: Iterable[int] | None = None, pool: str | None = None, *, batch_size: int | None = None,
               progress: bool | None = None) -> "ControlVector":
         """Train on contrastive pairs: one direction per layer, pointing negative -> positive.
 
-        `layers` defaults to every layer llama.cpp can steer (1..n_layer-1). See
-        `ggsteer.train.extract.train_vector`.
+        `layers` defaults to every layer llama.cpp can steer (1..n_layer-1); `pool` to "suffix" (the
+        mean over the suffix a pair's two prompts continue with; "last" reads each prompt's last token,
+        as repeng does, "mean" every token). See `ggsteer.train.extract.train_vector`.
         """
-        from ggsteer.train.extract import train_vector
+        from ggsteer.train.extract import DEFAULT_POOL, train_vector
 
-        return train_vector(model, dataset, method, layers, pool, batch_size=batch_size, progress=progress)
+        return train_vector(model, dataset, method, layers, pool or DEFAULT_POOL, batch_size=batch_size,
+                            progress=progress)
 
     @classmethod
     def from_prompts(cls, model: "HookedModel", positive: str, negative: str, layer: int):
