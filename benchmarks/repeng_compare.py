@@ -14,7 +14,7 @@ given): ggsteer through llama.cpp, repeng through a Hugging Face model that tran
 that file, de-quantised to float32. Two datasets: (a) template+suffix pairs, `preset_dataset("happy")`
 over the first N suffixes; (b) repeng-style truncated replies (benchmarks/train.py's
 `truncated_dataset()`). Timed: `ggsteer.ControlVector.train(method="pca_center")` and "mean_diff"
-(ggsteer's default layers) against `repeng.ControlVector.train(method="pca_center", batch_size=32)`
+(ggsteer's default layers, each prompt read at its last token as repeng reads it) against `repeng.ControlVector.train(method="pca_center", batch_size=32)`
 on a `repeng.ControlModel` (repeng's default layers, 1..n_layer-1), after a warm-up call on each
 side. Paired and alternated: each round runs repeng, then ggsteer pca_center, then repeng again and
 ggsteer mean_diff, the order of the two pairs rotating each round; the table gives the median of the
@@ -22,8 +22,9 @@ paired speed-ups and their range. Model loading is not timed.
 
 `--default-training` compares what a user of each gets for one vector instead: ggsteer's default
 training (`ggsteer train --preset happy`: rounds that stop when the direction is stable, at most 288
-of the preset's 1,536 pairs) against repeng's pca_center on every pair, repeng first in each round;
-agreement is taken at ggsteer's recommended layers with repeng's mean difference and its pca_center.
+of the preset's 1,536 pairs, the default "suffix" pool) against repeng's pca_center on every pair,
+repeng first in each round; agreement is taken at ggsteer's recommended layers with repeng's mean
+difference and its pca_center (repeng reads the last token, so they differ by the pool as well).
 
 Agreement: per-layer |cos| between ggsteer's and repeng's pca_center directions. repeng's layer id i
 reads `hidden_states[i + 1]`, the output of block i, which is ggsteer's layer i (docs/methods.md,
@@ -159,7 +160,8 @@ def main() -> None:
         results = {}
 
         def run_ggsteer(method, results=results, pairs=pairs):
-            results[method] = ControlVector.train(model, pairs, method=method, batch_size=args.batch, progress=False)
+            results[method] = ControlVector.train(model, pairs, method=method, pool="last",  # as repeng reads them
+                                                  batch_size=args.batch, progress=False)
 
         def run_repeng(results=results, pairs=pairs):
             results["repeng"] = rep.train(pairs, args.batch)

@@ -11,17 +11,19 @@ range. Rows: pca_center and mean_diff on the default layers, and mean_diff with 
 run's capture costs: llama_decode calls, tokens per decode, logits rows requested.
 repeng on the same data: benchmarks/repeng_compare.py (its own environment).
 
-    python benchmarks/train.py --adaptive [--model PATH] [--presets happy,calm,honest] [--rounds 2]
+    python benchmarks/train.py --adaptive [--model PATH] [--presets happy,calm,honest] [--pool last]
                                [--gpu-layers N] [--threads N]
 
-Today's path (every pair of a preset) against the new default (`ggsteer train`: rounds that stop
-when the direction is stable): tokens decoded (which do not depend on the machine's load; today's
-counted from the trie plan of `train_vector`'s one capture, the rounds' by their captures), the
-seconds of the rounds and of a capture of every pair at the recommended layers (which gives the
-all-pairs mean_diff direction there without running the output head), the median |cos| of the two
-directions at the recommended layers, and the behaviour gain each vector gives on the preset's
-held-out prompts at strength 0.5 (with the standard error of the prompts' paired difference: the
-noise the two effects are compared within).
+The old path (every pair of a preset, each prompt's last token) against `ggsteer train`'s rounds
+that stop when the direction is stable (with `--pool`, default "last"): tokens decoded (which do
+not depend on the machine's load; today's counted from the trie plan of `train_vector`'s one
+capture, the rounds' by their captures), the seconds of the rounds and of a capture of every pair at
+the recommended layers (which gives today's mean_diff direction there without running the output
+head), the median and lowest |cos| at the recommended layers of the rounds' direction with every
+pair's direction in the same pool and with today's direction, and the move each vector gives the
+behaviour score on the preset's held-out prompts at equal fluency cost (KL 0.25 on the neutral
+texts, so that pools whose strength units differ compare fairly): the ratio rounds / today with
+its 10-90% spread over resampled prompts, and the mean paired difference in standard errors.
 """
 
 from __future__ import annotations
@@ -35,14 +37,19 @@ import numpy as np
 from _common import BareContext, machine_line, paired_times, print_table, ratio_cells
 
 from ggsteer import CaptureStats, SteeredModel
-from ggsteer.evaluate.behaviour import behaviour_matrix
-from ggsteer.evaluate.settings import settings_per_strength
+from ggsteer.evaluate import DEFAULT_MAX_KL
+from ggsteer.evaluate.fluency import neutral_tokens
+from ggsteer.evaluate.tune import Setting, measure
+from ggsteer.evaluate.tune_report import ratio_and_spread
 from ggsteer.train import get_preset, load_eval_prompts, make_dataset, methods, preset_dataset, truncated_suffixes
-from ggsteer.train.capture import tokenize_prompts
+from ggsteer.train.capture import capture_pooled, tokenize_prompts
 from ggsteer.train.capture_plan import plan_shared
-from ggsteer.train.extract import extra_pools, extra_prompts
+from ggsteer.train.extract import DEFAULT_POOL, TRAIN_POOLS, extra_pools, extra_prompts, pair_pools
 from ggsteer.train.rounds import RoundsLog, train_in_rounds
 from ggsteer.vectors import ControlVector, default_training_layers
+
+# strengths the held-out comparison measures KL at (both pools' vectors reach KL 0.25 inside it)
+KL_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.25, 1.5)
 
 REPLIES = [
     "I walked to the market this morning and bought some bread for the week.",
@@ -69,6 +76,7 @@ def main() -> None:
     parser.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to a GPU (llama.cpp n_gpu_layers)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--save", default=None, help="with --adaptive: save each rounds vector as SAVE-PRESET.gguf")
+    parser.add_argument("--pool", default=DEFAULT_POOL, choices=TRAIN_POOLS, help="with --adaptive: the rounds' pool")
     args = parser.parse_args()
     if args.adaptive:
         adaptive_table(args)
@@ -123,7 +131,7 @@ def main() -> None:
 
 
 def adaptive_table(args) -> None:
-    model = SteeredModel(args.model, n_threads=args.threads, n_gpu_layers=args.gpu_layers)
+    model = SteeredModel(args.model, n_threads=args.threads, n_gpu_layers=args.gpu_layers, n_ctx=2048)
     model.hidden_states(["warm up the weights"])
     rows = []
     for name in args.presets.split(","):
@@ -132,27 +140,30 @@ def adaptive_table(args) -> None:
         period = len(preset.positive_personas)
         stats, log = CaptureStats(), RoundsLog()
         started = time.perf_counter()
-        rounds = train_in_rounds(model, entries, period=period, stats=stats, log=log)
+        rounds = train_in_rounds(model, entries, pool=args.pool, period=period, stats=stats, log=log)
         seconds = time.perf_counter() - started
         if args.save:
             rounds.save(f"{args.save}-{name}.gguf", overwrite=True)
+        layers = rounds.recommended_layers
         started = time.perf_counter()
-        everything = all_pairs_direction(model, entries, rounds.recommended_layers)
-        all_seconds = time.perf_counter() - started
-        today = today_tokens(model, entries)
-        cos = median_cos(everything, rounds)
-        effect = held_out_effect(model, name, [everything, rounds])
+        today = all_pairs_direction(model, entries, layers, "last")
+        today_seconds = time.perf_counter() - started
+        every = today if args.pool == "last" else all_pairs_direction(model, entries, layers, args.pool)
+        tokens = today_tokens(model, entries)
+        effect = effect_at_kl(model, name, [today, rounds], DEFAULT_MAX_KL)
         rows.append([name, f"{len(entries)} / {rounds.metadata['pairs_used']}",
-                     f"{today} / {stats.tokens} ({stats.tokens / today:.3f})", f"{all_seconds:.0f} / {seconds:.0f}",
+                     f"{tokens} / {stats.tokens} ({stats.tokens / tokens:.3f})", f"{today_seconds:.0f} / {seconds:.0f}",
                      " ".join(f"{n}:{s:.4f}" for n, s in zip(log.pairs, log.stability)) + f" ({log.stopped})",
-                     f"{cos:.4f}", effect])
+                     agreement(every, rounds), agreement(today, rounds), effect])
         print(rows[-1], flush=True)
     print_table(
-        f"Training on {model.model_name}: every pair (today's path) vs rounds (the default) "
+        f"Training on {model.model_name}: every pair, last token (the old path) vs rounds, {args.pool} pool "
         f"({machine_line()}, load {os.getloadavg()[0]:.2f}, n_gpu_layers {args.gpu_layers})",
         ["preset", "pairs all / rounds", "tokens decoded today / rounds (ratio)",
-         "s all-pairs capture / rounds", "median stability by round (stop)", "median |cos|",
-         "gain at +0.5 all / rounds (+- s.e.)"],
+         "s today's capture / rounds", "median stability by round (stop)",
+         "\\|cos\\| with every pair, same pool: median (lowest)",
+         "\\|cos\\| with today's direction: median (lowest)",
+         f"move at KL {DEFAULT_MAX_KL:g}: today / rounds, ratio [10-90%] (diff / s.e.)"],
         rows,
     )
     model.close()
@@ -167,33 +178,48 @@ def today_tokens(model, entries) -> int:
     return sum(len(segment.tokens) for segment in plan.segments)
 
 
-def all_pairs_direction(model, entries, layers) -> ControlVector:
-    """The mean_diff direction of every pair at `layers` (what train_vector gives there), captured
-    without the other layers so that no output head runs."""
+def all_pairs_direction(model, entries, layers, pool: str) -> ControlVector:
+    """The mean_diff direction of every pair at `layers` (what train_vector gives there with `pool`),
+    captured without the other layers so that no output head runs."""
     prompts = [text for entry in entries for text in (entry.positive, entry.negative)]
-    hidden = model.hidden_states(prompts, layers=layers, progress=True)
+    hidden = np.stack(capture_pooled(model, prompts, pair_pools(model, prompts, pool), layers=layers, progress=True))
     fits = [methods.fit_layer(hidden[0::2, k], hidden[1::2, k], "mean_diff") for k in range(len(layers))]
     directions = {il: fit.direction * abs(fit.gap) for il, fit in zip(layers, fits)}
     metadata = {"unit": "gap", "layers": list(layers), "gap": [abs(f.gap) for f in fits], "recommended_layers": layers}
     return ControlVector(directions, model.model_hint, metadata)
 
 
-def median_cos(a: ControlVector, b: ControlVector) -> float:
-    layers = a.recommended_layers
+def agreement(a: ControlVector, b: ControlVector) -> str:
+    """Median and lowest |cos| of the two directions over a's layers."""
     cos = [abs(float(np.dot(a.directions[il], b.directions[il])))
-           / float(np.linalg.norm(a.directions[il]) * np.linalg.norm(b.directions[il])) for il in layers]
-    return float(np.median(cos))
+           / float(np.linalg.norm(a.directions[il]) * np.linalg.norm(b.directions[il])) for il in a.recommended_layers]
+    return f"{np.median(cos):.4f} ({min(cos):.4f})"
 
 
-def held_out_effect(model, preset: str, vectors: list[ControlVector]) -> str:
-    """Mean behaviour gain of each vector at +0.5 on the held-out prompts, and the standard error of
-    the prompts' paired difference between the two vectors."""
-    items = load_eval_prompts(preset)
-    settings = [[], *(settings_per_strength(model, v, [0.5], None, False)[0] for v in vectors)]
-    scores = behaviour_matrix(model, settings, items)
-    gains = scores[1:] - scores[0]
-    spread = float(np.std(gains[0] - gains[1], ddof=1) / np.sqrt(len(items)))
-    return f"{gains[0].mean():+.3f} / {gains[1].mean():+.3f} (+- {spread:.3f})"
+def effect_at_kl(model, preset: str, vectors: list[ControlVector], target: float) -> str:
+    """The behaviour move of each vector on the preset's held-out prompts at the strength where its KL
+    on the neutral texts equals `target` (each prompt's move interpolated on log KL between the grid
+    strengths around it): the two vectors' strength units differ, their fluency cost does not."""
+    items, neutral = load_eval_prompts(preset), neutral_tokens(model, None)
+    moves = [moves_at_kl(model, vector, items, neutral, target) for vector in vectors]
+    if any(m is None for m in moves):
+        return "grid does not reach the KL"
+    ratio, (low, high) = ratio_and_spread(moves[0], moves[1], seed=0)
+    diff = moves[1] - moves[0]
+    noise = float(np.std(diff, ddof=1) / np.sqrt(len(diff)))
+    return (f"{moves[0].mean():+.2f} / {moves[1].mean():+.2f}, {ratio:.3f} [{low:.3f}-{high:.3f}] "
+            f"({diff.mean() / noise:+.1f})")
+
+
+def moves_at_kl(model, vector, items, neutral, target: float) -> np.ndarray | None:
+    layers = tuple(vector.recommended_layers)
+    settings = [Setting("add", "all", layers, strength) for strength in KL_GRID]
+    moves, kls = measure(model, vector, settings, items, neutral)
+    above = int(np.searchsorted(kls, target))
+    if not 0 < above < len(KL_GRID):
+        return None
+    w = (np.log(target) - np.log(kls[above - 1])) / (np.log(kls[above]) - np.log(kls[above - 1]))
+    return moves[above - 1] + w * (moves[above] - moves[above - 1])
 
 
 if __name__ == "__main__":
