@@ -14,11 +14,12 @@ given): ggsteer through llama.cpp, repeng through a Hugging Face model that tran
 that file, de-quantised to float32. Two datasets: (a) template+suffix pairs, `preset_dataset("happy")`
 over the first N suffixes; (b) repeng-style truncated replies (benchmarks/train.py's
 `truncated_dataset()`). Timed: `ggsteer.ControlVector.train(method="pca_center")` and "mean_diff"
-(ggsteer's default layers, each prompt read at its last token as repeng reads it) against `repeng.ControlVector.train(method="pca_center", batch_size=32)`
-on a `repeng.ControlModel` (repeng's default layers, 1..n_layer-1), after a warm-up call on each
-side. Paired and alternated: each round runs repeng, then ggsteer pca_center, then repeng again and
-ggsteer mean_diff, the order of the two pairs rotating each round; the table gives the median of the
-paired speed-ups and their range. Model loading is not timed.
+(ggsteer's default layers, each prompt read at its last token as repeng reads it) against
+`repeng.ControlVector.train(method="pca_center", batch_size=32)` on a `repeng.ControlModel` (repeng's
+default layers, 1..n_layer-1), after a warm-up call on each side. Paired and alternated: each round
+runs repeng, then ggsteer pca_center, then repeng again and ggsteer mean_diff, the order of the two
+pairs rotating each round; the table gives the median of the paired speed-ups and their range.
+Model loading is not timed.
 
 `--default-training` compares what a user of each gets for one vector instead: ggsteer's default
 training (`ggsteer train --preset happy`: rounds that stop when the direction is stable, at most 288
