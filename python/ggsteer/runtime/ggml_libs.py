@@ -56,10 +56,9 @@ def ggml_registry() -> ctypes.CDLL:
 def ggml_quantize_chunk():
     """ggml's `ggml_quantize_chunk`, or None where the library is missing (a wheel for another OS)."""
     try:
-        function = shared_library("libggml-base").ggml_quantize_chunk
+        lib = shared_library("libggml-base")
     except OSError:
         return None
-    function.restype = ctypes.c_size_t
-    function.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                         ctypes.c_int64, ctypes.c_void_p]
-    return function
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    return declare(lib, {"ggml_quantize_chunk": (ctypes.c_size_t, [ctypes.c_int, p, p, i64, i64, i64, p])}
+                   ).ggml_quantize_chunk

@@ -28,7 +28,7 @@ import time
 import weakref
 from collections.abc import Sequence
 
-from ggsteer.runtime.ggml_libs import ggml_base, ggml_registry, library_dir, shared_library
+from ggsteer.runtime.ggml_libs import declare, ggml_base, ggml_registry, library_dir, shared_library
 from ggsteer.runtime.native import native
 
 # the wire protocol this llama.cpp build speaks (ggml-rpc.h) and its hello message (ggml-rpc.cpp)
@@ -123,13 +123,11 @@ def ggml_rpc() -> ctypes.CDLL:
     if not path.exists():
         raise RuntimeError(f"llama-cpp-python was built without llama.cpp's RPC backend (no {path.name} in "
                            f"{path.parent}): reinstall it with CMAKE_ARGS=\"-DGGML_RPC=ON\"")
-    lib = shared_library("libggml-rpc")
-    lib.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
-    lib.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
-    lib.ggml_backend_rpc_start_server.restype = None
-    lib.ggml_backend_rpc_start_server.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t,
-                                                  ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)]
-    return lib
+    text, size = ctypes.c_char_p, ctypes.c_size_t
+    return declare(shared_library("libggml-rpc"), {
+        "ggml_backend_rpc_add_server": (ctypes.c_void_p, [text]),
+        "ggml_backend_rpc_start_server": (None, [text, text, size, size, ctypes.POINTER(ctypes.c_void_p)]),
+    })
 
 
 # -- the main host: workers' devices for a model -------------------------------------------------
