@@ -73,7 +73,7 @@ def report(measure: Measure, default, chosen, seed: int) -> Report:
         points.append((strength, float(more_kls[0]), more[0]))
     strength, matched_kl, matched = _closest(points, target)
     ratio, spread = ratio_and_spread(matched, moves[1], seed)
-    calibrated = ratio_and_spread(moves[0], moves[1], seed)[0]
+    calibrated = mean_ratio(moves[0], moves[1])
     return Report(_floats(moves[0]), _floats(moves[1]), float(kls[0]), target, float(strength), _floats(matched),
                   matched_kl, ratio, spread, calibrated)
 
@@ -97,13 +97,19 @@ def next_strength(points: Sequence[tuple], target: float) -> float | None:
     return round(power_law_strength(first, second, target), 4)
 
 
+def mean_ratio(base, tuned) -> float:
+    """mean(tuned) / mean(base), nan when the base does not move."""
+    base_mean = float(np.mean(np.asarray(base, dtype=np.float64)))
+    return float(np.mean(np.asarray(tuned, dtype=np.float64)) / base_mean) if base_mean != 0 else math.nan
+
+
 def ratio_and_spread(base: np.ndarray, tuned: np.ndarray, seed: int) -> tuple[float, tuple[float, float]]:
     """mean(tuned) / mean(base), and its 10th-90th percentile over prompts resampled with replacement."""
     base, tuned = np.asarray(base, dtype=np.float64), np.asarray(tuned, dtype=np.float64)
     picks = np.random.default_rng(seed).integers(0, len(base), size=(BOOTSTRAP_ROUNDS, len(base)))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios = tuned[picks].mean(axis=1) / base[picks].mean(axis=1)
-    ratio = float(tuned.mean() / base.mean()) if base.mean() != 0 else math.nan
+    ratio = mean_ratio(base, tuned)
     finite = ratios[np.isfinite(ratios)]
     if not finite.size:
         return ratio, (math.nan, math.nan)
