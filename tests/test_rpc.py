@@ -23,14 +23,14 @@ from ggsteer.runtime.rpc import (
     RpcWorkerError,
     check_worker,
     free_port,
-    library_dir,
+    library_path,
     parse_endpoints,
     start_local_worker,
 )
 from ggsteer.steering.interventions import Condition
 from ggsteer.train import make_dataset, preset_dataset
 
-pytestmark = pytest.mark.skipif(not (library_dir() / "libggml-rpc.so").exists(),
+pytestmark = pytest.mark.skipif(library_path("libggml-rpc") is None,
                                 reason="llama-cpp-python was built without -DGGML_RPC=ON")
 
 TINY = {"n_ctx": 256, "n_batch": 128, "n_seq_max": 16, **TIGHT_LLAMA_KWARGS}

@@ -20,10 +20,10 @@ from support.rpc import CLI, start_workers, stop
 from support.server import expected_text, write_vectors
 
 from ggsteer import SteeredModel
-from ggsteer.runtime.rpc import EXIT_WORKER_LOST, free_port, library_dir, start_local_worker
+from ggsteer.runtime.rpc import EXIT_WORKER_LOST, free_port, library_path, start_local_worker
 from ggsteer.serve.supervisor import accept_and_answer
 
-pytestmark = pytest.mark.skipif(not (library_dir() / "libggml-rpc.so").exists(),
+pytestmark = pytest.mark.skipif(library_path("libggml-rpc") is None,
                                 reason="llama-cpp-python was built without -DGGML_RPC=ON")
 
 CTX = 1024

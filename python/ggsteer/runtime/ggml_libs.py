@@ -14,12 +14,17 @@ def library_dir() -> Path:
     return Path(llama_cpp.__file__).parent / "lib"
 
 
-def shared_library(name: str) -> ctypes.CDLL:
-    """The copy libllama links (its soname file first): Linux wheels hold `.so` and `.so.0` as two
-    files, and opening the other would load a second ggml with its own globals. OSError when missing."""
+def library_path(name: str) -> Path | None:
+    """The file of library `name` (e.g. "libggml-rpc") in llama-cpp-python's build, None when absent.
+    The soname file comes first: Linux wheels hold `.so` and `.so.0` as two files, and opening the
+    other would load a second ggml with its own globals."""
     candidates = [f"{name}.so.0", f"{name}.so", f"{name}.dylib", f"{name.removeprefix('lib')}.dll"]
-    found = [library_dir() / c for c in candidates if (library_dir() / c).exists()]
-    return ctypes.CDLL(str(found[0] if found else library_dir() / f"{name}.so"))
+    return next((library_dir() / c for c in candidates if (library_dir() / c).exists()), None)
+
+
+def shared_library(name: str) -> ctypes.CDLL:
+    """The copy of `name` libllama links; OSError when missing."""
+    return ctypes.CDLL(str(library_path(name) or library_dir() / f"{name}.so"))
 
 
 def declare(lib: ctypes.CDLL, signatures: dict) -> ctypes.CDLL:

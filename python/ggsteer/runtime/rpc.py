@@ -119,10 +119,9 @@ def check_worker(endpoint: str, timeout: float = CHECK_TIMEOUT_S) -> tuple[int, 
 @functools.cache
 def ggml_rpc() -> ctypes.CDLL:
     """libggml-rpc from the llama-cpp-python build ggsteer runs on, or a clear error."""
-    path = library_dir() / "libggml-rpc.so"
-    if not path.exists():
-        raise RuntimeError(f"llama-cpp-python was built without llama.cpp's RPC backend (no {path.name} in "
-                           f"{path.parent}): reinstall it with CMAKE_ARGS=\"-DGGML_RPC=ON\"")
+    if library_path("libggml-rpc") is None:
+        raise RuntimeError(f"llama-cpp-python was built without llama.cpp's RPC backend (no libggml-rpc in "
+                           f"{library_dir()}): reinstall it with CMAKE_ARGS=\"-DGGML_RPC=ON\"")
     text, size = ctypes.c_char_p, ctypes.c_size_t
     return declare(shared_library("libggml-rpc"), {
         "ggml_backend_rpc_add_server": (ctypes.c_void_p, [text]),
