@@ -18,7 +18,7 @@ import time
 from ggsteer.cli.common import CliError, add_model_arguments, load_model
 from ggsteer.extras import require
 from ggsteer.model import DEFAULT_N_CTX
-from ggsteer.runtime.rpc import EXIT_WORKER_LOST, RpcWorkerError, check_workers, end_worker_process, on_lost_worker
+from ggsteer.runtime.rpc import EXIT_WORKER_LOST, end_worker_process, on_lost_worker, workers_answer
 from ggsteer.serve import settings
 
 API_KEY_ENV = "GGSTEER_API_KEY"
@@ -73,7 +73,8 @@ def cmd_serve(args) -> int:
             return supervise(args, listener)
     else:
         listener = channel.listener()
-        if channel.restart and not workers_answer(args.rpc):
+        if channel.restart and not workers_answer(
+                args.rpc, say=lambda why: print(f"ggsteer: error: {why}", file=sys.stderr)):
             return EXIT_WORKER_LOST  # gone again since the supervisor's probe: it waits for them again
     try:
         model = load_model(args, n_ctx=args.ctx_size, n_seq_max=args.max_batch)
@@ -132,15 +133,6 @@ def run_child() -> int:
     args = pickle.loads(channel.read_payload())  # from the supervisor, our parent: trusted
     args.supervised = channel
     return run(args)
-
-
-def workers_answer(endpoints) -> bool:
-    try:
-        check_workers(endpoints)
-    except RpcWorkerError as error:
-        print(f"ggsteer: error: {error}", file=sys.stderr)
-        return False
-    return True
 
 
 def end_on_lost_worker(server, app, channel) -> threading.Event:

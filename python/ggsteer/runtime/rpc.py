@@ -28,7 +28,7 @@ import time
 import weakref
 from collections.abc import Sequence
 
-from ggsteer.runtime.ggml_libs import declare, ggml_base, ggml_registry, library_dir, shared_library
+from ggsteer.runtime.ggml_libs import declare, ggml_base, ggml_registry, library_dir, library_path, shared_library
 from ggsteer.runtime.native import native
 
 # the wire protocol this llama.cpp build speaks (ggml-rpc.h) and its hello message (ggml-rpc.cpp)
@@ -136,6 +136,17 @@ def check_workers(endpoints: Sequence[str], timeout: float = CHECK_TIMEOUT_S) ->
     """`check_worker` on each endpoint in turn: the first that fails raises its RpcWorkerError."""
     for endpoint in endpoints:
         check_worker(endpoint, timeout=timeout)
+
+
+def workers_answer(endpoints: Sequence[str], timeout: float = CHECK_TIMEOUT_S, say=None) -> bool:
+    """Whether every worker answers the hello; `say(message)` hears why the first one did not."""
+    try:
+        check_workers(endpoints, timeout=timeout)
+    except RpcWorkerError as error:
+        if say is not None:
+            say(str(error))
+        return False
+    return True
 
 
 def worker_devices(endpoints: Sequence[str]) -> list[int]:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ggsteer.runtime.rpc import EXIT_WORKER_LOST, RpcWorkerError, check_workers
+from ggsteer.runtime.rpc import EXIT_WORKER_LOST, workers_answer
 
 CHILD_ENV = "GGSTEER_SERVE_CHILD"  # "listen_fd,status_fd,lifeline_fd,restart" in a supervised server
 PROBE_INTERVAL_S = 0.5
@@ -267,17 +267,10 @@ class Supervisor:
             if self.listener in self._select([self.listener]):
                 accept_and_answer(self.listener, message)
             if time.monotonic() >= next_probe:
-                if self._workers_answer():
+                if workers_answer(self.endpoints, timeout=PROBE_TIMEOUT_S):
                     return True
                 next_probe = time.monotonic() + PROBE_INTERVAL_S
         return False
-
-    def _workers_answer(self) -> bool:
-        try:
-            check_workers(self.endpoints, timeout=PROBE_TIMEOUT_S)
-        except RpcWorkerError:
-            return False
-        return True
 
     @staticmethod
     def _select(fds: list, timeout: float = 0.1) -> list:
