@@ -93,6 +93,19 @@ def test_measure_matches_reference_for_all_and_generated_tokens(tiny_model, tiny
     assert sweep.points[0].kl == pytest.approx(kls[0], abs=TOL)
 
 
+def test_measure_steers_each_setting_with_its_own_vector(tiny_model, tiny_weights):
+    first, second = (random_vector(tiny_model.n_embd, (1, 2), seed=seed) for seed in (3, 4))
+    settings = [Setting("add", "all", (1, 2), 0.8), Setting("add", "all", (1, 2), 0.8)]
+    neutral = fluency.neutral_tokens(tiny_model, TEXTS)
+    moves, kls = measure(tiny_model, [first, second], settings, ITEMS, neutral)
+    for k, vector in enumerate((first, second)):
+        move, kl = reference_measure(tiny_model, tiny_weights, vector, settings[k])
+        assert moves[k].mean() == pytest.approx(move, abs=TOL) and kls[k] == pytest.approx(kl, abs=TOL)
+    assert abs(kls[0] - kls[1]) > 1e-3  # two different vectors, two different costs
+    with pytest.raises(ValueError, match="2 vectors for 1 settings"):
+        measure(tiny_model, [first, second], settings[:1], ITEMS, neutral)
+
+
 # -- the search with a behaviour score we control ------------------------------------------------
 
 PLANTED = (3, 4)

@@ -99,13 +99,17 @@ def split_prompts(items: Sequence[dict]) -> tuple[list[dict], list[dict]]:
     return list(items[0::2]), list(items[1::2])
 
 
-def measure(model: SteeredModel, vector: ControlVector, settings: Sequence[Setting], items: Sequence[dict],
-            neutral: list[list[int]], raw: bool = False, stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def measure(model: SteeredModel, vector: ControlVector | Sequence[ControlVector], settings: Sequence[Setting],
+            items: Sequence[dict], neutral: list[list[int]], raw: bool = False,
+            stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Behaviour moves [len(settings), len(items)] over the plain model and KL per setting (from
     every `stride`-th neutral position), every setting decoded side by side with the plain model.
-    Under `when="generated"` the continuations (behaviour) and every neutral-text token after the
-    first are decoded as generated tokens."""
-    interventions = [[]] + [[interventions_of(model, vector, s, raw)] for s in settings]
+    `vector` is the one every setting steers with, or one per setting. Under `when="generated"` the
+    continuations (behaviour) and every neutral-text token after the first are decoded as generated tokens."""
+    vectors = [vector] * len(settings) if isinstance(vector, ControlVector) else list(vector)
+    if len(vectors) != len(settings):
+        raise ValueError(f"{len(vectors)} vectors for {len(settings)} settings: give one, or one per setting")
+    interventions = [[]] + [[interventions_of(model, v, s, raw)] for v, s in zip(vectors, settings)]
     fluency = FluencyTally(neutral, len(settings), stride)
     units, logprobs = behaviour_units(model, len(interventions), items)
     units = fluency.units + units
