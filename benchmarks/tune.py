@@ -20,6 +20,12 @@ single steerable layer at the given strength: behaviour move, KL (every 4th neut
 search reads it) and move / sqrt(KL), the move per unit of fluency cost. For small pushes the move
 grows as the strength and the KL as its square, so that quotient does not depend on the strength: it
 says which layers steer most per unit of KL, and whether any beats the default's window.
+
+    python benchmarks/tune.py VECTOR.gguf --presets happy --positions
+
+The position probe measures the default settings' KL at each single position of the neutral texts
+(0, 1, 2, ... up to the shortest text): whether the fluency cost sits at some positions, such as the
+first ones after the start, that a gating could leave alone.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ from tqdm.auto import tqdm
 from ggsteer import SteeredModel
 from ggsteer.evaluate import DEFAULT_MAX_KL
 from ggsteer.evaluate.behaviour import READABLE_GREEDY
-from ggsteer.evaluate.fluency import neutral_tokens
+from ggsteer.evaluate.fluency import FluencyTally, neutral_tokens
+from ggsteer.evaluate.side_by_side import run_side_by_side
 from ggsteer.evaluate.tune import (
     CANDIDATES_PER_PASS,
     DEFAULT_BUDGET,
@@ -66,6 +73,7 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=0, help="greedy tokens per sample (0: none)")
     parser.add_argument("--json", default=None, help="write every number here")
     parser.add_argument("--probe", type=float, default=None, help="single-layer probe at this strength instead")
+    parser.add_argument("--positions", action="store_true", help="the default's KL at each position instead")
     args = parser.parse_args()
     paths, presets = args.vectors.split(","), args.presets.split(",")
     if len(paths) != len(presets):
@@ -75,6 +83,10 @@ def main() -> int:
     if args.probe is not None:
         for path, preset in zip(paths, presets):
             probe(model, ControlVector.load(path), preset, args.probe)
+        return 0
+    if args.positions:
+        for path, preset in zip(paths, presets):
+            kl_by_position(model, ControlVector.load(path), preset)
         return 0
     rows, records = [], []
     for path, preset in zip(paths, presets):
@@ -124,6 +136,26 @@ def probe(model, vector, preset: str, strength: float) -> None:
             rows.append([setting.label, f"{move.mean():+.2f}", f"{kl:.4f}", f"{efficiency:.1f}"])
     print_table(f"single-layer probe, {preset} on {model.model_name} ({machine_line()})",
                 ["setting", "move", "KL", "move / sqrt(KL)"], rows)
+
+
+def kl_by_position(model, vector, preset: str) -> None:
+    default = default_setting(model, vector)
+    neutral = neutral_tokens(model, None)
+    control = [[], [interventions_of(model, vector, default)]]
+    lengths = [len(tokens) for tokens in neutral]
+    rows = [["all", f"{position_kl(model, control, neutral, 1, 0):.4f}"]]
+    for position in tqdm(range(min(lengths)), desc="positions", unit="position"):
+        # a stride past the longest text reads that one position of each text
+        rows.append([str(position), f"{position_kl(model, control, neutral, max(lengths) + 1, position):.4f}"])
+    print_table(f"KL by position, {preset} {default.label} on {model.model_name} ({machine_line()})",
+                ["position", "mean KL"], rows)
+
+
+def position_kl(model, control, neutral, stride: int, offset: int) -> float:
+    """Mean KL at positions offset, offset + stride, ... of each neutral text."""
+    tally = FluencyTally(neutral, 1, stride, offset)
+    run_side_by_side(model, control, tally.units)
+    return tally.costs()[0][0].kl
 
 
 def row_of(preset: str, record: dict) -> list[str]:
