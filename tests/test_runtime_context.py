@@ -190,8 +190,9 @@ def test_the_adapter_adds_a_vector_and_clears(model):
 def test_a_closed_model_context_raises_instead_of_touching_freed_memory(tiny_model_path):
     model = SteeredModel(tiny_model_path, n_ctx=64, n_batch=32, n_seq_max=1, **TIGHT_LLAMA_KWARGS)
     context = model.context
-    assert context.seq_pos_max(0) == -1
+    assert context.seq_pos_max(0) == -1 and not model.closed
     model.close()
+    assert model.closed  # what the server's /health asks
     with pytest.raises(ValueError, match="the model is closed"):
         context.seq_pos_max(0)
 

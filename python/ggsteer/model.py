@@ -115,6 +115,11 @@ class SteeredModel(llama_cpp.Llama):
             super().close()
 
     @property
+    def closed(self) -> bool:
+        """True once close() has freed the llama.cpp context (or __init__ failed before making one)."""
+        return getattr(self, "ctx", None) is None
+
+    @property
     def n_seq_max(self) -> int:
         return self.context.n_seq_max()
 

@@ -292,7 +292,7 @@ def operator_routes(server: SteeringServer) -> APIRouter:
     @router.get("/health")
     def health():
         server.worker.ensure_running()
-        if server.worker.available and server.model.ctx is not None:
+        if server.worker.available and not server.model.closed:
             return {"status": "ok"}
         return error_response(503, server.worker.lost or "the generation worker is not running")
 
