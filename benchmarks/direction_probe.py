@@ -48,6 +48,7 @@ from ggsteer.train.rounds import balanced_order
 from ggsteer.vectors import ControlVector, default_steering_layers
 
 FAMILIES = ("suffix", "ending", "last", "spread", "neutral")
+FLOOR_STRENGTH = 1e-4
 
 
 @dataclass(frozen=True)
@@ -103,37 +104,43 @@ def probe(model: SteeredModel, preset: str, families: list[str], args) -> dict:
             kls.extend(more_kls)
         return np.concatenate(moves), np.array(kls)
 
-    g, fisher = local_model(lambda candidates: run(candidates, score_items), layers, len(basis), args.probe_strength)
+    g, fisher, floor_kl = local_model(lambda candidates: run(candidates, score_items), layers, len(basis),
+                                      args.probe_strength)
     coefficients = np.linalg.solve(fisher, g)
     coefficients /= coefficients[0]
     predicted = float(np.sqrt(g @ np.linalg.solve(fisher, g)) / (g[0] / np.sqrt(fisher[0, 0])))
     vectors[len(basis)] = control_vector(model, layers, sum(a * e for a, e in zip(coefficients, basis)))
     target = EDGE_MARGIN * args.max_kl
-    default = Candidate("add", "all", tuple(layers), round(float(np.sqrt(target / fisher[0, 0])), 4), 0)
+    default = Candidate("add", "all", tuple(layers), round(float(np.sqrt((target - floor_kl) / fisher[0, 0])), 4), 0)
     best = Candidate("add", "all", tuple(layers),
-                     round(float(np.sqrt(target / (coefficients @ fisher @ coefficients))), 4), len(basis))
+                     round(float(np.sqrt((target - floor_kl) / (coefficients @ fisher @ coefficients))), 4), len(basis))
     _, kls = run([best], score_items)  # the quadratic KL is a small-push estimate: one secant step to the budget
     best = replace(best, strength=next_strength([(best.strength, float(kls[0]), None)], target) or best.strength)
     result = report(lambda candidates: run(candidates, report_items), default, best, seed=0)
     return {"preset": preset, "families": families, "g": g.tolist(), "fisher": fisher.tolist(),
-            "coefficients": coefficients.tolist(), "predicted": predicted,
+            "coefficients": coefficients.tolist(), "predicted": predicted, "floor_kl": floor_kl,
             "per_family": (g / np.sqrt(np.diag(fisher)) / (g[0] / np.sqrt(fisher[0, 0]))).tolist(),
             "report": {"default_move": result.matched_move, "default_kl": result.matched_kl,
                        "best_move": result.tuned_move, "best_kl": result.tuned_kl, "ratio": result.ratio,
                        "spread": list(result.ratio_spread)}}
 
 
-def local_model(run, layers, k: int, strength: float) -> tuple[np.ndarray, np.ndarray]:
-    """g (move per unit coefficient, from +-strength) and F (KL = a' F a) on the first k basis
-    vectors; combinations i+j are probe vectors k + index of (i, j)."""
+def local_model(run, layers, k: int, strength: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """g (move per unit coefficient, from +-strength) and F (KL = floor + a' F a) on the first k
+    basis vectors, and the floor; combinations i+j are probe vectors k + 1 + index of (i, j)."""
     pairs = list(itertools.combinations(range(k), 2))
     singles = [Candidate("add", "all", tuple(layers), sign * strength, i) for i in range(k) for sign in (1, -1)]
-    moves, kls = run(singles + [Candidate("add", "all", tuple(layers), strength, k + 1 + n) for n in range(len(pairs))])
+    # a push of any size reads a KL floor on a quantized model (measured), which a' F a must not absorb
+    floor = Candidate("add", "all", tuple(layers), FLOOR_STRENGTH, 0)
+    moves, kls = run(singles + [Candidate("add", "all", tuple(layers), strength, k + 1 + n) for n in range(len(pairs))]
+                     + [floor])
+    floor_kl = float(kls[-1])
+    kls = kls[:-1] - floor_kl
     g = np.array([(moves[2 * i] - moves[2 * i + 1]).mean() / (2 * strength) for i in range(k)])
     fisher = np.diag([(kls[2 * i] + kls[2 * i + 1]) / (2 * strength**2) for i in range(k)])
     for n, (i, j) in enumerate(pairs):
         fisher[i, j] = fisher[j, i] = (kls[2 * k + n] / strength**2 - fisher[i, i] - fisher[j, j]) / 2
-    return g, fisher
+    return g, fisher, floor_kl
 
 
 def family_directions(model: SteeredModel, preset: str, layers: list[int], n_pairs: int) -> dict[str, np.ndarray]:
