@@ -73,8 +73,7 @@ def cmd_serve(args) -> int:
             return supervise(args, listener)
     else:
         listener = channel.listener()
-        if channel.restart and not workers_answer(
-                args.rpc, say=lambda why: print(f"ggsteer: error: {why}", file=sys.stderr)):
+        if channel.restart and not workers_answer(args.rpc, say=print_error):
             return EXIT_WORKER_LOST  # gone again since the supervisor's probe: it waits for them again
     try:
         model = load_model(args, n_ctx=args.ctx_size, n_seq_max=args.max_batch)
@@ -133,6 +132,10 @@ def run_child() -> int:
     args = pickle.loads(channel.read_payload())  # from the supervisor, our parent: trusted
     args.supervised = channel
     return run(args)
+
+
+def print_error(message: str) -> None:
+    print(f"ggsteer: error: {message}", file=sys.stderr)
 
 
 def end_on_lost_worker(server, app, channel) -> threading.Event:
