@@ -61,7 +61,7 @@ def ggml_registry() -> ctypes.CDLL:
 def ggml_quantize_chunk():
     """ggml's `ggml_quantize_chunk`, or None where the library is missing (a wheel for another OS)."""
     try:
-        lib = shared_library("libggml-base")
+        lib = ggml_base()
     except OSError:
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64

@@ -28,7 +28,7 @@ import time
 import weakref
 from collections.abc import Sequence
 
-from ggsteer.runtime.ggml_libs import declare, ggml_base, ggml_registry, library_dir, library_path, shared_library
+from ggsteer.runtime.ggml_libs import declare, ggml_base, ggml_registry, library_dir, library_path
 from ggsteer.runtime.native import native
 
 # the wire protocol this llama.cpp build speaks (ggml-rpc.h) and its hello message (ggml-rpc.cpp)
@@ -119,11 +119,12 @@ def check_worker(endpoint: str, timeout: float = CHECK_TIMEOUT_S) -> tuple[int, 
 @functools.cache
 def ggml_rpc() -> ctypes.CDLL:
     """libggml-rpc from the llama-cpp-python build ggsteer runs on, or a clear error."""
-    if library_path("libggml-rpc") is None:
+    path = library_path("libggml-rpc")
+    if path is None:
         raise RuntimeError(f"llama-cpp-python was built without llama.cpp's RPC backend (no libggml-rpc in "
                            f"{library_dir()}): reinstall it with CMAKE_ARGS=\"-DGGML_RPC=ON\"")
     text, size = ctypes.c_char_p, ctypes.c_size_t
-    return declare(shared_library("libggml-rpc"), {
+    return declare(ctypes.CDLL(str(path)), {
         "ggml_backend_rpc_add_server": (ctypes.c_void_p, [text]),
         "ggml_backend_rpc_start_server": (None, [text, text, size, size, ctypes.POINTER(ctypes.c_void_p)]),
     })
