@@ -11,11 +11,11 @@ range. Rows: pca_center and mean_diff on the default layers, and mean_diff with 
 run's capture costs: llama_decode calls, tokens per decode, logits rows requested.
 repeng on the same data: benchmarks/repeng_compare.py (its own environment).
 
-    python benchmarks/train.py --adaptive [--model PATH] [--presets happy,calm,honest] [--pool last]
+    python benchmarks/train.py --adaptive [--model PATH] [--presets happy,calm,honest] [--pool suffix]
                                [--gpu-layers N] [--threads N]
 
 The old path (every pair of a preset, each prompt's last token) against `ggsteer train`'s rounds
-that stop when the direction is stable (with `--pool`, default "last"): tokens decoded (which do
+that stop when the direction is stable (with `--pool`, default "suffix"): tokens decoded (which do
 not depend on the machine's load; today's counted from the trie plan of `train_vector`'s one
 capture, the rounds' by their captures), the seconds of the rounds and of a capture of every pair at
 the recommended layers (which gives today's mean_diff direction there without running the output
